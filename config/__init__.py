@@ -1,0 +1,205 @@
+"""yacs configuration: ``from config import cfg`` (defaults) or ``load_config(file, opts)``.
+
+Differences from plain yacs, all aimed at clear behaviour:
+- YAML ``yes``/``no``/``on``/``off`` stay the strings written (YAML 1.1 would turn them
+  into booleans and yacs would then reject them); boolean keys accept those words too.
+- ``freeze()`` validates every choice key and fails with one line naming the key, the
+  value and the allowed values.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Sequence
+
+import yaml
+from yacs.config import CfgNode as _YacsNode
+
+from .defaults import _C as _DEFAULTS
+
+__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "CHOICES"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed."""
+
+
+DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "occ_duke", "veri", "VehicleID", "folder")
+
+# key -> allowed values (compared as written; see _check_choice for case handling)
+CHOICES: dict[str, Sequence[Any]] = {
+    "MODEL.NAME": ("ViT-B-16", "RN50"),
+    "MODEL.CLIP_INIT": ("pretrained", "random"),
+    "MODEL.NECK": ("bnneck", "no"),
+    "MODEL.IF_WITH_CENTER": ("yes", "no"),
+    "MODEL.ID_LOSS_TYPE": ("softmax",),
+    "MODEL.METRIC_LOSS_TYPE": ("triplet", "triplet_center"),
+    "MODEL.IF_LABELSMOOTH": ("on", "off"),
+    "MODEL.SSL_TYPE": ("SIMCLR", "SIMSIAM"),
+    "DATASETS.NAMES": DATASET_NAMES,
+    "DATASETS.VEHICLEID_TEST_SIZE": (800, 1600, 2400),
+    "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
+    "SOLVER.STAGE1.OPTIMIZER_NAME": ("Adam", "AdamW", "SGD"),
+    "SOLVER.STAGE1.PROMPT_AUG_METHOD": ("mask", "swap", "mix"),
+    "SOLVER.STAGE1.WARMUP_METHOD": ("linear", "constant"),
+    "SOLVER.STAGE2.OPTIMIZER_NAME": ("Adam", "AdamW", "SGD"),
+    "SOLVER.STAGE2.WARMUP_METHOD": ("linear", "constant"),
+    "TEST.NECK_FEAT": ("before", "after"),
+    "TEST.FEAT_NORM": ("yes", "no"),
+    "TEST.DIST_METRIC": ("euclidean", "cosine"),
+}
+
+_BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
+_WORD_PAIRS = ({"yes", "no"}, {"on", "off"})
+
+
+class _KeepWordsLoader(yaml.SafeLoader):
+    """SafeLoader whose booleans are only true/false: 'yes'/'no'/'on'/'off' stay strings."""
+
+
+_KeepWordsLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_KeepWordsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    __import__("re").compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+def _coerce(default: Any, value: Any) -> Any:
+    """Bridge booleans and yes/no words in both directions, as the user wrote them."""
+    if isinstance(default, bool) and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.lower()]
+    if isinstance(default, str) and isinstance(value, bool):
+        for pair in _WORD_PAIRS:
+            if default in pair:
+                yes, no = ("yes", "no") if "yes" in pair else ("on", "off")
+                return yes if value else no
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _coerce_tree(defaults: _YacsNode, loaded: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in loaded.items():
+        if isinstance(defaults, dict) and k in defaults:
+            d = defaults[k]
+            out[k] = _coerce_tree(d, v, f"{prefix}{k}.") if isinstance(v, dict) else _coerce(d, v)
+        else:
+            out[k] = v  # unknown key: yacs reports it by name
+    return out
+
+
+class CfgNode(_YacsNode):
+    """yacs CfgNode with yes/no-preserving YAML, word/bool coercion and validation on freeze."""
+
+    @classmethod
+    def _load_cfg_from_yaml_str(cls, str_obj: str) -> "CfgNode":
+        return cls(yaml.load(str_obj, Loader=_KeepWordsLoader))
+
+    def merge_from_file(self, cfg_filename: str) -> None:
+        try:
+            with open(cfg_filename, "r") as f:
+                loaded = yaml.load(f, Loader=_KeepWordsLoader) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {cfg_filename}") from None
+        loaded = _coerce_tree(self, loaded)
+        try:
+            self.merge_from_other_cfg(type(self)(loaded))
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{cfg_filename}: {_one_line(e)}") from None
+
+    def merge_from_list(self, cfg_list: list) -> None:
+        if len(cfg_list) % 2:
+            raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {cfg_list}")
+        fixed = []
+        for key, raw in zip(cfg_list[0::2], cfg_list[1::2]):
+            value = _YacsNode._decode_cfg_value(raw)
+            node: Any = self
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ConfigError(f"unknown config key in overrides: {key}")
+                node = node[part]
+            fixed += [key, _coerce(node, value)]
+        try:
+            super().merge_from_list(fixed)
+        except (KeyError, ValueError, AssertionError) as e:
+            raise ConfigError(f"bad override: {_one_line(e)}") from None
+
+    def freeze(self) -> None:
+        validate(self)
+        super().freeze()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e.args[0] if e.args else e).split())
+
+
+def _get(cfg: _YacsNode, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    for v in values:
+        if v not in allowed:
+            raise ConfigError(
+                f"{key} = {v!r} is not allowed; choose one of: {', '.join(map(repr, allowed))}"
+            )
+
+
+def validate(cfg: _YacsNode) -> None:
+    """Check choice keys and value ranges; raise ConfigError with a one-line message."""
+    for key, allowed in CHOICES.items():
+        _check_choice(key, _get(cfg, key), allowed)
+    dev = cfg.MODEL.DEVICE
+    if not (dev in ("cpu", "cuda") or (isinstance(dev, str) and dev.startswith("cuda:"))):
+        raise ConfigError(f"MODEL.DEVICE = {dev!r} is not allowed; choose 'cpu', 'cuda' or 'cuda:N'")
+    for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
+        v = _get(cfg, key)
+        if len(v) != 2 or any(int(x) <= 0 for x in v):
+            raise ConfigError(f"{key} = {list(v)!r} must be two positive integers [height, width]")
+    for key in ("INPUT.PROB", "INPUT.RE_PROB", "SOLVER.STAGE1.PROMPT_AUG_SCALE"):
+        v = _get(cfg, key)
+        if not 0.0 <= float(v) <= 1.0:
+            raise ConfigError(f"{key} = {v!r} must lie in [0, 1]")
+    k = cfg.DATALOADER.NUM_INSTANCE
+    if k < 1 or cfg.SOLVER.STAGE2.IMS_PER_BATCH % k:
+        raise ConfigError(
+            f"SOLVER.STAGE2.IMS_PER_BATCH = {cfg.SOLVER.STAGE2.IMS_PER_BATCH} must be a multiple "
+            f"of DATALOADER.NUM_INSTANCE = {k}"
+        )
+    for key in ("SOLVER.STAGE1.IMS_PER_BATCH", "SOLVER.STAGE2.IMS_PER_BATCH", "TEST.IMS_PER_BATCH",
+                "SOLVER.STAGE1.MAX_EPOCHS", "SOLVER.STAGE2.MAX_EPOCHS", "TEST.MAX_RANK",
+                "TEST.RE_RANKING_K1", "TEST.RE_RANKING_K2"):
+        v = _get(cfg, key)
+        if int(v) < (0 if "MAX_EPOCHS" in key else 1):
+            raise ConfigError(f"{key} = {v!r} must be a positive integer")
+    if not 0.0 <= cfg.TEST.RE_RANKING_LAMBDA <= 1.0:
+        raise ConfigError(f"TEST.RE_RANKING_LAMBDA = {cfg.TEST.RE_RANKING_LAMBDA!r} must lie in [0, 1]")
+
+
+def get_default_config() -> CfgNode:
+    """A fresh, unfrozen copy of the defaults."""
+    return CfgNode(copy.deepcopy(_DEFAULTS))
+
+
+cfg = get_default_config()
+
+
+def load_config(config_file: str | None = None, opts: Iterable[str] | None = None,
+                freeze: bool = True) -> CfgNode:
+    """Defaults, then ``config_file``, then ``KEY VALUE`` overrides; validated and frozen."""
+    c = get_default_config()
+    if config_file:
+        c.merge_from_file(config_file)
+    if opts:
+        c.merge_from_list(list(opts))
+    if freeze:
+        c.freeze()
+    return c
