@@ -9,6 +9,7 @@ Differences from plain yacs, all aimed at clear behaviour:
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Iterable, Sequence
 
 import yaml
@@ -61,9 +62,12 @@ _KeepWordsLoader.yaml_implicit_resolvers = {
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _KeepWordsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool",
-    __import__("re").compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-    list("tTfF"),
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.1 reads '1e-5' (no dot) as a string; accept it as the float everyone means.
+_KeepWordsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
 )
 
 

@@ -1,0 +1,35 @@
+# SVLL-ReID — two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SYNTH  := data/synthetic
+
+.PHONY: all venv demo test bench data clean
+
+all: test
+
+# (Re)install when the requirement files change.
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+data: $(STAMP)
+	@test -d $(SYNTH)/bounding_box_train || $(PY) tools/make_synthetic.py --out $(SYNTH)
+
+demo: $(STAMP) data
+	$(PY) tools/run_demo.py --config_file configs/demo/vit_svllreid_demo.yml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/eval.py
+	$(PY) bench/backbone.py
+
+clean:
+	rm -rf output $(SYNTH) .pytest_cache

@@ -1,0 +1,317 @@
+"""The SVLL-ReID model: CLIP image encoder + BNNeck/classifiers, per-identity prompts, SSL heads.
+
+One ``nn.Module`` whose ``forward`` dispatches on a ``mode`` keyword so that every
+training computation goes through ``forward`` (needed for DistributedDataParallel):
+
+- ``mode='stage1'``: text features of the batch labels' prompts (+ language-SSL embeddings);
+- ``mode='stage2'`` (training): classifier scores, the three features, vision-SSL outputs;
+- ``mode='image_proj'``: projected CLS feature (stage-1 cache);
+- ``mode='text'``: text features of the given labels (stage-2 class text features);
+- default in eval mode: the retrieval feature (TEST.NECK_FEAT 'before' or 'after').
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import clip
+
+logger = logging.getLogger("svllreid")
+
+VEHICLE_DATASETS = ("veri", "VehicleID")
+N_CLS_CTX = 4        # learnable identity tokens per prompt ("X X X X")
+N_PREFIX = 5         # "<sot> a photo of a"
+
+
+# ----------------------------------------------------------------------------- init helpers
+def _init_bn_neck(bn: nn.BatchNorm1d) -> None:
+    nn.init.constant_(bn.weight, 1.0)
+    nn.init.constant_(bn.bias, 0.0)
+    bn.bias.requires_grad_(False)  # BNNeck: bias frozen
+
+
+def _init_classifier(fc: nn.Linear) -> None:
+    nn.init.normal_(fc.weight, std=0.001)
+
+
+def _init_mlp(module: nn.Module) -> None:
+    """Kaiming fan-in for linear layers, uniform BN affine (as the published SSL heads)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0.0)
+        elif isinstance(m, nn.BatchNorm1d):
+            nn.init.uniform_(m.weight)
+            nn.init.uniform_(m.bias)
+
+
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """SimCLR projection head: Linear-BN-ReLU, Linear-BN-ReLU, Linear."""
+    mlp = nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
+    _init_mlp(mlp)
+    return mlp
+
+
+def prediction_mlp(dim: int, hidden_dim: int = 512) -> nn.Sequential:
+    """SimSiam predictor: Linear-BN-ReLU-Linear (dim -> hidden -> dim)."""
+    mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                        nn.Linear(hidden_dim, dim))
+    _init_mlp(mlp)
+    return mlp
+
+
+# ----------------------------------------------------------------------------- prompts
+def augment_prompts(prompts: torch.Tensor, method: str, scale: float) -> torch.Tensor:
+    """One augmented copy of a batch of prompt embeddings (B, L, D), vectorised over the batch.
+
+    mask: each element zeroed independently with probability ``scale``;
+    swap: per prompt, ``int(scale * L)`` random positions are randomly permuted among themselves;
+    mix:  each prompt becomes ``(1 - scale) * itself + scale * another prompt of the batch``.
+    """
+    b, length, d = prompts.shape
+    if method == "mask":
+        keep = torch.rand_like(prompts, dtype=torch.float32) >= scale
+        return prompts * keep.to(prompts.dtype)
+    if method == "swap":
+        m = int(scale * length)
+        if m < 2:
+            return prompts
+        pos = torch.rand(b, length, device=prompts.device).argsort(dim=1)[:, :m]        # chosen positions
+        perm = torch.rand(b, m, device=prompts.device).argsort(dim=1)
+        src = pos.gather(1, perm)                                                        # where each gets its value
+        out = prompts.clone()
+        out.scatter_(1, pos.unsqueeze(-1).expand(-1, -1, d), prompts.gather(1, src.unsqueeze(-1).expand(-1, -1, d)))
+        return out
+    if method == "mix":
+        if b < 2:
+            return prompts
+        shift = torch.randint(1, b, (1,), device=prompts.device)
+        other = torch.roll(prompts, shifts=int(shift), dims=0)                           # another prompt, never itself
+        return (1.0 - scale) * prompts + scale * other
+    raise ValueError(f"SOLVER.STAGE1.PROMPT_AUG_METHOD = {method!r}; choose 'mask', 'swap' or 'mix'")
+
+
+class PromptLearner(nn.Module):
+    """"A photo of a X X X X person." with the four X learnable per identity (SPEC §3)."""
+
+    def __init__(self, num_classes: int, dataset_name: str, token_embedding: nn.Embedding) -> None:
+        super().__init__()
+        noun = "vehicle" if dataset_name in VEHICLE_DATASETS else "person"
+        self.template = f"A photo of a {' '.join(['X'] * N_CLS_CTX)} {noun}."
+        tokens = clip.tokenize(self.template)                                 # (1, 77)
+        with torch.no_grad():
+            embedding = token_embedding(tokens.to(token_embedding.weight.device)).float()
+        ctx_dim = embedding.shape[-1]
+        self.register_buffer("tokenized_prompts", tokens, persistent=False)
+        self.register_buffer("token_prefix", embedding[:, :N_PREFIX, :].clone())
+        self.register_buffer("token_suffix", embedding[:, N_PREFIX + N_CLS_CTX:, :].clone())
+        self.cls_ctx = nn.Parameter(torch.empty(num_classes, N_CLS_CTX, ctx_dim).normal_(std=0.02))
+
+    def forward(self, label: torch.Tensor) -> torch.Tensor:
+        """Prompt token embeddings (B, 77, D) for identity labels (B,)."""
+        b = label.shape[0]
+        return torch.cat([self.token_prefix.expand(b, -1, -1), self.cls_ctx[label],
+                          self.token_suffix.expand(b, -1, -1)], dim=1)
+
+
+class TextEncoder(nn.Module):
+    """CLIP text tower applied to prompt embeddings (frozen in both stages)."""
+
+    def __init__(self, clip_model: nn.Module) -> None:
+        super().__init__()
+        self.transformer = clip_model.transformer
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+
+    def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
+        x = prompts + self.positional_embedding.to(prompts.dtype)
+        x = self.ln_final(self.transformer(x))
+        eot = tokenized_prompts.argmax(dim=-1).expand(x.shape[0])
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+
+# ----------------------------------------------------------------------------- the model
+class SVLLReID(nn.Module):
+    """CLIP-based ReID model of SPEC §3 (ViT-B-16 or RN50)."""
+
+    def __init__(self, cfg: Any, num_classes: int, camera_num: int, view_num: int,
+                 clip_model: nn.Module) -> None:
+        super().__init__()
+        self.model_name = cfg.MODEL.NAME
+        self.is_vit = self.model_name.startswith("ViT")
+        self.num_classes = num_classes
+        self.neck_feat = cfg.TEST.NECK_FEAT
+        self.ssl_type = cfg.MODEL.SSL_TYPE
+        self.use_ssl = cfg.MODEL.USE_SSL
+        self.use_ssl_stage1 = cfg.MODEL.USE_SSL_STAGE1 and cfg.MODEL.PROMPT_LEARNING
+        self.prompt_aug_method = cfg.SOLVER.STAGE1.PROMPT_AUG_METHOD
+        self.prompt_aug_scale = cfg.SOLVER.STAGE1.PROMPT_AUG_SCALE
+
+        self.feature_dims = tuple(clip_model.image_feature_dims)   # (last, feature, proj) widths
+        _, self.in_planes, self.in_planes_proj = self.feature_dims
+        self.image_encoder = clip_model.visual
+
+        # BNNeck + classifiers on img_feature and img_feature_proj
+        self.bottleneck = nn.BatchNorm1d(self.in_planes)
+        self.bottleneck_proj = nn.BatchNorm1d(self.in_planes_proj)
+        _init_bn_neck(self.bottleneck)
+        _init_bn_neck(self.bottleneck_proj)
+        self.classifier = nn.Linear(self.in_planes, num_classes, bias=False)
+        self.classifier_proj = nn.Linear(self.in_planes_proj, num_classes, bias=False)
+        _init_classifier(self.classifier)
+        _init_classifier(self.classifier_proj)
+
+        # Side information embedding added to the class token (ViT only)
+        self.sie_camera, self.sie_view = cfg.MODEL.SIE_CAMERA, cfg.MODEL.SIE_VIEW
+        self.sie_coe, self.view_num = cfg.MODEL.SIE_COE, view_num
+        rows = {(True, True): camera_num * view_num, (True, False): camera_num,
+                (False, True): view_num}.get((self.sie_camera, self.sie_view), 0)
+        if rows and not self.is_vit:
+            logger.warning("SIE is a ViT feature; ignored for %s", self.model_name)
+            rows = 0
+        self.cv_embed = nn.Parameter(torch.zeros(rows, self.in_planes)) if rows else None
+        if self.cv_embed is not None:
+            nn.init.trunc_normal_(self.cv_embed, std=0.02)
+
+        # Text side: per-identity prompts and the frozen text encoder
+        self.prompt_learning = cfg.MODEL.PROMPT_LEARNING
+        if self.prompt_learning:
+            self.prompt_learner = PromptLearner(num_classes, cfg.DATASETS.NAMES, clip_model.token_embedding)
+            self.text_encoder = TextEncoder(clip_model)
+            for p in self.text_encoder.parameters():
+                p.requires_grad_(False)
+
+        # Self-supervision heads. The image SSL feature is the ln_post CLS (ViT) or pooled layer4 (RN50).
+        hidden, out = cfg.MODEL.SSL_HIDDEN_DIM, cfg.MODEL.SSL_OUT_DIM
+        if self.use_ssl:
+            if self.ssl_type == "SIMCLR":
+                self.image_mlp = projection_mlp(self.in_planes, hidden, out)
+            else:
+                self.image_predictor = prediction_mlp(self.in_planes)
+        if self.use_ssl_stage1:
+            self.text_mlp = projection_mlp(self.in_planes_proj, hidden, out)
+        if cfg.MODEL.SSL_SYNC_BN and cfg.MODEL.DIST_TRAIN:
+            for name in ("image_mlp", "image_predictor", "text_mlp"):
+                if hasattr(self, name):
+                    setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self, name)))
+
+    # -------------------------------------------------------------- pieces
+    def _sie(self, cam_label: torch.Tensor | None, view_label: torch.Tensor | None) -> torch.Tensor | None:
+        if self.cv_embed is None:
+            return None
+        if self.sie_camera and self.sie_view:
+            idx = cam_label * self.view_num + view_label
+        else:
+            idx = cam_label if self.sie_camera else view_label
+        if idx is None:
+            return None
+        return self.sie_coe * self.cv_embed[idx]
+
+    def _image_features(self, x: torch.Tensor, cv_emb: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(img_feature_last, img_feature, img_feature_proj), each (B, C)."""
+        last, feat, proj = self.image_encoder(x, cv_emb)
+        if self.is_vit:
+            return last[:, 0], feat[:, 0], proj[:, 0]
+        return last.mean(dim=(2, 3)), feat.mean(dim=(2, 3)), proj[:, 0]
+
+    def _ssl_image(self, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Vision SSL outputs of two views, encoded without SIE."""
+        if self.is_vit:   # LayerNorm only: one batched pass equals two separate passes
+            f = self._image_features(torch.cat([v1, v2]))[1]
+            f1, f2 = f.chunk(2)
+        else:             # BatchNorm: keep per-view batch statistics
+            f1, f2 = self._image_features(v1)[1], self._image_features(v2)[1]
+        if self.ssl_type == "SIMCLR":
+            return {"aug1_embed": self.image_mlp(f1), "aug2_embed": self.image_mlp(f2)}
+        return {"p1": self.image_predictor(f1), "p2": self.image_predictor(f2), "z1": f1, "z2": f2}
+
+    def encode_text(self, label: torch.Tensor) -> torch.Tensor:
+        """Text features (B, proj_dim) of the identity prompts."""
+        prompts = self.prompt_learner(label)
+        return self.text_encoder(prompts, self.prompt_learner.tokenized_prompts)
+
+    def _ssl_text(self, label: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Language SSL: two augmented copies of each unique label's prompt, encoded and projected."""
+        labels = torch.unique(label)
+        if labels.numel() < 2:     # BatchNorm in the MLP and SimCLR negatives need >= 2 prompts
+            return None
+        prompts = self.prompt_learner(labels)
+        tok = self.prompt_learner.tokenized_prompts
+        views = [augment_prompts(prompts, self.prompt_aug_method, self.prompt_aug_scale) for _ in range(2)]
+        feats = self.text_encoder(torch.cat(views), tok)
+        e1, e2 = self.text_mlp(feats).chunk(2)
+        return {"aug1_embed": e1, "aug2_embed": e2}
+
+    # -------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor | None = None, label: torch.Tensor | None = None,
+                cam_label: torch.Tensor | None = None, view_label: torch.Tensor | None = None,
+                ssl_views: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mode: str | None = None) -> Any:
+        if mode == "text":
+            return self.encode_text(label)
+        if mode == "stage1":
+            out = {"text_features": self.encode_text(label)}
+            out["ssl"] = self._ssl_text(label) if self.use_ssl_stage1 else None
+            return out
+        if mode == "image_proj":
+            return self._image_features(x)[2]
+
+        last, feat, proj = self._image_features(x, self._sie(cam_label, view_label))
+        feat_bn, proj_bn = self.bottleneck(feat), self.bottleneck_proj(proj)
+        if self.training or mode == "stage2":
+            out = {"scores": [self.classifier(feat_bn), self.classifier_proj(proj_bn)],
+                   "feats": [last, feat, proj], "img_feature_proj": proj, "ssl": None}
+            if self.use_ssl and ssl_views is not None:
+                out["ssl"] = self._ssl_image(*ssl_views)
+            return out
+        if self.neck_feat == "after":
+            return torch.cat([feat_bn, proj_bn], dim=1)
+        return torch.cat([feat, proj], dim=1)
+
+
+# ----------------------------------------------------------------------------- factory
+def feature_grid(cfg: Any) -> tuple[int, int]:
+    """Token grid (h, w) of the image tower for INPUT.SIZE_TRAIN and MODEL.STRIDE_SIZE."""
+    h, w = cfg.INPUT.SIZE_TRAIN
+    if cfg.MODEL.NAME.startswith("ViT"):
+        patch = cfg.MODEL.CLIP_ARCH.VISION_PATCH_SIZE or 16
+        sh, sw = cfg.MODEL.STRIDE_SIZE
+        return (h - patch) // sh + 1, (w - patch) // sw + 1
+    return h // 16, w // 16    # RN50 with layer4 stride 1: total stride 16
+
+
+def build_clip(cfg: Any) -> nn.Module:
+    """CLIP from local weights (MODEL.PRETRAIN_PATH or ~/.cache/clip/<NAME>.pt) or random init."""
+    h, w = feature_grid(cfg)
+    stride = cfg.MODEL.STRIDE_SIZE[0]
+    if cfg.MODEL.CLIP_INIT == "random":
+        a = cfg.MODEL.CLIP_ARCH
+        logger.warning("!!! MODEL.CLIP_INIT = 'random': building %s with RANDOM weights (no CLIP "
+                       "pre-training). Results are not comparable to the paper. !!!", cfg.MODEL.NAME)
+        return clip.build_random_clip(
+            cfg.MODEL.NAME, h, w, stride, embed_dim=a.EMBED_DIM, vision_width=a.VISION_WIDTH,
+            vision_layers=a.VISION_LAYERS, vision_patch_size=a.VISION_PATCH_SIZE,
+            text_width=a.TEXT_WIDTH, text_heads=a.TEXT_HEADS, text_layers=a.TEXT_LAYERS)
+    path = cfg.MODEL.PRETRAIN_PATH or cfg.MODEL.NAME
+    logger.info("Loading CLIP weights from %s", os.path.expanduser(path))
+    return clip.load_clip(path, h, w, stride)
+
+
+def make_model(cfg: Any, num_class: int, camera_num: int, view_num: int) -> SVLLReID:
+    """Build the SVLL-ReID model (SPEC §3) for ``num_class`` training identities."""
+    model = SVLLReID(cfg, num_class, camera_num, view_num, build_clip(cfg))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("Model %s: %d identities, %.2fM trainable parameters", cfg.MODEL.NAME, num_class, n_train / 1e6)
+    return model

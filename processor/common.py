@@ -1,0 +1,99 @@
+"""Pieces shared by the stage-1/stage-2 loops: AMP context, training-state checkpoints, batches."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from utils.checkpoint import load_file, load_model_weights, model_state, save_atomic
+from utils.dist import is_main_process
+from utils.misc import rng_state
+
+logger = logging.getLogger("svllreid")
+
+LAST_CHECKPOINT = "last.pth"
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA only; a no-op context on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def make_scaler(device: torch.device) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors of a batch dict to ``device`` (non-blocking)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class TrainState:
+    """What ``last.pth`` holds to resume a run exactly where it stopped."""
+
+    stage: int                       # 1 or 2
+    epoch: int                       # last completed epoch of ``stage``
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    rng: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)   # e.g. center-loss optimiser
+
+
+def save_train_state(output_dir: str, stage: int, epoch: int, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+                     extra: dict[str, Any] | None = None) -> None:
+    """Write ``OUTPUT_DIR/last.pth`` atomically (main process only)."""
+    if not is_main_process():
+        return
+    state = {"stage": stage, "epoch": epoch, "model": model_state(model), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+             "extra": extra or {}}
+    save_atomic(state, os.path.join(output_dir, LAST_CHECKPOINT))
+
+
+def load_train_state(output_dir: str) -> dict[str, Any] | None:
+    """The saved training state, or None when the run has none yet."""
+    path = os.path.join(output_dir, LAST_CHECKPOINT)
+    if not os.path.isfile(path):
+        return None
+    return load_file(path, weights_only=True)
+
+
+def restore_train_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, scaler: torch.amp.GradScaler) -> None:
+    """Put model, optimiser, scheduler and scaler back to a saved state.
+
+    The RNG states (``state['rng']``) are restored separately, with ``set_rng_state``,
+    right before the first resumed epoch: work done in between (feature caching,
+    loader start-up) draws random numbers too.
+    """
+    load_model_weights(model, state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+
+
+def save_weights(output_dir: str, name: str, model: nn.Module) -> str:
+    """Model weights only (the published checkpoint format), written atomically."""
+    path = os.path.join(output_dir, name)
+    if is_main_process():
+        save_atomic(model_state(model), path)
+        logger.info("Saved %s", path)
+    return path
+
+
+def progress(iterable: Iterable, total: int | None, desc: str) -> Iterable:
+    """A tqdm bar over ``iterable`` on the main process (off on other ranks or SVLLREID_NO_TQDM=1)."""
+    disable = not is_main_process() or os.environ.get("SVLLREID_NO_TQDM") == "1"
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=disable)

@@ -1,0 +1,116 @@
+"""Stage 1: learn the identity prompts with frozen encoders (+ language self-supervision).
+
+SPEC §4: image features are computed once (eval mode, no grad, test transforms); each
+epoch shuffles them into batches; loss = SupCon(i->t) + SupCon(t->i)
++ SSL_LOSS_WEIGHT x SimCLR(two augmented copies of each unique prompt).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from loss import SimCLRLoss, SupConLoss
+from utils.misc import AverageMeter, set_rng_state
+
+from .common import autocast, make_scaler, progress, restore_train_state, save_train_state, save_weights, to_device
+
+logger = logging.getLogger("svllreid")
+
+
+@torch.no_grad()
+def cache_image_features(model: nn.Module, loader: DataLoader, device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected CLS features and labels of every training image (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for batch in progress(loader, len(loader), "stage1: caching image features"):
+        batch = to_device(batch, device)
+        with autocast(device):
+            f = model(batch["img"], mode="image_proj")
+        feats.append(f.float())
+        labels.append(batch["pid"])
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _set_stage1_modes(model: nn.Module) -> None:
+    """Encoders in eval mode; the prompt learner and text SSL head train (BN batch statistics)."""
+    model.eval()
+    core = model.module if hasattr(model, "module") else model
+    core.prompt_learner.train()
+    if getattr(core, "text_mlp", None) is not None:
+        core.text_mlp.train()
+
+
+def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
+                    resume_state: dict[str, Any] | None = None) -> None:
+    """Run stage 1 from epoch 1, or from the epoch after ``resume_state['epoch']``."""
+    c1 = cfg.SOLVER.STAGE1
+    supcon, simclr = SupConLoss(), SimCLRLoss(temperature=cfg.MODEL.SSL_TEMPERATURE)
+    scaler = make_scaler(device)
+    ssl_weight = c1.SSL_LOSS_WEIGHT if cfg.MODEL.USE_SSL_STAGE1 else 0.0
+
+    start_epoch = 1
+    if resume_state is not None:
+        restore_train_state(resume_state, model, optimizer, scheduler, scaler)
+        start_epoch = resume_state["epoch"] + 1
+        logger.info("Stage 1: resuming at epoch %d", start_epoch)
+        if start_epoch > c1.MAX_EPOCHS:
+            return
+
+    image_features, labels = cache_image_features(model, train_loader_stage1, device)
+    num_image, batch_size = labels.shape[0], c1.IMS_PER_BATCH
+    num_batches = (num_image + batch_size - 1) // batch_size
+    logger.info("Stage 1: %d cached image features, %d batches of <= %d per epoch, %d epochs",
+                num_image, num_batches, batch_size, c1.MAX_EPOCHS)
+    if resume_state is not None:
+        set_rng_state(resume_state["rng"])
+
+    meters = {k: AverageMeter() for k in ("loss", "i2t", "t2i", "ssl")}
+    for epoch in range(start_epoch, c1.MAX_EPOCHS + 1):
+        t0 = time.time()
+        for m in meters.values():
+            m.reset()
+        scheduler.step(epoch)
+        _set_stage1_modes(model)
+        order = torch.randperm(num_image).to(device)
+        bar = progress(order.split(batch_size), num_batches, f"stage1 epoch {epoch}/{c1.MAX_EPOCHS}")
+        for it, idx in enumerate(bar, start=1):
+            target, img_f = labels[idx], image_features[idx]
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device):
+                out = model(label=target, mode="stage1")
+            text_f = out["text_features"].float()
+            loss_i2t = supcon(img_f, text_f, target, target)
+            loss_t2i = supcon(text_f, img_f, target, target)
+            loss = loss_i2t + loss_t2i
+            loss_ssl = simclr(out["ssl"]) if (ssl_weight and out["ssl"] is not None) else None
+            if loss_ssl is not None:
+                loss = loss + ssl_weight * loss_ssl
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+            n = target.shape[0]
+            meters["loss"].update(loss.item(), n)
+            meters["i2t"].update(loss_i2t.item(), n)
+            meters["t2i"].update(loss_t2i.item(), n)
+            if loss_ssl is not None:
+                meters["ssl"].update(loss_ssl.item(), n)
+            bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if it % c1.LOG_PERIOD == 0 or it == num_batches:
+                logger.info("Stage1 epoch[%d] iter[%d/%d] loss %.3f (i2t %.3f, t2i %.3f, ssl %.3f) lr %.2e",
+                            epoch, it, num_batches, meters["loss"].avg, meters["i2t"].avg, meters["t2i"].avg,
+                            meters["ssl"].avg, optimizer.param_groups[0]["lr"])
+        logger.info("Stage1 epoch %d done in %.1fs (%.0f samples/s)", epoch, time.time() - t0,
+                    num_image / max(time.time() - t0, 1e-9))
+        if epoch % c1.CHECKPOINT_PERIOD == 0 or epoch == c1.MAX_EPOCHS:
+            save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_stage1_{epoch}.pth", model)
+        save_train_state(cfg.OUTPUT_DIR, 1, epoch, model, optimizer, scheduler, scaler)

@@ -1,0 +1,131 @@
+"""Stage 2: fine-tune the image encoder (+ vision self-supervision) against frozen text features.
+
+SPEC §5: loss = ID + triplet + I2T (img_feature_proj @ text_features.T) + SSL between two
+randomly-erased views; WarmupMultiStepLR steps once per epoch; periodic evaluation.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from loss import SimCLRLoss
+from solver import rescale_center_grad
+from utils.checkpoint import unwrap
+from utils.misc import AverageMeter, set_rng_state
+
+from .common import (autocast, make_scaler, progress, restore_train_state, save_train_state, save_weights,
+                     to_device)
+from .inference import do_inference
+
+logger = logging.getLogger("svllreid")
+
+
+@torch.no_grad()
+def compute_text_features(model: nn.Module, num_classes: int, batch_size: int, device: torch.device
+                          ) -> torch.Tensor:
+    """Text features of every identity's prompt (frozen in stage 2), (num_classes, proj_dim)."""
+    was_training = model.training
+    model.eval()
+    feats = []
+    for labels in torch.arange(num_classes, device=device).split(batch_size):
+        with autocast(device):
+            feats.append(model(label=labels, mode="text").float())
+    model.train(was_training)
+    return torch.cat(feats)
+
+
+def ssl_loss_value(ssl_loss: nn.Module, ssl_out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SimCLR takes the dict of the two embeddings; SimSiam takes (p1, p2, z1, z2)."""
+    return ssl_loss(ssl_out) if isinstance(ssl_loss, SimCLRLoss) else ssl_loss(**ssl_out)
+
+
+def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None,
+                    optimizer: torch.optim.Optimizer, optimizer_center: torch.optim.Optimizer | None,
+                    scheduler: Any, loss_fn: Callable, ssl_loss: nn.Module | None, center_criterion: nn.Module | None,
+                    num_query: int, num_classes: int, device: torch.device,
+                    resume_state: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Run stage 2; returns the metrics of the last evaluation (or None when none ran)."""
+    c2 = cfg.SOLVER.STAGE2
+    scaler = make_scaler(device)
+    core = unwrap(model)
+    use_text = core.prompt_learning and cfg.MODEL.I2T_LOSS_WEIGHT > 0
+    use_ssl = cfg.MODEL.USE_SSL and ssl_loss is not None and c2.SSL_LOSS_WEIGHT > 0
+    text_features = compute_text_features(model, num_classes, cfg.SOLVER.STAGE1.IMS_PER_BATCH, device) \
+        if use_text else None
+
+    start_epoch = 1
+    if resume_state is not None:
+        restore_train_state(resume_state, model, optimizer, scheduler, scaler)
+        if optimizer_center is not None and "optimizer_center" in resume_state["extra"]:
+            optimizer_center.load_state_dict(resume_state["extra"]["optimizer_center"])
+        start_epoch = resume_state["epoch"] + 1
+        logger.info("Stage 2: resuming at epoch %d", start_epoch)
+        set_rng_state(resume_state["rng"])
+
+    sampler = getattr(train_loader, "batch_sampler", None)
+    sampler = getattr(train_loader, "sampler", None) if not hasattr(sampler, "set_epoch") else sampler
+    meters = {k: AverageMeter() for k in ("loss", "id", "tri", "i2t", "ssl", "acc")}
+    results = None
+    for epoch in range(start_epoch, c2.MAX_EPOCHS + 1):
+        t0, n_seen = time.time(), 0
+        for m in meters.values():
+            m.reset()
+        scheduler.step()
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        model.train()
+        bar = progress(train_loader, len(train_loader), f"stage2 epoch {epoch}/{c2.MAX_EPOCHS}")
+        for it, batch in enumerate(bar, start=1):
+            batch = to_device(batch, device)
+            img, target = batch["img"], batch["pid"]
+            optimizer.zero_grad(set_to_none=True)
+            if optimizer_center is not None:
+                optimizer_center.zero_grad(set_to_none=True)
+            views = (batch["ssl_view1"], batch["ssl_view2"]) if use_ssl else None
+            with autocast(device):
+                out = model(img, label=target,
+                            cam_label=batch["camid"] if cfg.MODEL.SIE_CAMERA else None,
+                            view_label=batch["viewid"] if cfg.MODEL.SIE_VIEW else None,
+                            ssl_views=views, mode="stage2")
+                i2t = out["img_feature_proj"].float() @ text_features.t() if use_text else None
+                loss, parts = loss_fn(out["scores"], out["feats"], target, batch["camid"], i2tscore=i2t)
+                if use_ssl:
+                    parts["ssl"] = ssl_loss_value(ssl_loss, out["ssl"])
+                    loss = loss + c2.SSL_LOSS_WEIGHT * parts["ssl"]
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            if optimizer_center is not None:   # undo the loss weight on the centers' gradient
+                rescale_center_grad(center_criterion, cfg)
+                scaler.step(optimizer_center)
+            scaler.update()
+
+            n = target.shape[0]
+            n_seen += n
+            acc = (out["scores"][0].argmax(dim=1) == target).float().mean()
+            meters["loss"].update(loss.item(), n)
+            meters["acc"].update(acc.item(), n)
+            for k in ("id", "tri", "i2t", "ssl"):
+                if k in parts:
+                    meters[k].update(parts[k].item(), n)
+            bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc=f"{meters['acc'].avg:.3f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if it % c2.LOG_PERIOD == 0 or it == len(train_loader):
+                logger.info("Stage2 epoch[%d] iter[%d/%d] loss %.3f (id %.3f tri %.3f i2t %.3f ssl %.3f) "
+                            "acc %.3f lr %.2e", epoch, it, len(train_loader), meters["loss"].avg,
+                            meters["id"].avg, meters["tri"].avg, meters["i2t"].avg, meters["ssl"].avg,
+                            meters["acc"].avg, optimizer.param_groups[0]["lr"])
+        dt = time.time() - t0
+        logger.info("Stage2 epoch %d done in %.1fs (%.1f samples/s)", epoch, dt, n_seen / max(dt, 1e-9))
+
+        if epoch % c2.CHECKPOINT_PERIOD == 0 or epoch == c2.MAX_EPOCHS:
+            save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_{epoch}.pth", model)
+        if val_loader is not None and (epoch % c2.EVAL_PERIOD == 0 or epoch == c2.MAX_EPOCHS):
+            results = do_inference(cfg, model, val_loader, num_query, device)
+        extra = {"optimizer_center": optimizer_center.state_dict()} if optimizer_center is not None else {}
+        save_train_state(cfg.OUTPUT_DIR, 2, epoch, model, optimizer, scheduler, scaler, extra)
+    return results

@@ -1,0 +1,99 @@
+"""Train SVLL-ReID: stage 1 (prompts + language SSL), then stage 2 (image encoder + vision SSL).
+
+    python train_svllreid.py --config_file configs/person/vit_svllreid.yml [KEY VALUE ...] [--resume]
+
+The ``base`` configs (MODEL.PROMPT_LEARNING False) skip stage 1 and the I2T loss.
+Writes checkpoints, ``last.pth`` (full training state for ``--resume``), ``train_log.txt``
+and ``results.json`` into OUTPUT_DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from config import ConfigError, load_config
+from datasets import make_dataloader
+from loss import make_loss, make_ssl_loss
+from model import make_model
+from processor import do_inference, do_train_stage1, do_train_stage2
+from processor.common import load_train_state
+from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
+from utils.checkpoint import CheckpointMismatchError
+from utils.dist import is_main_process
+from utils.logger import setup_logger
+from utils.misc import resolve_device, set_seed, write_json_atomic
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="SVLL-ReID training")
+    p.add_argument("--config_file", default="", help="path to a YAML config file")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # old launchers
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return p.parse_args(argv)
+
+
+def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False) -> dict[str, Any]:
+    """Run the configured training; returns {'trained': metrics[, 'untrained': metrics]}."""
+    if cfg.MODEL.DIST_TRAIN:
+        raise ConfigError("MODEL.DIST_TRAIN True: multi-process training is not available in this version; "
+                          "run single-process (MODEL.DIST_TRAIN False)")
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=True, is_main=is_main_process())
+    logger.info("Configuration:\n%s", cfg.dump())
+    set_seed(cfg.SOLVER.SEED)
+    device = resolve_device(cfg.MODEL.DEVICE)
+
+    train_loader_stage2, train_loader_stage1, val_loader, num_query, num_classes, camera_num, view_num = \
+        make_dataloader(cfg)
+    model = make_model(cfg, num_class=num_classes, camera_num=camera_num, view_num=view_num).to(device)
+
+    out: dict[str, Any] = {}
+    if evaluate_untrained:
+        logger.info("Evaluating the untrained model")
+        out["untrained"] = do_inference(cfg, model, val_loader, num_query, device)
+
+    state = load_train_state(cfg.OUTPUT_DIR) if resume else None
+    if resume and state is None:
+        logger.warning("--resume: no %s/last.pth yet; starting from scratch", cfg.OUTPUT_DIR)
+
+    if cfg.MODEL.PROMPT_LEARNING and not (state and state["stage"] == 2):
+        optimizer1 = make_optimizer_1stage(cfg, model)
+        scheduler1 = create_scheduler(cfg.SOLVER.STAGE1, optimizer1)
+        do_train_stage1(cfg, model, train_loader_stage1, optimizer1, scheduler1, device,
+                        resume_state=state if state and state["stage"] == 1 else None)
+
+    loss_fn, center_criterion = make_loss(cfg, num_classes, feat_dim=model.feature_dims[0])
+    if center_criterion is not None:
+        center_criterion.to(device)
+    ssl_loss = make_ssl_loss(cfg) if cfg.MODEL.USE_SSL else None
+    optimizer2, optimizer_center = make_optimizer_2stage(cfg, model, center_criterion)
+    scheduler2 = create_warmup_multistep(cfg.SOLVER.STAGE2, optimizer2)
+    out["trained"] = do_train_stage2(
+        cfg, model, train_loader_stage2, val_loader, optimizer2, optimizer_center, scheduler2, loss_fn, ssl_loss,
+        center_criterion, num_query, num_classes, device,
+        resume_state=state if state and state["stage"] == 2 else None)
+    if out["trained"] is None:   # resumed after the last epoch: evaluate the final weights
+        out["trained"] = do_inference(cfg, model, val_loader, num_query, device)
+    if is_main_process():
+        write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), out["trained"])
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config_file, args.opts)
+        train(cfg, resume=args.resume)
+    except (ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())

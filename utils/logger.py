@@ -1,0 +1,26 @@
+"""Logging to the console and ``OUTPUT_DIR/<name>.log`` (main process only writes the file)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logger(name: str, save_dir: str | None, if_train: bool, is_main: bool = True) -> logging.Logger:
+    """Configure the ``name`` logger once: INFO to stdout on the main process, and a log file."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    ch = logging.StreamHandler(stream=sys.stdout)
+    ch.setFormatter(fmt)
+    logger.addHandler(ch)
+    if save_dir and is_main:
+        os.makedirs(save_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(save_dir, "train_log.txt" if if_train else "test_log.txt"), mode="a")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger

@@ -1,0 +1,80 @@
+"""Small run-time helpers: seeding, device choice, RNG state capture, JSON results."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("svllreid")
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``MODEL.DEVICE`` as a torch.device; CUDA requested but absent falls back to CPU with a warning."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE = %r but CUDA is not available: running on the CPU", name)
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state needed to resume a run bit-exactly (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states captured by :func:`rng_state`."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON via a temporary file and rename: never a half-written file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class AverageMeter:
+    """Running average of a scalar (weighted by the count of each update)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sum, self.count = 0.0, 0
+
+    def update(self, val: float, n: int = 1) -> None:
+        self.sum += float(val) * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(self.count, 1)
