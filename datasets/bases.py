@@ -1,0 +1,197 @@
+"""Shared dataset machinery: the sample record, the dataset base class, image reading.
+
+A dataset is three lists of samples ``(img_path, pid, camid, viewid)``:
+``train`` (pids relabelled to ``0..N-1``), ``query`` and ``gallery`` (original pids,
+so that distractors (pid 0) stay distinguishable). Camera and view ids start at 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = [
+    "Sample", "DatasetLayoutError", "BaseImageDataset", "ImageDataset", "read_image",
+    "relabel", "report_unparsed", "require_dirs", "resolve_dataset_dir", "list_images",
+    "IMAGE_EXTENSIONS",
+]
+
+logger = logging.getLogger("svllreid")
+
+Sample = tuple[str, int, int, int]  # (img_path, pid, camid, viewid)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset folder is missing or not laid out as expected."""
+
+
+def relabel(samples: Sequence[Sample]) -> list[Sample]:
+    """Map pids onto ``0..N-1`` in sorted original-pid order; order of samples is kept."""
+    pid2label = {pid: i for i, pid in enumerate(sorted({s[1] for s in samples}))}
+    return [(p, pid2label[pid], cam, view) for p, pid, cam, view in samples]
+
+
+def report_unparsed(where: str, bad: Sequence[str], n_good: int, what: str = "file names",
+                    scheme: str = "") -> None:
+    """Warn about entries that do not follow the naming scheme; error if nothing parsed.
+
+    ``bad`` holds the offending names (or lines). Only the count and the first few
+    examples are reported.
+    """
+    if not bad:
+        return
+    examples = ", ".join(repr(b) for b in list(bad)[:5])
+    hint = f" (expected {scheme})" if scheme else ""
+    msg = f"{where}: {len(bad)} {what} do not match the naming scheme{hint}; first: {examples}"
+    if n_good == 0:
+        raise ValueError(msg + "; nothing could be parsed")
+    logger.warning(msg + "; skipped")
+
+
+class BaseImageDataset:
+    """Holds ``train``/``query``/``gallery`` and their statistics; subclasses parse files.
+
+    Subclasses fill the three lists and call :meth:`_finalize`, which validates them,
+    computes the counts and logs the statistics table.
+
+    ``num_train_cams`` / ``num_train_vids`` are the number of distinct train cameras /
+    views, raised to ``max id + 1`` over all subsets when query or gallery use an id
+    that train lacks (VehicleID's gallery camera), so SIE tables of that size can be
+    indexed by every sample.
+    """
+
+    name: str = "dataset"
+
+    def __init__(self) -> None:
+        self.train: list[Sample] = []
+        self.query: list[Sample] = []
+        self.gallery: list[Sample] = []
+
+    # ------------------------------------------------------------------ statistics
+    @staticmethod
+    def get_imagedata_info(data: Sequence[Sample]) -> tuple[int, int, int, int]:
+        """(# ids, # images, # cameras, # views) of a subset."""
+        pids = {s[1] for s in data}
+        cams = {s[2] for s in data}
+        views = {s[3] for s in data}
+        return len(pids), len(data), len(cams), len(views)
+
+    def _finalize(self) -> None:
+        for subset in ("train", "query", "gallery"):
+            if not getattr(self, subset):
+                where = getattr(self, "dataset_dir", "")
+                raise ValueError(f"{self.name}: the {subset} subset is empty"
+                                 + (f" (dataset folder {where})" if where else ""))
+        everything = self.train + self.query + self.gallery
+        if min(s[2] for s in everything) < 0 or min(s[3] for s in everything) < 0:
+            raise ValueError(f"{self.name}: negative camera or view id")
+        (self.num_train_pids, self.num_train_imgs,
+         self.num_train_cams, self.num_train_vids) = self.get_imagedata_info(self.train)
+        self.num_train_cams = max(self.num_train_cams, 1 + max(s[2] for s in everything))
+        self.num_train_vids = max(self.num_train_vids, 1 + max(s[3] for s in everything))
+        (self.num_query_pids, self.num_query_imgs,
+         self.num_query_cams, self.num_query_vids) = self.get_imagedata_info(self.query)
+        (self.num_gallery_pids, self.num_gallery_imgs,
+         self.num_gallery_cams, self.num_gallery_vids) = self.get_imagedata_info(self.gallery)
+        self.log_statistics()
+
+    def statistics_table(self) -> str:
+        rows = [("train", self.train), ("query", self.query), ("gallery", self.gallery)]
+        lines = [f"=> {self.name} loaded",
+                 "  subset   | # ids | # images | # cameras",
+                 "  ---------+-------+----------+----------"]
+        for label, data in rows:
+            n_ids, n_imgs, n_cams, _ = self.get_imagedata_info(data)
+            lines.append(f"  {label:<8} | {n_ids:5d} | {n_imgs:8d} | {n_cams:9d}")
+        return "\n".join(lines)
+
+    def log_statistics(self) -> None:
+        logger.info("%s", self.statistics_table())
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(train={len(self.train)}, query={len(self.query)}, "
+                f"gallery={len(self.gallery)}, ids={self.num_train_pids})")
+
+
+def require_dirs(name: str, base: str, subdirs: Iterable[str], layout: str) -> None:
+    """Raise one :class:`DatasetLayoutError` naming every missing folder and the layout."""
+    missing = [os.path.join(base, d) for d in subdirs if not os.path.isdir(os.path.join(base, d))]
+    if missing:
+        raise DatasetLayoutError(
+            f"{name}: missing {', '.join(missing)}.\nExpected layout:\n{layout.rstrip()}"
+        )
+
+
+def resolve_dataset_dir(root: str, dataset_dir: str, subdirs: Iterable[str]) -> str:
+    """``<root>/<dataset_dir>``; ``root`` itself when it already is the dataset folder."""
+    base = os.path.join(root, dataset_dir)
+    subdirs = list(subdirs)
+    if not os.path.isdir(base) and subdirs and all(
+            os.path.isdir(os.path.join(root, d)) for d in subdirs):
+        return root
+    return base
+
+
+def list_images(dir_path: str) -> list[str]:
+    """Sorted image file names (not paths) in ``dir_path``."""
+    return sorted(f for f in os.listdir(dir_path) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+# ---------------------------------------------------------------------- image reading
+def read_image(path: str, retries: int = 3, delay: float = 0.1) -> Image.Image:
+    """Read ``path`` as an RGB PIL image.
+
+    A missing or unreadable/corrupt file is retried ``retries`` times with a short sleep
+    (transient network-filesystem errors), then an ``OSError`` naming the file is raised.
+    """
+    last: BaseException | None = None
+    for attempt in range(retries + 1):
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # PIL decode errors vary by format
+            last = e
+            if attempt < retries:
+                time.sleep(delay)
+    raise OSError(f"cannot read image {path!r} after {retries + 1} attempts: {last}") from last
+
+
+class ImageDataset(Dataset):
+    """Torch dataset over samples; each item is a dict of tensors-to-be.
+
+    Keys: ``img``, ``pid``, ``camid``, ``viewid``; ``path`` when ``with_path``;
+    ``ssl_view1``/``ssl_view2`` when ``ssl_transform`` is given (two independent draws).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None,
+                 ssl_transform: Callable | None = None, with_path: bool = False,
+                 read_retries: int = 3) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.ssl_transform = ssl_transform
+        self.with_path = with_path
+        self.read_retries = read_retries
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, pid, camid, viewid = self.samples[index]
+        img = read_image(path, retries=self.read_retries)
+        item: dict[str, Any] = {
+            "img": self.transform(img) if self.transform is not None else img,
+            "pid": pid, "camid": camid, "viewid": viewid,
+        }
+        if self.ssl_transform is not None:
+            item["ssl_view1"] = self.ssl_transform(img)
+            item["ssl_view2"] = self.ssl_transform(img)
+        if self.with_path:
+            item["path"] = path
+        return item

@@ -1,0 +1,36 @@
+"""Dataset registry: ``build_dataset(name, root, **kw)``."""
+from __future__ import annotations
+
+from typing import Any
+
+from .bases import BaseImageDataset
+from .dukemtmcreid import DukeMTMCreID
+from .folder import FolderDataset
+from .market1501 import Market1501
+from .msmt17 import MSMT17
+from .occ_duke import OccludedDuke
+from .vehicleid import VehicleID
+from .veri import VeRi
+
+__all__ = ["DATASETS", "build_dataset"]
+
+DATASETS: dict[str, type[BaseImageDataset]] = {
+    "market1501": Market1501,
+    "dukemtmc": DukeMTMCreID,
+    "msmt17": MSMT17,
+    "occ_duke": OccludedDuke,
+    "veri": VeRi,
+    "VehicleID": VehicleID,
+    "folder": FolderDataset,
+}
+
+
+def build_dataset(name: str, root: str, **kwargs: Any) -> BaseImageDataset:
+    """Parse dataset ``name`` under ``root``.
+
+    Keyword arguments: ``need_views`` (all; VeRi errors without view labels),
+    ``test_size``/``trial``/``seed`` (VehicleID).
+    """
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name](root=root, **kwargs)

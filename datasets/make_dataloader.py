@@ -1,0 +1,111 @@
+"""``make_dataloader(cfg)``: the stage-2 train, stage-1 feature and validation loaders.
+
+Batches are dicts of tensors:
+- stage 2: ``img`` (B,3,H,W) float, ``pid``/``camid``/``viewid`` int64, plus
+  ``ssl_view1``/``ssl_view2`` (same shape as ``img``) when ``MODEL.USE_SSL``;
+- stage 1: the same keys without SSL views, test transforms, every training image once
+  in dataset order;
+- validation: query images then gallery images, test transforms, plus ``path`` (list).
+
+The stage-2 sampler is ``train_loader.sampler`` (call ``set_epoch`` on it each epoch).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from utils.dist import get_rank, get_world_size, is_dist
+
+from .bases import BaseImageDataset, ImageDataset
+from .factory import build_dataset
+from .sampler import RandomIdentitySampler, RandomIdentitySamplerDDP, ShuffleSampler
+from .transforms import build_ssl_transform, build_transforms
+
+__all__ = ["make_dataloader", "make_val_loader", "build_dataset_from_cfg"]
+
+logger = logging.getLogger("svllreid")
+
+
+def build_dataset_from_cfg(cfg: Any, trial: int = 0) -> BaseImageDataset:
+    """The dataset named by ``DATASETS.NAMES`` under ``DATASETS.ROOT_DIR``.
+
+    VehicleID uses ``DATASETS.VEHICLEID_TEST_SIZE`` and the split of ``trial`` drawn from
+    ``SOLVER.SEED``; VeRi requires view labels when ``MODEL.SIE_VIEW`` is on.
+    """
+    kwargs: dict[str, Any] = {"need_views": bool(cfg.MODEL.SIE_VIEW)}
+    if cfg.DATASETS.NAMES == "VehicleID":
+        kwargs.update(test_size=cfg.DATASETS.VEHICLEID_TEST_SIZE, trial=trial,
+                      seed=cfg.SOLVER.SEED)
+    return build_dataset(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, **kwargs)
+
+
+def _loader_kwargs(cfg: Any, seed_offset: int) -> dict[str, Any]:
+    """Workers, pinning and a seeded generator (worker RNGs derive from it)."""
+    workers = int(cfg.DATALOADER.NUM_WORKERS)
+    seed = int(cfg.SOLVER.SEED) + 1000 * get_rank() + seed_offset
+    return {
+        "num_workers": workers,
+        "persistent_workers": workers > 0,
+        "pin_memory": torch.cuda.is_available(),
+        "generator": torch.Generator().manual_seed(seed),
+    }
+
+
+def _train_sampler(cfg: Any, train: list) -> tuple[Sampler[int], int, bool]:
+    """(sampler, per-process batch size, drop_last) for stage 2."""
+    batch = int(cfg.SOLVER.STAGE2.IMS_PER_BATCH)
+    seed = int(cfg.SOLVER.SEED)
+    distributed = bool(cfg.MODEL.DIST_TRAIN) and is_dist()
+    if bool(cfg.MODEL.DIST_TRAIN) and not distributed:
+        logger.warning("MODEL.DIST_TRAIN is set but no process group is initialised; "
+                       "using the single-process sampler")
+    if "triplet" in cfg.DATALOADER.SAMPLER:
+        k = int(cfg.DATALOADER.NUM_INSTANCE)
+        if distributed:
+            world = get_world_size()
+            return (RandomIdentitySamplerDDP(train, batch, k, get_rank(), world, seed),
+                    batch // world, False)
+        return RandomIdentitySampler(train, batch, k, seed), batch, False
+    # 'softmax': plain shuffling; drop a trailing partial batch (a batch of one breaks BN)
+    drop_last = len(train) > batch
+    if distributed:
+        world = get_world_size()
+        return (DistributedSampler(train, world, get_rank(), shuffle=True, seed=seed),
+                batch // world, drop_last)
+    return ShuffleSampler(len(train), seed), batch, drop_last
+
+
+def make_val_loader(cfg: Any, dataset: BaseImageDataset) -> tuple[DataLoader, int]:
+    """(loader over query + gallery, number of query images)."""
+    val_set = ImageDataset(dataset.query + dataset.gallery, build_transforms(cfg, False),
+                           with_path=True, read_retries=cfg.DATALOADER.READ_RETRIES)
+    loader = DataLoader(val_set, batch_size=cfg.TEST.IMS_PER_BATCH, shuffle=False,
+                        **_loader_kwargs(cfg, seed_offset=2))
+    return loader, len(dataset.query)
+
+
+def make_dataloader(cfg: Any, trial: int = 0
+                    ) -> tuple[DataLoader, DataLoader, DataLoader, int, int, int, int]:
+    """Build the loaders from ``cfg`` (published return order).
+
+    Returns ``(train_loader_stage2, train_loader_stage1, val_loader, num_query,
+    num_classes, camera_num, view_num)``. ``trial`` selects the VehicleID split.
+    """
+    dataset = build_dataset_from_cfg(cfg, trial)
+    retries = cfg.DATALOADER.READ_RETRIES
+    ssl_transform = build_ssl_transform(cfg) if cfg.MODEL.USE_SSL else None
+    train_set = ImageDataset(dataset.train, build_transforms(cfg, True), ssl_transform,
+                             read_retries=retries)
+    sampler, batch, drop_last = _train_sampler(cfg, dataset.train)
+    train_loader_stage2 = DataLoader(train_set, batch_size=batch, sampler=sampler,
+                                     drop_last=drop_last, **_loader_kwargs(cfg, seed_offset=0))
+    train_set_normal = ImageDataset(dataset.train, build_transforms(cfg, False),
+                                    read_retries=retries)
+    train_loader_stage1 = DataLoader(train_set_normal, batch_size=cfg.SOLVER.STAGE1.IMS_PER_BATCH,
+                                     shuffle=False, **_loader_kwargs(cfg, seed_offset=1))
+    val_loader, num_query = make_val_loader(cfg, dataset)
+    return (train_loader_stage2, train_loader_stage1, val_loader, num_query,
+            dataset.num_train_pids, dataset.num_train_cams, dataset.num_train_vids)
