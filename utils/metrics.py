@@ -1,0 +1,405 @@
+"""ReID evaluation: distances, CMC / mAP / mINP (Market-1501 protocol) and the evaluator.
+
+Everything runs in torch on the device of the inputs and works on blocks of queries, so
+memory stays bounded by ``block_size`` rows of the (query x gallery) problem.
+
+Protocol (as in the published CLIP-ReID / TransReID ``eval_func``):
+
+* gallery entries are ranked by ascending distance; ties keep gallery order (a stable
+  sort by gallery index);
+* for each query, gallery entries with the same pid *and* the same camera are removed;
+* a query with no remaining true match is skipped; if no query is left it is an error;
+* CMC[r] = fraction of valid queries whose first true match is at rank <= r + 1. The curve
+  always has ``max_rank`` entries: where the (filtered) gallery is shorter than
+  ``max_rank`` the curve is padded with its last value (which is 1.0, since every valid
+  query has a match). The published code instead shrinks ``max_rank`` to the gallery size;
+  the values it does report are identical;
+* AP = mean over the true matches of (precision at that match's rank); mAP = mean AP;
+* INP = (number of true matches) / (1-based rank of the last true match); mINP = mean INP.
+
+The ranks are found without sorting whole rows: only entries between a query's first and
+last true match by distance (its "band") are sorted, everything closer is just counted.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "euclidean_distance",
+    "cosine_distance",
+    "pairwise_distance",
+    "distance_blocks",
+    "eval_func",
+    "evaluate",
+    "R1_mAP_eval",
+]
+
+# Number of (query x gallery) elements handled per block; ~32 MB of float32.
+DEFAULT_BLOCK_ELEMS = 1 << 23
+# Above this fraction of in-band entries a block sorts whole rows (parallel over rows)
+# instead of a flat list of band entries.
+DENSE_BAND_FRACTION = 1 / 16
+_METRICS = ("euclidean", "cosine")
+
+
+# ----------------------------------------------------------------------------- distances
+def _rows_per_block(num_cols: int, block_size: int | None) -> int:
+    """Rows per block: ``block_size`` if given, else as many as fit DEFAULT_BLOCK_ELEMS."""
+    if block_size is not None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size}")
+        return int(block_size)
+    return max(1, DEFAULT_BLOCK_ELEMS // max(1, num_cols))
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in _METRICS:
+        raise ValueError(f"metric = {metric!r} is not allowed; choose one of: {', '.join(map(repr, _METRICS))}")
+
+
+def _sq_euclidean_block(x: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor) -> torch.Tensor:
+    """||x||^2 + ||y||^2 - 2 x.y for a block of rows, computed like the published code.
+
+    Not clamped at 0: tiny negative values can occur for near-identical vectors; clamping
+    would create artificial ties and change the ranking relative to the published code.
+    """
+    x_sq = x.pow(2).sum(dim=1, keepdim=True)
+    return torch.addmm(x_sq + y_sq.unsqueeze(0), x, y.t(), beta=1, alpha=-2)
+
+
+def distance_blocks(
+    x: torch.Tensor, y: torch.Tensor, metric: str = "euclidean", block_size: int | None = None
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, end, dist[start:end])`` row blocks of the x-vs-y distance matrix.
+
+    metric: 'euclidean' = squared Euclidean; 'cosine' = 1 - cosine similarity (the rows are
+    L2-normalised here, so for L2-normalised features euclidean = 2 * cosine).
+    """
+    _check_metric(metric)
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected 2-D features of equal width, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not x.is_floating_point():
+        x = x.float()
+    y = y.to(device=x.device, dtype=x.dtype)
+    rows = _rows_per_block(y.shape[0], block_size)
+    if metric == "cosine":
+        x, y = F.normalize(x, dim=1), F.normalize(y, dim=1)
+    else:
+        y_sq = y.pow(2).sum(dim=1)
+    for start in range(0, x.shape[0], rows):
+        end = min(start + rows, x.shape[0])
+        if metric == "cosine":
+            yield start, end, 1.0 - x[start:end] @ y.t()
+        else:
+            yield start, end, _sq_euclidean_block(x[start:end], y, y_sq)
+
+
+def pairwise_distance(
+    x: torch.Tensor, y: torch.Tensor, metric: str = "euclidean", block_size: int | None = None
+) -> torch.Tensor:
+    """Full (len(x), len(y)) distance matrix, filled block by block (bounded temporaries)."""
+    out = None
+    for start, end, block in distance_blocks(x, y, metric, block_size):
+        if out is None:
+            out = block.new_empty((x.shape[0], y.shape[0]))
+        out[start:end] = block
+    if out is None:  # no rows
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        out = torch.empty((0, y.shape[0]), dtype=dtype, device=x.device)
+    return out
+
+
+def euclidean_distance(x: torch.Tensor, y: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """Squared Euclidean distance matrix ||x_i - y_j||^2."""
+    return pairwise_distance(x, y, "euclidean", block_size)
+
+
+def cosine_distance(x: torch.Tensor, y: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """Cosine distance matrix 1 - cos(x_i, y_j)."""
+    return pairwise_distance(x, y, "cosine", block_size)
+
+
+# ----------------------------------------------------------------------------- CMC / mAP / mINP
+def _as_tensor(a: Any, device: torch.device | None = None) -> torch.Tensor:
+    """numpy array / sequence / tensor -> tensor (no copy for numpy when possible)."""
+    if isinstance(a, torch.Tensor):
+        t = a
+    elif isinstance(a, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    else:
+        t = torch.as_tensor(np.asarray(a))
+    return t if device is None else t.to(device)
+
+
+class _Accumulator:
+    """Running sums of the per-query statistics over blocks of queries."""
+
+    def __init__(self, max_rank: int) -> None:
+        if max_rank < 1:
+            raise ValueError(f"max_rank must be a positive integer, got {max_rank}")
+        self.max_rank = int(max_rank)
+        self.cmc_hits = np.zeros(self.max_rank, dtype=np.int64)
+        self.ap_sum = 0.0
+        self.inp_sum = 0.0
+        self.num_valid = 0
+
+    def add(self, first_rank: torch.Tensor, ap: torch.Tensor, inp: torch.Tensor) -> None:
+        """Add the statistics of the valid queries of one block."""
+        self.num_valid += int(first_rank.numel())
+        if first_rank.numel():
+            capped = first_rank.clamp(max=self.max_rank + 1) - 1  # 0-based, max_rank = "beyond"
+            hits = torch.bincount(capped, minlength=self.max_rank + 1)[: self.max_rank]
+            self.cmc_hits += hits.cpu().numpy()
+            self.ap_sum += float(ap.sum())
+            self.inp_sum += float(inp.sum())
+
+    def result(self) -> tuple[np.ndarray, float, float]:
+        if self.num_valid == 0:
+            raise ValueError(
+                "no valid query: no query has a true match in the gallery after removing "
+                "same-pid same-camera gallery entries"
+            )
+        cmc = np.cumsum(self.cmc_hits) / self.num_valid
+        return cmc, self.ap_sum / self.num_valid, self.inp_sum / self.num_valid
+
+
+class _GalleryIndex:
+    """Gallery entries grouped by pid, so each query's same-pid entries are found sparsely."""
+
+    def __init__(self, g_pids: torch.Tensor, g_camids: torch.Tensor) -> None:
+        g_pids = g_pids.long()
+        self.order = torch.argsort(g_pids, stable=True)
+        self.pids, self.counts = torch.unique_consecutive(g_pids[self.order], return_counts=True)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.camids = g_camids
+        self.num = g_pids.numel()
+
+    def same_pid_pairs(self, q_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query row, gallery column) of every gallery entry sharing the query's pid."""
+        q_pids = q_pids.long()
+        if self.num == 0:
+            empty = torch.empty(0, dtype=torch.long, device=q_pids.device)
+            return empty, empty
+        slot = torch.searchsorted(self.pids, q_pids).clamp(max=self.pids.numel() - 1)
+        count = torch.where(self.pids[slot] == q_pids, self.counts[slot], 0)
+        rows = torch.repeat_interleave(torch.arange(q_pids.numel(), device=q_pids.device), count)
+        offset = torch.arange(rows.numel(), device=q_pids.device) - (torch.cumsum(count, 0) - count)[rows]
+        return rows, self.order[self.starts[slot][rows] + offset]
+
+
+def _ranked_matches_sparse(dist: torch.Tensor, band: torch.Tensor, gr: torch.Tensor, gc: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and 0-based in-band positions of the true matches, in ranked order (small bands).
+
+    The band entries are gathered into a flat list and sorted by (row, value, column).
+    """
+    rows, cols = band.nonzero(as_tuple=True)  # row-major: columns ascending within a row
+    G = dist.shape[1]
+    good_keys = torch.sort(gr * G + gc).values
+    band_keys = rows * G + cols
+    slot = torch.searchsorted(good_keys, band_keys).clamp(max=max(good_keys.numel() - 1, 0))
+    is_good = (good_keys[slot] == band_keys) if good_keys.numel() else torch.zeros_like(band_keys, dtype=torch.bool)
+    order = torch.sort(dist[rows, cols], stable=True).indices  # by value, ties by gallery index
+    order = order[torch.sort(rows[order], stable=True).indices]  # then grouped by row
+    rows, is_good = rows[order], is_good[order]
+    counts = torch.bincount(rows, minlength=dist.shape[0])
+    pos = torch.arange(rows.numel(), device=dist.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    return rows[is_good], pos[is_good]
+
+
+def _ranked_matches_dense(dist: torch.Tensor, band: torch.Tensor, gr: torch.Tensor, gc: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as ``_ranked_matches_sparse`` by sorting whole rows (large bands, e.g. weak models).
+
+    Entries outside the band become NaN, which torch sorts after every number (+inf too).
+    """
+    vals = torch.where(band, dist, torch.tensor(float("nan"), dtype=dist.dtype, device=dist.device))
+    order = torch.sort(vals, dim=1, stable=True).indices
+    del vals
+    good = torch.zeros_like(band)
+    good[gr, gc] = True
+    return good.gather(1, order).nonzero(as_tuple=True)
+
+
+def _block_stats(
+    dist: torch.Tensor,
+    q_pids: torch.Tensor,
+    q_camids: torch.Tensor,
+    gallery: _GalleryIndex,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-query first-match rank, AP and INP for one block of queries (valid queries only).
+
+    The rank of a true match j among the kept gallery entries is 1 + the number of kept
+    entries k ordered before it, (d_k, k) < (d_j, j). Kept entries closer than the query's
+    nearest true match are only counted; the band [nearest, farthest true match] is sorted.
+    Same-pid entries are few per query and handled as sparse (row, column) pairs.
+    """
+    B = dist.shape[0]
+    dev = dist.device
+    pr, pc = gallery.same_pid_pairs(q_pids)
+    is_junk = gallery.camids[pc] == q_camids[pr]  # same pid and same camera: removed
+    gr, gc = pr[~is_junk], pc[~is_junk]
+    jr, jc = pr[is_junk], pc[is_junk]
+    n_good = torch.bincount(gr, minlength=B)
+    valid = n_good > 0
+
+    g_dist = dist[gr, gc]
+    inf = torch.full((B,), float("inf"), dtype=dist.dtype, device=dev)
+    lo = inf.scatter_reduce(0, gr, g_dist, "amin", include_self=True).unsqueeze(1)
+    hi = (-inf).scatter_reduce(0, gr, g_dist, "amax", include_self=True).unsqueeze(1)
+    below = dist < lo
+    n_below = below.sum(dim=1, dtype=torch.int32).long()
+    n_below -= torch.bincount(jr[dist[jr, jc] < lo[jr, 0]], minlength=B)  # removed ones don't count
+    band = (dist <= hi) > below  # lo <= d <= hi (bool ">" is "and not")
+    band[jr, jc] = False
+    if int(band.sum(dtype=torch.int64)) > DENSE_BAND_FRACTION * band.numel():
+        g_rows, g_pos = _ranked_matches_dense(dist, band, gr, gc)
+    else:
+        g_rows, g_pos = _ranked_matches_sparse(dist, band, gr, gc)
+    rank = n_below[g_rows] + g_pos + 1  # 1-based rank among kept entries
+    hit_no = torch.arange(g_rows.numel(), device=dev) - (torch.cumsum(n_good, 0) - n_good)[g_rows] + 1
+
+    n = n_good.double()
+    ap = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, g_rows, hit_no.double() / rank.double())
+    first = torch.zeros(B, dtype=torch.long, device=dev).scatter_reduce_(0, g_rows, rank, "amin", include_self=False)
+    last = torch.zeros(B, dtype=torch.long, device=dev).scatter_reduce_(0, g_rows, rank, "amax", include_self=False)
+    return first[valid], ap[valid] / n[valid], n[valid] / last[valid].double()
+
+
+def _prepare_labels(q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any, device: torch.device,
+                    num_q: int, num_g: int) -> tuple[torch.Tensor, ...]:
+    """Labels as 1-D tensors on ``device`` with their lengths checked."""
+    out = tuple(_as_tensor(a, device).reshape(-1) for a in (q_pids, g_pids, q_camids, g_camids))
+    for name, t, n in zip(("q_pids", "g_pids", "q_camids", "g_camids"), out, (num_q, num_g, num_q, num_g)):
+        if t.numel() != n:
+            raise ValueError(f"{name} has {t.numel()} entries, expected {n}")
+    return out
+
+
+def eval_func(
+    distmat: torch.Tensor | np.ndarray,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    max_rank: int = 50,
+    block_size: int | None = None,
+) -> tuple[np.ndarray, float, float]:
+    """CMC[:max_rank], mAP and mINP of a (num_query, num_gallery) distance matrix.
+
+    Returns ``(cmc, mAP, mINP)`` with ``cmc`` a float64 array of length ``max_rank``.
+    Raises ValueError when no query has a true match after the same-camera removal.
+    """
+    dist = _as_tensor(distmat)
+    if dist.dim() != 2:
+        raise ValueError(f"distmat must be 2-D, got shape {tuple(dist.shape)}")
+    if not dist.is_floating_point():
+        dist = dist.float()
+    num_q, num_g = dist.shape
+    qp, gp, qc, gc = _prepare_labels(q_pids, g_pids, q_camids, g_camids, dist.device, num_q, num_g)
+    acc, gallery = _Accumulator(max_rank), _GalleryIndex(gp, gc)
+    rows = _rows_per_block(num_g, block_size)
+    for s in range(0, num_q, rows):
+        e = min(s + rows, num_q)
+        acc.add(*_block_stats(dist[s:e], qp[s:e], qc[s:e], gallery))
+    return acc.result()
+
+
+def evaluate(
+    qf: torch.Tensor,
+    gf: torch.Tensor,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    max_rank: int = 50,
+    metric: str = "euclidean",
+    block_size: int | None = None,
+) -> tuple[np.ndarray, float, float]:
+    """Same as ``eval_func(distance(qf, gf), ...)`` without materialising the distance matrix."""
+    qp, gp, qc, gc = _prepare_labels(q_pids, g_pids, q_camids, g_camids, qf.device, qf.shape[0], gf.shape[0])
+    acc, gallery = _Accumulator(max_rank), _GalleryIndex(gp, gc)
+    for s, e, dist in distance_blocks(qf, gf, metric, block_size):
+        acc.add(*_block_stats(dist, qp[s:e], qc[s:e], gallery))
+    return acc.result()
+
+
+# ----------------------------------------------------------------------------- evaluator
+def _is_yes(value: Any) -> bool:
+    """Config switch -> bool: True/'yes'/'on'/'true' are on, False/'no'/'off'/'false' off."""
+    if isinstance(value, bool):
+        return value
+    words = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
+    if isinstance(value, str) and value.lower() in words:
+        return words[value.lower()]
+    raise ValueError(f"expected a yes/no switch, got {value!r}")
+
+
+class R1_mAP_eval:
+    """Accumulates (feature, pid, camid) batches; the first ``num_query`` rows are queries.
+
+    ``compute()`` returns ``(cmc, mAP, mINP)``. Features are L2-normalised only when
+    ``feat_norm`` is true; k-reciprocal re-ranking (always on squared Euclidean distances,
+    as published) is used only when ``reranking`` is true, otherwise ``metric`` applies.
+    """
+
+    def __init__(self, num_query: int, max_rank: int = 50, feat_norm: bool = True, reranking: bool = False,
+                 k1: int = 20, k2: int = 6, lambda_value: float = 0.3, metric: str = "euclidean") -> None:
+        _check_metric(metric)
+        self.num_query = int(num_query)
+        self.max_rank = int(max_rank)
+        self.feat_norm = bool(feat_norm)
+        self.reranking = bool(reranking)
+        self.k1, self.k2, self.lambda_value = int(k1), int(k2), float(lambda_value)
+        self.metric = metric
+        self.reset()
+
+    @classmethod
+    def from_cfg(cls, cfg: Any, num_query: int) -> "R1_mAP_eval":
+        """Build from the TEST section of a config (FEAT_NORM, RE_RANKING*, DIST_METRIC, MAX_RANK)."""
+        t = cfg.TEST
+        return cls(num_query, max_rank=int(t.MAX_RANK), feat_norm=_is_yes(t.FEAT_NORM),
+                   reranking=_is_yes(t.RE_RANKING), k1=int(t.RE_RANKING_K1), k2=int(t.RE_RANKING_K2),
+                   lambda_value=float(t.RE_RANKING_LAMBDA), metric=str(t.DIST_METRIC))
+
+    def reset(self) -> None:
+        """Forget all accumulated batches."""
+        self.feats: list[torch.Tensor] = []
+        self.pids: list[torch.Tensor] = []
+        self.camids: list[torch.Tensor] = []
+
+    def update(self, output: tuple[torch.Tensor, Sequence[int] | torch.Tensor, Sequence[int] | torch.Tensor]) -> None:
+        """Add one batch ``(feat, pid, camid)``; feat is (B, D), pid/camid have B entries."""
+        feat, pid, camid = output
+        feat = feat.detach()
+        self.feats.append(feat if feat.dim() == 2 else feat.reshape(feat.shape[0], -1))
+        self.pids.append(_as_tensor(pid).reshape(-1).cpu())
+        self.camids.append(_as_tensor(camid).reshape(-1).cpu())
+
+    def features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query features, gallery features) as used for the distances (normalised if asked)."""
+        if not self.feats:
+            raise ValueError("R1_mAP_eval.compute() called before any update()")
+        feats = torch.cat(self.feats, dim=0).float()
+        if self.feat_norm:
+            feats = F.normalize(feats, dim=1, p=2)
+        if not 0 < self.num_query < feats.shape[0]:
+            raise ValueError(f"num_query = {self.num_query} must lie in (0, {feats.shape[0]}) (rows seen)")
+        return feats[: self.num_query], feats[self.num_query:]
+
+    def compute(self) -> tuple[np.ndarray, float, float]:
+        """CMC, mAP and mINP of the accumulated queries against the accumulated gallery."""
+        qf, gf = self.features()
+        pids, camids = torch.cat(self.pids), torch.cat(self.camids)
+        nq = self.num_query
+        labels = (pids[:nq], pids[nq:], camids[:nq], camids[nq:])
+        if self.reranking:
+            from .reranking import re_ranking
+
+            distmat = re_ranking(qf, gf, k1=self.k1, k2=self.k2, lambda_value=self.lambda_value)
+            return eval_func(distmat, *labels, max_rank=self.max_rank)
+        return evaluate(qf, gf, *labels, max_rank=self.max_rank, metric=self.metric)

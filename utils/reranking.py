@@ -1,0 +1,290 @@
+"""k-reciprocal re-ranking (Zhong et al., CVPR 2017) without dense N x N matrices.
+
+Same result as the published algorithm (TransReID / CLIP-ReID ``utils/reranking.py``),
+computed in float32, where N = num_query + num_gallery:
+
+1. all-pairs squared Euclidean distance over query+gallery, each row divided by its
+   maximum; ``R`` = each row's neighbours by ascending distance;
+2. k-reciprocal set of i: the first k1+1 neighbours j of i that have i among their
+   own first k1+1; expanded by the k-reciprocal set (with k1/2, banker's rounding) of each
+   member c whenever more than 2/3 of that set lies in i's k-reciprocal set;
+3. ``V[i, j] = exp(-d(i, j))`` over the expanded set, normalised to sum 1;
+4. local query expansion (k2 != 1): ``V[i] = mean(V[R[i, :k2]])``;
+5. Jaccard distance ``1 - s / (2 - s)`` with ``s = sum_k min(V[i, k], V[j, k])``;
+6. ``final = jaccard * (1 - lambda) + d * lambda``, query rows x gallery columns.
+
+Here nothing of size N x N is formed. Step 1 walks the upper triangle of the distance
+matrix in square blocks (the matrix is symmetric) and keeps per row only the running
+maximum and the running top-K neighbour list; the query x gallery part of the raw
+distances is written straight into the output buffer. Steps 2-4 work on the (N, K)
+neighbour lists and a CSR-like sparse ``V``; step 5 is a sparse join restricted to query
+rows x gallery rows. Everything runs in torch on the features' device. The only dense
+result is the (num_query, num_gallery) output.
+
+Ties between equal distances are ordered by index (a stable sort), except when they fall
+exactly on the boundary of a block's top-K selection (only with duplicated features).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["re_ranking"]
+
+# Work budgets (elements) for the chunked steps; they bound the temporaries' memory.
+_PAIR_BUDGET = 1 << 22
+_GATHER_BUDGET = 1 << 22
+
+
+def _row_chunks(num_rows: int, per_row: int, budget: int = _GATHER_BUDGET) -> list[tuple[int, int]]:
+    """(start, end) row chunks holding about ``budget`` elements (``per_row`` per row)."""
+    step = max(1, budget // max(1, per_row))
+    return [(s, min(s + step, num_rows)) for s in range(0, num_rows, step)]
+
+
+def _stable_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest (value, index) pairs per row, ordered by value then index."""
+    if vals.shape[1] > k:
+        vals, pos = torch.topk(vals, k, dim=1, largest=False, sorted=False)
+        idx = idx.gather(1, pos)
+    by_idx = torch.sort(idx, dim=1).indices
+    vals, idx = vals.gather(1, by_idx), idx.gather(1, by_idx)
+    by_val = torch.sort(vals, dim=1, stable=True).indices
+    return vals.gather(1, by_val), idx.gather(1, by_val)
+
+
+def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two sorted neighbour lists whose indices are all larger in the second one."""
+    v, i = torch.cat([vals, new_vals], 1), torch.cat([idx, new_idx], 1)
+    order = torch.sort(v, dim=1, stable=True).indices[:, :k]
+    return v.gather(1, order), i.gather(1, order)
+
+
+def _neighbours_and_rowmax(
+    feat: torch.Tensor, k: int, num_query: int, out: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k neighbour lists (values, indices; N x k) and row maxima of the squared
+    Euclidean distance over ``feat``; writes raw query x gallery distances into ``out``.
+
+    Blocks (I, J) with J >= I are computed once and used for rows I (along dim 1) and rows
+    J (along dim 0). Row block I receives its column blocks in increasing order, so the
+    stable merges keep ties ordered by index.
+    """
+    n, dev = feat.shape[0], feat.device
+    sq = feat.pow(2).sum(dim=1)
+    inf = float("inf")
+    nn_val = torch.full((n, 0), inf, device=dev)
+    nn_idx = torch.zeros((n, 0), dtype=torch.long, device=dev)
+    top_val = [nn_val[s:s + block] for s in range(0, n, block)]
+    top_idx = [nn_idx[s:s + block] for s in range(0, n, block)]
+    rowmax = torch.full((n,), -inf, device=dev)
+    for bi, a in enumerate(range(0, n, block)):
+        ae = min(a + block, n)
+        for bj, b in enumerate(range(a, n, block), start=bi):
+            be = min(b + block, n)
+            d = torch.addmm(sq[a:ae, None] + sq[None, b:be], feat[a:ae], feat[b:be].t(), beta=1, alpha=-2)
+            rowmax[a:ae] = torch.maximum(rowmax[a:ae], d.amax(dim=1))
+            cols = torch.arange(b, be, device=dev).expand(ae - a, -1)
+            v, i = _stable_topk(d, cols, k)
+            top_val[bi], top_idx[bi] = _merge_topk(top_val[bi], top_idx[bi], v, i, k)
+            if b != a:
+                rowmax[b:be] = torch.maximum(rowmax[b:be], d.amax(dim=0))
+                dt = d.t()
+                rows = torch.arange(a, ae, device=dev).expand(be - b, -1)
+                v, i = _stable_topk(dt, rows, k)
+                top_val[bj], top_idx[bj] = _merge_topk(top_val[bj], top_idx[bj], v, i, k)
+            # query rows x gallery columns of this block go to the output
+            qa, qe, ga = a, min(ae, num_query), max(b, num_query)
+            if qa < qe and ga < be:
+                out[qa:qe, ga - num_query:be - num_query] = d[: qe - a, ga - b:]
+    return torch.cat(top_val), torch.cat(top_idx), rowmax
+
+
+def _reciprocal(rank: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) bool: row i's j-th neighbour has i among its own first k neighbours."""
+    n = rank.shape[0]
+    out = torch.empty((n, k), dtype=torch.bool, device=rank.device)
+    for s, e in _row_chunks(n, k * k):
+        fwd = rank[s:e, :k]
+        back = rank[fwd, :k]  # (C, k, k)
+        me = torch.arange(s, e, device=rank.device).view(-1, 1, 1)
+        out[s:e] = (back == me).any(dim=2)
+    return out
+
+
+def _expansion_sets(rank: torch.Tensor, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR (row pointer, sorted column indices) of each row's expanded k-reciprocal set."""
+    n, dev = rank.shape[0], rank.device
+    kf = min(k1 + 1, n)
+    kh = min(int(round(k1 / 2)) + 1, n)  # Python round == np.around: banker's rounding
+    recip = _reciprocal(rank, kf)  # (N, kf)
+    half = _reciprocal(rank, kh)  # (N, kh)
+    half_len = half.sum(dim=1).double()
+    two_thirds = 2.0 / 3.0
+    counts, cols = [], []
+    per_row = kf * kh * kf + kf * (kh + 1)
+    for s, e in _row_chunks(n, per_row):
+        fwd, fwd_ok = rank[s:e, :kf], recip[s:e]  # i's k-reciprocal set = fwd[fwd_ok]
+        cand = rank[fwd, :kh]  # (C, kf, kh): each member's k1/2 neighbours
+        cand_ok = half[fwd]  # ... that are reciprocal
+        in_set = ((cand.unsqueeze(-1) == fwd[:, None, None, :]) & fwd_ok[:, None, None, :]).any(-1)
+        overlap = (in_set & cand_ok).sum(dim=2).double()
+        accept = fwd_ok & (overlap > two_thirds * half_len[fwd])  # same float64 test as published
+        members = torch.cat([fwd, cand.flatten(1)], dim=1)
+        ok = torch.cat([fwd_ok, (cand_ok & accept.unsqueeze(-1)).flatten(1)], dim=1)
+        members = torch.where(ok, members, n)  # n = "absent", sorts last
+        members = torch.sort(members, dim=1).values
+        first = torch.ones_like(ok)
+        first[:, 1:] = members[:, 1:] != members[:, :-1]
+        keep = first & (members < n)
+        counts.append(keep.sum(dim=1))
+        cols.append(members[keep])
+    counts_t = torch.cat(counts)
+    crow = torch.zeros(n + 1, dtype=torch.long, device=dev)
+    crow[1:] = torch.cumsum(counts_t, 0)
+    return crow, torch.cat(cols)
+
+
+def _csr_rows(crow: torch.Tensor) -> torch.Tensor:
+    """Row index of every stored entry of a CSR matrix."""
+    n = crow.numel() - 1
+    return torch.repeat_interleave(torch.arange(n, device=crow.device), crow[1:] - crow[:-1])
+
+
+def _pair_distances(feat: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                    nn_val: torch.Tensor, nn_idx: torch.Tensor) -> torch.Tensor:
+    """Squared distances of (rows, cols) pairs: looked up in the neighbour lists when there,
+    otherwise recomputed from the features."""
+    out = torch.empty(rows.numel(), dtype=feat.dtype, device=feat.device)
+    for s, e in _row_chunks(rows.numel(), max(nn_idx.shape[1], feat.shape[1])):
+        r, c = rows[s:e], cols[s:e]
+        found = nn_idx[r] == c.unsqueeze(1)
+        hit = found.any(dim=1)
+        slot = found.to(torch.uint8).argmax(dim=1, keepdim=True)
+        looked_up = nn_val[r].gather(1, slot).squeeze(1)
+        miss = (~hit).nonzero().squeeze(1)
+        rm, cm = r[miss], c[miss]
+        looked_up[miss] = sq[rm] + sq[cm] - 2 * (feat[rm] * feat[cm]).sum(dim=1)
+        out[s:e] = looked_up
+    return out
+
+
+def _query_expansion(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, rank: torch.Tensor, k2: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse ``V'[i] = mean(V[rank[i, :k2]])`` (CSR in, CSR out)."""
+    n, dev = crow.numel() - 1, crow.device
+    nnz_row = crow[1:] - crow[:-1]
+    src = rank[:, :k2]  # (N, k2) rows averaged into each row
+    per_row = nnz_row[src].sum(dim=1)
+    counts, cols, vals = [], [], []
+    bounds = _budget_bounds(per_row, _PAIR_BUDGET)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        srcs = src[s:e].reshape(-1)
+        lens = nnz_row[srcs]
+        dst = torch.repeat_interleave(torch.arange(s, e, device=dev).repeat_interleave(k2), lens)
+        start = torch.repeat_interleave(crow[srcs] - (torch.cumsum(lens, 0) - lens), lens)
+        pos = start + torch.arange(int(lens.sum()), device=dev)
+        summed = torch.sparse_coo_tensor(torch.stack([dst - s, col[pos]]), val[pos], (e - s, n),
+                                         check_invariants=False).coalesce()
+        r, c = summed.indices()
+        counts.append(torch.bincount(r, minlength=e - s))
+        cols.append(c)
+        vals.append(summed.values() / k2)
+    new_crow = torch.zeros(n + 1, dtype=torch.long, device=dev)
+    new_crow[1:] = torch.cumsum(torch.cat(counts), 0)
+    return new_crow, torch.cat(cols), torch.cat(vals)
+
+
+def _budget_bounds(cost: torch.Tensor, budget: int) -> list[int]:
+    """Split rows into consecutive chunks whose summed ``cost`` stays near ``budget``
+    (a single row above budget gets a chunk of its own)."""
+    n = cost.numel()
+    if n == 0:
+        return [0]
+    csum = torch.cumsum(cost, 0).cpu()
+    bounds, start, base = [0], 0, 0
+    while start < n:
+        end = int(torch.searchsorted(csum, base + budget, right=True))
+        end = max(end, start + 1)
+        bounds.append(min(end, n))
+        start, base = bounds[-1], int(csum[bounds[-1] - 1])
+    return bounds
+
+
+def _jaccard_into(out: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                  num_query: int, rowmax: torch.Tensor, lambda_value: float, max_rows: int) -> None:
+    """``out = jaccard * (1 - lambda) + (out / rowmax) * lambda`` for query x gallery, where
+    ``out`` holds raw distances; the min-sum is a sparse join of query rows and gallery rows
+    of V over their shared columns."""
+    n, dev = crow.numel() - 1, crow.device
+    num_gallery = n - num_query
+    # gallery part of V by column (CSC): for column k, the gallery rows j with V[j, k] != 0
+    g_start = int(crow[num_query])
+    g_rows = _csr_rows(crow)[g_start:] - num_query
+    g_cols, g_vals = col[g_start:], val[g_start:]
+    by_col = torch.sort(g_cols, stable=True).indices
+    csc_row, csc_val = g_rows[by_col], g_vals[by_col]
+    col_cnt = torch.bincount(g_cols, minlength=n)
+    col_ptr = torch.cumsum(col_cnt, 0) - col_cnt
+
+    q_rows = _csr_rows(crow[: num_query + 1])
+    q_cols, q_vals = col[:g_start], val[:g_start]
+    pairs_per_entry = col_cnt[q_cols]
+    pairs_per_row = torch.zeros(num_query, dtype=torch.long, device=dev).index_add_(0, q_rows, pairs_per_entry)
+    bounds = _budget_bounds(pairs_per_row, _PAIR_BUDGET)
+    # also bound the dense (rows x gallery) accumulator
+    fine = [bounds[0]]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        fine += list(range(s + max_rows, e, max_rows)) + [e]
+    for s, e in zip(fine[:-1], fine[1:]):
+        es, ee = int(crow[s]), int(crow[e])
+        cnt = pairs_per_entry[es:ee]
+        ent = torch.repeat_interleave(torch.arange(es, ee, device=dev), cnt)
+        offset = torch.arange(ent.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+        pos = col_ptr[q_cols[ent]] + offset
+        mins = torch.minimum(q_vals[ent], csc_val[pos])
+        flat = (q_rows[ent] - s) * num_gallery + csc_row[pos]
+        summed = torch.zeros((e - s) * num_gallery, dtype=out.dtype, device=dev)
+        summed.index_add_(0, flat, mins)
+        summed = summed.view(e - s, num_gallery)
+        jaccard = 1 - summed / (2 - summed)
+        block = out[s:e]
+        block.div_(rowmax[s:e, None]).mul_(lambda_value)
+        block.add_(jaccard.mul_(1 - lambda_value))
+
+
+def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+               block_size: int = 2048) -> torch.Tensor:
+    """k-reciprocal re-ranked (num_query, num_gallery) distances, float32, on qf's device.
+
+    Equal to the published ``re_ranking(qf, gf, k1, k2, lambda_value)`` (computed in float32
+    there as well) without forming any N x N matrix; ``block_size`` is the side of the
+    square distance blocks of the neighbour search.
+    """
+    if k1 < 0 or k2 < 1:
+        raise ValueError(f"need k1 >= 0 and k2 >= 1, got k1={k1}, k2={k2}")
+    if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
+        raise ValueError(f"expected 2-D features of equal width, got {tuple(qf.shape)} and {tuple(gf.shape)}")
+    num_query = qf.shape[0]
+    feat = torch.cat([qf.float(), gf.to(device=qf.device, dtype=torch.float32)], dim=0)
+    n = feat.shape[0]
+    kf = min(k1 + 1, n)
+    kq = min(k2, n)
+    k = max(kf, kq)
+
+    out = torch.empty((num_query, n - num_query), dtype=torch.float32, device=feat.device)
+    nn_val, nn_idx, rowmax = _neighbours_and_rowmax(feat, k, num_query, out, block_size)
+
+    crow, col = _expansion_sets(nn_idx, k1)
+    rows = _csr_rows(crow)
+    sq = feat.pow(2).sum(dim=1)
+    weight = torch.exp(-(_pair_distances(feat, sq, rows, col, nn_val, nn_idx) / rowmax[rows]))
+    row_sum = torch.zeros(n, device=feat.device).index_add_(0, rows, weight)
+    val = weight / row_sum[rows]
+    del rows, weight, nn_val
+    if k2 != 1:
+        crow, col, val = _query_expansion(crow, col, val, nn_idx, kq)
+    del nn_idx
+    _jaccard_into(out, crow, col, val, num_query, rowmax, float(lambda_value),
+                  max_rows=max(1, _PAIR_BUDGET // max(1, n - num_query)))
+    return out
