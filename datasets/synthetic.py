@@ -132,7 +132,7 @@ def make_identity(rng: np.random.Generator) -> Identity:
     if np.abs(accent - TOPS[top_i]).sum() < 120:  # keep the pattern visible
         accent = np.clip(255.0 - TOPS[top_i], 0, 255).astype(np.float32)
     return Identity(
-        height=float(rng.uniform(0.78, 0.95)), shoulder=float(rng.uniform(0.36, 0.56)),
+        height=float(rng.uniform(0.78, 0.95)), shoulder=float(rng.uniform(0.5, 0.7)),
         head=float(rng.uniform(0.12, 0.17)), leg=float(rng.uniform(0.40, 0.50)),
         skin=_pick(rng, SKINS, 8), hair=_pick(rng, HAIRS, 8),
         top=np.clip(TOPS[top_i] + rng.normal(0, 12, 3), 0, 255).astype(np.float32),
@@ -146,13 +146,13 @@ def make_identity(rng: np.random.Generator) -> Identity:
 def make_camera(rng: np.random.Generator) -> Camera:
     bg = rng.uniform(40, 220, 3).astype(np.float32)
     return Camera(
-        gain=float(rng.uniform(0.55, 1.3)), cast=rng.uniform(0.78, 1.22, 3).astype(np.float32),
+        gain=float(rng.uniform(0.65, 1.25)), cast=rng.uniform(0.85, 1.15, 3).astype(np.float32),
         haze=float(rng.uniform(0, 40)), bg=bg,
         bg2=np.clip(bg + rng.normal(0, 50, 3), 0, 255).astype(np.float32),
-        texture=TEXTURES[int(rng.integers(len(TEXTURES)))], scale=float(rng.uniform(0.68, 1.0)),
+        texture=TEXTURES[int(rng.integers(len(TEXTURES)))], scale=float(rng.uniform(0.8, 1.0)),
         offset=float(rng.uniform(-0.1, 0.1)), blur=float(rng.uniform(0.0, 1.3)),
         noise=float(rng.uniform(2, 9)), front_prob=float(rng.uniform(0.15, 0.85)),
-        occlusion=float(rng.uniform(0.05, 0.4)),
+        occlusion=float(rng.uniform(0.05, 0.3)),
     )
 
 
