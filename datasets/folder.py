@@ -17,3 +17,8 @@ class FolderDataset(MarketStyleDataset):
     dataset_dir = ""
     dense_cameras = True
     scheme = "PPPP_cC<anything>.jpg|png, e.g. 0002_c1s1_000451_03.jpg"
+
+    @classmethod
+    def layout(cls, root: str) -> str:
+        return (super().layout(root) + "\n  (a synthetic set in this layout: "
+                f"python tools/make_synthetic.py --out {root})")

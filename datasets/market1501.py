@@ -39,7 +39,7 @@ class MarketStyleDataset(BaseImageDataset):
     dense_cameras = False
     scheme = "PPPP_cCsS_FFFFFF_NN.jpg, e.g. 0002_c1s1_000451_03.jpg"
 
-    def __init__(self, root: str = "../data", need_views: bool = False, **_: object) -> None:
+    def __init__(self, root: str = "../data", need_views: bool = False) -> None:
         super().__init__()
         self.dataset_dir = resolve_dataset_dir(root, type(self).dataset_dir, self.subdirs)
         require_dirs(self.name, self.dataset_dir, self.subdirs, self.layout(root))

@@ -27,7 +27,7 @@ class MSMT17(BaseImageDataset):
     dataset_dir = "MSMT17"
     scheme = "'<pid dir>/PPPP_NNN_CC_... <pid>' lines, e.g. '0000/0000_000_01_0303morning_0015_0.jpg 0'"
 
-    def __init__(self, root: str = "../data", need_views: bool = False, **_: object) -> None:
+    def __init__(self, root: str = "../data", need_views: bool = False) -> None:
         super().__init__()
         self.root = root
         self.dataset_dir = resolve_dataset_dir(root, self.dataset_dir, ("train", "test"))

@@ -222,8 +222,7 @@ def _figure(cv: _Canvas, ident: Identity, cam: Camera, rng: np.random.Generator)
     hip = feet - ident.leg * fig_h
     shoe_h = 0.035 * fig_h
 
-    # back-pack behind the body when seen from the front (only straps visible later)
-    # legs (walking pose: feet apart by a random stride)
+    # legs (walking pose: feet apart by a random stride) and shoes
     stride = rng.uniform(-0.25, 0.25) * sw
     hw = 0.42 * sw
     gap = 0.04 * sw
@@ -240,8 +239,7 @@ def _figure(cv: _Canvas, ident: Identity, cam: Camera, rng: np.random.Generator)
     sleeve_end = arm_end if ident.long_sleeves else neck + 0.45 * (hip - neck)
     for side in (-1, 1):
         x0 = cx + side * sw / 2
-        x_in, x_out = (x0, x0 + side * arm_w)
-        xa, xb = min(x_in, x_out), max(x_in, x_out)
+        xa, xb = sorted((x0, x0 + side * arm_w))
         arm = cv.trapezoid(neck + 0.05 * fig_h, arm_end, xa, xb, xa + side * swing, xb + side * swing)
         cv.fill(arm, ident.skin)
         cv.fill(arm & (cv.yy < sleeve_end), ident.top)
@@ -259,7 +257,7 @@ def _figure(cv: _Canvas, ident: Identity, cam: Camera, rng: np.random.Generator)
     elif ident.pattern == "logo" and front:
         cv.fill(cv.ellipse(neck + 0.3 * (hip - neck), cx, 0.12 * (hip - neck), 0.22 * sw),
                 ident.accent)
-    # bags
+    # bags: a backpack shows its straps from the front and its body from the back
     if ident.bag == "backpack":
         if front:
             for side in (-1, 1):

@@ -27,7 +27,7 @@ class VehicleID(BaseImageDataset):
     subdirs = ("image", "train_test_split")
 
     def __init__(self, root: str = "../data", test_size: int = 800, trial: int = 0,
-                 seed: int = 0, need_views: bool = False, **_: object) -> None:
+                 seed: int = 0, need_views: bool = False) -> None:
         super().__init__()
         self.root, self.test_size, self.trial, self.seed = root, int(test_size), trial, seed
         self.dataset_dir = resolve_dataset_dir(root, self.dataset_dir, self.subdirs)
@@ -65,6 +65,8 @@ class VehicleID(BaseImageDataset):
                 items.append((os.path.join(self.img_dir, fields[0] + ".jpg"), int(fields[1])))
         report_unparsed(f"{self.name} {list_path}", bad, len(items), what="lines",
                         scheme="'name pid', e.g. '0004424 2'")
+        if not items:
+            raise ValueError(f"{self.name}: {list_path} lists no images")
         if not os.path.isfile(items[0][0]):
             raise DatasetLayoutError(f"{self.name}: {list_path} names {items[0][0]}, which does "
                                      f"not exist.\nExpected layout:\n{self.layout(self.root)}")
