@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["SyntheticSpec", "generate_synthetic", "ensure_synthetic", "pixel_baseline",
-           "market_map"]
+__all__ = ["SyntheticSpec", "generate_synthetic", "ensure_synthetic", "pixel_baseline"]
 
 logger = logging.getLogger("svllreid")
 
@@ -406,29 +405,16 @@ def ensure_synthetic(out: str, spec: SyntheticSpec | None = None, **kwargs: Any)
 
 
 # ------------------------------------------------------------------- sanity baseline
-def market_map(qf: np.ndarray, q_pids: np.ndarray, q_cams: np.ndarray, gf: np.ndarray,
-               g_pids: np.ndarray, g_cams: np.ndarray) -> tuple[float, float]:
-    """(mAP, rank-1) under the Market protocol with squared Euclidean distance.
-
-    Same-pid same-camera gallery entries are ignored; queries without a match skipped.
-    """
-    dist = (qf ** 2).sum(1)[:, None] + (gf ** 2).sum(1)[None] - 2 * qf @ gf.T
-    aps, r1 = [], []
-    for i in range(len(qf)):
-        keep = ~((g_pids == q_pids[i]) & (g_cams == q_cams[i]))
-        order = np.argsort(dist[i][keep], kind="stable")
-        match = (g_pids[keep][order] == q_pids[i]).astype(np.float64)
-        if not match.any():
-            continue
-        hits = np.cumsum(match)
-        aps.append(float((hits / np.arange(1, len(match) + 1) * match).sum() / match.sum()))
-        r1.append(match[0])
-    return float(np.mean(aps)), float(np.mean(r1))
-
-
 def pixel_baseline(root: str, size: tuple[int, int] = (16, 8)) -> dict[str, float]:
-    """mAP/rank-1 of raw downsampled pixels (``size`` = h, w) and of an identity oracle."""
-    from .folder import FolderDataset  # local import: the dataset modules log on load
+    """mAP/rank-1 of raw downsampled pixels (``size`` = h, w) and of an identity oracle.
+
+    Squared Euclidean distance, Market protocol (``utils.metrics.eval_func``).
+    """
+    import torch
+
+    from utils.metrics import eval_func, euclidean_distance
+
+    from .folder import FolderDataset
 
     ds = FolderDataset(root)
 
@@ -438,12 +424,16 @@ def pixel_baseline(root: str, size: tuple[int, int] = (16, 8)) -> dict[str, floa
             for p, _, _, _ in samples])
         return x, np.array([s[1] for s in samples]), np.array([s[2] for s in samples])
 
+    def score(qf: np.ndarray, gf: np.ndarray) -> tuple[float, float]:
+        cmc, m_ap, _ = eval_func(euclidean_distance(torch.from_numpy(qf), torch.from_numpy(gf)),
+                                 qp, gp, qc, gc, max_rank=1)
+        return float(m_ap), float(cmc[0])
+
     qf, qp, qc = feats(ds.query)
     gf, gp, gc = feats(ds.gallery)
-    pix_map, pix_r1 = market_map(qf, qp, qc, gf, gp, gc)
+    pix_map, pix_r1 = score(qf, gf)
     ids = {p: i for i, p in enumerate(sorted(set(qp.tolist()) | set(gp.tolist())))}
     onehot = np.eye(len(ids), dtype=np.float32)
-    orc_map, orc_r1 = market_map(onehot[[ids[p] for p in qp]], qp, qc,
-                                 onehot[[ids[p] for p in gp]], gp, gc)
+    orc_map, orc_r1 = score(onehot[[ids[p] for p in qp]], onehot[[ids[p] for p in gp]])
     return {"pixel_mAP": pix_map, "pixel_rank1": pix_r1,
             "oracle_mAP": orc_map, "oracle_rank1": orc_r1}

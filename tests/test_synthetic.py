@@ -10,7 +10,7 @@ import pytest
 
 from datasets import build_dataset
 from datasets.synthetic import (SyntheticSpec, ensure_synthetic, generate_synthetic,
-                                make_camera, make_identity, market_map, render, _rng)
+                                make_camera, make_identity, pixel_baseline, render, _rng)
 
 SMALL = dict(num_train_ids=5, num_test_ids=4, num_cams=3, images_per_cam=2,
              num_distractors=3, num_junk=2, height=48, width=24)
@@ -108,13 +108,12 @@ def test_cli_writes_a_set(tmp_path, capsys):
     assert make_synthetic.main(["--out", out]) == 1  # exists, no --overwrite
 
 
-def test_market_map_small_example():
-    # query pid 1 cam 0; gallery ranks: [pid1 cam0 (ignored), pid2, pid1, pid1]
-    qf = np.zeros((1, 1))
-    gf = np.array([[0.0], [1.0], [2.0], [3.0]])
-    m, r1 = market_map(qf, np.array([1]), np.array([0]), gf, np.array([1, 2, 1, 1]),
-                       np.array([0, 1, 1, 2]))
-    assert r1 == 0.0 and m == pytest.approx((1 / 2 + 2 / 3) / 2)
+def test_pixel_baseline_and_oracle(tmp_path):
+    root = str(tmp_path / "syn")
+    generate_synthetic(root, seed=0, **SMALL)
+    r = pixel_baseline(root, size=(8, 4))
+    assert r["oracle_mAP"] == pytest.approx(1.0) and r["oracle_rank1"] == pytest.approx(1.0)
+    assert 0.0 < r["pixel_mAP"] < 1.0
 
 
 def test_spec_validation():
