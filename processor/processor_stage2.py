@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -55,8 +56,6 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
     core = unwrap(model)
     use_text = core.prompt_learning and cfg.MODEL.I2T_LOSS_WEIGHT > 0
     use_ssl = cfg.MODEL.USE_SSL and ssl_loss is not None and c2.SSL_LOSS_WEIGHT > 0
-    text_features = compute_text_features(model, num_classes, cfg.SOLVER.STAGE1.IMS_PER_BATCH, device) \
-        if use_text else None
 
     start_epoch = 1
     if resume_state is not None:
@@ -65,6 +64,10 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
             optimizer_center.load_state_dict(resume_state["extra"]["optimizer_center"])
         start_epoch = resume_state["epoch"] + 1
         logger.info("Stage 2: resuming at epoch %d", start_epoch)
+    # after the resume: the prompts come from the restored weights
+    text_features = compute_text_features(model, num_classes, cfg.SOLVER.STAGE1.IMS_PER_BATCH, device) \
+        if use_text else None
+    if resume_state is not None:
         set_rng_state(resume_state["rng"])
 
     sampler = getattr(train_loader, "batch_sampler", None)
@@ -75,7 +78,9 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
         t0, n_seen = time.time(), 0
         for m in meters.values():
             m.reset()
-        scheduler.step()
+        with warnings.catch_warnings():   # stepped at epoch start, as published: not a misuse
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            scheduler.step()
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         model.train()
