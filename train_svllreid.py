@@ -14,6 +14,10 @@ import os
 import sys
 from typing import Any, Sequence
 
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
 from config import ConfigError, load_config
 from datasets import make_dataloader
 from loss import make_loss, make_ssl_loss
@@ -22,7 +26,7 @@ from processor import do_inference, do_train_stage1, do_train_stage2
 from processor.common import load_train_state
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
 from utils.checkpoint import CheckpointMismatchError
-from utils.dist import is_main_process
+from utils.dist import cleanup, get_world_size, init_distributed, is_dist, is_main_process
 from utils.logger import setup_logger
 from utils.misc import resolve_device, set_seed, write_json_atomic
 
@@ -36,20 +40,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` under torchrun, the model itself otherwise.
+
+    Built once per stage: DDP fixes the set of parameters it synchronises at construction.
+    """
+    if not is_dist():
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False) -> dict[str, Any]:
-    """Run the configured training; returns {'trained': metrics[, 'untrained': metrics]}."""
-    if cfg.MODEL.DIST_TRAIN:
-        raise ConfigError("MODEL.DIST_TRAIN True: multi-process training is not available in this version; "
-                          "run single-process (MODEL.DIST_TRAIN False)")
+    """Run the configured training; returns {'trained': metrics[, 'untrained': metrics]}.
+
+    Single process, or one process per device under ``torchrun`` with MODEL.DIST_TRAIN.
+    """
+    device = init_distributed(cfg.MODEL.DEVICE, cfg.MODEL.DIST_TIMEOUT) if cfg.MODEL.DIST_TRAIN \
+        else resolve_device(cfg.MODEL.DEVICE)
+    try:
+        return _train(cfg, device, resume, evaluate_untrained)
+    finally:
+        cleanup()
+
+
+def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: bool) -> dict[str, Any]:
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=True, is_main=is_main_process())
     logger.info("Configuration:\n%s", cfg.dump())
+    if is_dist():
+        logger.info("Distributed: %d processes (%s), %d images per process in stage 2",
+                    get_world_size(), dist.get_backend(), cfg.SOLVER.STAGE2.IMS_PER_BATCH // get_world_size())
     set_seed(cfg.SOLVER.SEED)
-    device = resolve_device(cfg.MODEL.DEVICE)
 
     train_loader_stage2, train_loader_stage1, val_loader, num_query, num_classes, camera_num, view_num = \
         make_dataloader(cfg)
     model = make_model(cfg, num_class=num_classes, camera_num=camera_num, view_num=view_num).to(device)
+    if cfg.MODEL.SSL_SYNC_BN and is_dist():
+        if device.type == "cuda":
+            model.sync_ssl_batchnorm()
+        else:
+            logger.warning("MODEL.SSL_SYNC_BN: SyncBatchNorm needs CUDA; keeping per-process BatchNorm on the CPU")
 
     out: dict[str, Any] = {}
     if evaluate_untrained:
@@ -61,11 +91,13 @@ def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False) -> d
         logger.warning("--resume: no %s/last.pth yet; starting from scratch", cfg.OUTPUT_DIR)
 
     if cfg.MODEL.PROMPT_LEARNING and not (state and state["stage"] == 2):
+        model.set_stage(1, train_text_mlp=cfg.MODEL.TRAIN_TEXT_MLP_STAGE1)
         optimizer1 = make_optimizer_1stage(cfg, model)
         scheduler1 = create_scheduler(cfg.SOLVER.STAGE1, optimizer1)
-        do_train_stage1(cfg, model, train_loader_stage1, optimizer1, scheduler1, device,
+        do_train_stage1(cfg, _wrap(model, device), train_loader_stage1, optimizer1, scheduler1, device,
                         resume_state=state if state and state["stage"] == 1 else None)
 
+    model.set_stage(2)
     loss_fn, center_criterion = make_loss(cfg, num_classes, feat_dim=model.feature_dims[0])
     if center_criterion is not None:
         center_criterion.to(device)
@@ -73,8 +105,8 @@ def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False) -> d
     optimizer2, optimizer_center = make_optimizer_2stage(cfg, model, center_criterion)
     scheduler2 = create_warmup_multistep(cfg.SOLVER.STAGE2, optimizer2)
     out["trained"] = do_train_stage2(
-        cfg, model, train_loader_stage2, val_loader, optimizer2, optimizer_center, scheduler2, loss_fn, ssl_loss,
-        center_criterion, num_query, num_classes, device,
+        cfg, _wrap(model, device), train_loader_stage2, val_loader, optimizer2, optimizer_center, scheduler2,
+        loss_fn, ssl_loss, center_criterion, num_query, num_classes, device,
         resume_state=state if state and state["stage"] == 2 else None)
     if out["trained"] is None:   # resumed after the last epoch: evaluate the final weights
         out["trained"] = do_inference(cfg, model, val_loader, num_query, device)

@@ -48,7 +48,9 @@ def _loader_kwargs(cfg: Any, seed_offset: int) -> dict[str, Any]:
     seed = int(cfg.SOLVER.SEED) + 1000 * get_rank() + seed_offset
     return {
         "num_workers": workers,
-        "persistent_workers": workers > 0,
+        # not persistent: each epoch's workers are seeded afresh from the loader's generator,
+        # which the trainer re-seeds per epoch (exact resume, see processor.common.set_loader_epoch)
+        "persistent_workers": False,
         "pin_memory": torch.cuda.is_available(),
         "generator": torch.Generator().manual_seed(seed),
     }

@@ -20,11 +20,13 @@ class SimCLRLoss(nn.Module):
     every rank's rows as negatives; local row ``i`` has global index ``rank * N + i``.
     Each rank's loss is the mean over its own rows, so the mean over ranks equals the
     single-process loss on the whole batch. All ranks must use the same local N.
+    ``gather=False`` keeps each rank's loss local (for rows that are identical on every rank).
     """
 
-    def __init__(self, temperature: float = 0.1) -> None:
+    def __init__(self, temperature: float = 0.1, gather: bool = True) -> None:
         super().__init__()
         self.temperature = temperature
+        self.gather = gather   # False when every rank holds the same rows (stage-1 prompts)
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """outputs: ``{'aug1_embed': (N, d), 'aug2_embed': (N, d)}`` -> scalar loss."""
@@ -32,9 +34,9 @@ class SimCLRLoss(nn.Module):
         with torch.autocast(device_type=a.device.type, enabled=False):  # float32 logits under AMP
             a = F.normalize(a.float(), dim=1)
             b = F.normalize(b.float(), dim=1)
-            all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+            all_a, all_b = (gather_with_grad(a), gather_with_grad(b)) if self.gather else (a, b)
             n = a.shape[0]
-            targets = get_rank() * n + torch.arange(n, device=a.device)
+            targets = (get_rank() * n if self.gather else 0) + torch.arange(n, device=a.device)
             self_mask = F.one_hot(targets, all_a.shape[0]).bool()
 
             def view_loss(q: torch.Tensor, k_other: torch.Tensor, k_same: torch.Tensor) -> torch.Tensor:

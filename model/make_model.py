@@ -201,10 +201,27 @@ class SVLLReID(nn.Module):
                 self.image_predictor = prediction_mlp(self.in_planes)
         if self.use_ssl_stage1:
             self.text_mlp = projection_mlp(self.in_planes_proj, hidden, out)
-        if cfg.MODEL.SSL_SYNC_BN and cfg.MODEL.DIST_TRAIN:
-            for name in ("image_mlp", "image_predictor", "text_mlp"):
-                if hasattr(self, name):
-                    setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self, name)))
+        self._trainable_at_init = {n: p.requires_grad for n, p in self.named_parameters()}
+
+    def sync_ssl_batchnorm(self) -> None:
+        """SyncBatchNorm in the SSL heads (multi-GPU; torch has no CPU SyncBatchNorm)."""
+        for name in ("image_mlp", "image_predictor", "text_mlp"):
+            if hasattr(self, name):
+                setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self, name)))
+
+    def set_stage(self, stage: int, train_text_mlp: bool = False) -> None:
+        """Set ``requires_grad`` for a training stage (also what DistributedDataParallel syncs).
+
+        Stage 1: only the prompt learner (and the text SSL head when ``train_text_mlp``).
+        Stage 2: everything trainable at construction except the text side (text encoder,
+        prompt learner, text SSL head), which stage 2 does not use.
+        """
+        text_side = ("prompt_learner.", "text_encoder.", "text_mlp.")
+        for name, p in self.named_parameters():
+            if stage == 1:
+                p.requires_grad_(name.startswith("prompt_learner.") or (train_text_mlp and name.startswith("text_mlp.")))
+            else:
+                p.requires_grad_(self._trainable_at_init[name] and not name.startswith(text_side))
 
     # -------------------------------------------------------------- pieces
     def _sie(self, cam_label: torch.Tensor | None, view_label: torch.Tensor | None) -> torch.Tensor | None:

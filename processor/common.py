@@ -4,16 +4,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from datasets.sampler import epoch_seed
 from utils.checkpoint import load_file, load_model_weights, model_state, save_atomic
-from utils.dist import is_main_process
-from utils.misc import rng_state
+from utils.dist import all_gather_object, get_rank, get_world_size, is_main_process, shard_indices
+from utils.misc import rng_state, set_rng_state
 
 logger = logging.getLogger("svllreid")
 
@@ -36,30 +37,26 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-@dataclass
-class TrainState:
-    """What ``last.pth`` holds to resume a run exactly where it stopped."""
-
-    stage: int                       # 1 or 2
-    epoch: int                       # last completed epoch of ``stage``
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    scaler: dict[str, Any]
-    rng: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)   # e.g. center-loss optimiser
-
-
 def save_train_state(output_dir: str, stage: int, epoch: int, model: nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
                      extra: dict[str, Any] | None = None) -> None:
-    """Write ``OUTPUT_DIR/last.pth`` atomically (main process only)."""
+    """Write ``OUTPUT_DIR/last.pth`` atomically (called on every rank; rank 0 writes).
+
+    The RNG states of all ranks are kept so that each rank resumes its own streams.
+    """
+    rngs = all_gather_object(rng_state())
     if not is_main_process():
         return
     state = {"stage": stage, "epoch": epoch, "model": model_state(model), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
              "extra": extra or {}}
     save_atomic(state, os.path.join(output_dir, LAST_CHECKPOINT))
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """This rank's RNG streams from a saved state (rank 0's when the world size changed)."""
+    rngs = state["rng"]
+    set_rng_state(rngs[get_rank()] if len(rngs) == get_world_size() else rngs[0])
 
 
 def load_train_state(output_dir: str) -> dict[str, Any] | None:
@@ -74,7 +71,7 @@ def restore_train_state(state: dict[str, Any], model: nn.Module, optimizer: torc
                         scheduler: Any, scaler: torch.amp.GradScaler) -> None:
     """Put model, optimiser, scheduler and scaler back to a saved state.
 
-    The RNG states (``state['rng']``) are restored separately, with ``set_rng_state``,
+    The RNG states are restored separately, with :func:`restore_rng`,
     right before the first resumed epoch: work done in between (feature caching,
     loader start-up) draws random numbers too.
     """
@@ -97,3 +94,25 @@ def progress(iterable: Iterable, total: int | None, desc: str) -> Iterable:
     """A tqdm bar over ``iterable`` on the main process (off on other ranks or SVLLREID_NO_TQDM=1)."""
     disable = not is_main_process() or os.environ.get("SVLLREID_NO_TQDM") == "1"
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=disable)
+
+
+def sharded_loader(loader: DataLoader) -> DataLoader:
+    """The same loader over this rank's strided share of the dataset (itself when single-process)."""
+    if get_world_size() == 1:
+        return loader
+    return DataLoader(Subset(loader.dataset, shard_indices(len(loader.dataset))), batch_size=loader.batch_size,
+                      shuffle=False, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory)
+
+
+def set_loader_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make epoch ``epoch`` of ``loader`` a function of (seed, epoch, rank) alone.
+
+    The sampler draws its order from (seed, epoch); the loader's generator, which seeds
+    the workers' augmentation RNGs, is re-seeded too. With that, resuming at any epoch
+    reproduces the same batches and augmentations as an uninterrupted run.
+    """
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed(seed, epoch) + get_rank())

@@ -9,48 +9,66 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from utils.checkpoint import unwrap
+from utils.dist import broadcast_object, gather_strided, is_main_process
 from utils.metrics import R1_mAP_eval
 
-from .common import autocast, progress, to_device
+from .common import autocast, progress, sharded_loader, to_device
 
 logger = logging.getLogger("svllreid")
 
 
 @torch.no_grad()
 def extract_features(cfg: Any, model: nn.Module, loader: DataLoader, device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Retrieval features (eval mode) with pids, camids and paths, in loader order."""
-    was_training = model.training
-    model.eval()
-    feats, pids, camids, paths = [], [], [], []
-    for batch in progress(loader, len(loader), "extracting features"):
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Retrieval features (eval mode) with pids and camids, in loader order.
+
+    Under DDP every rank encodes a strided shard and all ranks receive the whole set.
+    """
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    feats, pids, camids = [], [], []
+    for batch in progress(sharded_loader(loader), None, "extracting features"):
         batch = to_device(batch, device)
         with autocast(device):
-            f = model(batch["img"], cam_label=batch["camid"] if cfg.MODEL.SIE_CAMERA else None,
-                      view_label=batch["viewid"] if cfg.MODEL.SIE_VIEW else None)
+            f = net(batch["img"], cam_label=batch["camid"] if cfg.MODEL.SIE_CAMERA else None,
+                    view_label=batch["viewid"] if cfg.MODEL.SIE_VIEW else None)
         feats.append(f.float())
-        pids.append(batch["pid"].cpu())
-        camids.append(batch["camid"].cpu())
-        paths.extend(batch["path"])
-    model.train(was_training)
-    return torch.cat(feats), torch.cat(pids), torch.cat(camids), paths
+        pids.append(batch["pid"])
+        camids.append(batch["camid"])
+    net.train(was_training)
+    n = len(loader.dataset)
+    return tuple(gather_strided(torch.cat(x), n) for x in (feats, pids, camids))
+
+
+def evaluate_features(cfg: Any, feats: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor,
+                      num_query: int) -> dict[str, Any]:
+    """mAP / CMC / mINP of query-then-gallery features with the configured protocol."""
+    evaluator = R1_mAP_eval.from_cfg(cfg, num_query)
+    evaluator.reset()
+    evaluator.update((feats, pids.cpu(), camids.cpu()))
+    cmc, mAP, mINP = evaluator.compute()
+    return {"mAP": float(mAP), "cmc": [float(x) for x in cmc], "mINP": float(mINP),
+            "dataset": cfg.DATASETS.NAMES, "re_ranking": bool(cfg.TEST.RE_RANKING),
+            "num_query": int(num_query), "num_gallery": int(feats.shape[0] - num_query)}
 
 
 def do_inference(cfg: Any, model: nn.Module, val_loader: DataLoader, num_query: int,
                  device: torch.device) -> dict[str, Any]:
-    """Evaluate on query + gallery; returns {'mAP', 'cmc' (top-MAX_RANK), 'mINP', ...} and logs them."""
+    """Evaluate on query + gallery; returns {'mAP', 'cmc' (top-MAX_RANK), 'mINP', ...} on every rank.
+
+    The metrics (and re-ranking) run on rank 0 only and are broadcast.
+    """
     t0 = time.time()
-    feats, pids, camids, _ = extract_features(cfg, model, val_loader, device)
+    feats, pids, camids = extract_features(cfg, model, val_loader, device)
     t_feat = time.time() - t0
-    evaluator = R1_mAP_eval.from_cfg(cfg, num_query)
-    evaluator.reset()
-    evaluator.update((feats, pids, camids))
-    cmc, mAP, mINP = evaluator.compute()
-    results = {"mAP": float(mAP), "cmc": [float(x) for x in cmc], "mINP": float(mINP),
-               "dataset": cfg.DATASETS.NAMES, "re_ranking": bool(cfg.TEST.RE_RANKING),
-               "num_query": int(num_query), "num_gallery": int(feats.shape[0] - num_query)}
+    results = evaluate_features(cfg, feats, pids, camids, num_query) if is_main_process() else None
+    results = broadcast_object(results)
+    cmc = results["cmc"]
     logger.info("Validation results (%s%s): mAP %.1f%%  mINP %.1f%%  %s  [features %.1fs, %.0f img/s]",
-                cfg.DATASETS.NAMES, ", re-ranked" if cfg.TEST.RE_RANKING else "", 100 * mAP, 100 * mINP,
+                cfg.DATASETS.NAMES, ", re-ranked" if cfg.TEST.RE_RANKING else "", 100 * results["mAP"],
+                100 * results["mINP"],
                 "  ".join(f"R{r} {100 * cmc[r - 1]:.1f}%" for r in (1, 5, 10) if r <= len(cmc)),
                 t_feat, feats.shape[0] / max(t_feat, 1e-9))
     return results

@@ -15,9 +15,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from loss import SimCLRLoss, SupConLoss
-from utils.misc import AverageMeter, set_rng_state
+from datasets.sampler import epoch_seed
+from utils.checkpoint import unwrap
+from utils.dist import gather_strided
+from utils.misc import AverageMeter
 
-from .common import autocast, make_scaler, progress, restore_train_state, save_train_state, save_weights, to_device
+from .common import (autocast, make_scaler, progress, restore_rng, restore_train_state, save_train_state, save_weights,
+                     sharded_loader, to_device)
 
 logger = logging.getLogger("svllreid")
 
@@ -25,24 +29,30 @@ logger = logging.getLogger("svllreid")
 @torch.no_grad()
 def cache_image_features(model: nn.Module, loader: DataLoader, device: torch.device
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected CLS features and labels of every training image (model in eval mode)."""
-    was_training = model.training
-    model.eval()
+    """Projected CLS features and labels of every training image, in dataset order.
+
+    Eval mode (BatchNorm running statistics, as SPEC §4 asks), no grad; under DDP each
+    rank encodes a strided shard and the shards are all-gathered.
+    """
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
     feats, labels = [], []
-    for batch in progress(loader, len(loader), "stage1: caching image features"):
+    for batch in progress(sharded_loader(loader), None, "stage1: caching image features"):
         batch = to_device(batch, device)
         with autocast(device):
-            f = model(batch["img"], mode="image_proj")
+            f = net(batch["img"], mode="image_proj")
         feats.append(f.float())
         labels.append(batch["pid"])
-    model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    net.train(was_training)
+    n = len(loader.dataset)
+    return gather_strided(torch.cat(feats), n), gather_strided(torch.cat(labels), n)
 
 
 def _set_stage1_modes(model: nn.Module) -> None:
     """Encoders in eval mode; the prompt learner and text SSL head train (BN batch statistics)."""
     model.eval()
-    core = model.module if hasattr(model, "module") else model
+    core = unwrap(model)
     core.prompt_learner.train()
     if getattr(core, "text_mlp", None) is not None:
         core.text_mlp.train()
@@ -53,7 +63,8 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
                     resume_state: dict[str, Any] | None = None) -> None:
     """Run stage 1 from epoch 1, or from the epoch after ``resume_state['epoch']``."""
     c1 = cfg.SOLVER.STAGE1
-    supcon, simclr = SupConLoss(), SimCLRLoss(temperature=cfg.MODEL.SSL_TEMPERATURE)
+    # every rank trains on the same prompt batches: SimCLR negatives stay local
+    supcon, simclr = SupConLoss(), SimCLRLoss(temperature=cfg.MODEL.SSL_TEMPERATURE, gather=False)
     scaler = make_scaler(device)
     ssl_weight = c1.SSL_LOSS_WEIGHT if cfg.MODEL.USE_SSL_STAGE1 else 0.0
 
@@ -71,7 +82,7 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
     logger.info("Stage 1: %d cached image features, %d batches of <= %d per epoch, %d epochs",
                 num_image, num_batches, batch_size, c1.MAX_EPOCHS)
     if resume_state is not None:
-        set_rng_state(resume_state["rng"])
+        restore_rng(resume_state)
 
     meters = {k: AverageMeter() for k in ("loss", "i2t", "t2i", "ssl")}
     for epoch in range(start_epoch, c1.MAX_EPOCHS + 1):
@@ -80,7 +91,9 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
             m.reset()
         scheduler.step(epoch)
         _set_stage1_modes(model)
-        order = torch.randperm(num_image).to(device)
+        # the epoch's order from (seed, epoch): identical on every rank and on resume
+        gen = torch.Generator().manual_seed(epoch_seed(cfg.SOLVER.SEED, epoch))
+        order = torch.randperm(num_image, generator=gen).to(device)
         bar = progress(order.split(batch_size), num_batches, f"stage1 epoch {epoch}/{c1.MAX_EPOCHS}")
         for it, idx in enumerate(bar, start=1):
             target, img_f = labels[idx], image_features[idx]

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 from loss import SimCLRLoss
 from solver import rescale_center_grad
 from utils.checkpoint import unwrap
-from utils.misc import AverageMeter, set_rng_state
+from utils.misc import AverageMeter
 
-from .common import (autocast, make_scaler, progress, restore_train_state, save_train_state, save_weights,
-                     to_device)
+from .common import (autocast, make_scaler, progress, restore_rng, restore_train_state, save_train_state,
+                     save_weights, set_loader_epoch, to_device)
 from .inference import do_inference
 
 logger = logging.getLogger("svllreid")
@@ -30,19 +30,42 @@ logger = logging.getLogger("svllreid")
 def compute_text_features(model: nn.Module, num_classes: int, batch_size: int, device: torch.device
                           ) -> torch.Tensor:
     """Text features of every identity's prompt (frozen in stage 2), (num_classes, proj_dim)."""
-    was_training = model.training
-    model.eval()
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
     feats = []
     for labels in torch.arange(num_classes, device=device).split(batch_size):
         with autocast(device):
-            feats.append(model(label=labels, mode="text").float())
-    model.train(was_training)
+            feats.append(net(label=labels, mode="text").float())
+    net.train(was_training)
     return torch.cat(feats)
 
 
 def ssl_loss_value(ssl_loss: nn.Module, ssl_out: dict[str, torch.Tensor]) -> torch.Tensor:
     """SimCLR takes the dict of the two embeddings; SimSiam takes (p1, p2, z1, z2)."""
     return ssl_loss(ssl_out) if isinstance(ssl_loss, SimCLRLoss) else ssl_loss(**ssl_out)
+
+
+def stage2_forward_loss(cfg: Any, model: nn.Module, batch: dict[str, Any], text_features: torch.Tensor | None,
+                        loss_fn: Callable, ssl_loss: nn.Module | None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+    """One stage-2 forward: (total loss, unweighted parts, model outputs).
+
+    ID + triplet (+ I2T against ``text_features``) from ``loss_fn``, plus
+    SOLVER.STAGE2.SSL_LOSS_WEIGHT x the SSL loss of the two views when ``ssl_loss`` is given.
+    """
+    views = (batch["ssl_view1"], batch["ssl_view2"]) if ssl_loss is not None else None
+    target = batch["pid"]
+    out = model(batch["img"], label=target,
+                cam_label=batch["camid"] if cfg.MODEL.SIE_CAMERA else None,
+                view_label=batch["viewid"] if cfg.MODEL.SIE_VIEW else None,
+                ssl_views=views, mode="stage2")
+    i2t = out["img_feature_proj"].float() @ text_features.t() if text_features is not None else None
+    loss, parts = loss_fn(out["scores"], out["feats"], target, batch["camid"], i2tscore=i2t)
+    if ssl_loss is not None:
+        parts["ssl"] = ssl_loss_value(ssl_loss, out["ssl"])
+        loss = loss + cfg.SOLVER.STAGE2.SSL_LOSS_WEIGHT * parts["ssl"]
+    return loss, parts, out
 
 
 def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None,
@@ -68,10 +91,8 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
     text_features = compute_text_features(model, num_classes, cfg.SOLVER.STAGE1.IMS_PER_BATCH, device) \
         if use_text else None
     if resume_state is not None:
-        set_rng_state(resume_state["rng"])
+        restore_rng(resume_state)
 
-    sampler = getattr(train_loader, "batch_sampler", None)
-    sampler = getattr(train_loader, "sampler", None) if not hasattr(sampler, "set_epoch") else sampler
     meters = {k: AverageMeter() for k in ("loss", "id", "tri", "i2t", "ssl", "acc")}
     results = None
     for epoch in range(start_epoch, c2.MAX_EPOCHS + 1):
@@ -81,27 +102,18 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
         with warnings.catch_warnings():   # stepped at epoch start, as published: not a misuse
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             scheduler.step()
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        set_loader_epoch(train_loader, cfg.SOLVER.SEED, epoch)
         model.train()
         bar = progress(train_loader, len(train_loader), f"stage2 epoch {epoch}/{c2.MAX_EPOCHS}")
         for it, batch in enumerate(bar, start=1):
             batch = to_device(batch, device)
-            img, target = batch["img"], batch["pid"]
+            target = batch["pid"]
             optimizer.zero_grad(set_to_none=True)
             if optimizer_center is not None:
                 optimizer_center.zero_grad(set_to_none=True)
-            views = (batch["ssl_view1"], batch["ssl_view2"]) if use_ssl else None
             with autocast(device):
-                out = model(img, label=target,
-                            cam_label=batch["camid"] if cfg.MODEL.SIE_CAMERA else None,
-                            view_label=batch["viewid"] if cfg.MODEL.SIE_VIEW else None,
-                            ssl_views=views, mode="stage2")
-                i2t = out["img_feature_proj"].float() @ text_features.t() if use_text else None
-                loss, parts = loss_fn(out["scores"], out["feats"], target, batch["camid"], i2tscore=i2t)
-                if use_ssl:
-                    parts["ssl"] = ssl_loss_value(ssl_loss, out["ssl"])
-                    loss = loss + c2.SSL_LOSS_WEIGHT * parts["ssl"]
+                loss, parts, out = stage2_forward_loss(cfg, model, batch, text_features, loss_fn,
+                                                       ssl_loss if use_ssl else None)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             if optimizer_center is not None:   # undo the loss weight on the centers' gradient

@@ -96,10 +96,27 @@ def test_worker_seeding_reproducible(root):
     first = []
     for _ in range(2):
         s2, *_ = make_dataloader(cfg)
-        assert s2.persistent_workers
+        assert not s2.persistent_workers
         first.append(next(iter(s2))["img"])
         del s2
     assert torch.equal(first[0], first[1])
+
+
+def test_epoch_batches_depend_on_epoch_only_with_workers(root):
+    """What resume needs: epoch e's augmented batch is the same whatever ran before it."""
+    from processor.common import set_loader_epoch
+    cfg = make_cfg(root, "DATALOADER.NUM_WORKERS", "1", "INPUT.RE_PROB", "1.0")
+    a, *_ = make_dataloader(cfg)
+    for epoch in (1, 2):
+        set_loader_epoch(a, cfg.SOLVER.SEED, epoch)
+        batch_a = next(iter(a))
+    b, *_ = make_dataloader(cfg)
+    set_loader_epoch(b, cfg.SOLVER.SEED, 2)
+    batch_b = next(iter(b))
+    set_loader_epoch(b, cfg.SOLVER.SEED, 3)
+    batch_c = next(iter(b))
+    assert torch.equal(batch_a["img"], batch_b["img"]) and torch.equal(batch_a["ssl_view1"], batch_b["ssl_view1"])
+    assert not torch.equal(batch_b["img"], batch_c["img"])
 
 
 def test_ddp_sampler_under_process_group(root, tmp_path):
