@@ -21,8 +21,7 @@ neighbour lists and a CSR-like sparse ``V``; step 5 is a sparse join restricted 
 rows x gallery rows. Everything runs in torch on the features' device. The only dense
 result is the (num_query, num_gallery) output.
 
-Ties between equal distances are ordered by index (a stable sort), except when they fall
-exactly on the boundary of a block's top-K selection (only with duplicated features).
+Ties between equal distances are ordered by index, as the stable sort of the reference.
 """
 from __future__ import annotations
 
@@ -41,63 +40,109 @@ def _row_chunks(num_rows: int, per_row: int, budget: int = _GATHER_BUDGET) -> li
     return [(s, min(s + step, num_rows)) for s in range(0, num_rows, step)]
 
 
-def _stable_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k smallest (value, index) pairs per row, ordered by value then index."""
-    if vals.shape[1] > k:
-        vals, pos = torch.topk(vals, k, dim=1, largest=False, sorted=False)
-        idx = idx.gather(1, pos)
-    by_idx = torch.sort(idx, dim=1).indices
-    vals, idx = vals.gather(1, by_idx), idx.gather(1, by_idx)
-    by_val = torch.sort(vals, dim=1, stable=True).indices
-    return vals.gather(1, by_val), idx.gather(1, by_val)
+def _to_keys(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is (float32 value, then index): sortable in one pass."""
+    bits = (vals.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their order
+    return (bits.long() << 32) | idx
 
 
-def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor,
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two sorted neighbour lists whose indices are all larger in the second one."""
-    v, i = torch.cat([vals, new_vals], 1), torch.cat([idx, new_idx], 1)
-    order = torch.sort(v, dim=1, stable=True).indices[:, :k]
-    return v.gather(1, order), i.gather(1, order)
+def _from_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``_to_keys``: (float32 values, indices)."""
+    bits = (keys >> 32).int()
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return bits.view(torch.float32), keys & 0xFFFFFFFF
+
+
+def _merge(top: torch.Tensor, new: torch.Tensor, k: int) -> torch.Tensor:
+    """First k of two key lists (new may be padded with int64 max)."""
+    return torch.sort(torch.cat([top, new], 1), dim=1).values[:, :k]
+
+
+def _block_topk_keys(d: torch.Tensor, offset: int, k: int, along_rows: bool) -> torch.Tensor:
+    """Keys of the k smallest entries of each row of ``d`` (of each column if not ``along_rows``).
+
+    top-k picks any k among equal values at the cut, so entries equal to the k-th are all
+    taken and the exact (value, index) order is settled by the key sort.
+    """
+    dim = 1 if along_rows else 0
+    k = min(k, d.shape[dim])
+    kth = torch.topk(d, k, dim=dim, largest=False, sorted=False).values.amax(dim=dim, keepdim=True)
+    return _candidate_keys(d, d <= kth, offset, along_rows)
+
+
+def _candidate_keys(d: torch.Tensor, mask: torch.Tensor, offset: int, along_rows: bool) -> torch.Tensor | None:
+    """Keys of the entries of ``d`` selected by ``mask``, per row (per column if not
+    ``along_rows``), padded with int64 max into a (rows, most) array; None if there are none."""
+    r, c = mask.nonzero(as_tuple=True)  # row-major
+    if r.numel() == 0:
+        return None
+    vals = d[r, c]
+    if not along_rows:
+        r, c = c, r
+    keys = _to_keys(vals, c + offset)
+    if not along_rows:
+        order = torch.sort(r, stable=True).indices
+        r, keys = r[order], keys[order]
+    rows_n = d.shape[0] if along_rows else d.shape[1]
+    counts = torch.bincount(r, minlength=rows_n)
+    pos = torch.arange(r.numel(), device=d.device) - (torch.cumsum(counts, 0) - counts)[r]
+    out = torch.full((rows_n, int(counts.max())), torch.iinfo(torch.long).max, dtype=torch.long, device=d.device)
+    out[r, pos] = keys
+    return out
+
+
+def _update_topk(top: torch.Tensor, d: torch.Tensor, offset: int, k: int, along_rows: bool) -> torch.Tensor:
+    """Merge block ``d`` into the running top-k key lists of its rows (``along_rows``) or of
+    its columns; the block's other axis holds indices ``offset``, ``offset + 1``, ...
+
+    Once a list is full only entries not above its current k-th value can enter; those are
+    usually few and gathered sparsely instead of running a top-k over the block.
+    """
+    if top.shape[1] == k:
+        kth = _from_keys(top[:, -1])[0]
+        mask = d <= (kth.unsqueeze(1) if along_rows else kth.unsqueeze(0))
+        new = _candidate_keys(d, mask, offset, along_rows)
+        if new is None:
+            return top
+        if new.shape[1] <= 4 * k:  # otherwise a block top-k is cheaper than this merge
+            return _merge(top, new, k)
+    return _merge(top, _block_topk_keys(d, offset, k, along_rows), k)
 
 
 def _neighbours_and_rowmax(
     feat: torch.Tensor, k: int, num_query: int, out: torch.Tensor, block: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k neighbour lists (values, indices; N x k) and row maxima of the squared
-    Euclidean distance over ``feat``; writes raw query x gallery distances into ``out``.
+    """Top-k neighbour lists (values, indices; N x k, ordered by value then index) and row
+    maxima of the squared Euclidean distance over ``feat``; writes the raw query x gallery
+    distances into ``out``.
 
-    Blocks (I, J) with J >= I are computed once and used for rows I (along dim 1) and rows
-    J (along dim 0). Row block I receives its column blocks in increasing order, so the
-    stable merges keep ties ordered by index.
+    The matrix is symmetric, so only blocks (I, J) with J >= I are computed, each serving
+    rows I (along its rows) and rows J (along its columns). Diagonal blocks go first: their
+    top-k fills every list, after which the off-diagonal blocks only contribute the few
+    entries below each list's current k-th value. Lists are int64 keys ordered by
+    (value, index), so ties are ordered by index as in a stable sort.
     """
     n, dev = feat.shape[0], feat.device
     sq = feat.pow(2).sum(dim=1)
-    inf = float("inf")
-    nn_val = torch.full((n, 0), inf, device=dev)
-    nn_idx = torch.zeros((n, 0), dtype=torch.long, device=dev)
-    top_val = [nn_val[s:s + block] for s in range(0, n, block)]
-    top_idx = [nn_idx[s:s + block] for s in range(0, n, block)]
-    rowmax = torch.full((n,), -inf, device=dev)
-    for bi, a in enumerate(range(0, n, block)):
-        ae = min(a + block, n)
-        for bj, b in enumerate(range(a, n, block), start=bi):
-            be = min(b + block, n)
-            d = torch.addmm(sq[a:ae, None] + sq[None, b:be], feat[a:ae], feat[b:be].t(), beta=1, alpha=-2)
-            rowmax[a:ae] = torch.maximum(rowmax[a:ae], d.amax(dim=1))
-            cols = torch.arange(b, be, device=dev).expand(ae - a, -1)
-            v, i = _stable_topk(d, cols, k)
-            top_val[bi], top_idx[bi] = _merge_topk(top_val[bi], top_idx[bi], v, i, k)
-            if b != a:
-                rowmax[b:be] = torch.maximum(rowmax[b:be], d.amax(dim=0))
-                dt = d.t()
-                rows = torch.arange(a, ae, device=dev).expand(be - b, -1)
-                v, i = _stable_topk(dt, rows, k)
-                top_val[bj], top_idx[bj] = _merge_topk(top_val[bj], top_idx[bj], v, i, k)
-            # query rows x gallery columns of this block go to the output
-            qa, qe, ga = a, min(ae, num_query), max(b, num_query)
-            if qa < qe and ga < be:
-                out[qa:qe, ga - num_query:be - num_query] = d[: qe - a, ga - b:]
-    return torch.cat(top_val), torch.cat(top_idx), rowmax
+    span = [(s, min(s + block, n)) for s in range(0, n, block)]
+    top = [torch.empty((e - s, 0), dtype=torch.long, device=dev) for s, e in span]
+    rowmax = torch.full((n,), -float("inf"), device=dev)
+    pairs = [(i, i) for i in range(len(span))] + [(i, j) for i in range(len(span)) for j in range(i + 1, len(span))]
+    for bi, bj in pairs:
+        (a, ae), (b, be) = span[bi], span[bj]
+        d = torch.addmm(sq[a:ae, None] + sq[None, b:be], feat[a:ae], feat[b:be].t(), beta=1, alpha=-2)
+        rowmax[a:ae] = torch.maximum(rowmax[a:ae], d.amax(dim=1))
+        top[bi] = _update_topk(top[bi], d, b, k, along_rows=True)
+        if bj != bi:
+            rowmax[b:be] = torch.maximum(rowmax[b:be], d.amax(dim=0))
+            top[bj] = _update_topk(top[bj], d, a, k, along_rows=False)
+        # query rows x gallery columns of this block go to the output
+        qe, ga = min(ae, num_query), max(b, num_query)
+        if a < qe and ga < be:
+            out[a:qe, ga - num_query:be - num_query] = d[: qe - a, ga - b:]
+    nn_val, nn_idx = _from_keys(torch.cat(top))
+    return nn_val, nn_idx, rowmax
 
 
 def _reciprocal(rank: torch.Tensor, k: int) -> torch.Tensor:
@@ -156,16 +201,16 @@ def _pair_distances(feat: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, co
     """Squared distances of (rows, cols) pairs: looked up in the neighbour lists when there,
     otherwise recomputed from the features."""
     out = torch.empty(rows.numel(), dtype=feat.dtype, device=feat.device)
-    for s, e in _row_chunks(rows.numel(), max(nn_idx.shape[1], feat.shape[1])):
-        r, c = rows[s:e], cols[s:e]
-        found = nn_idx[r] == c.unsqueeze(1)
-        hit = found.any(dim=1)
+    hit = torch.empty(rows.numel(), dtype=torch.bool, device=feat.device)
+    for s, e in _row_chunks(rows.numel(), nn_idx.shape[1]):
+        found = nn_idx[rows[s:e]] == cols[s:e].unsqueeze(1)
+        hit[s:e] = found.any(dim=1)
         slot = found.to(torch.uint8).argmax(dim=1, keepdim=True)
-        looked_up = nn_val[r].gather(1, slot).squeeze(1)
-        miss = (~hit).nonzero().squeeze(1)
-        rm, cm = r[miss], c[miss]
-        looked_up[miss] = sq[rm] + sq[cm] - 2 * (feat[rm] * feat[cm]).sum(dim=1)
-        out[s:e] = looked_up
+        out[s:e] = nn_val[rows[s:e]].gather(1, slot).squeeze(1)
+    miss = (~hit).nonzero().squeeze(1)
+    for s, e in _row_chunks(miss.numel(), feat.shape[1]):
+        r, c = rows[miss[s:e]], cols[miss[s:e]]
+        out[miss[s:e]] = sq[r] + sq[c] - 2 * (feat[r] * feat[c]).sum(dim=1)
     return out
 
 
@@ -254,7 +299,7 @@ def _jaccard_into(out: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val:
 
 
 def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-               block_size: int = 2048) -> torch.Tensor:
+               block_size: int = 4096) -> torch.Tensor:
     """k-reciprocal re-ranked (num_query, num_gallery) distances, float32, on qf's device.
 
     Equal to the published ``re_ranking(qf, gf, k1, k2, lambda_value)`` (computed in float32
