@@ -189,3 +189,46 @@ def test_missing_dataset_fails_clearly(tmp_path, capsys):
                                 "OUTPUT_DIR", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "nope" in err and "bounding_box_train" in err
+
+
+def _fake_vehicleid(root, train_ids=6, test_ids=4, per_id=3):
+    """A VehicleID_V1.0 tree with tiny colour-coded JPEGs (one colour family per identity)."""
+    from PIL import Image
+    base = os.path.join(root, "VehicleID_V1.0")
+    os.makedirs(os.path.join(base, "image"))
+    os.makedirs(os.path.join(base, "train_test_split"))
+    g = torch.Generator().manual_seed(0)
+    lines = {"train_list.txt": [], "test_list_800.txt": []}
+    for split, pids in (("train_list.txt", range(100, 100 + train_ids)), ("test_list_800.txt", range(500, 500 + test_ids))):
+        for pid in pids:
+            colour = torch.rand(3, generator=g)
+            for k in range(per_id):
+                name = f"{pid:07d}{k}"
+                arr = (colour.view(1, 1, 3) * 40 + 200 * torch.rand(64, 32, 3, generator=g)).clamp(0, 255)
+                Image.fromarray(arr.to(torch.uint8).numpy()).save(os.path.join(base, "image", name + ".jpg"))
+                lines[split].append(f"{name} {pid}")
+    for split, ls in lines.items():
+        with open(os.path.join(base, "train_test_split", split), "w") as f:
+            f.write("\n".join(ls) + "\n")
+
+
+def test_vehicleid_test_script_averages_trials(tmp_path):
+    """VehicleID: evaluation over random query/gallery trials, averaged (published code crashed here)."""
+    _fake_vehicleid(str(tmp_path / "data"))
+    opts = ["DATASETS.NAMES", "VehicleID", "DATASETS.ROOT_DIR", str(tmp_path / "data"), "INPUT.SIZE_TRAIN", "[64, 32]",
+            "INPUT.SIZE_TEST", "[64, 32]", "DATALOADER.NUM_WORKERS", "0", "MODEL.SIE_CAMERA", "False",
+            "DATASETS.VEHICLEID_TRIALS", "3", "OUTPUT_DIR", str(tmp_path / "out")]
+    cfg = load_config(DEMO, opts)
+    torch.manual_seed(0)
+    model = make_model(cfg, num_class=6, camera_num=2, view_num=1)
+    assert model.prompt_learner.template.endswith("vehicle.")
+    weight = str(tmp_path / "w.pth")
+    torch.save(model.state_dict(), weight)
+    assert test_svllreid.main(["--config_file", DEMO, *opts, "TEST.WEIGHT", weight]) == 0
+    with open(tmp_path / "out" / "results.json") as f:
+        res = json.load(f)
+    trials = res["trials"]
+    assert len(trials) == 3 and all(t["num_gallery"] == 4 and t["num_query"] == 8 for t in trials)
+    assert res["mAP"] == pytest.approx(sum(t["mAP"] for t in trials) / 3)
+    assert res["cmc"][0] == pytest.approx(sum(t["cmc"][0] for t in trials) / 3)
+    assert len({round(t["mAP"], 9) for t in trials}) > 1      # the random splits differ
