@@ -145,3 +145,5 @@ def test_bad_arguments():
         re_ranking(qf, gf[:, :4])
     with pytest.raises(ValueError):
         re_ranking(qf, gf, k2=0)
+    with pytest.raises(ValueError, match="at least one"):
+        re_ranking(qf[:0], gf)

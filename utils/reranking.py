@@ -310,6 +310,8 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
         raise ValueError(f"need k1 >= 0 and k2 >= 1, got k1={k1}, k2={k2}")
     if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
         raise ValueError(f"expected 2-D features of equal width, got {tuple(qf.shape)} and {tuple(gf.shape)}")
+    if qf.shape[0] == 0 or gf.shape[0] == 0:
+        raise ValueError(f"need at least one query and one gallery feature, got {qf.shape[0]} and {gf.shape[0]}")
     num_query = qf.shape[0]
     feat = torch.cat([qf.float(), gf.to(device=qf.device, dtype=torch.float32)], dim=0)
     n = feat.shape[0]
