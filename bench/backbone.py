@@ -1,0 +1,173 @@
+"""Throughput of our CLIP ViT-B-16 image tower vs open_clip's (same random weights, same input).
+
+Not a test. Measures, in one process and interleaved (so background load hits both alike):
+  * inference: ``visual(x)`` under ``no_grad`` in eval mode, batch 16, 224x224, stride 16;
+  * training step: forward + backward of the projected class token, train mode;
+  * our ReID configuration (256x128, stride 12 -> 21x10 grid) inference and training step.
+Prints median/min seconds per batch, images/s, the ours/open_clip throughput ratio (same
+configuration only; the ReID row has no open_clip counterpart) and peak memory
+(CUDA: max allocated; CPU: peak RSS growth during the call, sampled every 2 ms, with glibc
+told to mmap every allocation above 128 KiB so freed tensors leave RSS and peaks stay honest).
+
+    .venv/bin/python bench/backbone.py [--batch 16] [--repeats 5] [--device cpu] [--no-train]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import open_clip  # noqa: E402
+
+from model.clip import build_model  # noqa: E402
+
+
+class PeakMemory:
+    """Peak memory growth (bytes) during a block: CUDA allocator stats, or sampled process RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            import psutil
+            self._proc = psutil.Process()
+            self._base = self._proc.memory_info().rss
+            self._max = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, self._proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = self._max - self._base
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> Tuple[float, int]:
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+    return elapsed, mem.peak
+
+
+def compare(cases: Dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> Dict[str, dict]:
+    """Run the cases round-robin (warm-up first); return per-case timing and memory stats."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in cases}
+    peaks: Dict[str, int] = {k: 0 for k in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t, peak = timed(fn, device)
+            times[name].append(t)
+            peaks[name] = max(peaks[name], peak)
+    return {k: {"median": statistics.median(v), "min": min(v), "peak": peaks[k]} for k, v in times.items()}
+
+
+def report(title: str, stats: Dict[str, dict], batch: int, baseline: str = "") -> None:
+    print(f"\n{title}")
+    print(f"  {'model':<31} {'median s':>9} {'min s':>8} {'img/s':>7} {'peak MiB':>9}  speed-up (median / min)")
+    for name, s in stats.items():
+        ratio = ""
+        if baseline and name != baseline and not name.startswith("ours ReID"):
+            ratio = f"{stats[baseline]['median'] / s['median']:.3f}x / {stats[baseline]['min'] / s['min']:.3f}x"
+        print(f"  {name:<31} {s['median']:>9.3f} {s['min']:>8.3f} {batch / s['median']:>7.2f} "
+              f"{s['peak'] / 2**20:>9.0f}  {ratio}")
+
+
+def _reexec_with_honest_rss() -> None:
+    """Restart once with a fixed glibc mmap threshold (CPU peak-RSS measurement, see docstring)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--no-train", action="store_true", help="skip the forward+backward comparison")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        _reexec_with_honest_rss()
+    torch.manual_seed(0)
+
+    full = open_clip.create_model("ViT-B-16-quickgelu")
+    state = full.state_dict()
+    ref = full.visual.to(device)
+    ours = build_model(state, 14, 14, 16).visual.to(device)
+    reid = build_model(state, 21, 10, 12).visual.to(device)
+    del full, state
+
+    x224 = torch.randn(args.batch, 3, 224, 224, device=device)
+    x_reid = torch.randn(args.batch, 3, 256, 128, device=device)
+    ref.eval(), ours.eval(), reid.eval()
+    with torch.no_grad():
+        diff = (ours(x224[:2])[2][:, 0] - ref(x224[:2])).abs().max().item()
+    print(f"torch {torch.__version__}, open_clip {open_clip.__version__}, device {device}, "
+          f"threads {torch.get_num_threads()}, batch {args.batch}; |ours - open_clip| = {diff:.2e}")
+
+    def infer(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(x)
+        return run
+
+    stats = compare({"open_clip ViT-B-16 224 s16": infer(ref, x224), "ours ViT-B-16 224 s16": infer(ours, x224),
+                     "ours ReID 256x128 s12 (21x10)": infer(reid, x_reid)}, device, args.warmup, args.repeats)
+    report("inference (eval, no_grad)", stats, args.batch, baseline="open_clip ViT-B-16 224 s16")
+
+    if not args.no_train:
+        def train_step(model: torch.nn.Module, x: torch.Tensor, pooled: bool) -> Callable[[], None]:
+            def run() -> None:
+                out = model(x)
+                (out if pooled else out[2][:, 0]).square().mean().backward()
+                model.zero_grad(set_to_none=True)
+            return run
+
+        for m in (ref, ours, reid):
+            m.train()
+        stats = compare({"open_clip ViT-B-16 224 s16": train_step(ref, x224, pooled=True),
+                         "ours ViT-B-16 224 s16": train_step(ours, x224, pooled=False),
+                         "ours ReID 256x128 s12 (21x10)": train_step(reid, x_reid, pooled=False)},
+                        device, max(1, args.warmup - 1), max(1, args.repeats - 2))
+        report("training step (train mode, forward + backward)", stats, args.batch,
+               baseline="open_clip ViT-B-16 224 s16")
+
+
+if __name__ == "__main__":
+    main()
