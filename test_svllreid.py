@@ -21,7 +21,7 @@ from model import make_model
 from processor import do_inference
 from utils.checkpoint import CheckpointMismatchError, load_model_weights
 from utils.logger import setup_logger
-from utils.misc import resolve_device, set_seed, write_json_atomic
+from utils.misc import resolve_device, set_cpu_threads, set_seed, write_json_atomic
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -47,6 +47,8 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=False)
     set_seed(cfg.SOLVER.SEED)
     device = resolve_device(cfg.MODEL.DEVICE)
+    if device.type == "cpu":
+        set_cpu_threads(cfg.DATALOADER.NUM_WORKERS)
 
     dataset = build_dataset_from_cfg(cfg, trial=0)
     model = make_model(cfg, num_class=dataset.num_train_pids, camera_num=dataset.num_train_cams,

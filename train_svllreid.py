@@ -28,7 +28,7 @@ from solver import create_scheduler, create_warmup_multistep, make_optimizer_1st
 from utils.checkpoint import CheckpointMismatchError
 from utils.dist import cleanup, get_world_size, init_distributed, is_dist, is_main_process
 from utils.logger import setup_logger
-from utils.misc import resolve_device, set_seed, write_json_atomic
+from utils.misc import resolve_device, set_cpu_threads, set_seed, write_json_atomic
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -71,6 +71,10 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
         logger.info("Distributed: %d processes (%s), %d images per process in stage 2",
                     get_world_size(), dist.get_backend(), cfg.SOLVER.STAGE2.IMS_PER_BATCH // get_world_size())
     set_seed(cfg.SOLVER.SEED)
+    if device.type == "cpu":
+        n = set_cpu_threads(cfg.DATALOADER.NUM_WORKERS, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        if n is not None:
+            logger.info("CPU: %d torch thread(s) beside %d loader worker(s)", n, cfg.DATALOADER.NUM_WORKERS)
 
     train_loader_stage2, train_loader_stage1, val_loader, num_query, num_classes, camera_num, view_num = \
         make_dataloader(cfg)

@@ -30,6 +30,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_cpu_threads(num_workers: int, procs_per_machine: int = 1) -> int | None:
+    """Give torch the cores that loader workers and sibling processes leave free (CPU runs).
+
+    OpenMP threads that outnumber free cores spin at every barrier and make small models
+    many times slower, so intra-op threads = cores / processes - workers (at least 1).
+    An explicit OMP_NUM_THREADS wins. Returns the number set, or None.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    n = max(1, (os.cpu_count() or 1) // max(1, procs_per_machine) - int(num_workers))
+    torch.set_num_threads(n)
+    return n
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG state needed to resume a run bit-exactly (loadable with ``weights_only=True``)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
