@@ -118,6 +118,7 @@ def _worker(rank, world, init_file, root, out_path):
         dist.all_gather(gathered, flat)
         if rank == 0:
             torch.save({"params": gathered}, out_path)
+        dist.barrier()   # nobody tears the group down while a peer still uses it
     finally:
         dist.destroy_process_group()
 

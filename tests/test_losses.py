@@ -199,26 +199,31 @@ def test_simclr_self_similarity_is_masked():
     assert loss.item() == pytest.approx(expected, abs=1e-5)
 
 
-def _simclr_ddp_worker(rank: int, world: int, init_file: str, a: torch.Tensor, b: torch.Tensor, out: str):
+def _simclr_views(world: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(world * n, 5, generator=g), torch.randn(world * n, 5, generator=g)
+
+
+def _simclr_ddp_worker(rank: int, world: int, init_file: str, n: int, out: str):
+    # The inputs are rebuilt from a seed here rather than sent through spawn's shared memory.
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        n = a.shape[0] // world
+        a, b = _simclr_views(world, n)
         la = a[rank * n:(rank + 1) * n].clone().requires_grad_()
         lb = b[rank * n:(rank + 1) * n].clone().requires_grad_()
         loss = SimCLRLoss(temperature=0.1)({"aug1_embed": la, "aug2_embed": lb})
         loss.backward()
         torch.save({"loss": loss.detach(), "ga": la.grad, "gb": lb.grad}, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()   # nobody tears the group down while a peer still uses it
     finally:
         dist.destroy_process_group()
 
 
 def test_simclr_under_ddp_matches_single_process(tmp_path):
-    torch.manual_seed(7)
     world, n = 2, 3
-    a = torch.randn(world * n, 5)
-    b = torch.randn(world * n, 5)
-    mp.spawn(_simclr_ddp_worker, args=(world, str(tmp_path / "init"), a, b, str(tmp_path)), nprocs=world, join=True)
+    a, b = _simclr_views(world, n)
+    mp.spawn(_simclr_ddp_worker, args=(world, str(tmp_path / "init"), n, str(tmp_path)), nprocs=world, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     fa, fb = a.clone().requires_grad_(), b.clone().requires_grad_()
