@@ -19,7 +19,8 @@ from config import ConfigError, load_config
 from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
 from model import make_model
 from processor import do_inference
-from utils.checkpoint import CheckpointMismatchError, load_model_weights
+from utils.checkpoint import load_model_weights
+from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, set_cpu_threads, set_seed, write_json_atomic
 
@@ -76,13 +77,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config_file, args.opts)
-        evaluate(cfg)
-    except (ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(lambda: evaluate(load_config(args.config_file, args.opts)))
 
 
 if __name__ == "__main__":

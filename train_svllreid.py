@@ -18,15 +18,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from config import ConfigError, load_config
+from config import load_config
 from datasets import make_dataloader
 from loss import make_loss, make_ssl_loss
 from model import make_model
 from processor import do_inference, do_train_stage1, do_train_stage2
 from processor.common import load_train_state
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
-from utils.checkpoint import CheckpointMismatchError
 from utils.dist import cleanup, get_world_size, init_distributed, is_dist, is_main_process
+from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, set_cpu_threads, set_seed, write_json_atomic
 
@@ -121,13 +121,7 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config_file, args.opts)
-        train(cfg, resume=args.resume)
-    except (ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(lambda: train(load_config(args.config_file, args.opts), resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import test_svllreid
 from config import load_config
-from datasets.synthetic import SyntheticSpec, generate_synthetic
 from loss import SimCLRLoss, make_loss
 from model import make_model
 from processor.processor_stage2 import stage2_forward_loss
@@ -23,15 +22,6 @@ DEMO = os.path.join(ROOT, "configs/demo/vit_svllreid_demo.yml")
 TINY = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "2",
         "DATALOADER.NUM_WORKERS", "0", "SOLVER.STAGE1.IMS_PER_BATCH", "12", "SOLVER.STAGE2.IMS_PER_BATCH", "8",
         "DATALOADER.NUM_INSTANCE", "2", "TEST.IMS_PER_BATCH", "16"]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synthetic"))
-    generate_synthetic(root, SyntheticSpec(num_train_ids=8, num_test_ids=4, num_cams=2, images_per_cam=2,
-                                           query_cams=1, num_distractors=2, num_junk=1, height=64, width=32,
-                                           seed=3))
-    return root
 
 
 def test_torchrun_two_processes_train_and_write_results(tiny_root, tmp_path):

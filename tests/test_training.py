@@ -12,7 +12,6 @@ import test_svllreid
 import train_svllreid
 from config import load_config
 from datasets import make_dataloader
-from datasets.synthetic import SyntheticSpec, generate_synthetic
 from model import make_model
 from processor import do_train_stage1, do_train_stage2
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
@@ -21,15 +20,6 @@ from utils.checkpoint import CheckpointMismatchError, load_model_weights
 from utils.misc import set_seed
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/demo/vit_svllreid_demo.yml")
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synthetic"))
-    generate_synthetic(root, SyntheticSpec(num_train_ids=8, num_test_ids=4, num_cams=2, images_per_cam=2,
-                                           query_cams=1, num_distractors=2, num_junk=1, height=64, width=32,
-                                           seed=3))
-    return root
 
 
 def tiny_cfg(root, out, *opts):
