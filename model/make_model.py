@@ -314,8 +314,8 @@ def build_clip(cfg: Any) -> nn.Module:
     stride = cfg.MODEL.STRIDE_SIZE[0]
     if cfg.MODEL.CLIP_INIT == "random":
         a = cfg.MODEL.CLIP_ARCH
-        logger.warning("!!! MODEL.CLIP_INIT = 'random': building %s with RANDOM weights (no CLIP "
-                       "pre-training). Results are not comparable to the paper. !!!", cfg.MODEL.NAME)
+        logger.warning("MODEL.CLIP_INIT = 'random': no CLIP pre-training; results are not comparable "
+                       "to the paper")
         return clip.build_random_clip(
             cfg.MODEL.NAME, h, w, stride, embed_dim=a.EMBED_DIM, vision_width=a.VISION_WIDTH,
             vision_layers=a.VISION_LAYERS, vision_patch_size=a.VISION_PATCH_SIZE,

@@ -9,6 +9,8 @@ import sys
 def setup_logger(name: str, save_dir: str | None, if_train: bool, is_main: bool = True) -> logging.Logger:
     """Configure the ``name`` logger once: INFO to stdout on the main process, and a log file."""
     logger = logging.getLogger(name)
+    if not is_main:   # other ranks: only errors from third-party loggers (timm, torch, ...)
+        logging.getLogger().setLevel(logging.ERROR)
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
     for h in list(logger.handlers):

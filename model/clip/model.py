@@ -34,7 +34,7 @@ __all__ = [
     "build_model", "build_random_clip", "convert_weights_fp16", "resize_pos_embed", "arch_from_state_dict",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("svllreid.clip")
 
 PRETRAINED_IMAGE_SIZE = 224  # OpenAI CLIP's training resolution: sets the grid of the pretrained pos-embeddings
 RESNET_STRIDE = 32  # ModifiedResNet output stride with the original layer4 (stride 2)
