@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from loss import SimCLRLoss
 from solver import rescale_center_grad
 from utils.checkpoint import unwrap
+from utils.dist import average_gradients
 from utils.misc import AverageMeter
 
 from .common import (autocast, make_scaler, progress, restore_rng, restore_train_state, save_train_state,
@@ -117,6 +118,7 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             if optimizer_center is not None:   # undo the loss weight on the centers' gradient
+                average_gradients(center_criterion)
                 rescale_center_grad(center_criterion, cfg)
                 scaler.step(optimizer_center)
             scaler.update()

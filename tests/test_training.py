@@ -222,3 +222,25 @@ def test_vehicleid_test_script_averages_trials(tmp_path):
     assert res["mAP"] == pytest.approx(sum(t["mAP"] for t in trials) / 3)
     assert res["cmc"][0] == pytest.approx(sum(t["cmc"][0] for t in trials) / 3)
     assert len({round(t["mAP"], 9) for t in trials}) > 1      # the random splits differ
+
+
+def test_stage2_with_center_loss_trains_the_centers(tiny_root, tmp_path):
+    """METRIC_LOSS_TYPE triplet_center: own SGD optimiser, gradient rescaled by 1/CENTER_LOSS_WEIGHT."""
+    cfg = tiny_cfg(tiny_root, tmp_path, "SOLVER.STAGE2.MAX_EPOCHS", "1", "MODEL.METRIC_LOSS_TYPE", "triplet_center")
+    model, (tl2, _, _, nq, ncls, _, _) = build(cfg)
+    loss_fn, center = make_loss(cfg, ncls, feat_dim=model.feature_dims[0])
+    opt, opt_c = make_optimizer_2stage(cfg, model, center)
+    assert opt_c is not None
+    before = center.centers.detach().clone()
+    seen = []
+    original_step = opt_c.step
+
+    def step_and_record(*a, **k):
+        seen.append(center.centers.grad.abs().max().item())
+        return original_step(*a, **k)
+
+    opt_c.step = step_and_record
+    do_train_stage2(cfg, model, tl2, None, opt, opt_c, create_warmup_multistep(cfg.SOLVER.STAGE2, opt), loss_fn,
+                    make_ssl_loss(cfg), center, nq, ncls, torch.device("cpu"))
+    assert seen and all(g > 0 for g in seen)           # one step per batch, with a real gradient
+    assert not torch.equal(before, center.centers.detach())

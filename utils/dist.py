@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_dist", "get_rank", "get_world_size", "is_main_process", "gather_with_grad", "init_distributed",
-           "shard_indices", "gather_strided", "all_gather_object", "broadcast_object", "barrier", "cleanup"]
+           "shard_indices", "gather_strided", "all_gather_object", "broadcast_object", "average_gradients", "barrier", "cleanup"]
 
 
 def is_dist() -> bool:
@@ -114,6 +114,17 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Average the gradients of a module that is not wrapped in DDP (e.g. the center loss)."""
+    world = get_world_size()
+    if world == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 def barrier() -> None:
