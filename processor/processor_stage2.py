@@ -69,6 +69,12 @@ def stage2_forward_loss(cfg: Any, model: nn.Module, batch: dict[str, Any], text_
     return loss, parts, out
 
 
+def _summary(meters: dict[str, AverageMeter], optimizer: torch.optim.Optimizer) -> str:
+    m = {k: v.avg for k, v in meters.items()}
+    return (f"loss {m['loss']:.3f} (id {m['id']:.3f} tri {m['tri']:.3f} i2t {m['i2t']:.3f} ssl {m['ssl']:.3f}) "
+            f"acc {m['acc']:.3f} lr {optimizer.param_groups[0]['lr']:.2e}")
+
+
 def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None,
                     optimizer: torch.optim.Optimizer, optimizer_center: torch.optim.Optimizer | None,
                     scheduler: Any, loss_fn: Callable, ssl_loss: nn.Module | None, center_criterion: nn.Module | None,
@@ -133,13 +139,11 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
                     meters[k].update(parts[k].item(), n)
             bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc=f"{meters['acc'].avg:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if it % c2.LOG_PERIOD == 0 or it == len(train_loader):
-                logger.info("Stage2 epoch[%d] iter[%d/%d] loss %.3f (id %.3f tri %.3f i2t %.3f ssl %.3f) "
-                            "acc %.3f lr %.2e", epoch, it, len(train_loader), meters["loss"].avg,
-                            meters["id"].avg, meters["tri"].avg, meters["i2t"].avg, meters["ssl"].avg,
-                            meters["acc"].avg, optimizer.param_groups[0]["lr"])
+            if it % c2.LOG_PERIOD == 0:
+                logger.info("Stage2 epoch[%d] iter[%d] %s", epoch, it, _summary(meters, optimizer))
         dt = time.time() - t0
-        logger.info("Stage2 epoch %d done in %.1fs (%.1f samples/s)", epoch, dt, n_seen / max(dt, 1e-9))
+        logger.info("Stage2 epoch %d done in %.1fs (%.1f samples/s): %s", epoch, dt, n_seen / max(dt, 1e-9),
+                    _summary(meters, optimizer))
 
         if epoch % c2.CHECKPOINT_PERIOD == 0 or epoch == c2.MAX_EPOCHS:
             save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_{epoch}.pth", model)
