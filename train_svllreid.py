@@ -37,7 +37,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # old launchers
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if "--resume" in args.opts:   # also accepted after the overrides
+        args.opts.remove("--resume")
+        args.resume = True
+    return args
 
 
 def _wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -244,3 +244,10 @@ def test_stage2_with_center_loss_trains_the_centers(tiny_root, tmp_path):
                     make_ssl_loss(cfg), center, nq, ncls, torch.device("cpu"))
     assert seen and all(g > 0 for g in seen)           # one step per batch, with a real gradient
     assert not torch.equal(before, center.centers.detach())
+
+
+def test_resume_flag_accepted_before_or_after_overrides():
+    for argv in (["--config_file", DEMO, "--resume", "OUTPUT_DIR", "x"], ["--config_file", DEMO, "OUTPUT_DIR", "x", "--resume"]):
+        args = train_svllreid.parse_args(argv)
+        assert args.resume and args.opts == ["OUTPUT_DIR", "x"]
+    assert not train_svllreid.parse_args(["--config_file", DEMO, "OUTPUT_DIR", "x"]).resume
