@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from datasets.sampler import epoch_seed
-from utils.checkpoint import load_file, load_model_weights, model_state, save_atomic
-from utils.dist import all_gather_object, get_rank, get_world_size, is_main_process, shard_indices
+from utils.checkpoint import load_file, load_model_weights, model_state, save_atomic, unwrap
+from utils.dist import all_gather_object, gather_strided, get_rank, get_world_size, is_main_process, shard_indices
 from utils.misc import rng_state, set_rng_state
 
 logger = logging.getLogger("svllreid")
@@ -116,3 +116,36 @@ def set_loader_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
         loader.sampler.set_epoch(epoch)
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed(seed, epoch) + get_rank())
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The unwrapped model in eval mode (no DDP collectives), its previous mode restored after."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+@torch.no_grad()
+def encode_loader(model: nn.Module, loader: DataLoader, device: torch.device,
+                  encode: Callable[[nn.Module, dict[str, Any]], torch.Tensor], desc: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features, pids, camids) of every sample of ``loader``, in dataset order, eval mode, no grad.
+
+    ``encode(net, batch)`` gives a batch's features. Under DDP each rank encodes a strided
+    shard and every rank receives the whole set.
+    """
+    feats, pids, camids = [], [], []
+    with eval_mode(model) as net:
+        for batch in progress(sharded_loader(loader), None, desc):
+            batch = to_device(batch, device)
+            with autocast(device):
+                feats.append(encode(net, batch).float())
+            pids.append(batch["pid"])
+            camids.append(batch["camid"])
+    n = len(loader.dataset)
+    return tuple(gather_strided(torch.cat(x), n) for x in (feats, pids, camids))

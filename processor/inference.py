@@ -9,37 +9,21 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from utils.checkpoint import unwrap
-from utils.dist import broadcast_object, gather_strided, is_main_process
+from utils.dist import broadcast_object, is_main_process
 from utils.metrics import R1_mAP_eval
 
-from .common import autocast, progress, sharded_loader, to_device
+from .common import encode_loader
 
 logger = logging.getLogger("svllreid")
 
 
-@torch.no_grad()
 def extract_features(cfg: Any, model: nn.Module, loader: DataLoader, device: torch.device
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Retrieval features (eval mode) with pids and camids, in loader order.
-
-    Under DDP every rank encodes a strided shard and all ranks receive the whole set.
-    """
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
-    feats, pids, camids = [], [], []
-    for batch in progress(sharded_loader(loader), None, "extracting features"):
-        batch = to_device(batch, device)
-        with autocast(device):
-            f = net(batch["img"], cam_label=batch["camid"] if cfg.MODEL.SIE_CAMERA else None,
-                    view_label=batch["viewid"] if cfg.MODEL.SIE_VIEW else None)
-        feats.append(f.float())
-        pids.append(batch["pid"])
-        camids.append(batch["camid"])
-    net.train(was_training)
-    n = len(loader.dataset)
-    return tuple(gather_strided(torch.cat(x), n) for x in (feats, pids, camids))
+    """Retrieval features (eval mode) with pids and camids, in loader order (sharded under DDP)."""
+    def encode(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return net(batch["img"], cam_label=batch["camid"] if cfg.MODEL.SIE_CAMERA else None,
+                   view_label=batch["viewid"] if cfg.MODEL.SIE_VIEW else None)
+    return encode_loader(model, loader, device, encode, "extracting features")
 
 
 def evaluate_features(cfg: Any, feats: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor,

@@ -14,39 +14,26 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from loss import SimCLRLoss, SupConLoss
 from datasets.sampler import epoch_seed
+from loss import SimCLRLoss, SupConLoss
 from utils.checkpoint import unwrap
-from utils.dist import gather_strided
 from utils.misc import AverageMeter
 
-from .common import (autocast, make_scaler, progress, restore_rng, restore_train_state, save_train_state, save_weights,
-                     sharded_loader, to_device)
+from .common import (autocast, encode_loader, make_scaler, progress, restore_rng, restore_train_state,
+                     save_train_state, save_weights)
 
 logger = logging.getLogger("svllreid")
 
 
-@torch.no_grad()
 def cache_image_features(model: nn.Module, loader: DataLoader, device: torch.device
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected CLS features and labels of every training image, in dataset order.
 
-    Eval mode (BatchNorm running statistics, as SPEC §4 asks), no grad; under DDP each
-    rank encodes a strided shard and the shards are all-gathered.
+    Eval mode (BatchNorm running statistics, as SPEC §4 asks), no grad, sharded under DDP.
     """
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
-    feats, labels = [], []
-    for batch in progress(sharded_loader(loader), None, "stage1: caching image features"):
-        batch = to_device(batch, device)
-        with autocast(device):
-            f = net(batch["img"], mode="image_proj")
-        feats.append(f.float())
-        labels.append(batch["pid"])
-    net.train(was_training)
-    n = len(loader.dataset)
-    return gather_strided(torch.cat(feats), n), gather_strided(torch.cat(labels), n)
+    feats, labels, _ = encode_loader(model, loader, device, lambda net, b: net(b["img"], mode="image_proj"),
+                                     "stage1: caching image features")
+    return feats, labels
 
 
 def _set_stage1_modes(model: nn.Module) -> None:

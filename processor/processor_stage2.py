@@ -20,7 +20,7 @@ from utils.checkpoint import unwrap
 from utils.dist import average_gradients
 from utils.misc import AverageMeter
 
-from .common import (autocast, make_scaler, progress, restore_rng, restore_train_state, save_train_state,
+from .common import (autocast, eval_mode, make_scaler, progress, restore_rng, restore_train_state, save_train_state,
                      save_weights, set_loader_epoch, to_device)
 from .inference import do_inference
 
@@ -31,14 +31,11 @@ logger = logging.getLogger("svllreid")
 def compute_text_features(model: nn.Module, num_classes: int, batch_size: int, device: torch.device
                           ) -> torch.Tensor:
     """Text features of every identity's prompt (frozen in stage 2), (num_classes, proj_dim)."""
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
-    feats = []
-    for labels in torch.arange(num_classes, device=device).split(batch_size):
-        with autocast(device):
-            feats.append(net(label=labels, mode="text").float())
-    net.train(was_training)
+    with eval_mode(model) as net:
+        feats = []
+        for labels in torch.arange(num_classes, device=device).split(batch_size):
+            with autocast(device):
+                feats.append(net(label=labels, mode="text").float())
     return torch.cat(feats)
 
 
