@@ -1,14 +1,16 @@
 """Train SVLL-ReID: stage 1 (prompts + language SSL), then stage 2 (image encoder + vision SSL).
 
-    python train_svllreid.py --config_file configs/person/vit_svllreid.yml [KEY VALUE ...] [--resume]
+    python train_svllreid.py --config_file configs/person/vit_svllreid.yml [KEY VALUE ...] [--overwrite]
+    python train_svllreid.py --resume OUTPUT_DIR output/market        # continue a run
 
 The ``base`` configs (MODEL.PROMPT_LEARNING False) skip stage 1 and the I2T loss.
-Writes checkpoints, ``last.pth`` (full training state for ``--resume``), ``train_log.txt``
-and ``results.json`` into OUTPUT_DIR.
+Writes ``config.yaml``, checkpoints, ``last.pth`` (full training state for ``--resume``),
+``train_log.txt`` and ``results.json`` into OUTPUT_DIR, which the run locks while it runs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -23,24 +25,31 @@ from datasets import make_dataloader
 from loss import make_loss, make_ssl_loss
 from model import make_model
 from processor import do_inference, do_train_stage1, do_train_stage2
-from processor.common import load_train_state
+from processor.common import POSITION, load_train_state
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
-from utils.dist import cleanup, get_world_size, init_distributed, is_dist, is_main_process
+from utils.dist import broadcast_object, cleanup, get_world_size, init_distributed, is_dist, is_main_process
 from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, set_cpu_threads, set_seed, write_json_atomic
+from utils.run_dir import CONFIG_FILE, RunError, RunLock, prepare_output_dir, resume_config, save_run_config
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="SVLL-ReID training")
     p.add_argument("--config_file", default="", help="path to a YAML config file")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pth")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUTPUT_DIR from its last.pth, with its saved config.yaml")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUTPUT_DIR that holds a run (its files move to previous-<time>/)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # old launchers
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = p.parse_args(argv)
-    if "--resume" in args.opts:   # also accepted after the overrides
-        args.opts.remove("--resume")
-        args.resume = True
+    for flag in ("--resume", "--overwrite"):   # also accepted after the overrides
+        if flag in args.opts:
+            args.opts.remove(flag)
+            setattr(args, flag[2:], True)
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other")
     return args
 
 
@@ -54,23 +63,47 @@ def _wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False) -> dict[str, Any]:
+def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False,
+          overwrite: bool = False) -> dict[str, Any]:
     """Run the configured training; returns {'trained': metrics[, 'untrained': metrics]}.
 
     Single process, or one process per device under ``torchrun`` with MODEL.DIST_TRAIN.
+    OUTPUT_DIR is locked for the run; one that holds a run needs ``resume`` or ``overwrite``.
     """
     device = init_distributed(cfg.MODEL.DEVICE, cfg.MODEL.DIST_TIMEOUT) if cfg.MODEL.DIST_TRAIN \
         else resolve_device(cfg.MODEL.DEVICE)
+    POSITION.__init__()
     try:
-        return _train(cfg, device, resume, evaluate_untrained)
+        with RunLock(cfg.OUTPUT_DIR) if is_main_process() else contextlib.nullcontext():
+            notes = _claim_output_dir(cfg, resume, overwrite)
+            return _train(cfg, device, resume, evaluate_untrained, notes)
     finally:
         cleanup()
 
 
-def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: bool) -> dict[str, Any]:
+def _claim_output_dir(cfg: Any, resume: bool, overwrite: bool) -> list[str]:
+    """Check OUTPUT_DIR on rank 0 (lock held) and give every rank the same verdict."""
+    notes, error = [], None
+    if is_main_process():
+        try:
+            notes = prepare_output_dir(cfg.OUTPUT_DIR, resume, overwrite)
+        except RunError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise RunError(error)
+    return notes
+
+
+def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: bool,
+           notes: list[str]) -> dict[str, Any]:
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=True, is_main=is_main_process())
-    logger.info("Configuration:\n%s", cfg.dump())
+    for note in notes:
+        logger.info("%s", note)
+    if is_main_process():
+        save_run_config(cfg.OUTPUT_DIR, cfg)
+    logger.info("Configuration (also in %s):\n%s", os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE), cfg.dump())
     if is_dist():
         logger.info("Distributed: %d processes (%s), %d images per process in stage 2",
                     get_world_size(), dist.get_backend(), cfg.SOLVER.STAGE2.IMS_PER_BATCH // get_world_size())
@@ -97,6 +130,8 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     state = load_train_state(cfg.OUTPUT_DIR) if resume else None
     if resume and state is None:
         logger.warning("--resume: no %s/last.pth yet; starting from scratch", cfg.OUTPUT_DIR)
+    if state is not None:
+        POSITION.saved = (state["stage"], state["epoch"])
 
     if cfg.MODEL.PROMPT_LEARNING and not (state and state["stage"] == 2):
         model.set_stage(1, train_text_mlp=cfg.MODEL.TRAIN_TEXT_MLP_STAGE1)
@@ -125,7 +160,22 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return cli.run(lambda: train(load_config(args.config_file, args.opts), resume=args.resume))
+    output_dir: list[str] = []
+
+    def run() -> None:
+        cfg = resume_config(args.config_file, args.opts) if args.resume else None
+        if cfg is None:
+            cfg = load_config(args.config_file, args.opts)
+        output_dir.append(cfg.OUTPUT_DIR)
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+
+    def interrupted() -> str:
+        if not output_dir or POSITION.saved is None:
+            return POSITION.describe()
+        return (f"{POSITION.describe()}; continue with: python train_svllreid.py --resume "
+                f"OUTPUT_DIR {output_dir[0]}")
+
+    return cli.run(run, on_interrupt=interrupted)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from yacs.config import CfgNode as _YacsNode
 
 from .defaults import _C as _DEFAULTS
 
-__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "CHOICES"]
+__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "CHOICES"]
 
 
 class ConfigError(ValueError):
@@ -109,6 +109,15 @@ class CfgNode(_YacsNode):
                 loaded = yaml.load(f, Loader=_KeepWordsLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {cfg_filename}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {cfg_filename} is a folder, not a YAML file") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or _one_line(e)
+            raise ConfigError(f"{cfg_filename}:{where}: YAML syntax error: {problem}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{cfg_filename}: expected a mapping of config keys, got a {type(loaded).__name__}")
         loaded = _coerce_tree(self, loaded)
         try:
             self.merge_from_other_cfg(type(self)(loaded))
@@ -141,7 +150,8 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e.args[0] if e.args else e).split())
 
 
-def _get(cfg: _YacsNode, key: str) -> Any:
+def get_key(cfg: _YacsNode, key: str) -> Any:
+    """The value of a dotted key such as ``SOLVER.STAGE2.BASE_LR``."""
     node: Any = cfg
     for part in key.split("."):
         node = node[part]
@@ -160,30 +170,42 @@ def _check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
 def validate(cfg: _YacsNode) -> None:
     """Check choice keys and value ranges; raise ConfigError with a one-line message."""
     for key, allowed in CHOICES.items():
-        _check_choice(key, _get(cfg, key), allowed)
+        _check_choice(key, get_key(cfg, key), allowed)
     dev = cfg.MODEL.DEVICE
     if not (dev in ("cpu", "cuda") or (isinstance(dev, str) and dev.startswith("cuda:"))):
         raise ConfigError(f"MODEL.DEVICE = {dev!r} is not allowed; choose 'cpu', 'cuda' or 'cuda:N'")
     for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
-        v = _get(cfg, key)
+        v = get_key(cfg, key)
         if len(v) != 2 or any(int(x) <= 0 for x in v):
             raise ConfigError(f"{key} = {list(v)!r} must be two positive integers [height, width]")
     for key in ("INPUT.PROB", "INPUT.RE_PROB", "SOLVER.STAGE1.PROMPT_AUG_SCALE"):
-        v = _get(cfg, key)
+        v = get_key(cfg, key)
         if not 0.0 <= float(v) <= 1.0:
             raise ConfigError(f"{key} = {v!r} must lie in [0, 1]")
-    k = cfg.DATALOADER.NUM_INSTANCE
-    if k < 1 or cfg.SOLVER.STAGE2.IMS_PER_BATCH % k:
-        raise ConfigError(
-            f"SOLVER.STAGE2.IMS_PER_BATCH = {cfg.SOLVER.STAGE2.IMS_PER_BATCH} must be a multiple "
-            f"of DATALOADER.NUM_INSTANCE = {k}"
-        )
     for key in ("SOLVER.STAGE1.IMS_PER_BATCH", "SOLVER.STAGE2.IMS_PER_BATCH", "TEST.IMS_PER_BATCH",
                 "SOLVER.STAGE1.MAX_EPOCHS", "SOLVER.STAGE2.MAX_EPOCHS", "TEST.MAX_RANK",
-                "TEST.RE_RANKING_K1", "TEST.RE_RANKING_K2"):
-        v = _get(cfg, key)
-        if int(v) < (0 if "MAX_EPOCHS" in key else 1):
+                "TEST.RE_RANKING_K1", "TEST.RE_RANKING_K2", "DATALOADER.NUM_INSTANCE",
+                "SOLVER.STAGE1.LOG_PERIOD", "SOLVER.STAGE1.CHECKPOINT_PERIOD", "SOLVER.STAGE1.EVAL_PERIOD",
+                "SOLVER.STAGE2.LOG_PERIOD", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "SOLVER.STAGE2.EVAL_PERIOD"):
+        v = get_key(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key} = {v!r} must be a positive integer")
+    for key in ("DATALOADER.NUM_WORKERS", "DATALOADER.READ_RETRIES"):
+        v = get_key(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{key} = {v!r} must be an integer >= 0")
+    for key in ("SOLVER.STAGE1.BASE_LR", "SOLVER.STAGE2.BASE_LR"):
+        v = get_key(cfg, key)
+        if not float(v) > 0:
+            raise ConfigError(f"{key} = {v!r} must be > 0")
+    k, batch = cfg.DATALOADER.NUM_INSTANCE, cfg.SOLVER.STAGE2.IMS_PER_BATCH
+    if batch % k:
+        raise ConfigError(f"SOLVER.STAGE2.IMS_PER_BATCH = {batch} must be a multiple of DATALOADER.NUM_INSTANCE "
+                          f"= {k} (a batch is P identities x NUM_INSTANCE images)")
+    if "triplet" in cfg.DATALOADER.SAMPLER and batch // k < 2:
+        raise ConfigError(f"SOLVER.STAGE2.IMS_PER_BATCH = {batch} with DATALOADER.NUM_INSTANCE = {k} gives one "
+                          "identity per batch: the triplet loss has no negatives and would be 0 all run; "
+                          f"use IMS_PER_BATCH >= {2 * k}")
     if not 0.0 <= cfg.TEST.RE_RANKING_LAMBDA <= 1.0:
         raise ConfigError(f"TEST.RE_RANKING_LAMBDA = {cfg.TEST.RE_RANKING_LAMBDA!r} must lie in [0, 1]")
 

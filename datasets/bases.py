@@ -11,11 +11,12 @@ import os
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 __all__ = [
-    "Sample", "DatasetLayoutError", "BaseImageDataset", "ImageDataset", "read_image",
+    "Sample", "DatasetError", "DatasetLayoutError", "verify_images", "BaseImageDataset", "ImageDataset", "read_image",
     "relabel", "report_unparsed", "require_dirs", "resolve_dataset_dir", "list_images",
     "IMAGE_EXTENSIONS",
 ]
@@ -25,6 +26,10 @@ logger = logging.getLogger("svllreid")
 Sample = tuple[str, int, int, int]  # (img_path, pid, camid, viewid)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class DatasetError(ValueError):
+    """A dataset's content cannot be used (no parsable names, an empty subset, bad ids, bad images)."""
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -50,7 +55,7 @@ def report_unparsed(where: str, bad: Sequence[str], n_good: int, what: str = "fi
     hint = f" (expected {scheme})" if scheme else ""
     msg = f"{where}: {len(bad)} {what} do not match the naming scheme{hint}; first: {examples}"
     if n_good == 0:
-        raise ValueError(msg + "; nothing could be parsed")
+        raise DatasetError(msg + "; nothing could be parsed")
     logger.warning(msg + "; skipped")
 
 
@@ -86,11 +91,11 @@ class BaseImageDataset:
         for subset in ("train", "query", "gallery"):
             if not getattr(self, subset):
                 where = getattr(self, "dataset_dir", "")
-                raise ValueError(f"{self.name}: the {subset} subset is empty"
+                raise DatasetError(f"{self.name}: the {subset} subset is empty"
                                  + (f" (dataset folder {where})" if where else ""))
         everything = self.train + self.query + self.gallery
         if min(s[2] for s in everything) < 0 or min(s[3] for s in everything) < 0:
-            raise ValueError(f"{self.name}: negative camera or view id")
+            raise DatasetError(f"{self.name}: negative camera or view id")
         (self.num_train_pids, self.num_train_imgs,
          self.num_train_cams, self.num_train_vids) = self.get_imagedata_info(self.train)
         self.num_train_cams = max(self.num_train_cams, 1 + max(s[2] for s in everything))
@@ -123,9 +128,8 @@ def require_dirs(name: str, base: str, subdirs: Iterable[str], layout: str) -> N
     """Raise one :class:`DatasetLayoutError` naming every missing folder and the layout."""
     missing = [os.path.join(base, d) for d in subdirs if not os.path.isdir(os.path.join(base, d))]
     if missing:
-        raise DatasetLayoutError(
-            f"{name}: missing {', '.join(missing)}.\nExpected layout:\n{layout.rstrip()}"
-        )
+        shown = " | ".join(line.strip() for line in layout.strip().splitlines())
+        raise DatasetLayoutError(f"{name}: missing {', '.join(missing)}; expected layout: {shown}")
 
 
 def resolve_dataset_dir(root: str, dataset_dir: str, subdirs: Iterable[str]) -> str:
@@ -139,28 +143,83 @@ def resolve_dataset_dir(root: str, dataset_dir: str, subdirs: Iterable[str]) -> 
 
 
 def list_images(dir_path: str) -> list[str]:
-    """Sorted image file names (not paths) in ``dir_path``."""
-    return sorted(f for f in os.listdir(dir_path) if f.lower().endswith(IMAGE_EXTENSIONS))
+    """Sorted image file names (not paths) in ``dir_path``.
+
+    The benchmark layouts are flat; a folder holding per-identity sub-folders of images
+    instead is refused with a message that says so.
+    """
+    names = os.listdir(dir_path)
+    images = sorted(f for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not images:
+        nested = [d for d in sorted(names) if os.path.isdir(os.path.join(dir_path, d))
+                  and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(os.path.join(dir_path, d)))]
+        if nested:
+            raise DatasetError(f"{dir_path} holds images in sub-folders ({nested[0]}/, ...) but the layout is "
+                               "flat: put the images directly in the folder, named as the layout says")
+    return images
 
 
 # ---------------------------------------------------------------------- image reading
+def to_rgb(img: Image.Image, path: str = "image") -> Image.Image:
+    """``img`` as 8-bit RGB, whatever mode Pillow opened it in.
+
+    Pillow's ``convert('RGB')`` clips 16-bit and 32-bit grey images at 255 (a 16-bit PNG
+    becomes white), so those are scaled: 16-bit by 1/257, integer images by their range,
+    float images in [0, 1] by 255. Anything else that cannot be mapped is refused by name.
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            a = a / 257.0
+        elif a.size and (a.min() < 0 or a.max() > 65535):
+            raise OSError(f"cannot read image {path!r}: {img.mode} values outside 0..65535")
+        elif img.mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        elif a.size and a.max() > 255:
+            a = a / 257.0
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def read_image(path: str, retries: int = 3, delay: float = 0.1) -> Image.Image:
-    """Read ``path`` as an RGB PIL image.
+    """Read ``path`` as an 8-bit RGB PIL image (any mode Pillow opens, see :func:`to_rgb`).
 
     A missing or unreadable/corrupt file is retried ``retries`` times with a short sleep
     (transient network-filesystem errors), then an ``OSError`` naming the file is raised.
+    An image beyond Pillow's decompression-bomb limit is refused at once.
     """
     last: BaseException | None = None
     for attempt in range(retries + 1):
         try:
             with Image.open(path) as img:
                 img.load()
-                return img.convert("RGB")
+                return to_rgb(img, path)
+        except Image.DecompressionBombError as e:
+            raise OSError(f"cannot read image {path!r}: {' '.join(str(e).split())}") from None
         except (OSError, ValueError, SyntaxError) as e:  # PIL decode errors vary by format
             last = e
             if attempt < retries:
                 time.sleep(delay)
     raise OSError(f"cannot read image {path!r} after {retries + 1} attempts: {last}") from last
+
+
+def verify_images(paths: Sequence[str], what: str) -> None:
+    """Open the header of every file (fast: no decoding) and raise one error naming the bad ones.
+
+    Run before training, so that an unreadable query or gallery image is found before
+    hours of training rather than at the final evaluation.
+    """
+    bad = []
+    for p in paths:
+        try:
+            with Image.open(p):
+                pass
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            bad.append(f"{p} ({type(e).__name__})")
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise DatasetError(f"{what}: {len(bad)} of {len(paths)} images cannot be opened: "
+                           f"{', '.join(bad[:3])}{more}")
 
 
 class ImageDataset(Dataset):

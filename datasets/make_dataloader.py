@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from utils.dist import get_rank, get_world_size, is_dist
 
-from .bases import BaseImageDataset, ImageDataset
+from .bases import BaseImageDataset, DatasetError, ImageDataset, verify_images
 from .factory import build_dataset
 from .sampler import RandomIdentitySampler, RandomIdentitySamplerDDP, ShuffleSampler
 from .transforms import build_ssl_transform, build_transforms
@@ -54,6 +54,22 @@ def _loader_kwargs(cfg: Any, seed_offset: int) -> dict[str, Any]:
         "pin_memory": torch.cuda.is_available(),
         "generator": torch.Generator().manual_seed(seed),
     }
+
+
+def check_identity_batch(cfg: Any, num_pids: int) -> None:
+    """Refuse a P x K batch that needs more identities than the training set has.
+
+    The identity sampler ends an epoch when fewer than P identities are left, so with
+    P > #identities it yields no batch at all and stage 2 would silently train nothing.
+    """
+    if "triplet" not in cfg.DATALOADER.SAMPLER:
+        return
+    batch, k = int(cfg.SOLVER.STAGE2.IMS_PER_BATCH), int(cfg.DATALOADER.NUM_INSTANCE)
+    if batch // k > num_pids:
+        raise DatasetError(
+            f"SOLVER.STAGE2.IMS_PER_BATCH = {batch} / DATALOADER.NUM_INSTANCE = {k} needs {batch // k} identities "
+            f"per batch, but {cfg.DATASETS.NAMES} has {num_pids} training identities: use IMS_PER_BATCH <= "
+            f"{num_pids * k} (or a smaller NUM_INSTANCE)")
 
 
 def _train_sampler(cfg: Any, train: list) -> tuple[Sampler[int], int, bool]:
@@ -97,6 +113,9 @@ def make_dataloader(cfg: Any, trial: int = 0
     num_classes, camera_num, view_num)``. ``trial`` selects the VehicleID split.
     """
     dataset = build_dataset_from_cfg(cfg, trial)
+    check_identity_batch(cfg, dataset.num_train_pids)
+    for subset in ("train", "query", "gallery"):
+        verify_images([s[0] for s in getattr(dataset, subset)], f"{cfg.DATASETS.NAMES} {subset}")
     retries = cfg.DATALOADER.READ_RETRIES
     ssl_transform = build_ssl_transform(cfg) if cfg.MODEL.USE_SSL else None
     train_set = ImageDataset(dataset.train, build_transforms(cfg, True), ssl_transform,

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .bases import (BaseImageDataset, DatasetLayoutError, Sample, relabel, report_unparsed,
+from .bases import (BaseImageDataset, DatasetError, DatasetLayoutError, Sample, relabel, report_unparsed,
                     require_dirs, resolve_dataset_dir)
 
 __all__ = ["VehicleID"]
@@ -66,7 +66,7 @@ class VehicleID(BaseImageDataset):
         report_unparsed(f"{self.name} {list_path}", bad, len(items), what="lines",
                         scheme="'name pid', e.g. '0004424 2'")
         if not items:
-            raise ValueError(f"{self.name}: {list_path} lists no images")
+            raise DatasetError(f"{self.name}: {list_path} lists no images")
         if not os.path.isfile(items[0][0]):
             raise DatasetLayoutError(f"{self.name}: {list_path} names {items[0][0]}, which does "
                                      f"not exist.\nExpected layout:\n{self.layout(self.root)}")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import os
 from typing import Any, Callable, Iterable, Iterator
 
@@ -15,10 +17,10 @@ from datasets.sampler import epoch_seed
 from utils.checkpoint import load_file, load_model_weights, model_state, save_atomic, unwrap
 from utils.dist import all_gather_object, gather_strided, get_rank, get_world_size, is_main_process, shard_indices
 from utils.misc import rng_state, set_rng_state
+from utils.run_dir import LAST_CHECKPOINT, RunError
 
 logger = logging.getLogger("svllreid")
 
-LAST_CHECKPOINT = "last.pth"
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -37,20 +39,60 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+@dataclasses.dataclass
+class RunPosition:
+    """Where the running training is, and what ``last.pth`` holds (for the Ctrl-C message)."""
+    stage: int | None = None
+    epoch: int | None = None
+    saved: tuple[int, int] | None = None
+
+    def describe(self) -> str:
+        where = f"stopped in stage {self.stage}, epoch {self.epoch}" if self.stage else "stopped before training"
+        if self.saved is None:
+            return f"{where}; no training state was saved yet"
+        return f"{where}; {LAST_CHECKPOINT} holds the end of stage {self.saved[0]} epoch {self.saved[1]}"
+
+
+POSITION = RunPosition()
+
+
+class NonFiniteLossError(RunError):
+    """A training loss became NaN or Inf: the run stops before the step is applied."""
+
+
+def check_finite_loss(values: dict[str, float], stage: int, epoch: int, iteration: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the step and every loss component when one is not finite.
+
+    Called after the forward pass and before backward/step, so no non-finite update is
+    ever applied and ``last.pth`` keeps the state of the end of the previous epoch.
+    """
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    parts = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+    lr_key = f"SOLVER.STAGE{stage}.BASE_LR"
+    raise NonFiniteLossError(f"stage {stage}, epoch {epoch}, iteration {iteration}: non-finite loss ({parts}); "
+                             f"stopped before this step was applied, {LAST_CHECKPOINT} keeps the last finite state "
+                             f"(the training diverged: try a lower {lr_key})")
+
+
 def save_train_state(output_dir: str, stage: int, epoch: int, model: nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-                     extra: dict[str, Any] | None = None) -> None:
+                     config: str, extra: dict[str, Any] | None = None) -> None:
     """Write ``OUTPUT_DIR/last.pth`` atomically (called on every rank; rank 0 writes).
 
-    The RNG states of all ranks are kept so that each rank resumes its own streams.
+    The RNG states of all ranks are kept so that each rank resumes its own streams;
+    ``config`` (the run's YAML dump) records what produced the state. Non-finite weights
+    are never written.
     """
     rngs = all_gather_object(rng_state())
     if not is_main_process():
         return
-    state = {"stage": stage, "epoch": epoch, "model": model_state(model), "optimizer": optimizer.state_dict(),
+    weights = model_state(model)
+    state = {"stage": stage, "epoch": epoch, "model": weights, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-             "extra": extra or {}}
-    save_atomic(state, os.path.join(output_dir, LAST_CHECKPOINT))
+             "config": config, "extra": extra or {}}
+    save_atomic(state, os.path.join(output_dir, LAST_CHECKPOINT), check_finite=weights)
+    POSITION.saved = (stage, epoch)
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -64,7 +106,11 @@ def load_train_state(output_dir: str) -> dict[str, Any] | None:
     path = os.path.join(output_dir, LAST_CHECKPOINT)
     if not os.path.isfile(path):
         return None
-    return load_file(path, weights_only=True)
+    state = load_file(path, weights_only=True)
+    if not (isinstance(state, dict) and {"stage", "epoch", "model", "optimizer"} <= set(state)):
+        raise RunError(f"{path} is not a training state written by train_svllreid.py (a weights-only "
+                       "checkpoint?); --resume needs the last.pth of a run")
+    return state
 
 
 def restore_train_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -85,7 +131,8 @@ def save_weights(output_dir: str, name: str, model: nn.Module) -> str:
     """Model weights only (the published checkpoint format), written atomically."""
     path = os.path.join(output_dir, name)
     if is_main_process():
-        save_atomic(model_state(model), path)
+        weights = model_state(model)
+        save_atomic(weights, path, check_finite=weights)
         logger.info("Saved %s", path)
     return path
 

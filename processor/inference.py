@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from utils.dist import broadcast_object, is_main_process
 from utils.metrics import R1_mAP_eval
+from utils.run_dir import RunError
 
 from .common import encode_loader
 
@@ -28,7 +29,15 @@ def extract_features(cfg: Any, model: nn.Module, loader: DataLoader, device: tor
 
 def evaluate_features(cfg: Any, feats: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor,
                       num_query: int) -> dict[str, Any]:
-    """mAP / CMC / mINP of query-then-gallery features with the configured protocol."""
+    """mAP / CMC / mINP of query-then-gallery features with the configured protocol.
+
+    Non-finite features (a diverged or damaged model) are refused: they would give a
+    meaningless ranking and a number that looks like a result.
+    """
+    bad = int((~torch.isfinite(feats).all(dim=1)).sum())
+    if bad:
+        raise RunError(f"evaluation: {bad} of {feats.shape[0]} features hold NaN/Inf — the model's weights are "
+                       "not finite (a diverged run or a damaged checkpoint); no metrics computed")
     evaluator = R1_mAP_eval.from_cfg(cfg, num_query)
     evaluator.reset()
     evaluator.update((feats, pids.cpu(), camids.cpu()))

@@ -19,8 +19,8 @@ from loss import SimCLRLoss, SupConLoss
 from utils.checkpoint import unwrap
 from utils.misc import AverageMeter
 
-from .common import (autocast, encode_loader, make_scaler, progress, restore_rng, restore_train_state,
-                     save_train_state, save_weights)
+from .common import (POSITION, autocast, check_finite_loss, encode_loader, make_scaler, progress, restore_rng,
+                     restore_train_state, save_train_state, save_weights)
 
 logger = logging.getLogger("svllreid")
 
@@ -76,6 +76,7 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
         t0 = time.time()
         for m in meters.values():
             m.reset()
+        POSITION.stage, POSITION.epoch = 1, epoch
         scheduler.step(epoch)
         _set_stage1_modes(model)
         # the epoch's order from (seed, epoch): identical on every rank and on resume
@@ -88,22 +89,20 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
             with autocast(device):
                 out = model(label=target, mode="stage1")
             text_f = out["text_features"].float()
-            loss_i2t = supcon(img_f, text_f, target, target)
-            loss_t2i = supcon(text_f, img_f, target, target)
-            loss = loss_i2t + loss_t2i
-            loss_ssl = simclr(out["ssl"]) if (ssl_weight and out["ssl"] is not None) else None
-            if loss_ssl is not None:
-                loss = loss + ssl_weight * loss_ssl
+            parts = {"i2t": supcon(img_f, text_f, target, target), "t2i": supcon(text_f, img_f, target, target)}
+            loss = parts["i2t"] + parts["t2i"]
+            if ssl_weight and out["ssl"] is not None:
+                parts["ssl"] = simclr(out["ssl"])
+                loss = loss + ssl_weight * parts["ssl"]
+            values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+            check_finite_loss(values, 1, epoch, it)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
 
             n = target.shape[0]
-            meters["loss"].update(loss.item(), n)
-            meters["i2t"].update(loss_i2t.item(), n)
-            meters["t2i"].update(loss_t2i.item(), n)
-            if loss_ssl is not None:
-                meters["ssl"].update(loss_ssl.item(), n)
+            for k, v in values.items():
+                meters[k].update(v, n)
             bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             if it % c1.LOG_PERIOD == 0 or it == num_batches:
                 logger.info("Stage1 epoch[%d] iter[%d/%d] loss %.3f (i2t %.3f, t2i %.3f, ssl %.3f) lr %.2e",
@@ -113,4 +112,4 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
                     num_image / max(time.time() - t0, 1e-9))
         if epoch % c1.CHECKPOINT_PERIOD == 0 or epoch == c1.MAX_EPOCHS:
             save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_stage1_{epoch}.pth", model)
-        save_train_state(cfg.OUTPUT_DIR, 1, epoch, model, optimizer, scheduler, scaler)
+        save_train_state(cfg.OUTPUT_DIR, 1, epoch, model, optimizer, scheduler, scaler, cfg.dump())

@@ -20,8 +20,8 @@ from utils.checkpoint import unwrap
 from utils.dist import average_gradients
 from utils.misc import AverageMeter
 
-from .common import (autocast, eval_mode, make_scaler, progress, restore_rng, restore_train_state, save_train_state,
-                     save_weights, set_loader_epoch, to_device)
+from .common import (POSITION, autocast, check_finite_loss, eval_mode, make_scaler, progress, restore_rng,
+                     restore_train_state, save_train_state, save_weights, set_loader_epoch, to_device)
 from .inference import do_inference
 
 logger = logging.getLogger("svllreid")
@@ -103,6 +103,7 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
         t0, n_seen = time.time(), 0
         for m in meters.values():
             m.reset()
+        POSITION.stage, POSITION.epoch = 2, epoch
         with warnings.catch_warnings():   # stepped at epoch start, as published: not a misuse
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             scheduler.step()
@@ -118,6 +119,8 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
             with autocast(device):
                 loss, parts, out = stage2_forward_loss(cfg, model, batch, text_features, loss_fn,
                                                        ssl_loss if use_ssl else None)
+            values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+            check_finite_loss(values, 2, epoch, it)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             if optimizer_center is not None:   # undo the loss weight on the centers' gradient
@@ -128,12 +131,10 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
 
             n = target.shape[0]
             n_seen += n
-            acc = (out["scores"][0].argmax(dim=1) == target).float().mean()
-            meters["loss"].update(loss.item(), n)
-            meters["acc"].update(acc.item(), n)
-            for k in ("id", "tri", "i2t", "ssl"):
-                if k in parts:
-                    meters[k].update(parts[k].item(), n)
+            values["acc"] = (out["scores"][0].argmax(dim=1) == target).float().mean().item()
+            for k, v in values.items():
+                if k in meters:
+                    meters[k].update(v, n)
             bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc=f"{meters['acc'].avg:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             if it % c2.LOG_PERIOD == 0:
@@ -147,5 +148,5 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
         if val_loader is not None and (epoch % c2.EVAL_PERIOD == 0 or epoch == c2.MAX_EPOCHS):
             results = do_inference(cfg, model, val_loader, num_query, device)
         extra = {"optimizer_center": optimizer_center.state_dict()} if optimizer_center is not None else {}
-        save_train_state(cfg.OUTPUT_DIR, 2, epoch, model, optimizer, scheduler, scaler, extra)
+        save_train_state(cfg.OUTPUT_DIR, 2, epoch, model, optimizer, scheduler, scaler, cfg.dump(), extra)
     return results

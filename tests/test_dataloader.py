@@ -133,6 +133,6 @@ def test_ddp_sampler_under_process_group(root, tmp_path):
 
 def test_missing_root_is_clear_error(tmp_path):
     cfg = make_cfg(str(tmp_path / "nothing"))
-    with pytest.raises(FileNotFoundError, match="Expected layout"):
+    with pytest.raises(FileNotFoundError, match="expected layout"):
         make_dataloader(cfg)
     assert not os.path.exists(tmp_path / "nothing")

@@ -106,7 +106,7 @@ def test_missing_dataset_folder_lists_expected_layout(tmp_path):
     with pytest.raises(DatasetLayoutError) as e:
         build_dataset("market1501", str(tmp_path))
     msg = str(e.value)
-    assert "Expected layout" in msg
+    assert "expected layout" in msg and "\n" not in msg   # one line
     for sub in ("bounding_box_train", "query", "bounding_box_test", "Market-1501-v15.09.15"):
         assert sub in msg
 

@@ -26,7 +26,7 @@ def main() -> int:
     args = p.parse_args()
     cfg = load_config(args.config_file, args.opts)
     t0 = time.time()
-    out = train(cfg, evaluate_untrained=True)
+    out = train(cfg, evaluate_untrained=True, overwrite=True)   # a new demo replaces the last one
     elapsed = time.time() - t0
     path = os.path.join(cfg.OUTPUT_DIR, "demo_results.json")
     write_json_atomic(path, {"untrained": out["untrained"], "trained": out["trained"], "seconds": round(elapsed, 1)})

@@ -2,36 +2,61 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import warnings
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
+from .fileio import atomic_write
 
-class CheckpointMismatchError(RuntimeError):
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used: damaged, not a checkpoint, or not fitting the model."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the model (missing, unexpected or mis-shaped keys)."""
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def non_finite_keys(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding NaN or Inf."""
+    return [k for k, v in state.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def save_atomic(obj: Any, path: str, check_finite: Mapping[str, Any] | None = None) -> None:
+    """torch.save to a temporary file in the same folder, then rename over ``path``.
+
+    ``check_finite``: a state dict that must hold only finite values; otherwise nothing
+    is written and a :class:`CheckpointError` names the first offending keys.
+    """
+    if check_finite is not None:
+        bad = non_finite_keys(check_finite)
+        if bad:
+            raise CheckpointError(f"refusing to write {path}: non-finite values in {len(bad)} tensor(s) "
+                                  f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_file(path: str, weights_only: bool = True) -> Any:
-    """torch.load on the CPU with a clear error for a missing file."""
+    """torch.load on the CPU; a missing, empty, damaged or unsafe file is one clear error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=weights_only)
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
+    try:
+        with warnings.catch_warnings():   # protocol notes of the safe unpickler: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain containers; refused "
+                              "(loading them could run arbitrary code): not a checkpoint this code writes "
+                              "or reads") from None
+    except (RuntimeError, EOFError, KeyError, IndexError, ValueError, UnicodeDecodeError) as e:
+        what = " ".join(str(e).split())[:120] or type(e).__name__
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint or is damaged/truncated ({what})") from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -69,6 +94,8 @@ def load_model_weights(model: nn.Module, path_or_state: str | Mapping[str, torch
     sd = load_file(path_or_state) if isinstance(path_or_state, str) else path_or_state
     if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
         sd = sd["model"]          # a last.pth training state
+    if not (isinstance(sd, Mapping) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items())):
+        raise CheckpointError(f"{source} holds a {type(sd).__name__}, not a state dict (names -> tensors)")
     sd = _strip_prefix(sd)
     check_state_dict(model, sd, source)
     unwrap(model).load_state_dict(sd, strict=True)

@@ -5,11 +5,12 @@ import json
 import logging
 import os
 import random
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
+
+from .fileio import atomic_write
 
 logger = logging.getLogger("svllreid")
 
@@ -68,12 +69,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON via a temporary file and rename: never a half-written file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 class AverageMeter:

@@ -1,0 +1,73 @@
+"""Atomic file writes shared by checkpoints, JSON results and configs.
+
+A file is written to a hidden temporary file in the same folder and renamed over the
+target, so a reader (or a run killed mid-write) never sees half a file. The temporary
+name has a fixed prefix so that leftovers of a killed write can be found and removed
+at the next start (:func:`remove_stale_temporaries`). Files get the permissions the
+process umask gives ordinary files (not ``mkstemp``'s 0600), so teammates sharing a
+results folder can read them.
+"""
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import shutil
+import tempfile
+from typing import Callable, IO
+
+TMP_PREFIX = ".svllreid-partial-"
+TMP_SUFFIX = ".tmp"
+_LOW_SPACE = 16 << 20   # bytes: below this after a failed write, the disk is taken as full
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    On any failure the temporary file is removed and ``path`` keeps its previous content.
+    A full disk becomes ``OSError(ENOSPC)`` naming the file (torch's own message for it,
+    ``inline_container.cc ... unexpected pos``, says nothing useful).
+    """
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(d).free < _LOW_SPACE
+        _remove(tmp)
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {path} "
+                                        "(the previous version of the file, if any, is kept)") from None
+        if isinstance(e, OSError):
+            raise
+        raise OSError(f"cannot write {path}: {' '.join(str(e).split())}") from e
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete the temporary files that killed atomic writes left in ``folder``; returns their names."""
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), TMP_PREFIX + "*" + TMP_SUFFIX)))
+    for p in found:
+        _remove(p)
+    return [os.path.basename(p) for p in found]

@@ -1,0 +1,166 @@
+"""One run per OUTPUT_DIR: an exclusive lock, no silent overwrite, the run's config kept.
+
+A training run owns its OUTPUT_DIR for its lifetime (``fcntl.flock`` on
+``OUTPUT_DIR/.lock``, released by the kernel when the process ends, so a killed run
+leaves no stale lock). A folder that already holds a run is refused unless the new run
+continues it (``--resume``) or starts over (``--overwrite``: the old run's files are
+moved into ``OUTPUT_DIR/previous-<time>/``, nothing is deleted). The run's full config
+is written to ``OUTPUT_DIR/config.yaml``; ``--resume`` uses it.
+"""
+from __future__ import annotations
+
+import fcntl
+import glob
+import os
+import time
+from typing import IO, Any
+
+from config import ConfigError, load_config
+
+from .fileio import atomic_write, remove_stale_temporaries
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.yaml"
+LAST_CHECKPOINT = "last.pth"
+# Files that mark a folder as holding a run (besides the *.pth checkpoints).
+RUN_FILES = (LAST_CHECKPOINT, CONFIG_FILE, "train_log.txt", "results.json", "metrics.jsonl")
+
+# Keys that may differ when a run is resumed: where things are and how they are run,
+# not what is computed (the trained weights do not depend on them).
+RESUME_SAFE_KEYS = frozenset({
+    "OUTPUT_DIR", "MODEL.DEVICE", "MODEL.DEVICE_ID", "MODEL.DIST_TIMEOUT", "MODEL.PRETRAIN_PATH",
+    "DATASETS.ROOT_DIR", "DATALOADER.NUM_WORKERS", "DATALOADER.READ_RETRIES",
+    "SOLVER.STAGE1.LOG_PERIOD", "SOLVER.STAGE2.LOG_PERIOD",
+    "SOLVER.STAGE1.CHECKPOINT_PERIOD", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "SOLVER.STAGE2.EVAL_PERIOD",
+    "TEST.IMS_PER_BATCH", "TEST.RE_RANKING", "TEST.RE_RANKING_K1", "TEST.RE_RANKING_K2",
+    "TEST.RE_RANKING_LAMBDA",
+})
+
+
+class RunError(RuntimeError):
+    """A training run cannot start or go on as asked (folder in use, run exists, divergence, ...)."""
+
+
+class RunLock:
+    """Exclusive lock on OUTPUT_DIR for the lifetime of a run (use as a context manager)."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, LOCK_FILE)
+        self._f: IO[str] | None = None
+
+    def __enter__(self) -> "RunLock":
+        os.makedirs(self.output_dir, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise RunError(f"OUTPUT_DIR {self.output_dir} is in use by another run ({holder}); "
+                           "wait for it to end or choose another OUTPUT_DIR") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._f is not None:
+            self._f.close()   # closing releases the lock
+            self._f = None
+
+
+def existing_run_files(output_dir: str) -> list[str]:
+    """The files in ``output_dir`` that belong to an earlier run (sorted names)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = {n for n in RUN_FILES if os.path.exists(os.path.join(output_dir, n))}
+    names |= {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(output_dir), "*.pth"))}
+    return sorted(names)
+
+
+def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> list[str]:
+    """Check that a run may start in ``output_dir`` (call with the lock held).
+
+    Removes the leftovers of interrupted atomic writes; with ``overwrite``, moves the
+    previous run's files into ``previous-<time>/``. Returns log lines saying what was done.
+    """
+    notes = []
+    stale = remove_stale_temporaries(output_dir)
+    if stale:
+        notes.append(f"removed {len(stale)} half-written file(s) of an interrupted write: {', '.join(stale)}")
+    files = existing_run_files(output_dir)
+    if resume or not files:
+        return notes
+    if not overwrite:
+        shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "")
+        raise RunError(f"OUTPUT_DIR {output_dir} already holds a run ({shown}): add --resume to continue it, "
+                       "--overwrite to start over (its files are moved to a previous-<time>/ sub-folder), "
+                       "or choose another OUTPUT_DIR")
+    dest = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    os.makedirs(dest)
+    for n in files:
+        os.replace(os.path.join(output_dir, n), os.path.join(dest, n))
+    notes.append(f"--overwrite: the previous run's {len(files)} file(s) were moved to {dest}")
+    return notes
+
+
+def save_run_config(output_dir: str, cfg: Any) -> None:
+    """Write the run's full config to ``OUTPUT_DIR/config.yaml`` (atomically)."""
+    atomic_write(os.path.join(output_dir, CONFIG_FILE), lambda f: f.write(cfg.dump().encode()))
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def given_value(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def resume_config(config_file: str, opts: list[str]) -> Any:
+    """The config of a run to resume: its saved ``config.yaml`` plus the allowed overrides.
+
+    OUTPUT_DIR comes from the overrides (or the config file). What the user gives is
+    compared with the saved run: with a config file, every key of the resulting config;
+    without one, the keys given on the command line. A difference in a key outside
+    :data:`RESUME_SAFE_KEYS` is refused, naming the key and both values. Returns None when
+    the folder has no saved config (a run of an older version): the given config is used.
+    """
+    given = load_config(config_file or None, opts, freeze=False)
+    saved_path = os.path.join(given.OUTPUT_DIR, CONFIG_FILE)
+    if not os.path.isfile(saved_path):
+        return None
+    try:
+        saved = load_config(saved_path, freeze=False)
+    except ConfigError as e:
+        raise ConfigError(f"--resume: the saved config cannot be read ({e})") from None
+    flat_given, flat_saved = _flatten(given), _flatten(saved)
+    keys = flat_given if config_file else [k for k in opts[0::2]]
+    for key in keys:
+        if key in RESUME_SAFE_KEYS or flat_given[key] == flat_saved.get(key):
+            continue
+        raise ConfigError(f"--resume: {key} = {flat_given[key]!r} conflicts with the run's saved value "
+                          f"{flat_saved.get(key)!r} ({saved_path}); a resumed run keeps its settings — only "
+                          f"these may change: {', '.join(sorted(RESUME_SAFE_KEYS))}")
+    for key in keys:
+        if key in RESUME_SAFE_KEYS:
+            *parents, leaf = key.split(".")
+            node = saved
+            for part in parents:
+                node = node[part]
+            node[leaf] = given_value(given, key)
+    saved.freeze()
+    return saved
