@@ -8,6 +8,7 @@ Differences from plain yacs, all aimed at clear behaviour:
 """
 from __future__ import annotations
 
+import ast
 import copy
 import re
 from typing import Any, Iterable, Sequence
@@ -82,7 +83,20 @@ def _coerce(default: Any, value: Any) -> Any:
                 return yes if value else no
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)            # DEVICE_ID 1 means the string '1'
+    if isinstance(default, str) and isinstance(value, str):
+        return _keep_string(value)
     return value
+
+
+def _keep_string(value: str) -> str:
+    """Protect a string from yacs' literal_eval of every value ('0' would become the int 0)."""
+    try:
+        decoded = ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return value
+    return value if isinstance(decoded, str) else repr(value)
 
 
 def _coerce_tree(defaults: _YacsNode, loaded: dict, prefix: str = "") -> dict:
@@ -129,12 +143,13 @@ class CfgNode(_YacsNode):
             raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd list: {cfg_list}")
         fixed = []
         for key, raw in zip(cfg_list[0::2], cfg_list[1::2]):
-            value = _YacsNode._decode_cfg_value(raw)
             node: Any = self
             for part in key.split("."):
                 if not isinstance(node, dict) or part not in node:
                     raise ConfigError(f"unknown config key in overrides: {key}")
                 node = node[part]
+            # a string key takes the word as typed ('0,1' stays a string); others are decoded
+            value = raw if isinstance(node, str) and isinstance(raw, str) else _YacsNode._decode_cfg_value(raw)
             fixed += [key, _coerce(node, value)]
         try:
             super().merge_from_list(fixed)

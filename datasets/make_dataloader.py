@@ -96,8 +96,27 @@ def _train_sampler(cfg: Any, train: list) -> tuple[Sampler[int], int, bool]:
     return ShuffleSampler(len(train), seed), batch, drop_last
 
 
+def check_valid_queries(dataset: BaseImageDataset) -> None:
+    """Refuse a test split where no query can be evaluated.
+
+    The protocol ignores gallery images of the query's identity taken by the query's
+    camera, so a query counts only when its identity appears in the gallery under another
+    camera. With data from one camera (e.g. one's own recordings) no query counts.
+    """
+    seen = {(pid, cam) for _, pid, cam, _ in dataset.gallery}
+    cams_of: dict[int, set[int]] = {}
+    for pid, cam in seen:
+        cams_of.setdefault(pid, set()).add(cam)
+    if not any(cams_of.get(pid, set()) - {cam} for _, pid, cam, _ in dataset.query):
+        raise DatasetError(
+            f"{dataset.name}: no query can be evaluated — none has a gallery image of its identity from another "
+            "camera (gallery images of the query's identity and camera are ignored by the ReID protocol); "
+            "query and gallery need the same identities seen by different cameras (the cC part of the name)")
+
+
 def make_val_loader(cfg: Any, dataset: BaseImageDataset) -> tuple[DataLoader, int]:
     """(loader over query + gallery, number of query images)."""
+    check_valid_queries(dataset)
     val_set = ImageDataset(dataset.query + dataset.gallery, build_transforms(cfg, False),
                            with_path=True, read_retries=cfg.DATALOADER.READ_RETRIES)
     loader = DataLoader(val_set, batch_size=cfg.TEST.IMS_PER_BATCH, shuffle=False,

@@ -1,0 +1,404 @@
+"""Faults and bad input, tried as a user would: every case is one line on stderr naming the
+culprit, exit code 2 (130 for Ctrl-C), and nothing earlier is lost."""
+import errno
+import glob
+import os
+import pickle
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import processor.processor_stage2 as stage2_mod
+import test_svllreid
+import train_svllreid
+from config import ConfigError, load_config
+from datasets.bases import read_image
+from utils.checkpoint import CheckpointError, load_file, save_atomic
+from utils.fileio import TMP_PREFIX, TMP_SUFFIX
+from utils.run_dir import RunError, RunLock, resume_config
+
+from test_training import DEMO, tiny_cfg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "2",
+        "DATALOADER.NUM_WORKERS", "0", "SOLVER.STAGE1.MAX_EPOCHS", "1", "SOLVER.STAGE1.IMS_PER_BATCH", "12",
+        "SOLVER.STAGE2.MAX_EPOCHS", "2", "SOLVER.STAGE2.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2",
+        "SOLVER.STAGE2.EVAL_PERIOD", "2", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "1",
+        "SOLVER.STAGE1.CHECKPOINT_PERIOD", "1", "SOLVER.STAGE2.STEPS", "[1, 2]", "TEST.IMS_PER_BATCH", "16"]
+
+
+def train_argv(root, out, *opts):
+    return ["--config_file", DEMO, "DATASETS.ROOT_DIR", str(root), "OUTPUT_DIR", str(out), *TINY, *opts]
+
+
+def one_line_error(capsys, *names):
+    """The captured stderr is one `error: ...` line naming every item of ``names``."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: "), err
+    for n in names:
+        assert str(n) in err, (n, err)
+    assert "Traceback" not in err and "weights_only=False" not in err
+    return err
+
+
+def snapshot(folder):
+    """{name: bytes} of every file directly in ``folder`` (what a fault must not change)."""
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, n)) and n != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_root, tmp_path_factory):
+    """A complete tiny run (1 + 2 epochs); tests copy it before touching it."""
+    out = tmp_path_factory.mktemp("finished")
+    assert train_svllreid.main(train_argv(tiny_root, out)) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(finished_run, dst)
+    return dst
+
+
+@pytest.fixture
+def data_copy(tiny_root, tmp_path):
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_root, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- one run per folder
+def test_second_run_on_a_locked_folder_fails_at_once(tiny_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from utils.run_dir import RunLock\n"
+                               f"with RunLock({str(out)!r}):\n print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.time()
+        assert train_svllreid.main(train_argv(tiny_root, out)) == 2
+        one_line_error(capsys, out, f"pid {holder.pid}", "in use")
+        assert time.time() - t0 < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(str(out)):      # released with the holder's death: no stale lock
+        pass
+
+
+def test_new_run_refuses_a_folder_holding_a_run(tiny_root, run_copy, capsys):
+    before = snapshot(run_copy)
+    assert train_svllreid.main(train_argv(tiny_root, run_copy)) == 2
+    one_line_error(capsys, run_copy, "--resume", "--overwrite")
+    assert snapshot(run_copy) == before
+
+
+def test_overwrite_moves_the_previous_run_aside(tiny_root, run_copy, monkeypatch):
+    before = snapshot(run_copy)
+    # start over, but stop at the first saved state (no need to train the whole run)
+    monkeypatch.setattr(train_svllreid, "do_train_stage1", _raise(KeyboardInterrupt))
+    assert train_svllreid.main(train_argv(tiny_root, run_copy, "--overwrite")) == 130
+    moved = glob.glob(str(run_copy / "previous-*"))
+    assert len(moved) == 1
+    kept = snapshot(moved[0])
+    assert {k: v for k, v in before.items() if k in kept} == kept and set(kept) >= {"last.pth", "config.yaml"}
+
+
+def _raise(exc):
+    def f(*a, **k):
+        raise exc
+    return f
+
+
+def test_resume_uses_the_saved_config_and_refuses_conflicts(tiny_root, run_copy, capsys):
+    # the run was made with STAGE2.MAX_EPOCHS 2; resuming without a config file reads it back
+    cfg = resume_config("", ["OUTPUT_DIR", str(run_copy)])
+    assert cfg.SOLVER.STAGE2.MAX_EPOCHS == 2 and cfg.DATASETS.ROOT_DIR == str(tiny_root)
+    # a key that may change (where the data is) is taken; one that changes the run is refused
+    assert resume_config("", ["OUTPUT_DIR", str(run_copy), "DATALOADER.NUM_WORKERS", "1"]).DATALOADER.NUM_WORKERS == 1
+    with pytest.raises(ConfigError, match=r"SOLVER.STAGE2.BASE_LR = 0.1 conflicts .* saved value 0.0005"):
+        resume_config("", ["OUTPUT_DIR", str(run_copy), "SOLVER.STAGE2.BASE_LR", "0.1"])
+    before = snapshot(run_copy)
+    assert train_svllreid.main(["--resume", "OUTPUT_DIR", str(run_copy), "SOLVER.STAGE2.MAX_EPOCHS", "5"]) == 2
+    one_line_error(capsys, "SOLVER.STAGE2.MAX_EPOCHS", "5", "2")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_of_a_finished_run_with_only_the_folder(run_copy):
+    import json
+    with open(run_copy / "results.json") as f:
+        saved = json.load(f)
+    stale = run_copy / f"{TMP_PREFIX}killed{TMP_SUFFIX}"
+    stale.write_bytes(b"half a checkpoint")
+    assert train_svllreid.main(["--resume", "OUTPUT_DIR", str(run_copy)]) == 0
+    with open(run_copy / "results.json") as f:
+        assert json.load(f)["mAP"] == saved["mAP"]
+    assert not stale.exists()     # leftovers of an interrupted write are removed at the next start
+
+
+def test_files_follow_the_umask(run_copy):
+    mode = 0o666 & ~_umask()
+    for name in ("last.pth", "ViT-B-16_2.pth", "results.json", "config.yaml", "train_log.txt"):
+        assert stat.S_IMODE(os.stat(run_copy / name).st_mode) == mode, name
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+# ----------------------------------------------------------------------------- divergence
+def test_nan_loss_stops_the_run_and_keeps_the_last_finite_state(tiny_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    original = stage2_mod.stage2_forward_loss
+    calls = []
+
+    def nan_in_epoch_2(cfg, *a, **k):
+        loss, parts, o = original(cfg, *a, **k)
+        calls.append(1)
+        if len(calls) > 2:      # past the first epoch's batches
+            parts["tri"] = parts["tri"] * float("nan")
+            loss = loss + parts["tri"]
+        return loss, parts, o
+
+    monkeypatch.setattr(stage2_mod, "stage2_forward_loss", nan_in_epoch_2)
+    assert train_svllreid.main(train_argv(tiny_root, out, "SOLVER.STAGE2.MAX_EPOCHS", "3")) == 2
+    err = one_line_error(capsys, "stage 2", "epoch", "iteration", "tri nan", "SOLVER.STAGE2.BASE_LR")
+    assert "non-finite" in err
+    state = load_file(str(out / "last.pth"))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not os.path.exists(out / "results.json")
+    for ckpt in glob.glob(str(out / "*.pth")):
+        sd = load_file(ckpt)
+        sd = sd.get("model", sd)
+        assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+def test_huge_learning_rate_is_caught(tiny_root, tmp_path, capsys):
+    """A real divergence (no patching): SGD at an absurd learning rate."""
+    out = tmp_path / "out"
+    code = train_svllreid.main(train_argv(tiny_root, out, "SOLVER.STAGE2.OPTIMIZER_NAME", "SGD",
+                                          "SOLVER.STAGE2.BASE_LR", "1e12", "SOLVER.STAGE2.MAX_EPOCHS", "4"))
+    assert code == 2
+    one_line_error(capsys, "stage 2", "non-finite")
+    assert not os.path.exists(out / "results.json")
+
+
+def test_checkpoint_with_non_finite_values_is_never_written(tmp_path):
+    path = tmp_path / "w.pth"
+    save_atomic({"a": torch.ones(2)}, str(path))
+    before = path.read_bytes()
+    bad = {"a": torch.tensor([1.0, float("inf")])}
+    with pytest.raises(CheckpointError, match="non-finite .*a"):
+        save_atomic(bad, str(path), check_finite=bad)
+    assert path.read_bytes() == before
+
+
+def test_evaluation_refuses_non_finite_features(finished_run, tiny_root, tmp_path, capsys):
+    sd = load_file(str(finished_run / "ViT-B-16_2.pth"))
+    sd["bottleneck.running_mean"][0] = float("nan")
+    key = next(k for k in sd if k.startswith("image_encoder.") and sd[k].is_floating_point())
+    sd[key].fill_(float("nan"))
+    weight = tmp_path / "nan.pth"
+    torch.save(sd, weight)
+    assert test_svllreid.main(["--config_file", DEMO, "DATASETS.ROOT_DIR", str(tiny_root), *TINY,
+                               "TEST.WEIGHT", str(weight), "OUTPUT_DIR", str(tmp_path / "eval")]) == 2
+    one_line_error(capsys, "NaN/Inf", "features")
+
+
+# ----------------------------------------------------------------------------- batches that train nothing
+def test_batch_needing_more_identities_than_the_data_has(tiny_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train_svllreid.main(train_argv(tiny_root, out, "SOLVER.STAGE2.IMS_PER_BATCH", "40")) == 2
+    one_line_error(capsys, "SOLVER.STAGE2.IMS_PER_BATCH = 40", "needs 20 identities", "has 8")
+    assert not glob.glob(str(out / "*.pth"))
+
+
+def test_one_identity_per_batch_is_refused(capsys):
+    assert train_svllreid.main(["--config_file", DEMO, "SOLVER.STAGE2.IMS_PER_BATCH", "4",
+                                "DATALOADER.NUM_INSTANCE", "4"]) == 2
+    one_line_error(capsys, "one identity per batch", "triplet")
+
+
+# ----------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("key,value", [
+    ("SOLVER.STAGE1.MAX_EPOCHS", "0"), ("SOLVER.STAGE2.MAX_EPOCHS", "0"),
+    ("SOLVER.STAGE1.LOG_PERIOD", "0"), ("SOLVER.STAGE1.CHECKPOINT_PERIOD", "0"),
+    ("SOLVER.STAGE2.LOG_PERIOD", "0"), ("SOLVER.STAGE2.CHECKPOINT_PERIOD", "0"),
+    ("SOLVER.STAGE2.EVAL_PERIOD", "0"), ("DATALOADER.NUM_WORKERS", "-1"),
+    ("SOLVER.STAGE1.BASE_LR", "0.0"), ("SOLVER.STAGE2.BASE_LR", "-0.0001"), ("DATALOADER.NUM_INSTANCE", "0"),
+])
+def test_bad_values_fail_at_load(key, value, tmp_path, capsys):
+    assert train_svllreid.main(["--config_file", DEMO, "OUTPUT_DIR", str(tmp_path / "o"), key, value]) == 2
+    one_line_error(capsys, key, value)
+    assert not os.path.exists(tmp_path / "o")       # refused before any work
+
+
+def test_yaml_syntax_error_keeps_line_and_column(tmp_path, capsys):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("MODEL:\n  NAME: 'ViT-B-16'\n  DEVICE: [cpu\nSOLVER:\n  SEED: 1\n")
+    assert train_svllreid.main(["--config_file", str(bad)]) == 2
+    err = one_line_error(capsys, bad, "YAML syntax error", "line ")
+    assert "column" in err
+
+
+# ----------------------------------------------------------------------------- data
+def _break_subset(root, subset):
+    for f in glob.glob(os.path.join(root, subset, "*")):
+        os.remove(f)
+
+
+@pytest.mark.parametrize("subset,label", [("query", "query"), ("bounding_box_test", "gallery"),
+                                          ("bounding_box_train", "train")])
+def test_empty_subset(data_copy, tmp_path, subset, label, capsys):
+    _break_subset(data_copy, subset)
+    assert train_svllreid.main(train_argv(data_copy, tmp_path / "out")) == 2
+    one_line_error(capsys, label, "empty")
+
+
+def test_single_camera_data_explains_the_same_camera_rule(data_copy, tmp_path, capsys):
+    for sub in ("query", "bounding_box_test"):
+        for f in glob.glob(os.path.join(data_copy, sub, "*.jpg")):
+            name = os.path.basename(f)
+            pid, rest = name.split("_c", 1)
+            os.rename(f, os.path.join(os.path.dirname(f), f"{pid}_c1{rest[1:]}"))
+    assert train_svllreid.main(train_argv(data_copy, tmp_path / "out")) == 2
+    one_line_error(capsys, "no query can be evaluated", "another camera")
+
+
+def test_per_identity_subfolders_are_explained(data_copy, tmp_path, capsys):
+    q = data_copy / "query"
+    for f in glob.glob(str(q / "*.jpg")):
+        d = q / os.path.basename(f)[:4]
+        d.mkdir(exist_ok=True)
+        shutil.move(f, d)
+    assert train_svllreid.main(train_argv(data_copy, tmp_path / "out")) == 2
+    one_line_error(capsys, str(q), "sub-folders", "flat")
+
+
+def test_unreadable_gallery_image_is_found_before_training(data_copy, tmp_path, capsys):
+    victim = sorted(glob.glob(str(data_copy / "bounding_box_test" / "*.jpg")))[3]
+    with open(victim, "w") as f:
+        f.write("not an image")
+    out = tmp_path / "out"
+    t0 = time.time()
+    assert train_svllreid.main(train_argv(data_copy, out)) == 2
+    one_line_error(capsys, victim, "gallery")
+    assert not glob.glob(str(out / "*.pth")) and time.time() - t0 < 30
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "LA", "P", "RGBA", "CMYK", "1", "L"])
+def test_every_image_mode_is_read_as_8bit_rgb(tmp_path, mode):
+    grey = np.linspace(0, 1, 64 * 32).reshape(64, 32)
+    if mode == "I;16":
+        img, expect = Image.fromarray((grey * 65535).astype(np.uint16)), grey * 255
+    elif mode == "I":
+        img, expect = Image.fromarray((grey * 65535).astype(np.int32)), grey * 65535 / 257
+    elif mode == "F":
+        img, expect = Image.fromarray(grey.astype(np.float32)), grey * 255
+    else:
+        img, expect = Image.fromarray((grey * 255).astype(np.uint8)).convert(mode), None
+    ext = ".tiff" if mode in ("F", "CMYK", "I") else ".png"
+    path = str(tmp_path / f"x{ext}")
+    img.save(path)
+    rgb = np.asarray(read_image(path))
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 32, 3)
+    if expect is not None:
+        assert np.abs(rgb[..., 0].astype(float) - expect).max() <= 1.0    # scaled, not clipped to white
+    assert rgb.std() > 10
+
+
+def test_decompression_bomb_is_one_clear_error(tmp_path, monkeypatch):
+    path = str(tmp_path / "big.png")
+    Image.new("RGB", (300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(OSError) as e:
+        read_image(path, retries=3)
+    assert path in str(e.value) and "\n" not in str(e.value) and "attempts" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _damaged_files(tmp_path, good):
+    data = open(good, "rb").read()
+    files = {"truncated": data[: len(data) // 2], "empty": b"", "text": b"hello, not a checkpoint\n",
+             "pickle": pickle.dumps({"w": [1, 2, 3]}), "object pickle": pickle.dumps(object)}
+    out = {}
+    for name, content in files.items():
+        p = tmp_path / f"{name.replace(' ', '_')}.pth"
+        p.write_bytes(content)
+        out[name] = p
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    out["torch list"] = tmp_path / "list.pth"
+    return out
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "pickle", "object pickle", "torch list"])
+def test_damaged_test_weight(finished_run, tiny_root, tmp_path, kind, capsys):
+    weight = _damaged_files(tmp_path, finished_run / "ViT-B-16_2.pth")[kind]
+    assert test_svllreid.main(["--config_file", DEMO, "DATASETS.ROOT_DIR", str(tiny_root), *TINY,
+                               "TEST.WEIGHT", str(weight), "OUTPUT_DIR", str(tmp_path / "eval")]) == 2
+    one_line_error(capsys, weight)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "pickle", "torch list"])
+def test_damaged_last_pth(run_copy, kind, capsys):
+    src = _damaged_files(run_copy.parent, run_copy / "last.pth")[kind]
+    shutil.copy(src, run_copy / "last.pth")
+    assert train_svllreid.main(["--resume", "OUTPUT_DIR", str(run_copy)]) == 2
+    one_line_error(capsys, run_copy / "last.pth")
+
+
+# ----------------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_names_the_file_and_keeps_the_previous_one(small_disk):
+    path = small_disk / "last.pth"
+    save_atomic({"w": torch.ones(1000)}, str(path))     # 4 kB: fits
+    before = path.read_bytes()
+    with pytest.raises(OSError) as e:
+        save_atomic({"w": torch.ones(200_000)}, str(path))   # 800 kB: does not
+    assert e.value.errno == errno.ENOSPC and "no space left on device" in str(e.value) and str(path) in str(e.value)
+    assert path.read_bytes() == before
+    assert os.listdir(small_disk) == ["last.pth"]            # no half-written temporary file left
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_is_one_line_and_resumable(tiny_root, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "SVLLREID_NO_TQDM": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "train_svllreid.py", *train_argv(tiny_root, out,
+                             "SOLVER.STAGE2.MAX_EPOCHS", "50")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(out / "ViT-B-16_1.pth") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]      # (timm may warn about a 1-epoch cosine schedule before)
+    assert last.startswith("interrupted: stopped in stage 2") and "Traceback" not in err, err
+    assert f"--resume OUTPUT_DIR {out}" in last
+    state = load_file(str(out / "last.pth"))
+    assert state["stage"] == 2 and state["epoch"] >= 1
