@@ -22,7 +22,7 @@ from processor import do_inference
 from utils.checkpoint import load_model_weights
 from utils import cli
 from utils.logger import setup_logger
-from utils.misc import resolve_device, set_cpu_threads, set_seed, write_json_atomic
+from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -47,6 +47,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         raise ConfigError("TEST.WEIGHT is empty: give the checkpoint to evaluate, e.g. TEST.WEIGHT out/ViT-B-16_60.pth")
     logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=False)
     set_seed(cfg.SOLVER.SEED)
+    select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
     device = resolve_device(cfg.MODEL.DEVICE)
     if device.type == "cpu":
         set_cpu_threads(cfg.DATALOADER.NUM_WORKERS)

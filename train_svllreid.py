@@ -30,7 +30,7 @@ from solver import create_scheduler, create_warmup_multistep, make_optimizer_1st
 from utils.dist import broadcast_object, cleanup, get_world_size, init_distributed, is_dist, is_main_process
 from utils import cli
 from utils.logger import setup_logger
-from utils.misc import resolve_device, set_cpu_threads, set_seed, write_json_atomic
+from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
 from utils.run_dir import CONFIG_FILE, RunError, RunLock, prepare_output_dir, resume_config, save_run_config
 
 
@@ -70,6 +70,7 @@ def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False,
     Single process, or one process per device under ``torchrun`` with MODEL.DIST_TRAIN.
     OUTPUT_DIR is locked for the run; one that holds a run needs ``resume`` or ``overwrite``.
     """
+    select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
     device = init_distributed(cfg.MODEL.DEVICE, cfg.MODEL.DIST_TIMEOUT) if cfg.MODEL.DIST_TRAIN \
         else resolve_device(cfg.MODEL.DEVICE)
     POSITION.__init__()

@@ -18,7 +18,7 @@ from yacs.config import CfgNode as _YacsNode
 
 from .defaults import _C as _DEFAULTS
 
-__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "CHOICES"]
+__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "CHOICES", "INERT_KEYS"]
 
 
 class ConfigError(ValueError):
@@ -31,9 +31,6 @@ DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "occ_duke", "veri", "Vehicl
 CHOICES: dict[str, Sequence[Any]] = {
     "MODEL.NAME": ("ViT-B-16", "RN50"),
     "MODEL.CLIP_INIT": ("pretrained", "random"),
-    "MODEL.NECK": ("bnneck", "no"),
-    "MODEL.IF_WITH_CENTER": ("yes", "no"),
-    "MODEL.ID_LOSS_TYPE": ("softmax",),
     "MODEL.METRIC_LOSS_TYPE": ("triplet", "triplet_center"),
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
     "MODEL.SSL_TYPE": ("SIMCLR", "SIMSIAM"),
@@ -42,12 +39,47 @@ CHOICES: dict[str, Sequence[Any]] = {
     "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
     "SOLVER.STAGE1.OPTIMIZER_NAME": ("Adam", "AdamW", "SGD"),
     "SOLVER.STAGE1.PROMPT_AUG_METHOD": ("mask", "swap", "mix"),
-    "SOLVER.STAGE1.WARMUP_METHOD": ("linear", "constant"),
     "SOLVER.STAGE2.OPTIMIZER_NAME": ("Adam", "AdamW", "SGD"),
     "SOLVER.STAGE2.WARMUP_METHOD": ("linear", "constant"),
     "TEST.NECK_FEAT": ("before", "after"),
     "TEST.FEAT_NORM": ("yes", "no"),
     "TEST.DIST_METRIC": ("euclidean", "cosine"),
+}
+
+_NO_SCHEDULE = "stage 1 uses the cosine schedule (BASE_LR, WARMUP_LR_INIT, WARMUP_EPOCHS, LR_MIN)"
+_NO_WARMUP_EPOCHS = "stage 2 uses the warm-up multi-step schedule (WARMUP_FACTOR, WARMUP_ITERS, STEPS, GAMMA)"
+_NO_MARGIN_HEAD = "no cosine-margin classifier exists; the ID heads are plain linear layers"
+# Keys of the published configs that the published SVLL-ReID code does not act on either.
+# They load (so the published YAMLs do), but a value other than the default is refused:
+# it would be silently ignored.
+INERT_KEYS: dict[str, str] = {
+    "MODEL.NECK": "the BNNeck is always built; TEST.NECK_FEAT picks the feature before or after it",
+    "MODEL.IF_WITH_CENTER": "the center loss is switched on by MODEL.METRIC_LOSS_TYPE triplet_center",
+    "MODEL.ID_LOSS_TYPE": "the ID loss is softmax cross-entropy (label smoothing: MODEL.IF_LABELSMOOTH)",
+    "MODEL.LAST_STRIDE": "the RN50 layer4 stride is fixed at 1, as in the published model",
+    "MODEL.PRETRAIN_CHOICE": "CLIP weights are chosen by MODEL.CLIP_INIT and MODEL.PRETRAIN_PATH",
+    "MODEL.COS_LAYER": _NO_MARGIN_HEAD,
+    "MODEL.DROP_PATH": "the CLIP towers have no drop-path",
+    "MODEL.DROP_OUT": "the CLIP towers have no dropout",
+    "MODEL.ATT_DROP_RATE": "the CLIP towers have no attention dropout",
+    "MODEL.TRANSFORMER_TYPE": "the backbone is chosen by MODEL.NAME",
+    "SOLVER.STAGE1.BIAS_LR_FACTOR": "stage 1 trains only the prompt vectors (no biases)",
+    "SOLVER.STAGE1.WEIGHT_DECAY_BIAS": "stage 1 trains only the prompt vectors (no biases)",
+    "SOLVER.STAGE1.EVAL_PERIOD": "stage 1 does not evaluate; stage 2 does (SOLVER.STAGE2.EVAL_PERIOD)",
+    "SOLVER.STAGE1.GAMMA": _NO_SCHEDULE,
+    "SOLVER.STAGE1.STEPS": _NO_SCHEDULE,
+    "SOLVER.STAGE1.WARMUP_FACTOR": _NO_SCHEDULE,
+    "SOLVER.STAGE1.WARMUP_ITERS": _NO_SCHEDULE,
+    "SOLVER.STAGE1.WARMUP_METHOD": _NO_SCHEDULE,
+    "SOLVER.STAGE1.COSINE_MARGIN": _NO_MARGIN_HEAD,
+    "SOLVER.STAGE1.COSINE_SCALE": _NO_MARGIN_HEAD,
+    "SOLVER.STAGE2.LR_MIN": _NO_WARMUP_EPOCHS,
+    "SOLVER.STAGE2.WARMUP_EPOCHS": _NO_WARMUP_EPOCHS,
+    "SOLVER.STAGE2.WARMUP_LR_INIT": _NO_WARMUP_EPOCHS,
+    "SOLVER.STAGE2.COSINE_MARGIN": _NO_MARGIN_HEAD,
+    "SOLVER.STAGE2.COSINE_SCALE": _NO_MARGIN_HEAD,
+    "TEST.DIST_MAT": "the distance matrix is not saved; results go to results.json",
+    "TEST.EVAL": "evaluation always runs (stage 2 every SOLVER.STAGE2.EVAL_PERIOD epochs, and test_svllreid.py)",
 }
 
 _BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
@@ -173,6 +205,13 @@ def get_key(cfg: _YacsNode, key: str) -> Any:
     return node
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Config values equal as written: lists and tuples alike, ints and floats alike."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b and type(a) is not bool or (type(a) is bool and type(b) is bool and a == b)
+
+
 def _check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
     values = value if isinstance(value, (list, tuple)) else (value,)
     for v in values:
@@ -183,12 +222,20 @@ def _check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
 
 
 def validate(cfg: _YacsNode) -> None:
-    """Check choice keys and value ranges; raise ConfigError with a one-line message."""
+    """Check choice keys, inert keys and value ranges; raise ConfigError with a one-line message."""
     for key, allowed in CHOICES.items():
         _check_choice(key, get_key(cfg, key), allowed)
+    for key, why in INERT_KEYS.items():
+        value, default = get_key(cfg, key), get_key(_DEFAULTS, key)
+        if _same(value, default):
+            continue
+        raise ConfigError(f"{key} = {value!r} has no effect in this implementation ({why}); "
+                          f"leave it at {default!r}")
     dev = cfg.MODEL.DEVICE
     if not (dev in ("cpu", "cuda") or (isinstance(dev, str) and dev.startswith("cuda:"))):
         raise ConfigError(f"MODEL.DEVICE = {dev!r} is not allowed; choose 'cpu', 'cuda' or 'cuda:N'")
+    if not re.fullmatch(r"\d+(,\d+)*", str(cfg.MODEL.DEVICE_ID)):
+        raise ConfigError(f"MODEL.DEVICE_ID = {cfg.MODEL.DEVICE_ID!r} must list GPU numbers, e.g. '0' or '0,1'")
     for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
         v = get_key(cfg, key)
         if len(v) != 2 or any(int(x) <= 0 for x in v):

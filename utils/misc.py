@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from config import ConfigError
+
 from .fileio import atomic_write
 
 logger = logging.getLogger("svllreid")
@@ -29,6 +31,29 @@ def resolve_device(name: str) -> torch.device:
         logger.warning("MODEL.DEVICE = %r but CUDA is not available: running on the CPU", name)
         return torch.device("cpu")
     return torch.device(name)
+
+
+def select_gpus(device_id: str, cuda_wanted: bool = True) -> str | None:
+    """Make only the GPUs listed in MODEL.DEVICE_ID ('0', '0,1') visible, as the published scripts do.
+
+    Sets CUDA_VISIBLE_DEVICES before CUDA is first used; an explicit CUDA_VISIBLE_DEVICES in
+    the environment wins (it was set on purpose, e.g. by a cluster scheduler). Devices are then
+    numbered from 0 within the visible set: MODEL.DEVICE cuda:N picks the N-th of them.
+    Under torchrun every local process needs a GPU of its own among the visible ones.
+    Returns the value in force.
+    """
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if "CUDA_VISIBLE_DEVICES" not in os.environ and cuda_wanted and local_procs > len(device_id.split(",")):
+        raise ConfigError(f"MODEL.DEVICE_ID = {device_id!r} makes {len(device_id.split(','))} GPU(s) visible but "
+                          f"{local_procs} processes run on this machine: list one GPU per process, e.g. "
+                          f"MODEL.DEVICE_ID {','.join(map(str, range(local_procs)))!r}")
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        if os.environ["CUDA_VISIBLE_DEVICES"] != device_id:
+            logger.info("CUDA_VISIBLE_DEVICES=%s from the environment (MODEL.DEVICE_ID %s not applied)",
+                        os.environ["CUDA_VISIBLE_DEVICES"], device_id)
+        return os.environ["CUDA_VISIBLE_DEVICES"]
+    os.environ["CUDA_VISIBLE_DEVICES"] = device_id
+    return device_id
 
 
 def set_cpu_threads(num_workers: int, procs_per_machine: int = 1) -> int | None:
