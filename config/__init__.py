@@ -16,16 +16,17 @@ from typing import Any, Iterable, Sequence
 import yaml
 from yacs.config import CfgNode as _YacsNode
 
+from solver.lr_scheduler import WARMUP_METHODS
+from solver.make_optimizer import OPTIMIZERS
+
 from .defaults import _C as _DEFAULTS
 
-__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "CHOICES", "INERT_KEYS"]
+__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "is_yes", "CHOICES", "INERT_KEYS"]
 
 
 class ConfigError(ValueError):
     """A configuration value is not allowed."""
 
-
-DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "occ_duke", "veri", "VehicleID", "folder")
 
 # key -> allowed values (compared as written; see _check_choice for case handling)
 CHOICES: dict[str, Sequence[Any]] = {
@@ -34,13 +35,12 @@ CHOICES: dict[str, Sequence[Any]] = {
     "MODEL.METRIC_LOSS_TYPE": ("triplet", "triplet_center"),
     "MODEL.IF_LABELSMOOTH": ("on", "off"),
     "MODEL.SSL_TYPE": ("SIMCLR", "SIMSIAM"),
-    "DATASETS.NAMES": DATASET_NAMES,
     "DATASETS.VEHICLEID_TEST_SIZE": (800, 1600, 2400),
     "DATALOADER.SAMPLER": ("softmax", "triplet", "softmax_triplet"),
-    "SOLVER.STAGE1.OPTIMIZER_NAME": ("Adam", "AdamW", "SGD"),
+    "SOLVER.STAGE1.OPTIMIZER_NAME": OPTIMIZERS,
     "SOLVER.STAGE1.PROMPT_AUG_METHOD": ("mask", "swap", "mix"),
-    "SOLVER.STAGE2.OPTIMIZER_NAME": ("Adam", "AdamW", "SGD"),
-    "SOLVER.STAGE2.WARMUP_METHOD": ("linear", "constant"),
+    "SOLVER.STAGE2.OPTIMIZER_NAME": OPTIMIZERS,
+    "SOLVER.STAGE2.WARMUP_METHOD": WARMUP_METHODS,
     "TEST.NECK_FEAT": ("before", "after"),
     "TEST.FEAT_NORM": ("yes", "no"),
     "TEST.DIST_METRIC": ("euclidean", "cosine"),
@@ -83,6 +83,15 @@ INERT_KEYS: dict[str, str] = {
 }
 
 _BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
+
+
+def is_yes(value: Any) -> bool:
+    """A yes/no switch as a bool: True/'yes'/'on'/'true' are on, False/'no'/'off'/'false' off."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.lower()]
+    raise ValueError(f"expected a yes/no switch, got {value!r}")
 _WORD_PAIRS = ({"yes", "no"}, {"on", "off"})
 
 
@@ -223,7 +232,8 @@ def _check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
 
 def validate(cfg: _YacsNode) -> None:
     """Check choice keys, inert keys and value ranges; raise ConfigError with a one-line message."""
-    for key, allowed in CHOICES.items():
+    from datasets.factory import DATASETS   # the registry owns the names (imported late: it is heavy)
+    for key, allowed in {**CHOICES, "DATASETS.NAMES": tuple(DATASETS)}.items():
         _check_choice(key, get_key(cfg, key), allowed)
     for key, why in INERT_KEYS.items():
         value, default = get_key(cfg, key), get_key(_DEFAULTS, key)
