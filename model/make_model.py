@@ -201,6 +201,7 @@ class SVLLReID(nn.Module):
         if self.use_ssl_stage1:
             self.text_mlp = projection_mlp(self.in_planes_proj, hidden, out)
         self._trainable_at_init = {n: p.requires_grad for n, p in self.named_parameters()}
+        self.stage: int | None = None   # set by set_stage: the optimisers train what it leaves trainable
 
     def sync_ssl_batchnorm(self) -> None:
         """SyncBatchNorm in the SSL heads (multi-GPU; torch has no CPU SyncBatchNorm)."""
@@ -215,6 +216,7 @@ class SVLLReID(nn.Module):
         Stage 2: everything trainable at construction except the text side (text encoder,
         prompt learner, text SSL head), which stage 2 does not use.
         """
+        self.stage = stage
         text_side = ("prompt_learner.", "text_encoder.", "text_mlp.")
         for name, p in self.named_parameters():
             if stage == 1:

@@ -49,16 +49,20 @@ def build_optimizer(
     raise ValueError(f"OPTIMIZER_NAME {name!r} not in {OPTIMIZERS}")
 
 
+def _trainable(model: nn.Module, stage: int) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that require grad; ``model.set_stage(stage)`` decides which those are."""
+    current = getattr(model, "stage", None)
+    if current != stage:
+        raise ValueError(f"stage-{stage} optimiser for a model in stage {current}: call model.set_stage({stage}) "
+                         "first (it decides what trains)")
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
 def make_optimizer_1stage(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """Stage 1: only the prompt learner (plus the text SSL MLP when
+    """Stage 1: what ``set_stage(1)`` left trainable (the prompts, and the text SSL MLP when
     MODEL.TRAIN_TEXT_MLP_STAGE1), lr/wd from SOLVER.STAGE1."""
     s1 = cfg.SOLVER.STAGE1
-    keys = ["prompt_learner"] + (["text_mlp"] if cfg.MODEL.TRAIN_TEXT_MLP_STAGE1 else [])
-    named = [
-        (name, p, s1.BASE_LR, s1.WEIGHT_DECAY)
-        for name, p in model.named_parameters()
-        if p.requires_grad and any(k in name for k in keys)
-    ]
+    named = [(name, p, s1.BASE_LR, s1.WEIGHT_DECAY) for name, p in _trainable(model, 1)]
     return build_optimizer(s1.OPTIMIZER_NAME, group_params(named), s1.BASE_LR, s1.WEIGHT_DECAY, s1.MOMENTUM)
 
 
@@ -75,21 +79,14 @@ def _stage2_hparams(name: str, s2) -> tuple[float, float]:
 def make_optimizer_2stage(
     cfg, model: nn.Module, center_criterion: nn.Module | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
-    """Stage 2: every trainable parameter except the text encoder and prompt learner.
+    """Stage 2: what ``set_stage(2)`` left trainable (all but the text side).
 
-    Those two are frozen here (``requires_grad_(False)``, as published). Bias parameters
-    get BASE_LR x BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS; with LARGE_FC_LR, 'classifier'
-    parameters get 2 x BASE_LR. The center loss, when given, gets its own
+    Bias parameters get BASE_LR x BIAS_LR_FACTOR and WEIGHT_DECAY_BIAS; with LARGE_FC_LR,
+    'classifier' parameters get 2 x BASE_LR. The center loss, when given, gets its own
     SGD(lr=CENTER_LR); otherwise the second return value is None.
     """
     s2 = cfg.SOLVER.STAGE2
-    named = []
-    for name, p in model.named_parameters():
-        if "text_encoder" in name or "prompt_learner" in name:
-            p.requires_grad_(False)
-            continue
-        if p.requires_grad:
-            named.append((name, p, *_stage2_hparams(name, s2)))
+    named = [(name, p, *_stage2_hparams(name, s2)) for name, p in _trainable(model, 2)]
     optimizer = build_optimizer(s2.OPTIMIZER_NAME, group_params(named), s2.BASE_LR, s2.WEIGHT_DECAY, s2.MOMENTUM)
     optimizer_center = None
     if center_criterion is not None:

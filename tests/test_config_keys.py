@@ -55,6 +55,7 @@ def _read_conditional_keys(tiny_root, tmp_path):
     """Run the code paths that read the keys a plain run does not."""
     cfg = tiny_cfg(tiny_root, tmp_path / "c", "MODEL.METRIC_LOSS_TYPE", "triplet_center")
     model = make_model(cfg, 8, 2, 1)
+    model.set_stage(2)
     _, center = make_loss(cfg, 8, feat_dim=model.feature_dims[0])
     make_optimizer_2stage(cfg, model, center)                                   # SOLVER.STAGE2.CENTER_LR
     cfg = tiny_cfg(tiny_root, tmp_path / "p", "MODEL.CLIP_INIT", "pretrained",

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from model.make_model import SVLLReID
+
 from config import load_config
 from solver import (
     WarmupMultiStepLR,
@@ -39,6 +41,11 @@ class Dummy(nn.Module):
         self.text_encoder = nn.Linear(8, 8)
         self.prompt_learner = PromptLearner()
         self.text_mlp = nn.Linear(8, 4)
+        self.text_encoder.requires_grad_(False)
+        self._trainable_at_init = {n: p.requires_grad for n, p in self.named_parameters()}
+        self.stage = None
+
+    set_stage = SVLLReID.set_stage     # the model decides what trains; the optimisers follow
 
 
 def _cfg(*opts):
@@ -56,17 +63,17 @@ def test_stage2_param_groups(large_fc):
                "SOLVER.STAGE2.WEIGHT_DECAY", "0.001", "SOLVER.STAGE2.WEIGHT_DECAY_BIAS", "0.0",
                "SOLVER.STAGE2.LARGE_FC_LR", str(large_fc))
     model = Dummy()
+    model.set_stage(2)
     opt, opt_center = make_optimizer_2stage(cfg, model)
     assert isinstance(opt, torch.optim.Adam) and opt_center is None
     groups = _group_of(opt)
     expected_names = {"image_encoder.weight", "image_encoder.bias", "bottleneck.weight",
-                      "classifier.weight", "image_mlp.weight", "image_mlp.bias",
-                      "text_mlp.weight", "text_mlp.bias"}
+                      "classifier.weight", "image_mlp.weight", "image_mlp.bias"}
     named = dict(model.named_parameters())
     assert {n for n, p in named.items() if id(p) in groups} == expected_names
     for name, p in named.items():
         if name.startswith(("text_encoder", "prompt_learner")):
-            assert not p.requires_grad  # frozen by the stage-2 optimiser, as published
+            assert not p.requires_grad  # frozen in stage 2, as published
         if id(p) not in groups:
             continue
         lr, wd = 0.01, 0.001
@@ -85,12 +92,12 @@ def test_stage2_optimizer_names_and_center_optimizer():
     center = CenterLoss(3, 8)
     cfg = _cfg("SOLVER.STAGE2.OPTIMIZER_NAME", "SGD", "SOLVER.STAGE2.MOMENTUM", "0.8",
                "SOLVER.STAGE2.CENTER_LR", "0.3")
-    opt, opt_center = make_optimizer_2stage(cfg, Dummy(), center)
+    opt, opt_center = make_optimizer_2stage(cfg, _in_stage(Dummy(), 2), center)
     assert isinstance(opt, torch.optim.SGD) and all(g["momentum"] == 0.8 for g in opt.param_groups)
     assert isinstance(opt_center, torch.optim.SGD)
     assert opt_center.param_groups[0]["lr"] == 0.3
     assert opt_center.param_groups[0]["params"][0] is center.centers
-    opt, _ = make_optimizer_2stage(_cfg("SOLVER.STAGE2.OPTIMIZER_NAME", "AdamW"), Dummy())
+    opt, _ = make_optimizer_2stage(_cfg("SOLVER.STAGE2.OPTIMIZER_NAME", "AdamW"), _in_stage(Dummy(), 2))
     assert isinstance(opt, torch.optim.AdamW)
 
 
@@ -99,6 +106,7 @@ def test_stage1_only_prompt_learner(train_mlp):
     cfg = _cfg("SOLVER.STAGE1.BASE_LR", "0.005", "SOLVER.STAGE1.WEIGHT_DECAY", "0.0001",
                "MODEL.TRAIN_TEXT_MLP_STAGE1", str(train_mlp))
     model = Dummy()
+    model.set_stage(1, train_text_mlp=train_mlp)
     opt = make_optimizer_1stage(cfg, model)
     assert isinstance(opt, torch.optim.Adam)
     got = {n for n, p in model.named_parameters() if id(p) in _group_of(opt)}
@@ -106,6 +114,18 @@ def test_stage1_only_prompt_learner(train_mlp):
     assert got == expected
     assert len(opt.param_groups) == 1
     assert opt.param_groups[0]["lr"] == 0.005 and opt.param_groups[0]["weight_decay"] == 0.0001
+
+
+def _in_stage(model, stage):
+    model.set_stage(stage)
+    return model
+
+
+def test_optimisers_refuse_a_model_not_set_to_their_stage():
+    with pytest.raises(ValueError, match=r"set_stage\(2\)"):
+        make_optimizer_2stage(_cfg(), Dummy())
+    with pytest.raises(ValueError, match=r"set_stage\(1\)"):
+        make_optimizer_1stage(_cfg(), _in_stage(Dummy(), 2))
 
 
 def test_rescale_center_grad():

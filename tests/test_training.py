@@ -55,6 +55,7 @@ def test_stage1_changes_only_the_prompt_learner(tiny_root, tmp_path, train_mlp):
     cfg = tiny_cfg(tiny_root, tmp_path, "SOLVER.STAGE1.MAX_EPOCHS", "1", "MODEL.TRAIN_TEXT_MLP_STAGE1", str(train_mlp))
     model, (_, tl1, _, _, _, _, _) = build(cfg)
     before = snapshot(model)
+    model.set_stage(1, train_text_mlp=train_mlp)
     opt = make_optimizer_1stage(cfg, model)
     do_train_stage1(cfg, model, tl1, opt, create_scheduler(cfg.SOLVER.STAGE1, opt), torch.device("cpu"))
     all_changed = changed(before, model, "")
@@ -67,6 +68,7 @@ def test_stage2_freezes_text_side_and_trains_image_encoder(tiny_root, tmp_path):
     cfg = tiny_cfg(tiny_root, tmp_path, "SOLVER.STAGE2.MAX_EPOCHS", "1")
     model, (tl2, _, val, nq, ncls, _, _) = build(cfg)
     before = snapshot(model)
+    model.set_stage(2)
     loss_fn, center = make_loss(cfg, ncls, feat_dim=model.feature_dims[0])
     opt, opt_c = make_optimizer_2stage(cfg, model, center)
     do_train_stage2(cfg, model, tl2, None, opt, opt_c, create_warmup_multistep(cfg.SOLVER.STAGE2, opt), loss_fn,
@@ -228,6 +230,7 @@ def test_stage2_with_center_loss_trains_the_centers(tiny_root, tmp_path):
     """METRIC_LOSS_TYPE triplet_center: own SGD optimiser, gradient rescaled by 1/CENTER_LOSS_WEIGHT."""
     cfg = tiny_cfg(tiny_root, tmp_path, "SOLVER.STAGE2.MAX_EPOCHS", "1", "MODEL.METRIC_LOSS_TYPE", "triplet_center")
     model, (tl2, _, _, nq, ncls, _, _) = build(cfg)
+    model.set_stage(2)
     loss_fn, center = make_loss(cfg, ncls, feat_dim=model.feature_dims[0])
     opt, opt_c = make_optimizer_2stage(cfg, model, center)
     assert opt_c is not None
