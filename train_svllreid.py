@@ -114,9 +114,9 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
         if n is not None:
             logger.info("CPU: %d torch thread(s) beside %d loader worker(s)", n, cfg.DATALOADER.NUM_WORKERS)
 
-    train_loader_stage2, train_loader_stage1, val_loader, num_query, num_classes, camera_num, view_num = \
-        make_dataloader(cfg)
-    model = make_model(cfg, num_class=num_classes, camera_num=camera_num, view_num=view_num).to(device)
+    data = make_dataloader(cfg)
+    model = make_model(cfg, num_class=data.num_classes, camera_num=data.camera_num,
+                       view_num=data.view_num).to(device)
     if cfg.MODEL.SSL_SYNC_BN and is_dist():
         if device.type == "cuda":
             model.sync_ssl_batchnorm()
@@ -126,7 +126,7 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     out: dict[str, Any] = {}
     if evaluate_untrained:
         logger.info("Evaluating the untrained model")
-        out["untrained"] = do_inference(cfg, model, val_loader, num_query, device)
+        out["untrained"] = do_inference(cfg, model, data.val, data.num_query, device)
 
     state = load_train_state(cfg.OUTPUT_DIR) if resume else None
     if resume and state is None:
@@ -138,22 +138,22 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
         model.set_stage(1, train_text_mlp=cfg.MODEL.TRAIN_TEXT_MLP_STAGE1)
         optimizer1 = make_optimizer_1stage(cfg, model)
         scheduler1 = create_scheduler(cfg.SOLVER.STAGE1, optimizer1)
-        do_train_stage1(cfg, _wrap(model, device), train_loader_stage1, optimizer1, scheduler1, device,
+        do_train_stage1(cfg, _wrap(model, device), data.train_stage1, optimizer1, scheduler1, device,
                         resume_state=state if state and state["stage"] == 1 else None)
 
     model.set_stage(2)
-    loss_fn, center_criterion = make_loss(cfg, num_classes, feat_dim=model.feature_dims[0])
+    loss_fn, center_criterion = make_loss(cfg, data.num_classes, feat_dim=model.feature_dims[0])
     if center_criterion is not None:
         center_criterion.to(device)
     ssl_loss = make_ssl_loss(cfg) if cfg.MODEL.USE_SSL else None
     optimizer2, optimizer_center = make_optimizer_2stage(cfg, model, center_criterion)
     scheduler2 = create_warmup_multistep(cfg.SOLVER.STAGE2, optimizer2)
     out["trained"] = do_train_stage2(
-        cfg, _wrap(model, device), train_loader_stage2, val_loader, optimizer2, optimizer_center, scheduler2,
-        loss_fn, ssl_loss, center_criterion, num_query, num_classes, device,
+        cfg, _wrap(model, device), data.train_stage2, data.val, optimizer2, optimizer_center, scheduler2,
+        loss_fn, ssl_loss, center_criterion, data.num_query, data.num_classes, device,
         resume_state=state if state and state["stage"] == 2 else None)
     if out["trained"] is None:   # resumed after the last epoch: evaluate the final weights
-        out["trained"] = do_inference(cfg, model, val_loader, num_query, device)
+        out["trained"] = do_inference(cfg, model, data.val, data.num_query, device)
     if is_main_process():
         write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), out["trained"])
     return out

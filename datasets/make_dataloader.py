@@ -12,7 +12,7 @@ The stage-2 sampler is ``train_loader.sampler`` (call ``set_epoch`` on it each e
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -24,7 +24,7 @@ from .factory import build_dataset
 from .sampler import RandomIdentitySampler, RandomIdentitySamplerDDP, ShuffleSampler
 from .transforms import build_ssl_transform, build_transforms
 
-__all__ = ["make_dataloader", "make_val_loader", "build_dataset_from_cfg"]
+__all__ = ["Loaders", "make_dataloader", "make_val_loader", "build_dataset_from_cfg"]
 
 logger = logging.getLogger("svllreid")
 
@@ -124,13 +124,19 @@ def make_val_loader(cfg: Any, dataset: BaseImageDataset) -> tuple[DataLoader, in
     return loader, len(dataset.query)
 
 
-def make_dataloader(cfg: Any, trial: int = 0
-                    ) -> tuple[DataLoader, DataLoader, DataLoader, int, int, int, int]:
-    """Build the loaders from ``cfg`` (published return order).
+class Loaders(NamedTuple):
+    """What ``make_dataloader`` builds; unpacks in the published return order too."""
+    train_stage2: DataLoader      # P x K identity batches with train (and SSL) transforms
+    train_stage1: DataLoader      # every training image once, test transforms (stage-1 feature cache)
+    val: DataLoader               # query images, then gallery images
+    num_query: int
+    num_classes: int              # training identities
+    camera_num: int
+    view_num: int
 
-    Returns ``(train_loader_stage2, train_loader_stage1, val_loader, num_query,
-    num_classes, camera_num, view_num)``. ``trial`` selects the VehicleID split.
-    """
+
+def make_dataloader(cfg: Any, trial: int = 0) -> Loaders:
+    """Build the loaders from ``cfg``; ``trial`` selects the VehicleID split."""
     dataset = build_dataset_from_cfg(cfg, trial)
     check_identity_batch(cfg, dataset.num_train_pids)
     for subset in ("train", "query", "gallery"):
@@ -147,5 +153,5 @@ def make_dataloader(cfg: Any, trial: int = 0
     train_loader_stage1 = DataLoader(train_set_normal, batch_size=cfg.SOLVER.STAGE1.IMS_PER_BATCH,
                                      shuffle=False, **_loader_kwargs(cfg, seed_offset=1))
     val_loader, num_query = make_val_loader(cfg, dataset)
-    return (train_loader_stage2, train_loader_stage1, val_loader, num_query,
-            dataset.num_train_pids, dataset.num_train_cams, dataset.num_train_vids)
+    return Loaders(train_loader_stage2, train_loader_stage1, val_loader, num_query,
+                   dataset.num_train_pids, dataset.num_train_cams, dataset.num_train_vids)
