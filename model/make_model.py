@@ -123,7 +123,7 @@ class PromptLearner(nn.Module):
                           self.token_suffix.expand(b, -1, -1)], dim=1)
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(clip.TextTower, nn.Module):
     """CLIP text tower applied to prompt embeddings (frozen in both stages)."""
 
     def __init__(self, clip_model: nn.Module) -> None:
@@ -134,10 +134,7 @@ class TextEncoder(nn.Module):
         self.text_projection = clip_model.text_projection
 
     def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
-        x = prompts + self.positional_embedding.to(prompts.dtype)
-        x = self.ln_final(self.transformer(x))
-        eot = tokenized_prompts.argmax(dim=-1).expand(x.shape[0])
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        return self.encode_token_embeddings(prompts, tokenized_prompts)
 
 
 # ----------------------------------------------------------------------------- the model

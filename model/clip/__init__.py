@@ -5,6 +5,7 @@ from .model import (
     CLIP,
     CLIPArch,
     ModifiedResNet,
+    TextTower,
     Transformer,
     VisionTransformer,
     arch_from_state_dict,
@@ -16,7 +17,7 @@ from .model import (
 from .tokenizer import SimpleTokenizer, tokenize
 
 __all__ = [
-    "ARCHITECTURES", "CLIP", "CLIPArch", "ModifiedResNet", "SimpleTokenizer", "Transformer",
+    "ARCHITECTURES", "CLIP", "CLIPArch", "ModifiedResNet", "SimpleTokenizer", "TextTower", "Transformer",
     "VisionTransformer", "arch_from_state_dict", "build_model", "build_random_clip", "convert_weights_fp16",
     "load_clip", "load_state_dict", "resize_pos_embed", "resolve_checkpoint", "tokenize",
 ]

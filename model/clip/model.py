@@ -376,7 +376,27 @@ def _default_heads(width: int) -> int:
     return max(1, width // 64)
 
 
-class CLIP(nn.Module):
+class TextTower:
+    """The text path after the token embedding, shared by CLIP and the ReID model's text encoder.
+
+    Needs ``positional_embedding``, ``transformer``, ``ln_final`` and ``text_projection``.
+    """
+    positional_embedding: nn.Parameter
+    transformer: nn.Module
+    ln_final: nn.Module
+    text_projection: nn.Parameter
+
+    def encode_token_embeddings(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features from token embeddings ``x`` (N, L, width): + positional embedding,
+        causal transformer, ``ln_final`` and ``text_projection`` at the end-of-text position
+        ``tokens.argmax(-1)``. Prompt learners pass embeddings with learnable slots."""
+        x = x + self.positional_embedding.to(x.dtype)
+        x = self.transformer(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return self.ln_final(x) @ self.text_projection.to(x.dtype)
+
+
+class CLIP(TextTower, nn.Module):
     """CLIP image tower (``visual``) and causal text transformer.
 
     ``image_feature_dims`` = (dim of x11 CLS / layer3, dim of x12 CLS / layer4, embed_dim).
@@ -430,15 +450,6 @@ class CLIP(nn.Module):
         """Projected image embedding (N, embed_dim): CLIP's ``encode_image`` (ViT: projected
         class token; ResNet: attention-pooled token), on this model's grid / stride."""
         return self.visual(image, cv_emb)[2][:, 0]
-
-    def encode_token_embeddings(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Text features from token embeddings ``x`` (N, L, width): + positional embedding,
-        causal transformer, ``ln_final`` and ``text_projection`` at the end-of-text position
-        ``tokens.argmax(-1)``. Prompt learners pass embeddings with learnable slots."""
-        x = x + self.positional_embedding.to(x.dtype)
-        x = self.transformer(x)
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return self.ln_final(x) @ self.text_projection.to(x.dtype)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP text embedding (N, embed_dim) of tokenized text (N, context_length)."""
