@@ -25,6 +25,7 @@ logger = logging.getLogger("svllreid")
 VEHICLE_DATASETS = ("veri", "VehicleID")
 N_CLS_CTX = 4        # learnable identity tokens per prompt ("X X X X")
 N_PREFIX = 5         # "<sot> a photo of a"
+FORWARD_MODES = (None, "stage1", "stage2", "image_proj", "text")   # None: training outputs or retrieval feature
 
 
 # ----------------------------------------------------------------------------- init helpers
@@ -274,6 +275,8 @@ class SVLLReID(nn.Module):
                 cam_label: torch.Tensor | None = None, view_label: torch.Tensor | None = None,
                 ssl_views: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mode: str | None = None) -> Any:
+        if mode not in FORWARD_MODES:
+            raise ValueError(f"SVLLReID.forward: mode {mode!r} is not one of {FORWARD_MODES}")
         if mode == "text":
             return self.encode_text(label)
         if mode == "stage1":

@@ -148,3 +148,9 @@ def test_rn50_with_vision_ssl(ssl_type):
         assert out["ssl"]["aug1_embed"].shape == (4, 64)
     else:
         assert out["ssl"]["p1"].shape == out["ssl"]["z1"].shape == (4, feat_dim)
+
+
+@pytest.mark.parametrize("mode", ["stage_2", "eval", "retrieval"])
+def test_forward_refuses_an_unknown_mode(vit_model, mode):
+    with pytest.raises(ValueError, match=f"mode '{mode}' is not one of"):
+        vit_model(torch.randn(2, 3, 128, 64), mode=mode)
