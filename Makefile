@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYNTH  := data/synthetic
 
-.PHONY: all venv demo test bench data clean
+.PHONY: all venv demo test lint bench data clean
 
 all: test
 
@@ -26,6 +26,9 @@ demo: $(STAMP) data
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/eval.py

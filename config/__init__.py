@@ -21,7 +21,8 @@ from solver.make_optimizer import OPTIMIZERS
 
 from .defaults import _C as _DEFAULTS
 
-__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "is_yes", "CHOICES", "INERT_KEYS"]
+__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "is_yes",
+           "CHOICES", "INERT_KEYS"]
 
 
 class ConfigError(ValueError):

@@ -218,7 +218,8 @@ class SVLLReID(nn.Module):
         text_side = ("prompt_learner.", "text_encoder.", "text_mlp.")
         for name, p in self.named_parameters():
             if stage == 1:
-                p.requires_grad_(name.startswith("prompt_learner.") or (train_text_mlp and name.startswith("text_mlp.")))
+                p.requires_grad_(name.startswith("prompt_learner.")
+                                 or (train_text_mlp and name.startswith("text_mlp.")))
             else:
                 p.requires_grad_(self._trainable_at_init[name] and not name.startswith(text_side))
 

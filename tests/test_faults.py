@@ -19,13 +19,13 @@ from PIL import Image
 import processor.processor_stage2 as stage2_mod
 import test_svllreid
 import train_svllreid
-from config import ConfigError, load_config
+from config import ConfigError
 from datasets.bases import read_image
 from utils.checkpoint import CheckpointError, load_file, save_atomic
 from utils.fileio import TMP_PREFIX, TMP_SUFFIX
-from utils.run_dir import RunError, RunLock, resume_config
+from utils.run_dir import RunLock, resume_config
 
-from test_training import DEMO, tiny_cfg
+from test_training import DEMO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "2",

@@ -191,7 +191,8 @@ def _fake_vehicleid(root, train_ids=6, test_ids=4, per_id=3):
     os.makedirs(os.path.join(base, "train_test_split"))
     g = torch.Generator().manual_seed(0)
     lines = {"train_list.txt": [], "test_list_800.txt": []}
-    for split, pids in (("train_list.txt", range(100, 100 + train_ids)), ("test_list_800.txt", range(500, 500 + test_ids))):
+    splits = (("train_list.txt", range(100, 100 + train_ids)), ("test_list_800.txt", range(500, 500 + test_ids)))
+    for split, pids in splits:
         for pid in pids:
             colour = torch.rand(3, generator=g)
             for k in range(per_id):
@@ -250,7 +251,8 @@ def test_stage2_with_center_loss_trains_the_centers(tiny_root, tmp_path):
 
 
 def test_resume_flag_accepted_before_or_after_overrides():
-    for argv in (["--config_file", DEMO, "--resume", "OUTPUT_DIR", "x"], ["--config_file", DEMO, "OUTPUT_DIR", "x", "--resume"]):
+    for argv in (["--config_file", DEMO, "--resume", "OUTPUT_DIR", "x"],
+                 ["--config_file", DEMO, "OUTPUT_DIR", "x", "--resume"]):
         args = train_svllreid.parse_args(argv)
         assert args.resume and args.opts == ["OUTPUT_DIR", "x"]
     assert not train_svllreid.parse_args(["--config_file", DEMO, "OUTPUT_DIR", "x"]).resume

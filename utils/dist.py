@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_dist", "get_rank", "get_world_size", "is_main_process", "gather_with_grad", "init_distributed",
-           "shard_indices", "gather_strided", "all_gather_object", "broadcast_object", "average_gradients", "barrier", "cleanup"]
+           "shard_indices", "gather_strided", "all_gather_object", "broadcast_object", "average_gradients", "barrier",
+           "cleanup"]
 
 
 def is_dist() -> bool:
