@@ -242,3 +242,17 @@ def test_r1_map_eval_reranking_switch_and_from_cfg():
     assert (ev2.reranking, ev2.feat_norm, ev2.metric, ev2.max_rank) == (False, True, "cosine", 50)
     _feed(ev2, feats, pids, cams)
     assert_same(ev2.compute(), evaluate(qf, gf, qp, gp, qc, gc, metric="cosine"), tol=1e-12)
+
+
+def test_select_flat_ignores_stale_buffer_bytes():
+    """The selection scans the mask as 64-bit words: a block whose size is not a multiple of 8
+    must not pick up bytes left in the reused buffer by a larger block."""
+    rng = np.random.default_rng(9)
+    buffers = metrics._select_buffers(13, 37, torch.float32, torch.device("cpu"))
+    for buf in buffers:
+        buf.fill_(True)
+    for b in (13, 5, 1, 3):
+        dist = torch.from_numpy(rng.random((b, 37)).astype(np.float32))
+        thresh = torch.from_numpy(rng.random(b).astype(np.float32))
+        expected = (dist <= thresh[:, None]).view(-1).nonzero().squeeze(1)
+        assert torch.equal(metrics._select_flat(dist, thresh, buffers), expected)

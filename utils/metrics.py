@@ -61,14 +61,45 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"metric = {metric!r} is not allowed; choose one of: {', '.join(map(repr, _METRICS))}")
 
 
-def _sq_euclidean_block(x: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor) -> torch.Tensor:
-    """||x||^2 + ||y||^2 - 2 x.y for a block of rows, computed like the published code.
+def _sq_norms(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``x.pow(2).sum(dim=1)`` (bit for bit) in row chunks: no full-size temporary."""
+    out = x.new_empty(x.shape[0])
+    for s in range(0, x.shape[0], rows):
+        torch.sum(x[s:s + rows].pow(2), dim=1, out=out[s:s + rows])
+    return out
 
-    Not clamped at 0: tiny negative values can occur for near-identical vectors; clamping
-    would create artificial ties and change the ranking relative to the published code.
+
+def _distance_block_into(x: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor | None, out: torch.Tensor
+                         ) -> torch.Tensor:
+    """Distances of the rows ``x`` to all of ``y``, written into ``out`` (a reused buffer).
+
+    ``y_sq`` given: squared Euclidean ||x||^2 + ||y||^2 - 2 x.y, computed like the published
+    code (the norms summed first, then one GEMM with beta=1, alpha=-2). Not clamped at 0:
+    tiny negative values can occur for near-identical vectors; clamping would create
+    artificial ties and change the ranking relative to the published code.
+    ``y_sq`` None: 1 - x.y (cosine distance of rows already L2-normalised).
+    Writing into a reused buffer matters: a fresh block of this size is a fresh mmap, and
+    its page faults cost about as much as the GEMM that fills it.
     """
-    x_sq = x.pow(2).sum(dim=1, keepdim=True)
-    return torch.addmm(x_sq + y_sq.unsqueeze(0), x, y.t(), beta=1, alpha=-2)
+    if y_sq is None:
+        torch.mm(x, y.t(), out=out)
+        return out.neg_().add_(1.0)  # -p + 1 is exactly 1 - p
+    torch.add(_sq_norms(x).unsqueeze(1), y_sq, out=out)
+    return out.addmm_(x, y.t(), beta=1, alpha=-2)
+
+
+def _prepare_features(x: torch.Tensor, y: torch.Tensor, metric: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x, y, ||y||^2 or None) ready for ``_distance_block_into`` (cosine: rows normalised)."""
+    _check_metric(metric)
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected 2-D features of equal width, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not x.is_floating_point():
+        x = x.float()
+    y = y.to(device=x.device, dtype=x.dtype)
+    if metric == "cosine":
+        return F.normalize(x, dim=1), F.normalize(y, dim=1), None
+    return x, y, _sq_norms(y)
 
 
 def distance_blocks(
@@ -78,38 +109,26 @@ def distance_blocks(
 
     metric: 'euclidean' = squared Euclidean; 'cosine' = 1 - cosine similarity (the rows are
     L2-normalised here, so for L2-normalised features euclidean = 2 * cosine).
+    Each block is a fresh tensor; ``evaluate`` uses one reused buffer instead.
     """
-    _check_metric(metric)
-    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"expected 2-D features of equal width, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not x.is_floating_point():
-        x = x.float()
-    y = y.to(device=x.device, dtype=x.dtype)
+    x, y, y_sq = _prepare_features(x, y, metric)
     rows = _rows_per_block(y.shape[0], block_size)
-    if metric == "cosine":
-        x, y = F.normalize(x, dim=1), F.normalize(y, dim=1)
-    else:
-        y_sq = y.pow(2).sum(dim=1)
     for start in range(0, x.shape[0], rows):
         end = min(start + rows, x.shape[0])
-        if metric == "cosine":
-            yield start, end, 1.0 - x[start:end] @ y.t()
-        else:
-            yield start, end, _sq_euclidean_block(x[start:end], y, y_sq)
+        out = x.new_empty((end - start, y.shape[0]))
+        yield start, end, _distance_block_into(x[start:end], y, y_sq, out)
 
 
 def pairwise_distance(
     x: torch.Tensor, y: torch.Tensor, metric: str = "euclidean", block_size: int | None = None
 ) -> torch.Tensor:
     """Full (len(x), len(y)) distance matrix, filled block by block (bounded temporaries)."""
-    out = None
-    for start, end, block in distance_blocks(x, y, metric, block_size):
-        if out is None:
-            out = block.new_empty((x.shape[0], y.shape[0]))
-        out[start:end] = block
-    if out is None:  # no rows
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        out = torch.empty((0, y.shape[0]), dtype=dtype, device=x.device)
+    x, y, y_sq = _prepare_features(x, y, metric)
+    out = x.new_empty((x.shape[0], y.shape[0]))
+    rows = _rows_per_block(y.shape[0], block_size)
+    for start in range(0, x.shape[0], rows):
+        end = min(start + rows, x.shape[0])
+        _distance_block_into(x[start:end], y, y_sq, out[start:end])
     return out
 
 
@@ -191,38 +210,74 @@ class _GalleryIndex:
         return rows, self.order[self.starts[slot][rows] + offset]
 
 
-def _ranked_matches_sparse(dist: torch.Tensor, band: torch.Tensor, gr: torch.Tensor, gc: torch.Tensor
+def _select_flat(dist: torch.Tensor, thresh: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]
+                 ) -> torch.Tensor:
+    """Ascending flat positions of the entries of ``dist`` (B, G) with ``d <= thresh[row]``.
+
+    ``buffers`` = (flat float buffer of at least B * G entries, flat bool buffer of at least
+    B * G rounded up to 8), reused across blocks (see ``_select_buffers``). torch's CPU
+    comparison kernels are vectorised only when the result has the inputs' dtype, so the
+    comparison is written as 0/1 floats, then copied to bool; the bool mask is scanned as
+    64-bit words, 8 entries at a time, and only the few non-zero words are expanded
+    (``nonzero`` over the whole bool block costs as much as the comparison).
+    """
+    fmask, mask = buffers
+    n = dist.numel()
+    n8 = -(-n // 8) * 8
+    torch.le(dist, thresh.unsqueeze(1), out=fmask[:n].view(dist.shape))
+    mask[:n].copy_(fmask[:n])
+    mask[n:n8] = False  # bytes of the last word beyond this block
+    words = mask[:n8].view(torch.int64).nonzero().squeeze(1)
+    cand = (words.unsqueeze(1) * 8 + torch.arange(8, device=dist.device)).reshape(-1)
+    return cand[mask[cand]]
+
+
+def _select_buffers(rows: int, num_cols: int, dtype: torch.dtype, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reusable buffers for ``_select_flat`` on blocks of up to ``rows`` rows."""
+    n8 = -(-rows * num_cols // 8) * 8
+    return (torch.empty(n8, dtype=dtype, device=device), torch.empty(n8, dtype=torch.bool, device=device))
+
+
+def _ordered_keys(vals: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2^32) ordered like the float32 ``vals`` (-0.0 equal to +0.0)."""
+    bits = (vals + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse their order
+    return bits.long() + (1 << 31)
+
+
+def _ranked_matches_sparse(rows: torch.Tensor, vals: torch.Tensor, good: torch.Tensor, num_rows: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and 0-based in-band positions of the true matches, in ranked order (small bands).
 
-    The band entries are gathered into a flat list and sorted by (row, value, column).
+    ``rows``/``vals``/``good`` describe the band entries in row-major order (columns
+    ascending within a row); they are sorted stably by (row, value), so ties stay in
+    gallery order. float32: one sort of (row, value) packed into int64; otherwise two.
     """
-    rows, cols = band.nonzero(as_tuple=True)  # row-major: columns ascending within a row
-    G = dist.shape[1]
-    good_keys = torch.sort(gr * G + gc).values
-    band_keys = rows * G + cols
-    slot = torch.searchsorted(good_keys, band_keys).clamp(max=max(good_keys.numel() - 1, 0))
-    is_good = (good_keys[slot] == band_keys) if good_keys.numel() else torch.zeros_like(band_keys, dtype=torch.bool)
-    order = torch.sort(dist[rows, cols], stable=True).indices  # by value, ties by gallery index
-    order = order[torch.sort(rows[order], stable=True).indices]  # then grouped by row
-    rows, is_good = rows[order], is_good[order]
-    counts = torch.bincount(rows, minlength=dist.shape[0])
-    pos = torch.arange(rows.numel(), device=dist.device) - (torch.cumsum(counts, 0) - counts)[rows]
-    return rows[is_good], pos[is_good]
+    if vals.dtype == torch.float32:
+        order = torch.sort((rows << 32) | _ordered_keys(vals), stable=True).indices
+    else:
+        order = torch.sort(vals, stable=True).indices  # by value, ties by gallery index
+        order = order[torch.sort(rows[order], stable=True).indices]  # then grouped by row
+    rows, good = rows.index_select(0, order), good.index_select(0, order)
+    counts = torch.bincount(rows, minlength=num_rows)
+    pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    return rows[good], pos[good]
 
 
-def _ranked_matches_dense(dist: torch.Tensor, band: torch.Tensor, gr: torch.Tensor, gc: torch.Tensor
+def _ranked_matches_dense(dist: torch.Tensor, flat_pos: torch.Tensor, good: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as ``_ranked_matches_sparse`` by sorting whole rows (large bands, e.g. weak models).
 
     Entries outside the band become NaN, which torch sorts after every number (+inf too).
     """
-    vals = torch.where(band, dist, torch.tensor(float("nan"), dtype=dist.dtype, device=dist.device))
+    vals = torch.full_like(dist, float("nan"))
+    vals.view(-1)[flat_pos] = dist.view(-1)[flat_pos]
     order = torch.sort(vals, dim=1, stable=True).indices
     del vals
-    good = torch.zeros_like(band)
-    good[gr, gc] = True
-    return good.gather(1, order).nonzero(as_tuple=True)
+    is_good = torch.zeros(dist.shape, dtype=torch.bool, device=dist.device)
+    is_good.view(-1)[flat_pos[good]] = True
+    return is_good.gather(1, order).nonzero(as_tuple=True)
 
 
 def _block_stats(
@@ -230,36 +285,52 @@ def _block_stats(
     q_pids: torch.Tensor,
     q_camids: torch.Tensor,
     gallery: _GalleryIndex,
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-query first-match rank, AP and INP for one block of queries (valid queries only).
 
     The rank of a true match j among the kept gallery entries is 1 + the number of kept
-    entries k ordered before it, (d_k, k) < (d_j, j). Kept entries closer than the query's
-    nearest true match are only counted; the band [nearest, farthest true match] is sorted.
-    Same-pid entries are few per query and handled as sparse (row, column) pairs.
+    entries k ordered before it, (d_k, k) < (d_j, j). Only entries not farther than the
+    query's farthest true match can precede one, so a single pass over the (contiguous)
+    block selects them (``_select_flat``, with reused ``buffers``); everything
+    after that works on this short list. Entries closer than the nearest true match are
+    only counted; the band [nearest, farthest true match] is sorted. Same-pid entries are
+    few per query and handled as sparse (row, column) pairs.
     """
-    B = dist.shape[0]
+    B, G = dist.shape
     dev = dist.device
+    flat = dist.view(-1)
     pr, pc = gallery.same_pid_pairs(q_pids)
     is_junk = gallery.camids[pc] == q_camids[pr]  # same pid and same camera: removed
-    gr, gc = pr[~is_junk], pc[~is_junk]
-    jr, jc = pr[is_junk], pc[is_junk]
+    pair_pos = pr * G + pc
+    gr = pr[~is_junk]
     n_good = torch.bincount(gr, minlength=B)
     valid = n_good > 0
 
-    g_dist = dist[gr, gc]
+    g_dist = flat.index_select(0, pair_pos[~is_junk])
     inf = torch.full((B,), float("inf"), dtype=dist.dtype, device=dev)
-    lo = inf.scatter_reduce(0, gr, g_dist, "amin", include_self=True).unsqueeze(1)
-    hi = (-inf).scatter_reduce(0, gr, g_dist, "amax", include_self=True).unsqueeze(1)
-    below = dist < lo
-    n_below = below.sum(dim=1, dtype=torch.int32).long()
-    n_below -= torch.bincount(jr[dist[jr, jc] < lo[jr, 0]], minlength=B)  # removed ones don't count
-    band = (dist <= hi) > below  # lo <= d <= hi (bool ">" is "and not")
-    band[jr, jc] = False
-    if int(band.sum(dtype=torch.int64)) > DENSE_BAND_FRACTION * band.numel():
-        g_rows, g_pos = _ranked_matches_dense(dist, band, gr, gc)
+    lo = inf.scatter_reduce(0, gr, g_dist, "amin", include_self=True)
+    hi = (-inf).scatter_reduce(0, gr, g_dist, "amax", include_self=True)  # -inf: row selects nothing
+    if buffers is None:
+        buffers = _select_buffers(B, G, dist.dtype, dev)
+    pos = _select_flat(dist, hi, buffers)
+    rows, vals = pos // G, flat.index_select(0, pos)
+    # mark the same-pid entries in the selected list: 1 = true match, 2 = removed
+    kind = torch.zeros(pos.numel(), dtype=torch.uint8, device=dev)
+    if pos.numel():
+        slot = torch.searchsorted(pos, pair_pos).clamp_(max=pos.numel() - 1)
+        found = pos.index_select(0, slot) == pair_pos
+        kind[slot[found]] = 1 + is_junk[found].to(torch.uint8)
+    kept = kind != 2
+    below = vals < lo.index_select(0, rows)
+    n_below = torch.zeros(B, dtype=torch.long, device=dev).index_add_(0, rows, (below & kept).long())
+    band = (kept & ~below).nonzero().squeeze(1)
+    pos, rows, vals = pos.index_select(0, band), rows.index_select(0, band), vals.index_select(0, band)
+    good = kind.index_select(0, band) == 1
+    if pos.numel() > DENSE_BAND_FRACTION * flat.numel():
+        g_rows, g_pos = _ranked_matches_dense(dist, pos, good)
     else:
-        g_rows, g_pos = _ranked_matches_sparse(dist, band, gr, gc)
+        g_rows, g_pos = _ranked_matches_sparse(rows, vals, good, B)
     rank = n_below[g_rows] + g_pos + 1  # 1-based rank among kept entries
     hit_no = torch.arange(g_rows.numel(), device=dev) - (torch.cumsum(n_good, 0) - n_good)[g_rows] + 1
 
@@ -299,13 +370,15 @@ def eval_func(
         raise ValueError(f"distmat must be 2-D, got shape {tuple(dist.shape)}")
     if not dist.is_floating_point():
         dist = dist.float()
+    dist = dist.contiguous()
     num_q, num_g = dist.shape
     qp, gp, qc, gc = _prepare_labels(q_pids, g_pids, q_camids, g_camids, dist.device, num_q, num_g)
     acc, gallery = _Accumulator(max_rank), _GalleryIndex(gp, gc)
     rows = _rows_per_block(num_g, block_size)
+    buffers = _select_buffers(min(rows, num_q), num_g, dist.dtype, dist.device)
     for s in range(0, num_q, rows):
         e = min(s + rows, num_q)
-        acc.add(*_block_stats(dist[s:e], qp[s:e], qc[s:e], gallery))
+        acc.add(*_block_stats(dist[s:e], qp[s:e], qc[s:e], gallery, buffers))
     return acc.result()
 
 
@@ -320,11 +393,22 @@ def evaluate(
     metric: str = "euclidean",
     block_size: int | None = None,
 ) -> tuple[np.ndarray, float, float]:
-    """Same as ``eval_func(distance(qf, gf), ...)`` without materialising the distance matrix."""
-    qp, gp, qc, gc = _prepare_labels(q_pids, g_pids, q_camids, g_camids, qf.device, qf.shape[0], gf.shape[0])
+    """Same as ``eval_func(distance(qf, gf), ...)`` without materialising the distance matrix.
+
+    Fused: each block of query rows gets its distances (one GEMM into a reused buffer) and
+    its metrics while the block is still in cache; the block is then overwritten by the next.
+    """
+    x, y, y_sq = _prepare_features(qf, gf, metric)
+    num_q, num_g = x.shape[0], y.shape[0]
+    qp, gp, qc, gc = _prepare_labels(q_pids, g_pids, q_camids, g_camids, x.device, num_q, num_g)
     acc, gallery = _Accumulator(max_rank), _GalleryIndex(gp, gc)
-    for s, e, dist in distance_blocks(qf, gf, metric, block_size):
-        acc.add(*_block_stats(dist, qp[s:e], qc[s:e], gallery))
+    rows = _rows_per_block(num_g, block_size)
+    buf = x.new_empty((min(rows, num_q), num_g))
+    buffers = _select_buffers(buf.shape[0], num_g, x.dtype, x.device)
+    for s in range(0, num_q, rows):
+        e = min(s + rows, num_q)
+        dist = _distance_block_into(x[s:e], y, y_sq, buf[: e - s])
+        acc.add(*_block_stats(dist, qp[s:e], qc[s:e], gallery, buffers))
     return acc.result()
 
 
