@@ -81,7 +81,8 @@ def make_problem(num_query: int, num_gallery: int, ids: int, cams: int, dim: int
 # ----------------------------------------------------------------------------- worker
 def run_worker(task: str, contender: str, sizes: dict, dim: int, workdir: Path) -> dict:
     """Generate the problem, time one contender, save its result; returns the JSON record."""
-    from bench.reference import ref_euclidean_distance, ref_eval_func, ref_re_ranking
+    from tests.reference import exact_eval_func as ref_eval_func, exact_re_ranking as ref_re_ranking
+    from tests.reference import published_euclidean_distance as ref_euclidean_distance
     from utils.metrics import eval_func, evaluate
     from utils.reranking import re_ranking
 
