@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.reference import (exact_eval_func, exact_re_ranking, published_euclidean_distance,
-                             published_eval_func, published_minp, published_re_ranking)
+from tests.reference import (
+    exact_eval_func,
+    exact_re_ranking,
+    published_euclidean_distance,
+    published_eval_func,
+    published_minp,
+    published_re_ranking,
+)
 from utils.metrics import euclidean_distance, eval_func, evaluate
 from utils.reranking import re_ranking
 

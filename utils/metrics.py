@@ -17,8 +17,12 @@ Protocol (as in the published CLIP-ReID / TransReID ``eval_func``):
 * AP = mean over the true matches of (precision at that match's rank); mAP = mean AP;
 * INP = (number of true matches) / (1-based rank of the last true match); mINP = mean INP.
 
-The ranks are found without sorting whole rows: only entries between a query's first and
-last true match by distance (its "band") are sorted, everything closer is just counted.
+The ranks are found without sorting whole rows: one pass over a block of rows selects the
+entries not farther than each query's farthest true match; of those, the ones closer than
+its nearest true match are just counted and only the rest (its "band") is sorted.
+``evaluate`` fuses this into the distance computation: each block of query rows is
+computed (one GEMM into a reused buffer) and evaluated while it is still in cache, so the
+full (query x gallery) matrix is never formed nor read twice.
 """
 from __future__ import annotations
 
