@@ -244,9 +244,12 @@ def test_r1_map_eval_reranking_switch_and_from_cfg():
     assert_same(ev2.compute(), evaluate(qf, gf, qp, gp, qc, gc, metric="cosine"), tol=1e-12)
 
 
-def test_select_flat_ignores_stale_buffer_bytes():
-    """The selection scans the mask as 64-bit words: a block whose size is not a multiple of 8
-    must not pick up bytes left in the reused buffer by a larger block."""
+@pytest.mark.parametrize("scratch", [1 << 20, 80, 1])  # one chunk; 2 rows per chunk; 1 row per chunk
+def test_select_flat_ignores_stale_buffer_bytes(scratch, monkeypatch):
+    """The selection compares a few rows at a time and scans the mask as 64-bit words: a block
+    whose size is not a multiple of 8 must not pick up bytes left in the reused buffers by a
+    larger block."""
+    monkeypatch.setattr(metrics, "SELECT_SCRATCH_ELEMS", scratch)
     rng = np.random.default_rng(9)
     buffers = metrics._select_buffers(13, 37, torch.float32, torch.device("cpu"))
     for buf in buffers:
