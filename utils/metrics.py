@@ -43,9 +43,10 @@ __all__ = [
 ]
 
 # Number of (query x gallery) elements handled per block; 64 MB of float32. Fewer, larger
-# blocks mean fewer GEMM calls (each packs the gallery features again) and fewer ops.
+# blocks mean fewer GEMM calls and fewer small ops (measured faster than 16 or 32 MB on the
+# shared 2-core machine).
 DEFAULT_BLOCK_ELEMS = 1 << 24
-# Float scratch of the selection pass (elements): 4 MB of float32, about one core's L2.
+# Float scratch of the selection pass (elements): 4 MB of float32, the L2 of the two cores.
 SELECT_SCRATCH_ELEMS = 1 << 20
 # Above this fraction of in-band entries a block sorts whole rows (parallel over rows)
 # instead of a flat list of band entries.
