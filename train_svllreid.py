@@ -5,7 +5,8 @@
 
 The ``base`` configs (MODEL.PROMPT_LEARNING False) skip stage 1 and the I2T loss.
 Writes ``config.yaml``, checkpoints, ``last.pth`` (full training state for ``--resume``),
-``train_log.txt`` and ``results.json`` into OUTPUT_DIR, which the run locks while it runs.
+``train_log.txt``, ``results.json`` and the training record (``metrics.jsonl``,
+``tensorboard/``, ``curves.png``) into OUTPUT_DIR, which the run locks while it runs.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from utils.dist import broadcast_object, cleanup, get_world_size, init_distribut
 from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
+from utils.record import TrainingRecord, write_curves
 from utils.run_dir import CONFIG_FILE, RunError, RunLock, prepare_output_dir, resume_config, save_run_config
 
 
@@ -77,7 +79,10 @@ def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False,
     try:
         with RunLock(cfg.OUTPUT_DIR) if is_main_process() else contextlib.nullcontext():
             notes = _claim_output_dir(cfg, resume, overwrite)
-            return _train(cfg, device, resume, evaluate_untrained, notes)
+            with TrainingRecord(cfg.OUTPUT_DIR, enabled=is_main_process()) as record:
+                out = _train(cfg, device, resume, evaluate_untrained, notes, record)
+            write_curves(cfg.OUTPUT_DIR, enabled=is_main_process())
+            return out
     finally:
         cleanup()
 
@@ -97,7 +102,7 @@ def _claim_output_dir(cfg: Any, resume: bool, overwrite: bool) -> list[str]:
 
 
 def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: bool,
-           notes: list[str]) -> dict[str, Any]:
+           notes: list[str], record: TrainingRecord) -> dict[str, Any]:
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=True, is_main=is_main_process())
     for note in notes:
@@ -127,6 +132,7 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     if evaluate_untrained:
         logger.info("Evaluating the untrained model")
         out["untrained"] = do_inference(cfg, model, data.val, data.num_query, device)
+        record.log_eval(0, 0, out["untrained"])
 
     state = load_train_state(cfg.OUTPUT_DIR) if resume else None
     if resume and state is None:
@@ -139,7 +145,7 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
         optimizer1 = make_optimizer_1stage(cfg, model)
         scheduler1 = create_scheduler(cfg.SOLVER.STAGE1, optimizer1)
         do_train_stage1(cfg, _wrap(model, device), data.train_stage1, optimizer1, scheduler1, device,
-                        resume_state=state if state and state["stage"] == 1 else None)
+                        resume_state=state if state and state["stage"] == 1 else None, record=record)
 
     model.set_stage(2)
     loss_fn, center_criterion = make_loss(cfg, data.num_classes, feat_dim=model.feature_dims[0])
@@ -151,7 +157,7 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     out["trained"] = do_train_stage2(
         cfg, _wrap(model, device), data.train_stage2, data.val, optimizer2, optimizer_center, scheduler2,
         loss_fn, ssl_loss, center_criterion, data.num_query, data.num_classes, device,
-        resume_state=state if state and state["stage"] == 2 else None)
+        resume_state=state if state and state["stage"] == 2 else None, record=record)
     if out["trained"] is None:   # resumed after the last epoch: evaluate the final weights
         out["trained"] = do_inference(cfg, model, data.val, data.num_query, device)
     if is_main_process():

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from config import ConfigError
 from datasets.sampler import epoch_seed
 from utils.checkpoint import load_file, load_model_weights, model_state, save_atomic, unwrap
 from utils.dist import all_gather_object, gather_strided, get_rank, get_world_size, is_main_process, shard_indices
@@ -137,10 +139,29 @@ def save_weights(output_dir: str, name: str, model: nn.Module) -> str:
     return path
 
 
+PROGRESS_ENV = "SVLLREID_PROGRESS"
+PROGRESS_CHOICES = ("auto", "on", "off")
+
+
+def progress_enabled() -> bool:
+    """Whether progress bars are drawn: ``SVLLREID_PROGRESS`` = auto (default) / on / off.
+
+    ``auto`` draws them only when stderr is a terminal, so redirected output stays one log
+    line per period; ``SVLLREID_NO_TQDM=1`` (the older switch) means ``off``. Only the
+    main process draws.
+    """
+    mode = os.environ.get(PROGRESS_ENV, "auto").strip().lower() or "auto"
+    if mode not in PROGRESS_CHOICES:
+        raise ConfigError(f"{PROGRESS_ENV} = {mode!r} is not allowed; choose one of: "
+                         f"{', '.join(map(repr, PROGRESS_CHOICES))}")
+    if os.environ.get("SVLLREID_NO_TQDM") == "1" or mode == "off" or not is_main_process():
+        return False
+    return mode == "on" or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+
+
 def progress(iterable: Iterable, total: int | None, desc: str) -> Iterable:
-    """A tqdm bar over ``iterable`` on the main process (off on other ranks or SVLLREID_NO_TQDM=1)."""
-    disable = not is_main_process() or os.environ.get("SVLLREID_NO_TQDM") == "1"
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=disable)
+    """A tqdm bar over ``iterable`` (a silent pass-through when :func:`progress_enabled` is false)."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not progress_enabled())
 
 
 def sharded_loader(loader: DataLoader) -> DataLoader:

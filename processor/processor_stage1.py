@@ -18,6 +18,7 @@ from datasets.sampler import epoch_seed
 from loss import SimCLRLoss, SupConLoss
 from utils.checkpoint import unwrap
 from utils.misc import AverageMeter
+from utils.record import NULL_RECORD, TrainingRecord
 
 from .common import (POSITION, autocast, check_finite_loss, encode_loader, make_scaler, progress, restore_rng,
                      restore_train_state, save_train_state, save_weights)
@@ -47,8 +48,8 @@ def _set_stage1_modes(model: nn.Module) -> None:
 
 def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
                     optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
-                    resume_state: dict[str, Any] | None = None) -> None:
-    """Run stage 1 from epoch 1, or from the epoch after ``resume_state['epoch']``."""
+                    resume_state: dict[str, Any] | None = None, record: TrainingRecord = NULL_RECORD) -> None:
+    """Run stage 1 from epoch 1, or from the epoch after ``resume_state['epoch']``; ``record`` gets the metrics."""
     c1 = cfg.SOLVER.STAGE1
     # every rank trains on the same prompt batches: SimCLR negatives stay local
     supcon, simclr = SupConLoss(), SimCLRLoss(temperature=cfg.MODEL.SSL_TEMPERATURE, gather=False)
@@ -108,8 +109,12 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
                 logger.info("Stage1 epoch[%d] iter[%d/%d] loss %.3f (i2t %.3f, t2i %.3f, ssl %.3f) lr %.2e",
                             epoch, it, num_batches, meters["loss"].avg, meters["i2t"].avg, meters["t2i"].avg,
                             meters["ssl"].avg, optimizer.param_groups[0]["lr"])
+                record.log(1, epoch, it, step=(epoch - 1) * num_batches + it, lr=optimizer.param_groups[0]["lr"],
+                           **{k: m.avg for k, m in meters.items()})
         logger.info("Stage1 epoch %d done in %.1fs (%.0f samples/s)", epoch, time.time() - t0,
                     num_image / max(time.time() - t0, 1e-9))
+        record.log(1, epoch, kind="epoch", lr=optimizer.param_groups[0]["lr"], seconds=time.time() - t0,
+                   **{k: m.avg for k, m in meters.items()})
         if epoch % c1.CHECKPOINT_PERIOD == 0 or epoch == c1.MAX_EPOCHS:
             save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_stage1_{epoch}.pth", model)
         save_train_state(cfg.OUTPUT_DIR, 1, epoch, model, optimizer, scheduler, scaler, cfg.dump())

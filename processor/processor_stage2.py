@@ -19,6 +19,7 @@ from solver import rescale_center_grad
 from utils.checkpoint import unwrap
 from utils.dist import average_gradients
 from utils.misc import AverageMeter
+from utils.record import NULL_RECORD, TrainingRecord
 
 from .common import (POSITION, autocast, check_finite_loss, eval_mode, make_scaler, progress, restore_rng,
                      restore_train_state, save_train_state, save_weights, set_loader_epoch, to_device)
@@ -76,8 +77,13 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
                     optimizer: torch.optim.Optimizer, optimizer_center: torch.optim.Optimizer | None,
                     scheduler: Any, loss_fn: Callable, ssl_loss: nn.Module | None, center_criterion: nn.Module | None,
                     num_query: int, num_classes: int, device: torch.device,
-                    resume_state: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Run stage 2; returns the metrics of the last evaluation (or None when none ran)."""
+                    resume_state: dict[str, Any] | None = None, record: TrainingRecord = NULL_RECORD
+                    ) -> dict[str, Any] | None:
+    """Run stage 2; returns the metrics of the last evaluation (or None when none ran).
+
+    ``record`` receives the running averages every LOG_PERIOD iterations, the epoch
+    averages and the evaluations.
+    """
     c2 = cfg.SOLVER.STAGE2
     scaler = make_scaler(device)
     core = unwrap(model)
@@ -139,14 +145,19 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
                             lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             if it % c2.LOG_PERIOD == 0:
                 logger.info("Stage2 epoch[%d] iter[%d] %s", epoch, it, _summary(meters, optimizer))
+                record.log(2, epoch, it, step=(epoch - 1) * len(train_loader) + it,
+                           lr=optimizer.param_groups[0]["lr"], **{k: m.avg for k, m in meters.items()})
         dt = time.time() - t0
         logger.info("Stage2 epoch %d done in %.1fs (%.1f samples/s): %s", epoch, dt, n_seen / max(dt, 1e-9),
                     _summary(meters, optimizer))
+        record.log(2, epoch, kind="epoch", lr=optimizer.param_groups[0]["lr"], seconds=dt,
+                   samples_per_s=n_seen / max(dt, 1e-9), **{k: m.avg for k, m in meters.items()})
 
         if epoch % c2.CHECKPOINT_PERIOD == 0 or epoch == c2.MAX_EPOCHS:
             save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_{epoch}.pth", model)
         if val_loader is not None and (epoch % c2.EVAL_PERIOD == 0 or epoch == c2.MAX_EPOCHS):
             results = do_inference(cfg, model, val_loader, num_query, device)
+            record.log_eval(2, epoch, results)
         extra = {"optimizer_center": optimizer_center.state_dict()} if optimizer_center is not None else {}
         save_train_state(cfg.OUTPUT_DIR, 2, epoch, model, optimizer, scheduler, scaler, cfg.dump(), extra)
     return results

@@ -23,7 +23,8 @@ LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
 LAST_CHECKPOINT = "last.pth"
 # Files that mark a folder as holding a run (besides the *.pth checkpoints).
-RUN_FILES = (LAST_CHECKPOINT, CONFIG_FILE, "train_log.txt", "results.json", "metrics.jsonl")
+RUN_FILES = (LAST_CHECKPOINT, CONFIG_FILE, "train_log.txt", "results.json", "metrics.jsonl", "tensorboard",
+             "curves.png")
 
 # Keys that may differ when a run is resumed: where things are and how they are run,
 # not what is computed (the trained weights do not depend on them).

@@ -1,0 +1,234 @@
+"""The training record: ``metrics.jsonl``, TensorBoard event files and ``curves.png``.
+
+One :class:`TrainingRecord` per run. Each :meth:`TrainingRecord.log` call appends one JSON
+object to ``OUTPUT_DIR/metrics.jsonl`` (flushed at once, so a crashed run keeps every line
+written so far) and writes the numeric values as TensorBoard scalars under
+``OUTPUT_DIR/tensorboard``. :func:`plot_curves` turns the JSON lines into a picture.
+
+Record kinds: ``period`` (every LOG_PERIOD iterations: running averages of the epoch so
+far), ``epoch`` (end-of-epoch averages) and ``eval`` (mAP, mINP, R1/R5/R10 and the CMC).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+logger = logging.getLogger("svllreid")
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CURVES_FILE = "curves.png"
+
+
+def _jsonable(v: Any) -> Any:
+    """Python scalars / lists for JSON; NaN and inf become null (JSON has no such numbers)."""
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+class TrainingRecord:
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard; a no-op when ``enabled`` is false.
+
+    ``enabled`` is false on the non-main processes of a distributed run, so only rank 0
+    writes. TensorBoard is skipped with one warning when the package is missing.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.output_dir = output_dir
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self._file = None
+        self._writer = None
+        self._t0 = time.time()
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._writer = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR))
+            except ImportError as e:   # the package is optional
+                logger.warning("TensorBoard event files are not written (%s)", e)
+
+    def log(self, stage: int, epoch: int, iteration: int | None = None, kind: str = "period",
+            step: int | None = None, **values: Any) -> None:
+        """Write one record: stage, epoch, iteration, kind, wall time and ``values``.
+
+        ``step`` is the TensorBoard x-axis (the iteration counted over the whole stage for
+        ``period`` records, the epoch otherwise); numeric values become scalars tagged
+        ``stage<S>/<kind>/<name>``; lists (the CMC curve) go to the JSON line only.
+        """
+        if not self.enabled:
+            return
+        now = time.time()
+        rec = {"stage": stage, "epoch": epoch, "iteration": iteration, "kind": kind,
+               "time": round(now, 3), "elapsed": round(now - self._t0, 3)}
+        rec.update({k: _jsonable(v) for k, v in values.items()})
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            x = step if step is not None else epoch
+            for k, v in values.items():
+                v = _jsonable(v)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._writer.add_scalar(f"stage{stage}/{kind}/{k}", v, x)
+            self._writer.flush()
+
+    def log_eval(self, stage: int, epoch: int, results: dict[str, Any]) -> None:
+        """An ``eval`` record from the results dict of an evaluation (mAP, mINP, R1/R5/R10, CMC)."""
+        self.log(stage, epoch, kind="eval", **eval_scalars(results))
+
+    def close(self) -> None:
+        """Close the files (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "TrainingRecord":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def eval_scalars(results: dict[str, Any]) -> dict[str, Any]:
+    """mAP, mINP, R1/R5/R10 and the CMC curve of an evaluation's results dict."""
+    cmc = list(results.get("cmc", []))
+    out = {"mAP": results["mAP"], "mINP": results.get("mINP")}
+    out.update({f"R{r}": cmc[r - 1] for r in (1, 5, 10) if r <= len(cmc)})
+    out["cmc"] = cmc
+    return out
+
+
+NULL_RECORD = TrainingRecord("", enabled=False)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a torn last line of a killed run is skipped)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+LOSS_KEYS = ("loss", "id", "tri", "i2t", "t2i", "ssl")
+_LOSS_LABELS = {"loss": "total", "id": "ID", "tri": "triplet", "i2t": "image→text", "t2i": "text→image",
+                "ssl": "self-supervised"}
+
+
+def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> str:
+    """Draw the loss components per stage, the stage-2 accuracy and the mAP / R1 over epochs.
+
+    Uses the ``epoch`` records (falling back to the last ``period`` record of each epoch)
+    and the ``eval`` records; when a resumed run repeats an epoch the last record wins.
+    Written atomically; returns ``out_png``.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics_jsonl)
+    per_epoch: dict[tuple[int, int], dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
+    for r in recs:
+        key = (r.get("stage"), r.get("epoch"))
+        if r.get("kind") == "eval":
+            evals[r["epoch"] if r.get("stage") == 2 else 0] = r
+        elif r.get("kind") == "epoch" or (r.get("kind") == "period" and per_epoch.get(key, {}).get("kind") != "epoch"):
+            per_epoch[key] = r
+    stages = sorted({s for s, _ in per_epoch if s in (1, 2)})
+    panels = [f"stage {s} losses" for s in stages] + ["stage 2 accuracy", "evaluation"]
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    axes = axes[0]
+    colours = {"loss": "#222222", "id": "#1f77b4", "tri": "#ff7f0e", "i2t": "#2ca02c", "t2i": "#9467bd",
+               "ssl": "#d62728"}
+    for ax, s in zip(axes, stages):
+        rows = sorted((e, r) for (st, e), r in per_epoch.items() if st == s)
+        for k in LOSS_KEYS:
+            pts = [(e, r[k]) for e, r in rows if isinstance(r.get(k), (int, float))]
+            if pts and any(v != 0 for _, v in pts):
+                ax.plot(*zip(*pts), label=_LOSS_LABELS[k], color=colours[k], lw=2.2 if k == "loss" else 1.4,
+                        marker="o" if len(pts) < 15 else None, ms=3)
+        ax.set_title(f"Stage {s}: {'prompt learning' if s == 1 else 'image encoder'} losses")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.legend(frameon=False, fontsize=8)
+    ax = axes[len(stages)]
+    pts = sorted((e, r["acc"]) for (st, e), r in per_epoch.items() if st == 2 and isinstance(r.get("acc"), (int, float)))
+    if pts:
+        ax.plot(*zip(*[(e, 100 * a) for e, a in pts]), color="#1f77b4", marker="o" if len(pts) < 15 else None, ms=3)
+    ax.set_title("Stage 2: ID accuracy (train batches)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax = axes[-1]
+    if evals:
+        xs = sorted(evals)
+        for k, lab, c in (("mAP", "mAP", "#d62728"), ("R1", "Rank-1", "#1f77b4"), ("mINP", "mINP", "#7f7f7f")):
+            ys = [(x, 100 * evals[x][k]) for x in xs if isinstance(evals[x].get(k), (int, float))]
+            if ys:
+                ax.plot(*zip(*ys), label=lab, color=c, marker="o", ms=4, lw=1.8)
+        ax.legend(frameon=False, fontsize=8)
+        if 0 in evals:
+            ax.annotate("untrained", (0, 100 * evals[0]["mAP"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color="#555555")
+    else:
+        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes, color="#777777")
+    ax.set_title("Evaluation (stage 2 epochs)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save_fig_atomic(fig, out_png)
+    plt.close(fig)
+    return out_png
+
+
+def _save_fig_atomic(fig: Any, path: str, dpi: int = 120) -> None:
+    """Save a matplotlib figure to a temporary PNG beside ``path``, then rename."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi, facecolor="white")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_curves(output_dir: str, enabled: bool = True) -> str | None:
+    """``OUTPUT_DIR/curves.png`` from ``OUTPUT_DIR/metrics.jsonl`` (logged); None when disabled or no record."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    if not enabled or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    out = plot_curves(path, os.path.join(output_dir, CURVES_FILE), title=f"Training record of {output_dir}")
+    logger.info("Training record: %s, %s (TensorBoard: tensorboard --logdir %s), %s", path,
+                os.path.join(output_dir, TENSORBOARD_DIR), output_dir, out)
+    return out
