@@ -3,7 +3,8 @@
     python test_svllreid.py --config_file configs/person/vit_svllreid.yml TEST.WEIGHT output/.../ViT-B-16_60.pth
 
 VehicleID is evaluated on DATASETS.VEHICLEID_TRIALS random query/gallery splits and the
-R1, R5 and mAP are averaged. Writes OUTPUT_DIR/results.json.
+R1, R5 and mAP are averaged. Writes OUTPUT_DIR/results.json; with TEST.VISUALIZE True also
+OUTPUT_DIR/visualize/ (cmc.png, worst_NN.png and best_NN.png ranked lists).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
 from model import make_model
 from processor import do_inference
 from utils.checkpoint import load_model_weights
+from utils.inference_io import visualize_evaluation
 from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
@@ -60,12 +62,12 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     logger.info("Loaded %s", cfg.TEST.WEIGHT)
 
     n_trials = cfg.DATASETS.VEHICLEID_TRIALS if cfg.DATASETS.NAMES == "VehicleID" else 1
-    trials = []
+    trials, kept = [], {}
     for trial in range(n_trials):
         if trial:
             dataset = build_dataset_from_cfg(cfg, trial=trial)
         val_loader, num_query = make_val_loader(cfg, dataset)
-        trials.append(do_inference(cfg, model, val_loader, num_query, device))
+        trials.append(do_inference(cfg, model, val_loader, num_query, device, keep=kept if trial == 0 else None))
     results = trials[0] if n_trials == 1 else _average_trials(trials)
     if n_trials > 1:
         logger.info("VehicleID (%d, mean of %d trials): mAP %.1f%%  R1 %.1f%%  R5 %.1f%%",
@@ -73,6 +75,9 @@ def evaluate(cfg: Any) -> dict[str, Any]:
                     100 * results["cmc"][0], 100 * results["cmc"][4])
     results["weight"] = cfg.TEST.WEIGHT
     write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), results)
+    if cfg.TEST.VISUALIZE:   # beside results.json; the ranked lists of VehicleID are trial 0's
+        visualize_evaluation(cfg, kept["feats"], kept["samples"], kept["num_query"], results,
+                             os.path.join(cfg.OUTPUT_DIR, "visualize"))
     return results
 
 

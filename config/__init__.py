@@ -259,7 +259,8 @@ def validate(cfg: _YacsNode) -> None:
                 "SOLVER.STAGE1.MAX_EPOCHS", "SOLVER.STAGE2.MAX_EPOCHS", "TEST.MAX_RANK",
                 "TEST.RE_RANKING_K1", "TEST.RE_RANKING_K2", "DATALOADER.NUM_INSTANCE",
                 "SOLVER.STAGE1.LOG_PERIOD", "SOLVER.STAGE1.CHECKPOINT_PERIOD", "SOLVER.STAGE1.EVAL_PERIOD",
-                "SOLVER.STAGE2.LOG_PERIOD", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "SOLVER.STAGE2.EVAL_PERIOD"):
+                "SOLVER.STAGE2.LOG_PERIOD", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "SOLVER.STAGE2.EVAL_PERIOD",
+                "TEST.VISUALIZE_N", "TEST.VISUALIZE_TOPK"):
         v = get_key(cfg, key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key} = {v!r} must be a positive integer")

@@ -156,6 +156,11 @@ _C.TEST.DIST_METRIC = "euclidean"   # 'euclidean' (squared) or 'cosine'
 _C.TEST.MAX_RANK = 50
 _C.TEST.DIST_MAT = "dist_mat.npy"
 _C.TEST.EVAL = True
+# Evaluation pictures (test_svllreid.py): CMC curve + ranked lists of the N worst and N best
+# queries by AP, written into the results folder (visualize/).
+_C.TEST.VISUALIZE = False
+_C.TEST.VISUALIZE_N = 10            # N worst and N best queries
+_C.TEST.VISUALIZE_TOPK = 10         # gallery entries shown per query
 
 # ----------------------------------------------------------------------------- misc
 _C.OUTPUT_DIR = "output"

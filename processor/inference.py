@@ -48,13 +48,17 @@ def evaluate_features(cfg: Any, feats: torch.Tensor, pids: torch.Tensor, camids:
 
 
 def do_inference(cfg: Any, model: nn.Module, val_loader: DataLoader, num_query: int,
-                 device: torch.device) -> dict[str, Any]:
+                 device: torch.device, keep: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate on query + gallery; returns {'mAP', 'cmc' (top-MAX_RANK), 'mINP', ...} on every rank.
 
-    The metrics (and re-ranking) run on rank 0 only and are broadcast.
+    The metrics (and re-ranking) run on rank 0 only and are broadcast. ``keep``, when given,
+    receives the 'feats', 'pids', 'camids', 'samples' and 'num_query' evaluated (for the evaluation pictures).
     """
     t0 = time.time()
     feats, pids, camids = extract_features(cfg, model, val_loader, device)
+    if keep is not None:
+        keep.update(feats=feats, pids=pids, camids=camids, num_query=num_query,
+                    samples=getattr(val_loader.dataset, "samples", None))
     t_feat = time.time() - t0
     results = evaluate_features(cfg, feats, pids, camids, num_query) if is_main_process() else None
     results = broadcast_object(results)

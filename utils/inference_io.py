@@ -1,0 +1,285 @@
+"""Using a trained model outside the benchmark: load it, encode any folder, compare, save.
+
+Shared by ``tools/extract_features.py``, ``tools/search.py`` and the evaluation pictures
+of ``test_svllreid.py``. Features are computed exactly as the evaluation computes them:
+the test transform of ``datasets.transforms.build_transforms(cfg, is_train=False)``, eval
+mode, the same autocast, the camera label for side information when it is known.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from config import ConfigError
+from datasets.bases import IMAGE_EXTENSIONS, read_image
+from datasets.transforms import build_transforms
+from model import make_model
+from utils.checkpoint import load_file, load_model_weights
+from utils.metrics import _is_yes, pairwise_distance
+from utils.reranking import re_ranking
+
+logger = logging.getLogger("svllreid")
+
+# Files looked at in a folder: the dataset extensions plus other formats Pillow reads.
+INPUT_EXTENSIONS = tuple(sorted(set(IMAGE_EXTENSIONS) | {".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}))
+# Market-1501 / DukeMTMC / MSMT17 / VeRi style names: identity, '_c', camera number.
+_NAME = re.compile(r"^(-1|\d+)_c(\d+)")
+
+
+# ----------------------------------------------------------------------------- model
+def load_model(cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of ``cfg.TEST.WEIGHT``, sized from the checkpoint, loaded, eval mode, on the CPU.
+
+    The number of identities comes from ``classifier.weight`` and the side-information
+    table size from ``cv_embed``. ``info`` has 'weight', 'num_classes', 'camera_num',
+    'view_num', 'sie_camera', 'sie_view' (the model has trained SIE tables) and 'feat_dim'.
+    """
+    weight = cfg.TEST.WEIGHT
+    if not weight:
+        raise ConfigError("TEST.WEIGHT is empty: give the checkpoint, e.g. TEST.WEIGHT output/demo/ViT-B-16_40.pth")
+    sd = load_file(weight)
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if "classifier.weight" not in sd:
+        raise ConfigError(f"{weight} is not an SVLL-ReID checkpoint (no classifier.weight)")
+    num_classes = int(sd["classifier.weight"].shape[0])
+    rows = int(sd["cv_embed"].shape[0]) if "cv_embed" in sd else 0
+    cam, view = bool(cfg.MODEL.SIE_CAMERA), bool(cfg.MODEL.SIE_VIEW)
+    if rows and cam and view:
+        raise ConfigError(f"{weight}: camera x view side information needs view labels, which image folders "
+                          "do not have; evaluate it with test_svllreid.py")
+    camera_num, view_num = (rows or 1, 1) if cam else (1, rows or 1)
+    model = make_model(cfg, num_class=num_classes, camera_num=camera_num, view_num=view_num)
+    load_model_weights(model, sd)
+    model.eval()
+    info = {"weight": weight, "num_classes": num_classes, "camera_num": camera_num, "view_num": view_num,
+            "sie_camera": bool(rows) and cam, "sie_view": bool(rows) and view,
+            "feat_dim": int(sum(model.feature_dims[1:]))}
+    return model, info
+
+
+# ----------------------------------------------------------------------------- names and folders
+def parse_name(name: str) -> tuple[int, int]:
+    """(pid, camera id) of a Market/VeRi-style file name (camera ``cN`` -> N - 1), else (-1, -1)."""
+    m = _NAME.match(os.path.basename(name))
+    if not m or int(m.group(2)) == 0:
+        return -1, -1
+    return int(m.group(1)), int(m.group(2)) - 1
+
+
+def list_image_files(root: str) -> list[str]:
+    """Paths relative to ``root`` of every image file under it, recursively, sorted."""
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"no such folder: {root}")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"not a folder: {root}")
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        out += [os.path.relpath(os.path.join(d, f), root) for f in files if f.lower().endswith(INPUT_EXTENSIONS)]
+    if not out:
+        raise FileNotFoundError(f"no images ({', '.join(INPUT_EXTENSIONS)}) under {root}")
+    return sorted(out)
+
+
+class _Files(Dataset):
+    """Test-transformed images; an unreadable file gives ``img=None`` and the error."""
+
+    def __init__(self, paths: Sequence[str], transform: Any, retries: int) -> None:
+        self.paths, self.transform, self.retries = list(paths), transform, retries
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return {"i": i, "img": self.transform(read_image(self.paths[i], retries=self.retries)), "error": ""}
+        except (OSError, ValueError) as e:
+            return {"i": i, "img": None, "error": str(e)}
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [x for x in items if x["img"] is not None]
+    return {"i": torch.tensor([x["i"] for x in ok], dtype=torch.long),
+            "img": torch.stack([x["img"] for x in ok]) if ok else None,
+            "failed": [(x["i"], x["error"]) for x in items if x["img"] is None]}
+
+
+@dataclass
+class FeatureSet:
+    """Features of the readable images of a folder, with labels parsed from the names (-1 = unknown)."""
+
+    features: np.ndarray                 # (N, D) float32, as the evaluation computes them (not normalised)
+    paths: list[str]                     # relative to ``root``
+    pids: np.ndarray                     # (N,) int64
+    camids: np.ndarray                   # (N,) int64, the camera label used (or -1)
+    root: str = ""
+    failed: list[tuple[str, str]] = field(default_factory=list)   # (relative path, reason)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str) -> None:
+        """Atomically write a ``.npz`` (features, paths, pids, camids, failed, root, meta as JSON)."""
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, features=self.features.astype(np.float32), paths=np.array(self.paths, dtype=str),
+                     pids=self.pids.astype(np.int64), camids=self.camids.astype(np.int64),
+                     failed=np.array([p for p, _ in self.failed], dtype=str),
+                     failed_reasons=np.array([r for _, r in self.failed], dtype=str),
+                     root=np.array(self.root), meta=np.array(json.dumps(self.meta)))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str) -> "FeatureSet":
+        """Read a file written by :meth:`save` (clear errors for anything else)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such feature file: {path}")
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{path} is not a .npz feature file ({e})") from None
+        missing = [k for k in ("features", "paths") if k not in z.files]
+        if missing:
+            raise ConfigError(f"{path} has no {' / '.join(missing)}: write it with tools/extract_features.py")
+        feats = z["features"]
+        if feats.ndim != 2 or feats.shape[0] != len(z["paths"]):
+            raise ConfigError(f"{path}: features {feats.shape} do not match {len(z['paths'])} paths")
+        n = feats.shape[0]
+        get = (lambda k: z[k] if k in z.files else np.full(n, -1, dtype=np.int64))
+        failed = list(zip(z["failed"].tolist(), z["failed_reasons"].tolist())) if "failed" in z.files else []
+        return cls(feats.astype(np.float32), [str(p) for p in z["paths"]], get("pids"), get("camids"),
+                   str(z["root"]) if "root" in z.files else "", failed,
+                   json.loads(str(z["meta"])) if "meta" in z.files else {})
+
+
+# ----------------------------------------------------------------------------- encoding
+_warned_sie = False
+
+
+@torch.no_grad()
+def encode_batch(model: nn.Module, info: dict[str, Any], imgs: torch.Tensor, camids: torch.Tensor) -> torch.Tensor:
+    """The evaluation features of a batch; a camera label is used where known (>= 0) and SIE is trained."""
+    global _warned_sie
+    from processor.common import autocast
+    device = imgs.device
+    if not info["sie_camera"]:
+        with autocast(device):
+            return model(imgs).float()
+    known = camids >= 0
+    if not bool(known.all()) and not _warned_sie:
+        logger.warning("The model has trained camera side information (SIE) but some images have no camera label "
+                       "(name not PPPP_cC..., no --camera): their features are computed without it and are "
+                       "less comparable")
+        _warned_sie = True
+    out = torch.empty((imgs.shape[0], info["feat_dim"]), dtype=torch.float32, device=device)
+    with autocast(device):
+        if bool(known.any()):
+            out[known] = model(imgs[known], cam_label=camids[known].to(device)).float()
+        if not bool(known.all()):
+            out[~known] = model(imgs[~known]).float()
+    return out
+
+
+def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, device: torch.device,
+                   camera: int | None = None, files: Sequence[str] | None = None) -> FeatureSet:
+    """Features of every image under ``root`` (or of ``files``, relative to it) in sorted order.
+
+    ``camera`` (0-based id) is the label of images whose name does not give one. Unreadable
+    files are skipped and listed in ``failed``. Batched (TEST.IMS_PER_BATCH) with a progress bar.
+    """
+    from processor.common import progress
+    rel = list(files) if files is not None else list_image_files(root)
+    labels = [parse_name(p) for p in rel]
+    cams = np.array([c if c >= 0 else (-1 if camera is None else camera) for _, c in labels], dtype=np.int64)
+    if info["sie_camera"]:
+        bad = (cams >= info["camera_num"])
+        if bad.any():
+            first = rel[int(np.flatnonzero(bad)[0])]
+            logger.warning("%d image(s) have a camera beyond the model's %d (e.g. %s): no camera label for them",
+                           int(bad.sum()), info["camera_num"], first)
+            cams[bad] = -1
+    ds = _Files([os.path.join(root, p) for p in rel], build_transforms(cfg, is_train=False),
+                int(cfg.DATALOADER.READ_RETRIES))
+    loader = DataLoader(ds, batch_size=int(cfg.TEST.IMS_PER_BATCH), shuffle=False,
+                        num_workers=int(cfg.DATALOADER.NUM_WORKERS), collate_fn=_collate)
+    model = model.to(device).eval()
+    feats, kept, failed = [], [], []
+    for batch in progress(loader, len(loader), f"extracting features ({len(rel)} images)"):
+        failed += [(rel[i], err) for i, err in batch["failed"]]
+        if batch["img"] is None:
+            continue
+        idx = batch["i"]
+        feats.append(encode_batch(model, info, batch["img"].to(device), torch.from_numpy(cams[idx.numpy()])).cpu())
+        kept += idx.tolist()
+    if not kept:
+        raise OSError(f"none of the {len(rel)} images under {root} could be read; first: {failed[0][1]}")
+    feat = torch.cat(feats).numpy().astype(np.float32)
+    kept_a = np.array(kept)
+    return FeatureSet(feat, [rel[i] for i in kept], np.array([labels[i][0] for i in kept], dtype=np.int64),
+                      cams[kept_a], os.path.abspath(root), failed,
+                      {"weight": os.path.abspath(info["weight"]), "feat_dim": int(feat.shape[1]),
+                       "size_test": list(cfg.INPUT.SIZE_TEST), "sie_camera": info["sie_camera"],
+                       "camera": camera})
+
+
+def feature_signature(cfg: Any, root: str, files: Sequence[str], camera: int | None) -> str:
+    """A hash of what the features of a folder depend on (checkpoint, test input, files) for caching."""
+    w = os.path.abspath(cfg.TEST.WEIGHT)
+    st = os.stat(w)
+    parts = [w, st.st_size, st.st_mtime_ns, list(cfg.INPUT.SIZE_TEST), list(cfg.INPUT.PIXEL_MEAN),
+             list(cfg.INPUT.PIXEL_STD), cfg.TEST.NECK_FEAT, cfg.MODEL.NAME, bool(cfg.MODEL.SIE_CAMERA),
+             cfg.MODEL.SIE_COE, camera, os.path.abspath(root)]
+    for p in files:
+        s = os.stat(os.path.join(root, p))
+        parts.append((p, s.st_size, s.st_mtime_ns))
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- distances
+def distance_matrix(cfg: Any, qf: torch.Tensor | np.ndarray, gf: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Query x gallery distances as the evaluation computes them (FEAT_NORM, DIST_METRIC, RE_RANKING)."""
+    q, g = torch.as_tensor(qf).float(), torch.as_tensor(gf).float()
+    if _is_yes(cfg.TEST.FEAT_NORM):
+        q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
+    if _is_yes(cfg.TEST.RE_RANKING):
+        return re_ranking(q, g, k1=int(cfg.TEST.RE_RANKING_K1), k2=int(cfg.TEST.RE_RANKING_K2),
+                          lambda_value=float(cfg.TEST.RE_RANKING_LAMBDA))
+    return pairwise_distance(q, g, str(cfg.TEST.DIST_METRIC))
+
+
+def distance_name(cfg: Any) -> str:
+    """How the distances were computed, for captions and JSON."""
+    if _is_yes(cfg.TEST.RE_RANKING):
+        return "re-ranked (k-reciprocal)"
+    return "squared euclidean" if cfg.TEST.DIST_METRIC == "euclidean" else "cosine distance"
+
+
+def visualize_evaluation(cfg: Any, feats: torch.Tensor, samples: Sequence[tuple], num_query: int,
+                         results: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """TEST.VISUALIZE: CMC curve + ranked lists of the TEST.VISUALIZE_N worst and best queries in ``out_dir``."""
+    from utils.visualize import evaluation_pictures
+    dist = distance_matrix(cfg, feats[:num_query], feats[num_query:])
+    out = evaluation_pictures(dist, samples[:num_query], samples[num_query:], results, out_dir,
+                              n=int(cfg.TEST.VISUALIZE_N), topk=int(cfg.TEST.VISUALIZE_TOPK),
+                              size_hw=cfg.INPUT.SIZE_TEST, dataset=str(cfg.DATASETS.NAMES))
+    logger.info("Evaluation pictures: %s and %d ranked lists (worst_*.png, best_*.png) in %s", out["cmc"],
+                len(out["worst"]) + len(out["best"]), out_dir)
+    return out
