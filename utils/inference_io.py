@@ -171,24 +171,15 @@ class FeatureSet:
 
 
 # ----------------------------------------------------------------------------- encoding
-_warned_sie = False
-
-
 @torch.no_grad()
 def encode_batch(model: nn.Module, info: dict[str, Any], imgs: torch.Tensor, camids: torch.Tensor) -> torch.Tensor:
     """The evaluation features of a batch; a camera label is used where known (>= 0) and SIE is trained."""
-    global _warned_sie
     from processor.common import autocast
     device = imgs.device
     if not info["sie_camera"]:
         with autocast(device):
             return model(imgs).float()
     known = camids >= 0
-    if not bool(known.all()) and not _warned_sie:
-        logger.warning("The model has trained camera side information (SIE) but some images have no camera label "
-                       "(name not PPPP_cC..., no --camera): their features are computed without it and are "
-                       "less comparable")
-        _warned_sie = True
     out = torch.empty((imgs.shape[0], info["feat_dim"]), dtype=torch.float32, device=device)
     with autocast(device):
         if bool(known.any()):
@@ -216,6 +207,10 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
             logger.warning("%d image(s) have a camera beyond the model's %d (e.g. %s): no camera label for them",
                            int(bad.sum()), info["camera_num"], first)
             cams[bad] = -1
+        if (cams < 0).any():
+            logger.warning("%d image(s) have no camera label (name not PPPP_cC..., no --camera) but the model has "
+                           "trained camera side information (SIE): their features are computed without it and "
+                           "are less comparable", int((cams < 0).sum()))
     ds = _Files([os.path.join(root, p) for p in rel], build_transforms(cfg, is_train=False),
                 int(cfg.DATALOADER.READ_RETRIES))
     loader = DataLoader(ds, batch_size=int(cfg.TEST.IMS_PER_BATCH), shuffle=False,
