@@ -1,9 +1,10 @@
-"""Demo: evaluate the untrained model, train both stages, evaluate again, write demo_results.json.
+"""Demo: evaluate the untrained model, train both stages, evaluate again (with pictures), show the files.
 
     python tools/run_demo.py --config_file configs/demo/vit_svllreid_demo.yml [KEY VALUE ...]
 
 Used by ``make demo`` on the synthetic set (``tools/make_synthetic.py``). The numbers it
-prints are exactly what the evaluation computed.
+prints are exactly what the evaluation computed. Writes demo_results.json, the training
+record (metrics.jsonl, tensorboard/, curves.png) and, with TEST.VISUALIZE, eval/visualize/.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
+from test_svllreid import evaluate  # noqa: E402
 from train_svllreid import train  # noqa: E402
 from utils.misc import write_json_atomic  # noqa: E402
+from utils.record import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR  # noqa: E402
 
 
 def main() -> int:
@@ -36,6 +39,28 @@ def main() -> int:
         print(f"{name:10s} {100 * r['mAP']:6.1f}% {100 * r['cmc'][0]:6.1f}% {100 * r['cmc'][4]:6.1f}% "
               f"{100 * r['mINP']:6.1f}%")
     print(f"trained / untrained mAP: {t['mAP'] / max(u['mAP'], 1e-12):.2f}x   ({elapsed:.0f} s)   -> {path}")
+
+    out = cfg.OUTPUT_DIR
+    weight = os.path.join(out, f"{cfg.MODEL.NAME}_{cfg.SOLVER.STAGE2.MAX_EPOCHS}.pth")
+    vis = None
+    if cfg.TEST.VISUALIZE and os.path.isfile(weight):   # the evaluation pictures of the trained model
+        ecfg = load_config(args.config_file, list(args.opts) + ["TEST.WEIGHT", weight,
+                                                                "OUTPUT_DIR", os.path.join(out, "eval")])
+        evaluate(ecfg)
+        vis = os.path.join(ecfg.OUTPUT_DIR, "visualize")
+    print("\nFiles of this run:")
+    print(f"  training record   {os.path.join(out, METRICS_FILE)}   (one JSON line per log period, epoch, evaluation)")
+    print(f"                    {os.path.join(out, CURVES_FILE)}")
+    print(f"                    {os.path.join(out, TENSORBOARD_DIR)}/   (tensorboard --logdir {out})")
+    if vis:
+        print(f"  evaluation        {vis}/cmc.png, worst_*.png, best_*.png (ranked lists)")
+    print(f"  checkpoint        {weight}")
+    cf, root = args.config_file, cfg.DATASETS.ROOT_DIR
+    print("\nUse the model on any images:")
+    print(f"  python tools/extract_features.py --config_file {cf} --images {root}/query "
+          f"--out {out}/query_features.npz TEST.WEIGHT {weight}")
+    print(f"  python tools/search.py --config_file {cf} --query {root}/query --gallery {root}/bounding_box_test "
+          f"--topk 10 --out {out}/search TEST.WEIGHT {weight}")
     return 0
 
 

@@ -159,8 +159,11 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> s
     stages = sorted({s for s, _ in per_epoch if s in (1, 2)})
     panels = [f"stage {s} losses" for s in stages] + ["stage 2 accuracy", "evaluation"]
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-    axes = axes[0]
+    from matplotlib.ticker import MaxNLocator
+    cols = 2 if len(panels) == 4 else len(panels)
+    rows_n = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.6 * cols, 3.9 * rows_n), squeeze=False)
+    axes = axes.ravel()
     colours = {"loss": "#222222", "id": "#1f77b4", "tri": "#ff7f0e", "i2t": "#2ca02c", "t2i": "#9467bd",
                "ssl": "#d62728"}
     for ax, s in zip(axes, stages):
@@ -170,7 +173,7 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> s
             if pts and any(v != 0 for _, v in pts):
                 ax.plot(*zip(*pts), label=_LOSS_LABELS[k], color=colours[k], lw=2.2 if k == "loss" else 1.4,
                         marker="o" if len(pts) < 15 else None, ms=3)
-        ax.set_title(f"Stage {s}: {'prompt learning' if s == 1 else 'image encoder'} losses")
+        ax.set_title(f"Stage {s}: {'prompt learning' if s == 1 else 'image encoder'} losses (epoch means)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
         ax.legend(frameon=False, fontsize=8)
@@ -178,7 +181,7 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> s
     pts = sorted((e, r["acc"]) for (st, e), r in per_epoch.items() if st == 2 and isinstance(r.get("acc"), (int, float)))
     if pts:
         ax.plot(*zip(*[(e, 100 * a) for e, a in pts]), color="#1f77b4", marker="o" if len(pts) < 15 else None, ms=3)
-    ax.set_title("Stage 2: ID accuracy (train batches)")
+    ax.set_title("Stage 2: ID accuracy on training batches")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
@@ -190,16 +193,14 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> s
             if ys:
                 ax.plot(*zip(*ys), label=lab, color=c, marker="o", ms=4, lw=1.8)
         ax.legend(frameon=False, fontsize=8)
-        if 0 in evals:
-            ax.annotate("untrained", (0, 100 * evals[0]["mAP"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7, color="#555555")
     else:
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes, color="#777777")
-    ax.set_title("Evaluation (stage 2 epochs)")
+    ax.set_title("Evaluation" + (" (epoch 0: untrained)" if 0 in evals else ""))
     ax.set_xlabel("epoch")
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
     if title:
