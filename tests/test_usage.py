@@ -309,6 +309,11 @@ def test_per_query_ap_matches_the_evaluation(trained):
     ap = per_query_ap(dist, pids[:nq], pids[nq:], camids[:nq], camids[nq:])
     _, mAP, _ = eval_func(dist, pids[:nq], pids[nq:], camids[:nq], camids[nq:])
     assert np.nanmean(ap) == pytest.approx(mAP, abs=1e-6)
+    from utils.visualize import rank_queries, row_blocks
+    ap1, top, top_d = rank_queries(row_blocks(dist, rows=1), pids[:nq], pids[nq:], camids[:nq], camids[nq:], 4)
+    np.testing.assert_array_equal(ap1, ap)
+    np.testing.assert_array_equal(top, torch.sort(dist, dim=1, stable=True).indices[:, :4].numpy())
+    np.testing.assert_allclose(top_d, np.take_along_axis(dist.numpy(), top, 1), atol=1e-6)
     assert evaluate_features(cfg, feats, pids, camids, nq)["mAP"] == pytest.approx(mAP, abs=1e-6)
 
 

@@ -27,7 +27,7 @@ from datasets.bases import IMAGE_EXTENSIONS, read_image
 from datasets.transforms import build_transforms
 from model import make_model
 from utils.checkpoint import load_file, load_model_weights
-from utils.metrics import _is_yes, pairwise_distance
+from utils.metrics import distance_blocks, pairwise_distance
 from utils.reranking import re_ranking
 
 logger = logging.getLogger("svllreid")
@@ -249,6 +249,11 @@ def feature_signature(cfg: Any, root: str, files: Sequence[str], camera: int | N
 
 
 # ----------------------------------------------------------------------------- distances
+def _is_yes(value: Any) -> bool:
+    """A config switch (True / 'yes' / 'on' / 'true') as a bool."""
+    return value is True or (isinstance(value, str) and value.lower() in ("yes", "on", "true"))
+
+
 def distance_matrix(cfg: Any, qf: torch.Tensor | np.ndarray, gf: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Query x gallery distances as the evaluation computes them (FEAT_NORM, DIST_METRIC, RE_RANKING)."""
     q, g = torch.as_tensor(qf).float(), torch.as_tensor(gf).float()
@@ -270,11 +275,18 @@ def distance_name(cfg: Any) -> str:
 def visualize_evaluation(cfg: Any, feats: torch.Tensor, samples: Sequence[tuple], num_query: int,
                          results: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """TEST.VISUALIZE: CMC curve + ranked lists of the TEST.VISUALIZE_N worst and best queries in ``out_dir``."""
-    from utils.visualize import evaluation_pictures
-    dist = distance_matrix(cfg, feats[:num_query], feats[num_query:])
-    out = evaluation_pictures(dist, samples[:num_query], samples[num_query:], results, out_dir,
+    from utils.visualize import evaluation_pictures, row_blocks
+    q, g = feats[:num_query].float(), feats[num_query:].float()
+    if _is_yes(cfg.TEST.RE_RANKING):    # a full matrix, as the evaluation makes it
+        blocks = row_blocks(distance_matrix(cfg, q, g))
+    else:                               # bounded memory: row blocks
+        if _is_yes(cfg.TEST.FEAT_NORM):
+            q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
+        blocks = distance_blocks(q, g, str(cfg.TEST.DIST_METRIC))
+    out = evaluation_pictures(blocks, samples[:num_query], samples[num_query:], results, out_dir,
                               n=int(cfg.TEST.VISUALIZE_N), topk=int(cfg.TEST.VISUALIZE_TOPK),
-                              size_hw=cfg.INPUT.SIZE_TEST, dataset=str(cfg.DATASETS.NAMES))
+                              size_hw=cfg.INPUT.SIZE_TEST, dataset=str(cfg.DATASETS.NAMES),
+                              distance=distance_name(cfg))
     logger.info("Evaluation pictures: %s and %d ranked lists (worst_*.png, best_*.png) in %s", out["cmc"],
                 len(out["worst"]) + len(out["best"]), out_dir)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -163,53 +163,82 @@ def ranked_indices(distmat: torch.Tensor | np.ndarray) -> np.ndarray:
     return torch.sort(d, dim=1, stable=True).indices.cpu().numpy()
 
 
+def rank_queries(blocks: Iterable[tuple[int, int, torch.Tensor]], q_pids: Any, g_pids: Any, q_camids: Any,
+                 g_camids: Any, topk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(AP per query, top-k gallery indices, their distances) from row blocks of the distance matrix.
+
+    AP follows the evaluation protocol (gallery entries of the same identity and camera are
+    removed; NaN when no true match is left); the top-k lists keep every entry (the pictures
+    mark the removed ones). ``blocks`` yields ``(start, end, dist[start:end])``; memory stays
+    at one block plus (num_query x topk).
+    """
+    qp, qc = torch.as_tensor(np.asarray(q_pids)), torch.as_tensor(np.asarray(q_camids))
+    gp, gc = torch.as_tensor(np.asarray(g_pids)), torch.as_tensor(np.asarray(g_camids))
+    nq = len(qp)
+    k = min(int(topk), len(gp))
+    ap = np.full(nq, np.nan)
+    top_idx = np.zeros((nq, k), dtype=np.int64)
+    top_dist = np.zeros((nq, k), dtype=np.float64)
+    for s, e, d in blocks:
+        d = d.float().cpu()
+        order = torch.sort(d, dim=1, stable=True).indices
+        top_idx[s:e] = order[:, :k].numpy()
+        top_dist[s:e] = torch.gather(d, 1, order[:, :k]).double().numpy()
+        same = gp[order] == qp[s:e, None]
+        keep = ~(same & (gc[order] == qc[s:e, None]))
+        hits = (same & keep).double()
+        rank = keep.double().cumsum(1)              # 1-based rank among the kept entries
+        prec = hits.cumsum(1) / rank.clamp(min=1)
+        n_hits = hits.sum(1)
+        block_ap = (prec * hits).sum(1) / n_hits.clamp(min=1)
+        block_ap[n_hits == 0] = float("nan")
+        ap[s:e] = block_ap.numpy()
+    return ap, top_idx, top_dist
+
+
+def row_blocks(distmat: torch.Tensor | np.ndarray, rows: int = 256) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, end, block)`` slices of a full distance matrix."""
+    d = torch.as_tensor(distmat)
+    for s in range(0, d.shape[0], rows):
+        yield s, min(s + rows, d.shape[0]), d[s:s + rows]
+
+
 def per_query_ap(distmat: torch.Tensor | np.ndarray, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any
                  ) -> np.ndarray:
     """AP of every query with the evaluation protocol (same id + same camera removed); NaN without a match."""
-    order = ranked_indices(distmat)
-    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
-    q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
-    ap = np.full(len(q_pids), np.nan)
-    for i in range(len(q_pids)):
-        o = order[i]
-        keep = ~((g_pids[o] == q_pids[i]) & (g_camids[o] == q_camids[i]))
-        hits = (g_pids[o][keep] == q_pids[i]).astype(np.float64)
-        if hits.sum() == 0:
-            continue
-        prec = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-        ap[i] = float((prec * hits).sum() / hits.sum())
-    return ap
+    return rank_queries(row_blocks(distmat), q_pids, g_pids, q_camids, g_camids, topk=1)[0]
 
 
-def evaluation_pictures(distmat: torch.Tensor | np.ndarray, q_samples: Sequence[tuple], g_samples: Sequence[tuple],
-                        results: dict[str, Any], out_dir: str, n: int = 10, topk: int = 10,
-                        size_hw: Sequence[int] = (256, 128), dataset: str = "") -> dict[str, Any]:
+def evaluation_pictures(blocks: Iterable[tuple[int, int, torch.Tensor]], q_samples: Sequence[tuple],
+                        g_samples: Sequence[tuple], results: dict[str, Any], out_dir: str, n: int = 10,
+                        topk: int = 10, size_hw: Sequence[int] = (256, 128), dataset: str = "",
+                        distance: str = "distance") -> dict[str, Any]:
     """CMC curve and the ranked lists of the ``n`` worst and ``n`` best queries by AP.
 
-    ``q_samples``/``g_samples`` are ``(path, pid, camid, ...)`` in distance-matrix order.
-    Returns {'cmc': path, 'worst': [paths], 'best': [paths]}.
+    ``blocks`` are row blocks of the query x gallery distances; ``q_samples``/``g_samples``
+    are ``(path, pid, camid, ...)`` in the same order. Returns {'cmc': path, 'worst': [paths],
+    'best': [paths]}.
     """
     os.makedirs(out_dir, exist_ok=True)
     title = (f"CMC — {dataset}: {len(q_samples)} queries, {len(g_samples)} gallery images"
              + (", re-ranked" if results.get("re_ranking") else ""))
     cmc_png = plot_cmc(results["cmc"], results["mAP"], os.path.join(out_dir, "cmc.png"), title=title,
                        mINP=results.get("mINP"))
-    q_pids, q_cams = [s[1] for s in q_samples], [s[2] for s in q_samples]
     g_pids, g_cams = [s[1] for s in g_samples], [s[2] for s in g_samples]
-    ap = per_query_ap(distmat, q_pids, g_pids, q_cams, g_cams)
+    ap, top_idx, top_dist = rank_queries(blocks, [s[1] for s in q_samples], g_pids, [s[2] for s in q_samples],
+                                         g_cams, topk)
     valid = np.flatnonzero(~np.isnan(ap))
     by_ap = valid[np.argsort(ap[valid], kind="stable")]
-    order = ranked_indices(distmat)
-    d = torch.as_tensor(distmat).cpu().numpy()
     out: dict[str, Any] = {"cmc": cmc_png, "worst": [], "best": []}
     for kind, picks in (("worst", by_ap[:n]), ("best", by_ap[::-1][:n])):
         for j, qi in enumerate(picks, start=1):
             qp, qpid, qcam = q_samples[qi][:3]
-            entries = [Ranked(g_samples[g][0], r, float(d[qi, g]),
+            entries = [Ranked(g_samples[g][0], r, float(top_dist[qi, r - 1]),
                               match_status(qpid, qcam, g_pids[g], g_cams[g]), f"id {g_pids[g]}  c{g_cams[g] + 1}")
-                       for r, g in enumerate(order[qi][:topk], start=1)]
+                       for r, g in enumerate(top_idx[qi], start=1)]
             png = os.path.join(out_dir, f"{kind}_{j:02d}.png")
             draw_ranked_list(qp, entries, png, size_hw=size_hw, query_caption=f"id {qpid}  c{qcam + 1}",
-                             title=f"{kind} #{j}: AP {100 * ap[qi]:.1f}%   query {os.path.basename(qp)}")
+                             title=f"{kind} #{j}: AP {100 * ap[qi]:.1f}%   query {os.path.basename(qp)}   "
+                                   f"({distance})")
             out[kind].append(png)
     return out
