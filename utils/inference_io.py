@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -27,6 +26,7 @@ from datasets.bases import IMAGE_EXTENSIONS, read_image
 from datasets.transforms import build_transforms
 from model import make_model
 from utils.checkpoint import load_file, load_model_weights
+from utils.fileio import atomic_write
 from utils.metrics import distance_blocks, pairwise_distance
 from utils.reranking import re_ranking
 
@@ -132,20 +132,12 @@ class FeatureSet:
 
     def save(self, path: str) -> None:
         """Atomically write a ``.npz`` (features, paths, pids, camids, failed, root, meta as JSON)."""
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, features=self.features.astype(np.float32), paths=np.array(self.paths, dtype=str),
-                     pids=self.pids.astype(np.int64), camids=self.camids.astype(np.int64),
-                     failed=np.array([p for p, _ in self.failed], dtype=str),
-                     failed_reasons=np.array([r for _, r in self.failed], dtype=str),
-                     root=np.array(self.root), meta=np.array(json.dumps(self.meta)))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        arrays = dict(features=self.features.astype(np.float32), paths=np.array(self.paths, dtype=str),
+                      pids=self.pids.astype(np.int64), camids=self.camids.astype(np.int64),
+                      failed=np.array([p for p, _ in self.failed], dtype=str),
+                      failed_reasons=np.array([r for _, r in self.failed], dtype=str),
+                      root=np.array(self.root), meta=np.array(json.dumps(self.meta)))
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str) -> "FeatureSet":

@@ -17,6 +17,8 @@ import os
 import time
 from typing import Any
 
+from .fileio import atomic_write
+
 logger = logging.getLogger("svllreid")
 
 METRICS_FILE = "metrics.jsonl"
@@ -212,16 +214,8 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> s
 
 
 def _save_fig_atomic(fig: Any, path: str, dpi: int = 120) -> None:
-    """Save a matplotlib figure to a temporary PNG beside ``path``, then rename."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=dpi, facecolor="white")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Save a matplotlib figure as PNG through an atomic write."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, facecolor="white"))
 
 
 def write_curves(output_dir: str, enabled: bool = True) -> str | None:

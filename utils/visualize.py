@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from datasets.bases import read_image
+from utils.fileio import atomic_write
 
 MATCH, WRONG, IGNORED, UNKNOWN = "match", "wrong", "ignored", "unknown"
 COLOURS = {MATCH: "#1a9850", WRONG: "#d73027", IGNORED: "#8c8c8c", UNKNOWN: "#bdbdbd", "query": "#2166ac"}
@@ -145,15 +146,8 @@ def plot_cmc(cmc: Sequence[float], mAP: float, out_png: str, title: str = "CMC",
 
 
 def _save(fig: Any, path: str, dpi: int = 130) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=dpi, facecolor="white")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Save a matplotlib figure as PNG through an atomic write."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, facecolor="white"))
 
 
 # ----------------------------------------------------------------------------- per-query AP
