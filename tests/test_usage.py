@@ -200,7 +200,7 @@ def test_extract_features_camera_option_and_sie_warning(trained, image_dir, tmp_
     assert not np.allclose(za["features"][gray], zb["features"][gray])   # SIE is used with the label
 
 
-def test_extract_features_bad_input(trained, tmp_path, capsys):
+def test_extract_features_bad_input(trained, image_dir, tmp_path, capsys):
     cfg, run, opts = trained
     weight = str(run / "ViT-B-16_2.pth")
     (tmp_path / "empty").mkdir()
@@ -208,7 +208,7 @@ def test_extract_features_bad_input(trained, tmp_path, capsys):
         assert _run_extract(cfg, opts, weight, images, tmp_path / "x.npz") == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1
-    assert _run_extract(cfg, opts, str(tmp_path / "missing.pth"), tmp_path, tmp_path / "x.npz") == 2
+    assert _run_extract(cfg, opts, str(tmp_path / "missing.pth"), image_dir / "query", tmp_path / "x.npz") == 2
     assert "checkpoint not found" in capsys.readouterr().err
 
 
@@ -291,6 +291,7 @@ def test_search_bad_input(trained, image_dir, tmp_path, capsys):
              (tmp_path / "nope.jpg", q, ["--topk", "3"], "no such query"),
              (q, q, ["--topk", "0"], "--topk 0"),
              (q, tmp_path / "nofeat.npz", [], "no features"),
+             (q, DEMO, [], "not a feature file"),
              (q, tmp_path / "wrongdim.npz", [], "7-d features"),
              (q, tmp_path / "empty", [], "no images")]
     for query, gallery, extra, needle in cases:

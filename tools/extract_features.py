@@ -21,7 +21,7 @@ from typing import Sequence
 from _common import camera_id, load_model, setup
 
 from utils import cli
-from utils.inference_io import extract_folder
+from utils.inference_io import extract_folder, list_image_files
 
 logger = logging.getLogger("svllreid")
 
@@ -39,12 +39,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg, device = setup(args.config_file, args.opts)
     cam = camera_id(args.camera)
+    files = list_image_files(args.images)          # bad folders fail before the model is built
+    cfg, device = setup(args.config_file, args.opts)
     model, info = load_model(cfg)
     logger.info("Loaded %s (%d identities, SIE camera %s)", info["weight"], info["num_classes"],
                 "on" if info["sie_camera"] else "off")
-    fs = extract_folder(cfg, model, info, args.images, device, camera=cam)
+    fs = extract_folder(cfg, model, info, args.images, device, camera=cam, files=files)
     fs.save(args.out)
     n_lab = int((fs.pids >= 0).sum())
     logger.info("%d images -> %s: features %s, identity and camera parsed from %d names", len(fs.paths), args.out,

@@ -100,6 +100,12 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     """Run the search; returns the results.json content."""
     if args.topk < 1:
         raise ConfigError(f"--topk {args.topk}: give a positive number of gallery entries")
+    if not os.path.exists(args.query):
+        raise FileNotFoundError(f"no such query image or folder: {args.query}")
+    if not os.path.exists(args.gallery):
+        raise FileNotFoundError(f"no such gallery folder or feature file: {args.gallery}")
+    if os.path.isfile(args.gallery):
+        FeatureSet.load(args.gallery)              # a bad file fails before the model is built
     cfg, device = setup(args.config_file, args.opts)
     cam = camera_id(args.camera)
     model, info = load_model(cfg)

@@ -146,8 +146,10 @@ class FeatureSet:
             raise FileNotFoundError(f"no such feature file: {path}")
         try:
             z = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"{path} is not a .npz feature file ({e})") from None
+            if not hasattr(z, "files"):
+                raise ValueError("a single array")
+        except (ValueError, OSError, EOFError):
+            raise ConfigError(f"{path} is not a feature file (.npz written by tools/extract_features.py)") from None
         missing = [k for k in ("features", "paths") if k not in z.files]
         if missing:
             raise ConfigError(f"{path} has no {' / '.join(missing)}: write it with tools/extract_features.py")
