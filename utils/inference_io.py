@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from config import ConfigError
+from config import ConfigError, is_yes
 from datasets.bases import IMAGE_EXTENSIONS, read_image
 from datasets.transforms import build_transforms
 from model import make_model
@@ -243,17 +243,12 @@ def feature_signature(cfg: Any, root: str, files: Sequence[str], camera: int | N
 
 
 # ----------------------------------------------------------------------------- distances
-def _is_yes(value: Any) -> bool:
-    """A config switch (True / 'yes' / 'on' / 'true') as a bool."""
-    return value is True or (isinstance(value, str) and value.lower() in ("yes", "on", "true"))
-
-
 def distance_matrix(cfg: Any, qf: torch.Tensor | np.ndarray, gf: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Query x gallery distances as the evaluation computes them (FEAT_NORM, DIST_METRIC, RE_RANKING)."""
     q, g = torch.as_tensor(qf).float(), torch.as_tensor(gf).float()
-    if _is_yes(cfg.TEST.FEAT_NORM):
+    if is_yes(cfg.TEST.FEAT_NORM):
         q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
-    if _is_yes(cfg.TEST.RE_RANKING):
+    if is_yes(cfg.TEST.RE_RANKING):
         return re_ranking(q, g, k1=int(cfg.TEST.RE_RANKING_K1), k2=int(cfg.TEST.RE_RANKING_K2),
                           lambda_value=float(cfg.TEST.RE_RANKING_LAMBDA))
     return pairwise_distance(q, g, str(cfg.TEST.DIST_METRIC))
@@ -261,7 +256,7 @@ def distance_matrix(cfg: Any, qf: torch.Tensor | np.ndarray, gf: torch.Tensor | 
 
 def distance_name(cfg: Any) -> str:
     """How the distances were computed, for captions and JSON."""
-    if _is_yes(cfg.TEST.RE_RANKING):
+    if is_yes(cfg.TEST.RE_RANKING):
         return "re-ranked (k-reciprocal)"
     return "squared euclidean" if cfg.TEST.DIST_METRIC == "euclidean" else "cosine distance"
 
@@ -271,10 +266,10 @@ def visualize_evaluation(cfg: Any, feats: torch.Tensor, samples: Sequence[tuple]
     """TEST.VISUALIZE: CMC curve + ranked lists of the TEST.VISUALIZE_N worst and best queries in ``out_dir``."""
     from utils.visualize import evaluation_pictures, row_blocks
     q, g = feats[:num_query].float(), feats[num_query:].float()
-    if _is_yes(cfg.TEST.RE_RANKING):    # a full matrix, as the evaluation makes it
+    if is_yes(cfg.TEST.RE_RANKING):    # a full matrix, as the evaluation makes it
         blocks = row_blocks(distance_matrix(cfg, q, g))
     else:                               # bounded memory: row blocks
-        if _is_yes(cfg.TEST.FEAT_NORM):
+        if is_yes(cfg.TEST.FEAT_NORM):
             q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
         blocks = distance_blocks(q, g, str(cfg.TEST.DIST_METRIC))
     out = evaluation_pictures(blocks, samples[:num_query], samples[num_query:], results, out_dir,

@@ -215,7 +215,8 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> s
 
 def _save_fig_atomic(fig: Any, path: str, dpi: int = 120) -> None:
     """Save a matplotlib figure as PNG through an atomic write."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, facecolor="white"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, facecolor="white",
+                                             pil_kwargs={"compress_level": 1}))   # fast; PNG stays lossless
 
 
 def write_curves(output_dir: str, enabled: bool = True) -> str | None:

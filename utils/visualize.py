@@ -3,17 +3,19 @@
 Ranked list: the query (neutral blue frame) then the top-k gallery thumbnails at the model's
 aspect ratio, each with its rank and distance; green frame = same identity, red = another
 identity, grey dashed = same identity and same camera (ignored by the evaluation protocol),
-no colour when identities are unknown. Matplotlib with the Agg backend; files are written
-atomically.
+no colour when identities are unknown. Ranked lists are drawn with Pillow (fast enough for one picture
+per query of a large search), curves with matplotlib (Agg); files are written atomically.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from datasets.bases import read_image
 from utils.fileio import atomic_write
@@ -49,68 +51,101 @@ def match_status(q_pid: int, q_cam: int, g_pid: int, g_cam: int) -> str:
     return WRONG
 
 
-def _thumb(path: str, size_hw: Sequence[int]) -> np.ndarray:
-    """The image resized to ``size_hw`` (as the model sees it), or a grey tile when unreadable."""
-    h, w = int(size_hw[0]), int(size_hw[1])
+TILE_HEIGHT = 256   # pixels of a thumbnail in the ranked-list picture
+
+
+@functools.lru_cache(maxsize=4)
+def _font(size: int, bold: bool = False) -> Any:
+    """DejaVu Sans (shipped with matplotlib) at ``size`` px, or Pillow's default font."""
+    from PIL import ImageFont
     try:
-        img = read_image(path, retries=0).resize((w, h))
-        return np.asarray(img)
+        from matplotlib import font_manager
+        path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans",
+                                                                 weight="bold" if bold else "normal"))
+        return ImageFont.truetype(path, size)
+    except (ImportError, OSError, ValueError):
+        return ImageFont.load_default()
+
+
+def _thumb(path: str, size_wh: tuple[int, int]) -> Image.Image:
+    """The image resized to ``size_wh`` (the model's aspect ratio), or a grey tile when unreadable."""
+    try:
+        return read_image(path, retries=0).resize(size_wh, Image.BICUBIC)
     except OSError:
-        return np.full((h, w, 3), 200, dtype=np.uint8)
+        tile = Image.new("RGB", size_wh, (215, 215, 215))
+        ImageDraw.Draw(tile).text((8, 8), "unreadable", fill=(90, 90, 90), font=_font(14))
+        return tile
 
 
-def _frame(ax: Any, colour: str, dashed: bool = False, width: float = 5.0) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for sp in ax.spines.values():
-        sp.set_visible(True)
-        sp.set_edgecolor(colour)
-        sp.set_linewidth(width)
-        if dashed:
-            sp.set_linestyle((0, (2, 1.5)))
+def _rect(draw: Any, box: tuple[int, int, int, int], colour: str, width: int, dashed: bool = False) -> None:
+    """A frame of ``width`` px around ``box`` (outside it); dashed as 10 px on / 6 px off."""
+    x0, y0, x1, y1 = box[0] - width, box[1] - width, box[2] + width - 1, box[3] + width - 1
+    if not dashed:
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+        return
+    for a, b, horizontal, fixed in ((x0, x1, True, y0), (x0, x1, True, y1 - width + 1),
+                                    (y0, y1, False, x0), (y0, y1, False, x1 - width + 1)):
+        for t in range(a, b + 1, 16):
+            e = min(t + 9, b)
+            draw.rectangle((t, fixed, e, fixed + width - 1) if horizontal else (fixed, t, fixed + width - 1, e),
+                           fill=colour)
+
+
+def _centred(draw: Any, cx: int, y: int, lines: Sequence[tuple[str, str, bool]], size: int) -> None:
+    for text, colour, bold in lines:
+        f = _font(size, bold)
+        tw = draw.textlength(text, font=f)
+        draw.text((cx - tw / 2, y), text, fill=colour, font=f)
+        y += size + 4
 
 
 def draw_ranked_list(query_path: str, entries: Sequence[Ranked], out_png: str, title: str = "",
-                     size_hw: Sequence[int] = (256, 128), query_caption: str = "",
-                     distance_name: str = "dist") -> str:
-    """Write the ranked-list picture of one query; returns ``out_png``."""
-    plt = _plt()
+                     size_hw: Sequence[int] = (256, 128), query_caption: str = "") -> str:
+    """Write the ranked-list picture of one query (Pillow; ~20x faster than a figure); returns ``out_png``.
+
+    Thumbnails are TILE_HEIGHT px high at the aspect ratio ``size_hw`` (the model's input).
+    """
     h, w = int(size_hw[0]), int(size_hw[1])
+    th = TILE_HEIGHT
+    tw = max(24, round(th * w / h))
+    fw, gap, sep, margin, fs = 6, 22, 34, 18, 14
     k = len(entries)
-    tile_w = 1.25
-    tile_h = tile_w * h / w
-    fig_w = tile_w * (k + 1) + 0.35 + 0.3
-    fig_h = tile_h + 1.25 + (0.3 if title else 0)
-    fig = plt.figure(figsize=(max(fig_w, 4.5), fig_h))
-    gs = fig.add_gridspec(1, k + 2, width_ratios=[1, 0.28] + [1] * k, wspace=0.12,
-                          left=0.15 / fig_w, right=1 - 0.15 / fig_w,
-                          top=1 - (0.55 if title else 0.15) / fig_h, bottom=0.7 / fig_h)
-    ax = fig.add_subplot(gs[0, 0])
-    ax.imshow(_thumb(query_path, (h, w)), aspect="auto")
-    _frame(ax, COLOURS["query"], width=6)
-    ax.set_xlabel("query" + (f"\n{query_caption}" if query_caption else ""), fontsize=8.5, color=COLOURS["query"],
-                  fontweight="bold", labelpad=4)
-    sep = fig.add_subplot(gs[0, 1])
-    sep.axis("off")
-    sep.axvline(0.5, color="#cccccc", lw=1)
-    sep.set_xlim(0, 1)
-    for i, e in enumerate(entries):
-        ax = fig.add_subplot(gs[0, i + 2])
-        ax.imshow(_thumb(e.path, (h, w)), aspect="auto")
-        colour = COLOURS[e.status]
-        _frame(ax, colour, dashed=e.status == IGNORED, width=5 if e.status != UNKNOWN else 1.5)
-        label = f"#{e.rank}  {e.distance:.3f}"
-        if e.caption:
-            label += f"\n{e.caption}"
-        if e.status == IGNORED:
-            label += "\n(same cam: ignored)"
-        ax.set_xlabel(label, fontsize=8, labelpad=4,
-                      color="#333333" if e.status in (UNKNOWN, IGNORED) else colour,
-                      fontweight="bold" if e.status in (MATCH, WRONG) else "normal")
+    title_h = 34 if title else 0
+    cap_h = 3 * (fs + 4) + 6
+    width = 2 * margin + (k + 1) * tw + k * gap + sep
+    height = margin + title_h + th + 2 * fw + cap_h + margin // 2
+    img = Image.new("RGB", (max(width, 420), height), "white")
+    draw = ImageDraw.Draw(img)
     if title:
-        fig.suptitle(title, fontsize=10, x=0.15 / fig_w, ha="left", y=1 - 0.12 / fig_h, va="top")
-    _save(fig, out_png)
-    plt.close(fig)
+        draw.text((margin - fw, margin - 6), title, fill="#222222", font=_font(16))
+    top = margin + title_h + fw
+    cap_y = top + th + fw + 7
+
+    def tile(x: int, path: str) -> None:
+        img.paste(_thumb(path, (tw, th)), (x, top))
+
+    x = margin
+    tile(x, query_path)
+    _rect(draw, (x, top, x + tw, top + th), COLOURS["query"], fw + 1)
+    _centred(draw, x + tw // 2, cap_y, [("query", COLOURS["query"], True)]
+             + ([(query_caption, COLOURS["query"], True)] if query_caption else []), fs)
+    x += tw + sep // 2
+    draw.line((x, top - fw, x, top + th + fw), fill="#cccccc", width=2)
+    x += sep // 2 + gap
+    for e in entries:
+        tile(x, e.path)
+        colour = COLOURS[e.status]
+        _rect(draw, (x, top, x + tw, top + th), colour, fw if e.status != UNKNOWN else 2, dashed=e.status == IGNORED)
+        strong = e.status in (MATCH, WRONG)
+        text_colour = colour if strong else "#444444"
+        lines = [(f"#{e.rank}  {e.distance:.3f}", text_colour, strong)]
+        if e.caption:
+            lines.append((e.caption, text_colour, False))
+        if e.status == IGNORED:
+            lines.append(("same cam: ignored", "#777777", False))
+        _centred(draw, x + tw // 2, cap_y, lines, fs)
+        x += tw + gap
+    atomic_write(out_png, lambda f: img.save(f, format="PNG"))
     return out_png
 
 
@@ -147,7 +182,8 @@ def plot_cmc(cmc: Sequence[float], mAP: float, out_png: str, title: str = "CMC",
 
 def _save(fig: Any, path: str, dpi: int = 130) -> None:
     """Save a matplotlib figure as PNG through an atomic write."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, facecolor="white"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, facecolor="white",
+                                             pil_kwargs={"compress_level": 1}))   # fast; PNG stays lossless
 
 
 # ----------------------------------------------------------------------------- per-query AP
