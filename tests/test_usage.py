@@ -63,7 +63,8 @@ def test_metrics_jsonl_has_a_line_per_log_period(trained):
     cfg, out, _ = trained
     recs = read_metrics(str(out / "metrics.jsonl"))
     log = (out / "train_log.txt").read_text()
-    for stage, keys in ((1, {"loss", "i2t", "t2i", "ssl", "lr"}), (2, {"loss", "id", "tri", "i2t", "ssl", "acc", "lr"})):
+    stage_keys = {1: {"loss", "i2t", "t2i", "ssl", "lr"}, 2: {"loss", "id", "tri", "i2t", "ssl", "acc", "lr"}}
+    for stage, keys in stage_keys.items():
         logged = [(int(e), int(i)) for e, i in re.findall(rf"Stage{stage} epoch\[(\d+)\] iter\[(\d+)", log)]
         periods = [r for r in recs if r["stage"] == stage and r["kind"] == "period"]
         assert logged and [(r["epoch"], r["iteration"]) for r in periods] == logged

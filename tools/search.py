@@ -21,8 +21,6 @@ import os
 import sys
 from typing import Any, Sequence
 
-import numpy as np
-
 from _common import camera_id, load_model, setup
 
 from config import ConfigError

@@ -157,7 +157,9 @@ class FeatureSet:
         if feats.ndim != 2 or feats.shape[0] != len(z["paths"]):
             raise ConfigError(f"{path}: features {feats.shape} do not match {len(z['paths'])} paths")
         n = feats.shape[0]
-        get = (lambda k: z[k] if k in z.files else np.full(n, -1, dtype=np.int64))
+
+        def get(k: str) -> np.ndarray:
+            return z[k] if k in z.files else np.full(n, -1, dtype=np.int64)
         failed = list(zip(z["failed"].tolist(), z["failed_reasons"].tolist())) if "failed" in z.files else []
         return cls(feats.astype(np.float32), [str(p) for p in z["paths"]], get("pids"), get("camids"),
                    str(z["root"]) if "root" in z.files else "", failed,

@@ -180,7 +180,8 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> s
         ax.set_ylabel("loss")
         ax.legend(frameon=False, fontsize=8)
     ax = axes[len(stages)]
-    pts = sorted((e, r["acc"]) for (st, e), r in per_epoch.items() if st == 2 and isinstance(r.get("acc"), (int, float)))
+    pts = sorted((e, r["acc"]) for (st, e), r in per_epoch.items()
+                 if st == 2 and isinstance(r.get("acc"), (int, float)))
     if pts:
         ax.plot(*zip(*[(e, 100 * a) for e, a in pts]), color="#1f77b4", marker="o" if len(pts) < 15 else None, ms=3)
     ax.set_title("Stage 2: ID accuracy on training batches")
