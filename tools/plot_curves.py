@@ -1,0 +1,35 @@
+"""Draw curves.png from a run's metrics.jsonl (any time: during a run, after a crash, after a resume).
+
+    python tools/plot_curves.py OUTPUT_DIR [--out PNG]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils import cli  # noqa: E402
+from utils.record import CURVES_FILE, METRICS_FILE, plot_curves  # noqa: E402
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("output_dir", help="the run's OUTPUT_DIR (holds metrics.jsonl)")
+    p.add_argument("--out", default="", help=f"picture to write (default OUTPUT_DIR/{CURVES_FILE})")
+    args = p.parse_args(argv)
+
+    def run() -> None:
+        path = os.path.join(args.output_dir, METRICS_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {METRICS_FILE} in {args.output_dir} (is it a training OUTPUT_DIR?)")
+        out = plot_curves(path, args.out or os.path.join(args.output_dir, CURVES_FILE),
+                          title=f"Training record of {args.output_dir}")
+        print(out)
+    return cli.run(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
