@@ -206,6 +206,21 @@ def test_extract_features_camera_option_and_sie_warning(trained, image_dir, tmp_
     assert not np.allclose(za["features"][gray], zb["features"][gray])   # SIE is used with the label
 
 
+def test_names_and_cameras_beyond_the_model(trained, image_dir, tmp_path, capsys):
+    from utils.inference_io import parse_name
+    assert parse_name("0002_c1s1_000451_03.jpg") == (2, 0) and parse_name("0001_c001_00016450_0.jpg") == (1, 0)
+    assert parse_name("-1_c3s2_1.jpg") == (-1, 2) and parse_name("a/b/0007_c0_x.png") == (-1, -1)
+    assert parse_name("photo.jpg") == (-1, -1)
+    cfg, run, opts = trained
+    src = image_dir / "query" / sorted(os.listdir(image_dir / "query"))[0]
+    (tmp_path / "in").mkdir()
+    shutil.copy(src, tmp_path / "in" / "0005_c9s1_000001_00.jpg")       # the model knows 2 cameras
+    assert _run_extract(cfg, opts, str(run / "ViT-B-16_2.pth"), tmp_path / "in", tmp_path / "f.npz") == 0
+    z = np.load(tmp_path / "f.npz")
+    assert z["pids"].tolist() == [5] and z["camids"].tolist() == [-1]
+    assert "camera beyond the model's 2" in capsys.readouterr().out
+
+
 def test_extract_features_bad_input(trained, image_dir, tmp_path, capsys):
     cfg, run, opts = trained
     weight = str(run / "ViT-B-16_2.pth")
