@@ -350,3 +350,28 @@ def test_test_visualize_writes_cmc_and_ranked_lists(trained, tmp_path):
     assert sorted(os.listdir(vis)) == ["best_01.png", "best_02.png", "cmc.png", "worst_01.png", "worst_02.png"]
     assert _is_png(vis / "cmc.png", min_w=500, min_h=350)
     assert all(_is_png(vis / f"{k}_0{i}.png", min_w=700) for k in ("best", "worst") for i in (1, 2))
+
+
+def test_log_lines_lift_the_progress_bar_on_a_terminal():
+    """A log line written while a bar is drawn starts at column 0 of its own line (the bar is cleared first)."""
+    import io
+    import logging
+    from tqdm import tqdm
+    from utils.logger import _BarSafeHandler
+    buf = io.StringIO()
+    log = logging.getLogger("svllreid.test_bar")
+    log.propagate = False
+    handler = _BarSafeHandler(stream=buf)
+    log.addHandler(handler)
+    try:
+        bar = tqdm(range(3), file=buf, ncols=60, mininterval=0, desc="bar")
+        for i in bar:
+            log.warning("line %d", i)
+        bar.close()
+    finally:
+        log.removeHandler(handler)
+    out = buf.getvalue()
+    for i in range(3):
+        before = out[:out.index(f"line {i}")]
+        assert before.endswith("\r") or before.endswith("\n"), repr(before[-80:])
+        assert "bar" not in before.rsplit("\r", 1)[-1].rsplit("\n", 1)[-1]

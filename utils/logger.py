@@ -6,6 +6,19 @@ import os
 import sys
 
 
+class _BarSafeHandler(logging.StreamHandler):
+    """A console handler that lifts active progress bars off the terminal while it writes a line
+    (otherwise a log line is glued to the end of a bar line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def setup_logger(name: str, save_dir: str | None, if_train: bool, is_main: bool = True) -> logging.Logger:
     """Configure the ``name`` logger once: INFO to stdout on the main process, and a log file."""
     logger = logging.getLogger(name)
@@ -17,7 +30,7 @@ def setup_logger(name: str, save_dir: str | None, if_train: bool, is_main: bool 
         logger.removeHandler(h)
         h.close()
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    ch = logging.StreamHandler(stream=sys.stdout)
+    ch = _BarSafeHandler(stream=sys.stdout)
     ch.setFormatter(fmt)
     logger.addHandler(ch)
     if save_dir and is_main:
