@@ -15,7 +15,7 @@ class _BarSafeHandler(logging.StreamHandler):
             from tqdm import tqdm
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
-        except Exception:  # noqa: BLE001 - logging must never raise
+        except Exception:   # logging must never raise
             self.handleError(record)
 
 
