@@ -1,0 +1,1 @@
+"""Deployment: ONNX export of the retrieval model (``deploy.onnx_export``)."""

@@ -1,0 +1,305 @@
+"""ONNX export of the retrieval path, checked with ``onnx.checker`` and onnxruntime.
+
+The exported graph maps a preprocessed image batch (float32, N x 3 x H x W, normalised as
+the test transform does) to the retrieval feature that evaluation computes (``forward``
+in eval mode: ``cat([feat, proj])`` before or after the BNNeck per TEST.NECK_FEAT, not
+L2-normalised). When the model has a trained side-information table (ViT with SIE), the
+graph takes int64 ``camid`` and/or ``viewid`` inputs of shape (N,) with the same indices as
+the dataset gives (0-based) and looks the table up in the graph, exactly as the model does:
+camera and view together index row ``camid * view_num + viewid``.
+
+The batch axis is dynamic. The exporter is ``torch.onnx.export(dynamo=True)`` (torch.export
+based; the TorchScript exporter is deprecated). A file is only written to its final path
+after the onnxruntime output matched PyTorch's within the tolerance on a real batch and on a
+single image.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from config import ConfigError
+from datasets.bases import IMAGE_EXTENSIONS, read_image
+from datasets.transforms import build_transforms
+from model import SVLLReID, make_model
+from utils.checkpoint import load_file, load_model_weights
+
+logger = logging.getLogger("svllreid")
+
+DEFAULT_OPSET = 18
+DEFAULT_ATOL = 1e-4
+OUTPUT_NAME = "features"
+IMAGE_INPUT = "images"
+
+
+class ExportVerificationError(RuntimeError):
+    """onnxruntime's features differ from PyTorch's by more than the tolerance."""
+
+
+# ----------------------------------------------------------------------------- loading
+def _state_dict_of(path: str) -> Mapping[str, torch.Tensor]:
+    sd = load_file(path)
+    if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
+        sd = sd["model"]
+    if not isinstance(sd, Mapping):
+        return {}
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def load_model(cfg: Any) -> tuple[SVLLReID, dict[str, Any]]:
+    """The model of TEST.WEIGHT, sized from the checkpoint, loaded strictly, eval mode, CPU.
+
+    Identities = rows of ``classifier.weight``; SIE rows = cameras (x views). With both
+    camera and view SIE the split of the rows needs the view count, taken from the dataset.
+    A checkpoint that does not fit raises ``CheckpointMismatchError`` (as evaluation).
+    """
+    weight = cfg.TEST.WEIGHT
+    if not weight:
+        raise ConfigError("TEST.WEIGHT is empty: give the checkpoint to export, e.g. TEST.WEIGHT out/ViT-B-16_60.pth")
+    sd = _state_dict_of(weight)
+    cls = sd.get("classifier.weight")
+    num_classes = int(cls.shape[0]) if isinstance(cls, torch.Tensor) and cls.dim() == 2 else 1
+    cv = sd.get("cv_embed")
+    rows = int(cv.shape[0]) if isinstance(cv, torch.Tensor) and cv.dim() == 2 else 1
+    camera_num, view_num = rows, 1
+    if cfg.MODEL.SIE_VIEW and not cfg.MODEL.SIE_CAMERA:
+        camera_num, view_num = 1, rows
+    elif cfg.MODEL.SIE_VIEW and cfg.MODEL.SIE_CAMERA:
+        from datasets.make_dataloader import build_dataset_from_cfg
+        view_num = build_dataset_from_cfg(cfg).num_train_vids
+        camera_num = max(rows // max(view_num, 1), 1)
+    del sd
+    model = make_model(cfg, num_class=num_classes, camera_num=camera_num, view_num=view_num)
+    load_model_weights(model, weight)
+    model.eval()
+    use_sie = model.cv_embed is not None
+    info = {"weight": weight, "num_classes": num_classes, "camera_num": camera_num, "view_num": view_num,
+            "sie_camera": use_sie and bool(cfg.MODEL.SIE_CAMERA), "sie_view": use_sie and bool(cfg.MODEL.SIE_VIEW),
+            "use_sie": use_sie, "feat_dim": model.in_planes + model.in_planes_proj}
+    return model, info
+
+
+# ----------------------------------------------------------------------------- graph
+def side_inputs(info: Mapping[str, Any]) -> list[str]:
+    """Names of the int64 side-information inputs the graph takes (may be empty)."""
+    return [n for n, on in (("camid", info["sie_camera"]), ("viewid", info["sie_view"])) if on]
+
+
+class RetrievalGraph(nn.Module):
+    """``(images, *side) -> retrieval feature``: the eval-mode forward with side inputs by name."""
+
+    def __init__(self, model: SVLLReID, side: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.side = tuple(side)
+
+    def forward(self, images: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
+        labels = dict(zip(self.side, side))
+        return self.model(images, cam_label=labels.get("camid"), view_label=labels.get("viewid"))
+
+
+def metadata(cfg: Any, info: Mapping[str, Any], opset: int) -> dict[str, str]:
+    """What a deployer needs to feed the graph and use its output (ONNX ``metadata_props``)."""
+    side = side_inputs(info)
+    h, w = (int(v) for v in cfg.INPUT.SIZE_TEST)
+    weight = info["weight"]
+    with open(weight, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {
+        "model": str(cfg.MODEL.NAME),
+        "input_size": f"{h},{w}",
+        "input_layout": "NCHW float32 RGB in [0, 1] after bicubic resize to input_size, then (x - mean) / std",
+        "pixel_mean": ",".join(f"{float(v):g}" for v in cfg.INPUT.PIXEL_MEAN),
+        "pixel_std": ",".join(f"{float(v):g}" for v in cfg.INPUT.PIXEL_STD),
+        "resize_interpolation": "bicubic",
+        "feat_dim": str(int(info["feat_dim"])),
+        "neck_feat": str(cfg.TEST.NECK_FEAT),
+        "feat_norm": str(cfg.TEST.FEAT_NORM),
+        "uses_sie": "true" if side else "false",
+        "sie_inputs": ",".join(side),
+        "sie_cameras": str(int(info["camera_num"])) if info["sie_camera"] else "0",
+        "sie_views": str(int(info["view_num"])) if info["sie_view"] else "0",
+        "stride_size": ",".join(str(int(s)) for s in cfg.MODEL.STRIDE_SIZE) if cfg.MODEL.NAME.startswith("ViT") else "",
+        "checkpoint": os.path.abspath(weight),
+        "checkpoint_sha256": digest,
+        "opset": str(opset),
+        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+    }
+
+
+def _side_values(info: Mapping[str, Any], side: Sequence[str], n: int,
+                 given: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Side indices for ``n`` images: ``given`` ones, else cycling through the table's range."""
+    out = []
+    for name in side:
+        if given is not None and name in given:
+            out.append(given[name][:n].to(torch.int64))
+        else:
+            size = info["camera_num"] if name == "camid" else info["view_num"]
+            out.append(torch.arange(n, dtype=torch.int64) % max(int(size), 1))
+    return out
+
+
+def export_graph(model: SVLLReID, info: Mapping[str, Any], path: str, meta: Mapping[str, str],
+                 input_size: Sequence[int], batch: int = 2, opset: int = DEFAULT_OPSET) -> None:
+    """Export the retrieval graph (dynamic batch) to one self-contained ``.onnx`` file with ``meta``."""
+    import onnx
+    side = side_inputs(info)
+    graph = RetrievalGraph(model, side).eval()
+    h, w = (int(v) for v in input_size)
+    args = (torch.zeros(batch, 3, h, w),) + tuple(_side_values(info, side, batch))
+    dim = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # exporter chatter (axis renaming, deprecations)
+        program = torch.onnx.export(graph, args, dynamo=True, opset_version=opset, verbose=False,
+                                    input_names=[IMAGE_INPUT, *side], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=({0: dim}, tuple({0: dim} for _ in side)), external_data=False)
+    proto = program.model_proto
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    proto.doc_string = "SVLL-ReID retrieval features; see metadata_props for the preprocessing"
+    onnx.save(proto, path)
+
+
+# ----------------------------------------------------------------------------- verification
+def list_images(paths: Sequence[str]) -> list[str]:
+    """Image files among ``paths`` (folders are listed, sorted)."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"image not found: {p}")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(paths)}")
+    return files
+
+
+def verification_batch(cfg: Any, n: int, images: Sequence[str] | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
+    """``n`` real images through the test transform (with their camera/view ids), and where from.
+
+    From ``images`` if given, else the first query images of the configured dataset; if the
+    dataset cannot be read, a random normal batch (said so in the returned description).
+    """
+    transform = build_transforms(cfg, is_train=False)
+    ids: dict[str, torch.Tensor] = {}
+    if images:
+        files = list_images(images)[:n]
+        source = f"{len(files)} image(s) from {', '.join(images)}"
+    else:
+        try:
+            from datasets.make_dataloader import build_dataset_from_cfg
+            samples = build_dataset_from_cfg(cfg).query[:n]
+        except (OSError, ValueError) as e:
+            h, w = (int(v) for v in cfg.INPUT.SIZE_TEST)
+            note = str(e).splitlines()[0]
+            return (torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), {},
+                    f"random normal input ({cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR} not readable: {note})")
+        files = [s[0] for s in samples]
+        ids = {"camid": torch.tensor([s[2] for s in samples]), "viewid": torch.tensor([s[3] for s in samples])}
+        source = f"{len(files)} query image(s) of {cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR}"
+    return torch.stack([transform(read_image(f)) for f in files]), ids, source
+
+
+def _torch_features(model: SVLLReID, side: Sequence[str], x: torch.Tensor,
+                    values: Sequence[torch.Tensor]) -> torch.Tensor:
+    labels = dict(zip(side, values))
+    with torch.no_grad():
+        return model(x, cam_label=labels.get("camid"), view_label=labels.get("viewid"))
+
+
+def compare(path: str, model: SVLLReID, info: Mapping[str, Any], images: torch.Tensor,
+            ids: Mapping[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """Max abs difference onnxruntime vs PyTorch eval features, for the whole batch and image 0 alone."""
+    import onnxruntime as ort
+    side = side_inputs(info)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    values = _side_values(info, side, images.shape[0], ids)
+    results = []
+    for n in sorted({images.shape[0], 1}, reverse=True):
+        x, s = images[:n], [v[:n] for v in values]
+        ref = _torch_features(model, side, x, s).numpy()
+        feed = {IMAGE_INPUT: x.numpy(), **{k: v.numpy() for k, v in zip(side, s)}}
+        out = session.run([OUTPUT_NAME], feed)[0]
+        if out.shape != ref.shape:
+            raise ExportVerificationError(f"onnxruntime output {out.shape} vs PyTorch {ref.shape} for batch {n}")
+        results.append({"batch": n, "max_abs_diff": float(np.abs(out - ref).max()),
+                        "max_abs_feature": float(np.abs(ref).max())})
+    return results
+
+
+# ----------------------------------------------------------------------------- the whole job
+@dataclass
+class ExportReport:
+    """What was exported and how it was checked."""
+
+    path: str
+    metadata: dict[str, str]
+    inputs: list[str]
+    checks: list[dict[str, Any]]
+    source: str
+    atol: float
+    seconds: float
+    size_bytes: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def export(cfg: Any, out: str, batch: int = 2, verify_batch: int = 5, opset: int = DEFAULT_OPSET,
+           atol: float = DEFAULT_ATOL, images: Sequence[str] | None = None) -> ExportReport:
+    """Load TEST.WEIGHT, export to ``out``, check with onnx.checker and onnxruntime, then move into place.
+
+    Raises ``ExportVerificationError`` (and leaves no file at ``out``) when onnxruntime differs
+    from PyTorch by more than ``atol`` on the verification batch or on a single image.
+    """
+    import onnx
+    t0 = time.perf_counter()
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    model, info = load_model(cfg)
+    x, ids, source = verification_batch(cfg, verify_batch, images)
+    try:
+        side = side_inputs(info)
+        _torch_features(model, side, x[:1], _side_values(info, side, 1, ids))
+    except ValueError as e:
+        raise ConfigError(f"INPUT.SIZE_TEST {list(cfg.INPUT.SIZE_TEST)} does not fit the model built for "
+                          f"INPUT.SIZE_TRAIN {list(cfg.INPUT.SIZE_TRAIN)}: {e}") from e
+    meta = metadata(cfg, info, opset)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        export_graph(model, info, tmp, meta, cfg.INPUT.SIZE_TEST, batch=batch, opset=opset)
+        onnx.checker.check_model(tmp, full_check=True)
+        checks = compare(tmp, model, info, x, ids)
+        bad = [c for c in checks if not c["max_abs_diff"] <= atol]
+        if bad:
+            raise ExportVerificationError(
+                "onnxruntime differs from PyTorch: " + "; ".join(
+                    f"batch {c['batch']}: max abs diff {c['max_abs_diff']:.3g} > {atol:g}" for c in bad)
+                + f" (features up to {max(c['max_abs_feature'] for c in checks):.3g}); no file written")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return ExportReport(path=out, metadata=meta, inputs=[IMAGE_INPUT, *side_inputs(info)], checks=checks,
+                        source=source, atol=atol, seconds=time.perf_counter() - t0,
+                        size_bytes=os.path.getsize(out), info=dict(info))
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file."""
+    import onnx
+    return {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
