@@ -159,11 +159,12 @@ def export_graph(model: SVLLReID, info: Mapping[str, Any], path: str, meta: Mapp
     h, w = (int(v) for v in input_size)
     args = (torch.zeros(batch, 3, h, w),) + tuple(_side_values(info, side, batch))
     dim = torch.export.Dim("batch")
+    shapes = ({0: dim}, tuple({0: dim} for _ in side)) if side else ({0: dim},)   # images, *side
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")           # exporter chatter (axis renaming, deprecations)
         program = torch.onnx.export(graph, args, dynamo=True, opset_version=opset, verbose=False,
                                     input_names=[IMAGE_INPUT, *side], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=({0: dim}, tuple({0: dim} for _ in side)), external_data=False)
+                                    dynamic_shapes=shapes, external_data=False)
     proto = program.model_proto
     del proto.metadata_props[:]
     for k, v in meta.items():
