@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/eval.py
 	$(PY) bench/backbone.py
+	$(PY) bench/onnx_runtime.py
 
 clean:
 	rm -rf output $(SYNTH) .pytest_cache

@@ -200,3 +200,32 @@ def test_tool_prints_what_a_deployer_needs(exported, tmp_path, capsys):
                  "input_size", "pixel_mean", "pixel_std", "feat_dim", "uses_sie", "batch 3: max abs diff",
                  "batch 1: max abs diff", "OK"):
         assert line in text
+
+
+def test_readme_snippet_preprocesses_like_the_test_transform_and_matches_pytorch(exported, tmp_path, monkeypatch):
+    import re
+    import shutil
+
+    from datasets.bases import read_image
+    from datasets.transforms import build_transforms
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        snippet = re.search(r"<!-- deploy-snippet -->\n```python\n(.*?)```", f.read(), re.S).group(1)
+    cfg, report, classes, cams, views = exported["vit_s12_sie_cam"]
+    query = os.path.join(cfg.DATASETS.ROOT_DIR, "query")
+    images = sorted(os.listdir(query))[:2]
+    for src, dst in zip(images, ("query.jpg", "gallery.jpg")):
+        shutil.copy(os.path.join(query, src), tmp_path / dst)
+    shutil.copy(report.path, tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(snippet, ns)                                     # noqa: S102 - the README's own code
+    transform = build_transforms(cfg, is_train=False)
+    ref_x = torch.stack([transform(read_image(str(tmp_path / n))) for n in ("query.jpg", "gallery.jpg")])
+    assert torch.equal(torch.from_numpy(ns["x"]), ref_x)  # bit-identical preprocessing
+    model = make_model(cfg, num_class=classes, camera_num=cams, view_num=views)
+    load_model_weights(model, cfg.TEST.WEIGHT)
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.eval()(ref_x, cam_label=torch.tensor([0, 1])), dim=1).numpy()
+    assert np.abs(ns["f"] - ref).max() <= 1e-5
