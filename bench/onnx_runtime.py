@@ -61,7 +61,8 @@ def bench_model(key: str, batch: int, warmup: int, repeats: int, threads: int, t
     torch.manual_seed(0)
     model = make_model(cfg, num_class=751, camera_num=CAMERAS, view_num=1).eval()
     use_sie = model.cv_embed is not None
-    info = {"sie_camera": use_sie and cfg.MODEL.SIE_CAMERA, "sie_view": False, "camera_num": CAMERAS, "view_num": 1}
+    info = {"use_sie": use_sie, "sie_camera": use_sie and cfg.MODEL.SIE_CAMERA, "sie_view": False,
+            "camera_num": CAMERAS, "view_num": 1}
     side = side_inputs(info)
     path = os.path.join(tmp, f"{key}.onnx")
     t = time.perf_counter()

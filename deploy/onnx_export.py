@@ -92,7 +92,16 @@ def load_model(cfg: Any) -> tuple[SVLLReID, dict[str, Any]]:
 # ----------------------------------------------------------------------------- graph
 def side_inputs(info: Mapping[str, Any]) -> list[str]:
     """Names of the int64 side-information inputs the graph takes (may be empty)."""
+    if not info["use_sie"]:
+        return []
     return [n for n, on in (("camid", info["sie_camera"]), ("viewid", info["sie_view"])) if on]
+
+
+def retrieval(model: SVLLReID, images: torch.Tensor, side: Sequence[str], values: Sequence[torch.Tensor]
+              ) -> torch.Tensor:
+    """The evaluation's retrieval feature, with the side inputs ``side`` set to ``values``."""
+    labels = dict(zip(side, values))
+    return model(images, cam_label=labels.get("camid"), view_label=labels.get("viewid"))
 
 
 class RetrievalGraph(nn.Module):
@@ -104,8 +113,7 @@ class RetrievalGraph(nn.Module):
         self.side = tuple(side)
 
     def forward(self, images: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
-        labels = dict(zip(self.side, side))
-        return self.model(images, cam_label=labels.get("camid"), view_label=labels.get("viewid"))
+        return retrieval(self.model, images, self.side, side)
 
 
 def metadata(cfg: Any, info: Mapping[str, Any], opset: int) -> dict[str, str]:
@@ -218,9 +226,8 @@ def verification_batch(cfg: Any, n: int, images: Sequence[str] | None = None
 
 def _torch_features(model: SVLLReID, side: Sequence[str], x: torch.Tensor,
                     values: Sequence[torch.Tensor]) -> torch.Tensor:
-    labels = dict(zip(side, values))
     with torch.no_grad():
-        return model(x, cam_label=labels.get("camid"), view_label=labels.get("viewid"))
+        return retrieval(model, x, side, values)
 
 
 def compare(path: str, model: SVLLReID, info: Mapping[str, Any], images: torch.Tensor,
