@@ -62,6 +62,8 @@ def load_model(cfg: Any) -> tuple[SVLLReID, dict[str, Any]]:
     Identities = rows of ``classifier.weight``; SIE rows = cameras (x views). With both
     camera and view SIE the split of the rows needs the view count, taken from the dataset.
     A checkpoint that does not fit raises ``CheckpointMismatchError`` (as evaluation).
+    The only place the export loads a model: evaluation's rules today are ``make_model`` plus
+    the strict ``load_model_weights`` of ``test_svllreid.py``.
     """
     weight = cfg.TEST.WEIGHT
     if not weight:
