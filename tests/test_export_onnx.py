@@ -223,7 +223,7 @@ def test_readme_snippet_preprocesses_like_the_test_transform_and_matches_pytorch
     shutil.copy(report.path, tmp_path / "model.onnx")
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(snippet, ns)                                     # noqa: S102 - the README's own code
+    exec(snippet, ns)                                     # the README's own code
     transform = build_transforms(cfg, is_train=False)
     ref_x = torch.stack([transform(read_image(str(tmp_path / n))) for n in ("query.jpg", "gallery.jpg")])
     assert torch.equal(torch.from_numpy(ns["x"]), ref_x)  # bit-identical preprocessing
