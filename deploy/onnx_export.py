@@ -217,9 +217,11 @@ def verification_batch(cfg: Any, n: int, images: Sequence[str] | None = None
             samples = build_dataset_from_cfg(cfg).query[:n]
         except (OSError, ValueError) as e:
             h, w = (int(v) for v in cfg.INPUT.SIZE_TEST)
-            note = str(e).splitlines()[0]
+            note = " ".join(str(e).split())
+            note = note if len(note) <= 100 else note[:100] + "..."
             return (torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), {},
-                    f"random normal input ({cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR} not readable: {note})")
+                    f"random normal input (no --images, and {cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR} "
+                    f"could not be read: {note})")
         files = [s[0] for s in samples]
         ids = {"camid": torch.tensor([s[2] for s in samples]), "viewid": torch.tensor([s[3] for s in samples])}
         source = f"{len(files)} query image(s) of {cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR}"
