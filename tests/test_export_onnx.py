@@ -232,3 +232,22 @@ def test_readme_snippet_preprocesses_like_the_test_transform_and_matches_pytorch
     with torch.no_grad():
         ref = torch.nn.functional.normalize(model.eval()(ref_x, cam_label=torch.tensor([0, 1])), dim=1).numpy()
     assert np.abs(ns["f"] - ref).max() <= 1e-5
+
+
+def test_verification_batch_sources(tmp_path, tiny_root):
+    from datasets.bases import read_image
+    from datasets.transforms import build_transforms
+
+    cfg = _cfg(tmp_path, tiny_root, [])
+    query = os.path.join(tiny_root, "query")
+    x, ids, source = onnx_export.verification_batch(cfg, 3, [query])             # --images FOLDER
+    first = os.path.join(query, sorted(os.listdir(query))[0])
+    assert x.shape == (3, 3, 128, 64) and ids == {} and source.startswith("3 image(s) from")
+    assert torch.equal(x[0], build_transforms(cfg, is_train=False)(read_image(first)))
+    x, ids, source = onnx_export.verification_batch(cfg, 2)                      # the dataset's query images
+    assert x.shape[0] == 2 and ids["camid"].shape == (2,) and source.startswith("2 query image(s)")
+    gone = _cfg(tmp_path, str(tmp_path / "nowhere"), [])
+    x, ids, source = onnx_export.verification_batch(gone, 2)                     # said so, not hidden
+    assert x.shape == (2, 3, 128, 64) and source.startswith("random normal input (no --images")
+    with pytest.raises(FileNotFoundError):
+        onnx_export.verification_batch(cfg, 2, [str(tmp_path / "missing.jpg")])
