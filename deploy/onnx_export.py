@@ -32,7 +32,7 @@ from config import ConfigError
 from datasets.bases import IMAGE_EXTENSIONS, read_image
 from datasets.transforms import build_transforms
 from model import SVLLReID, make_model
-from utils.checkpoint import load_file, load_model_weights
+from utils.checkpoint import CheckpointMismatchError, load_file, load_model_weights
 
 logger = logging.getLogger("svllreid")
 
@@ -56,7 +56,17 @@ def _state_dict_of(path: str) -> Mapping[str, torch.Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
-def load_model(cfg: Any) -> tuple[SVLLReID, dict[str, Any]]:
+def test_dataset(cfg: Any) -> tuple[Any, str]:
+    """The configured dataset (its query images serve the check), or None and why it could not be read."""
+    from datasets.make_dataloader import build_dataset_from_cfg
+    try:
+        return build_dataset_from_cfg(cfg), ""
+    except (OSError, ValueError) as e:
+        note = " ".join(str(e).split())
+        return None, note if len(note) <= 100 else note[:100] + "..."
+
+
+def load_model(cfg: Any, dataset: Any = None) -> tuple[SVLLReID, dict[str, Any]]:
     """The model of TEST.WEIGHT, sized from the checkpoint, loaded strictly, eval mode, CPU.
 
     Identities = rows of ``classifier.weight``; SIE rows = cameras (x views). With both
@@ -77,8 +87,11 @@ def load_model(cfg: Any) -> tuple[SVLLReID, dict[str, Any]]:
     if cfg.MODEL.SIE_VIEW and not cfg.MODEL.SIE_CAMERA:
         camera_num, view_num = 1, rows
     elif cfg.MODEL.SIE_VIEW and cfg.MODEL.SIE_CAMERA:
-        from datasets.make_dataloader import build_dataset_from_cfg
-        view_num = build_dataset_from_cfg(cfg).num_train_vids
+        if dataset is None:
+            raise CheckpointMismatchError(f"cv_embed has {rows} rows = cameras x views; the split needs the "
+                                          f"dataset's view count, but {cfg.DATASETS.NAMES} under "
+                                          f"{cfg.DATASETS.ROOT_DIR} could not be read")
+        view_num = dataset.num_train_vids
         camera_num = max(rows // max(view_num, 1), 1)
     del sd
     model = make_model(cfg, num_class=num_classes, camera_num=camera_num, view_num=view_num)
@@ -149,14 +162,14 @@ def metadata(cfg: Any, info: Mapping[str, Any], opset: int) -> dict[str, str]:
 
 def _side_values(info: Mapping[str, Any], side: Sequence[str], n: int,
                  given: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Side indices for ``n`` images: ``given`` ones, else cycling through the table's range."""
+    """Side indices for ``n`` images: ``given`` ones if they fit the table, else cycling through its rows."""
     out = []
     for name in side:
-        if given is not None and name in given:
+        size = max(int(info["camera_num"] if name == "camid" else info["view_num"]), 1)
+        if given is not None and name in given and int(given[name][:n].max()) < size:
             out.append(given[name][:n].to(torch.int64))
         else:
-            size = info["camera_num"] if name == "camid" else info["view_num"]
-            out.append(torch.arange(n, dtype=torch.int64) % max(int(size), 1))
+            out.append(torch.arange(n, dtype=torch.int64) % size)
     return out
 
 
@@ -199,32 +212,28 @@ def list_images(paths: Sequence[str]) -> list[str]:
     return files
 
 
-def verification_batch(cfg: Any, n: int, images: Sequence[str] | None = None
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
+def verification_batch(cfg: Any, n: int, images: Sequence[str] | None = None, dataset: Any = None,
+                       why_not: str = "") -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
     """``n`` real images through the test transform (with their camera/view ids), and where from.
 
-    From ``images`` if given, else the first query images of the configured dataset; if the
-    dataset cannot be read, a random normal batch (said so in the returned description).
+    From ``images`` if given, else the first query images of ``dataset``; without either, a
+    random normal batch (said so in the returned description, with ``why_not``).
     """
     transform = build_transforms(cfg, is_train=False)
     ids: dict[str, torch.Tensor] = {}
     if images:
         files = list_images(images)[:n]
         source = f"{len(files)} image(s) from {', '.join(images)}"
-    else:
-        try:
-            from datasets.make_dataloader import build_dataset_from_cfg
-            samples = build_dataset_from_cfg(cfg).query[:n]
-        except (OSError, ValueError) as e:
-            h, w = (int(v) for v in cfg.INPUT.SIZE_TEST)
-            note = " ".join(str(e).split())
-            note = note if len(note) <= 100 else note[:100] + "..."
-            return (torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), {},
-                    f"random normal input (no --images, and {cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR} "
-                    f"could not be read: {note})")
+    elif dataset is not None:
+        samples = dataset.query[:n]
         files = [s[0] for s in samples]
         ids = {"camid": torch.tensor([s[2] for s in samples]), "viewid": torch.tensor([s[3] for s in samples])}
         source = f"{len(files)} query image(s) of {cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR}"
+    else:
+        h, w = (int(v) for v in cfg.INPUT.SIZE_TEST)
+        return (torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), {},
+                f"random normal input (no --images, and {cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR} "
+                f"could not be read: {why_not})")
     return torch.stack([transform(read_image(f)) for f in files]), ids, source
 
 
@@ -281,8 +290,9 @@ def export(cfg: Any, out: str, batch: int = 2, verify_batch: int = 5, opset: int
     t0 = time.perf_counter()
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
-    model, info = load_model(cfg)
-    x, ids, source = verification_batch(cfg, verify_batch, images)
+    dataset, why_not = test_dataset(cfg)
+    model, info = load_model(cfg, dataset)
+    x, ids, source = verification_batch(cfg, verify_batch, images, dataset, why_not)
     try:
         side = side_inputs(info)
         _torch_features(model, side, x[:1], _side_values(info, side, 1, ids))

@@ -244,10 +244,14 @@ def test_verification_batch_sources(tmp_path, tiny_root):
     first = os.path.join(query, sorted(os.listdir(query))[0])
     assert x.shape == (3, 3, 128, 64) and ids == {} and source.startswith("3 image(s) from")
     assert torch.equal(x[0], build_transforms(cfg, is_train=False)(read_image(first)))
-    x, ids, source = onnx_export.verification_batch(cfg, 2)                      # the dataset's query images
+    dataset, why_not = onnx_export.test_dataset(cfg)
+    assert dataset is not None and why_not == ""
+    x, ids, source = onnx_export.verification_batch(cfg, 2, None, dataset)      # the dataset's query images
     assert x.shape[0] == 2 and ids["camid"].shape == (2,) and source.startswith("2 query image(s)")
     gone = _cfg(tmp_path, str(tmp_path / "nowhere"), [])
-    x, ids, source = onnx_export.verification_batch(gone, 2)                     # said so, not hidden
+    dataset, why_not = onnx_export.test_dataset(gone)
+    assert dataset is None and "nowhere" in why_not
+    x, ids, source = onnx_export.verification_batch(gone, 2, None, dataset, why_not)   # said so, not hidden
     assert x.shape == (2, 3, 128, 64) and source.startswith("random normal input (no --images")
     with pytest.raises(FileNotFoundError):
         onnx_export.verification_batch(cfg, 2, [str(tmp_path / "missing.jpg")])
