@@ -131,7 +131,7 @@ class RetrievalGraph(nn.Module):
         return retrieval(self.model, images, self.side, side)
 
 
-def metadata(cfg: Any, info: Mapping[str, Any], opset: int) -> dict[str, str]:
+def metadata(cfg: Any, model: SVLLReID, info: Mapping[str, Any], opset: int) -> dict[str, str]:
     """What a deployer needs to feed the graph and use its output (ONNX ``metadata_props``)."""
     side = side_inputs(info)
     h, w = (int(v) for v in cfg.INPUT.SIZE_TEST)
@@ -139,7 +139,7 @@ def metadata(cfg: Any, info: Mapping[str, Any], opset: int) -> dict[str, str]:
     with open(weight, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     return {
-        "model": str(cfg.MODEL.NAME),
+        "model": str(model.model_name),
         "input_size": f"{h},{w}",
         "input_layout": "NCHW float32 RGB in [0, 1] after bicubic resize to input_size, then (x - mean) / std",
         "pixel_mean": ",".join(f"{float(v):g}" for v in cfg.INPUT.PIXEL_MEAN),
@@ -152,7 +152,7 @@ def metadata(cfg: Any, info: Mapping[str, Any], opset: int) -> dict[str, str]:
         "sie_inputs": ",".join(side),
         "sie_cameras": str(int(info["camera_num"])) if info["sie_camera"] else "0",
         "sie_views": str(int(info["view_num"])) if info["sie_view"] else "0",
-        "stride_size": ",".join(str(int(s)) for s in cfg.MODEL.STRIDE_SIZE) if cfg.MODEL.NAME.startswith("ViT") else "",
+        "stride_size": ",".join(str(int(v)) for v in model.image_encoder.conv1.stride) if model.is_vit else "",
         "checkpoint": os.path.abspath(weight),
         "checkpoint_sha256": digest,
         "opset": str(opset),
@@ -299,7 +299,7 @@ def export(cfg: Any, out: str, batch: int = 2, verify_batch: int = 5, opset: int
     except ValueError as e:
         raise ConfigError(f"INPUT.SIZE_TEST {list(cfg.INPUT.SIZE_TEST)} does not fit the model built for "
                           f"INPUT.SIZE_TRAIN {list(cfg.INPUT.SIZE_TRAIN)}: {e}") from e
-    meta = metadata(cfg, info, opset)
+    meta = metadata(cfg, model, info, opset)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".onnx.tmp")
     os.close(fd)
     try:
