@@ -288,8 +288,6 @@ def export(cfg: Any, out: str, batch: int = 2, verify_batch: int = 5, opset: int
     """
     import onnx
     t0 = time.perf_counter()
-    out_dir = os.path.dirname(os.path.abspath(out))
-    os.makedirs(out_dir, exist_ok=True)
     dataset, why_not = test_dataset(cfg)
     model, info = load_model(cfg, dataset)
     x, ids, source = verification_batch(cfg, verify_batch, images, dataset, why_not)
@@ -300,6 +298,8 @@ def export(cfg: Any, out: str, batch: int = 2, verify_batch: int = 5, opset: int
         raise ConfigError(f"INPUT.SIZE_TEST {list(cfg.INPUT.SIZE_TEST)} does not fit the model built for "
                           f"INPUT.SIZE_TRAIN {list(cfg.INPUT.SIZE_TRAIN)}: {e}") from e
     meta = metadata(cfg, model, info, opset)
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".onnx.tmp")
     os.close(fd)
     try:

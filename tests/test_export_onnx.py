@@ -201,14 +201,15 @@ def test_mismatch_above_tolerance_is_an_error_and_writes_nothing(tmp_path, tiny_
 def test_tool_prints_what_a_deployer_needs(exported, tmp_path, capsys):
     cfg, *_ = exported["vit_s12_sie_cam"]
     out = tmp_path / "deep" / "folder" / "m.onnx"            # missing folders are created
-    argv = ["--config_file", DEMO, "--out", str(out), "--verify_batch", "3", "DATASETS.ROOT_DIR", cfg.DATASETS.ROOT_DIR,
-            "TEST.WEIGHT", cfg.TEST.WEIGHT]
+    query = os.path.join(cfg.DATASETS.ROOT_DIR, "query")       # --images before KEY VALUE overrides
+    argv = ["--config_file", DEMO, "--out", str(out), "--verify_batch", "3", "--images", query,
+            "DATASETS.ROOT_DIR", cfg.DATASETS.ROOT_DIR, "TEST.WEIGHT", cfg.TEST.WEIGHT]
     assert _tool(argv) == 0
     text = capsys.readouterr().out
     assert out.is_file()
     for line in ("inputs:  images float32 [N, 3, 128, 64], camid int64 [N]", "output:  features float32 [N, 128]",
                  "input_size", "pixel_mean", "pixel_std", "feat_dim", "uses_sie", "batch 3: max abs diff",
-                 "batch 1: max abs diff", "OK"):
+                 "batch 1: max abs diff", f"on 3 image(s) from {query}:", "OK"):
         assert line in text
 
 

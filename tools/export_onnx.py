@@ -7,7 +7,7 @@ The checkpoint is TEST.WEIGHT (same loading rules as evaluation). The graph maps
 preprocessed batch (N x 3 x H x W, dynamic N) to the retrieval feature, with int64 ``camid``
 / ``viewid`` inputs when the model uses side information. The file is checked with
 ``onnx.checker`` and onnxruntime's features are compared with PyTorch's on real images
-(``--images``, else the configured dataset's query images); a difference above ``--atol`` is
+(``--images PATH``, repeatable; else the configured dataset's query images); a difference above ``--atol`` is
 an error and no file is written. Prints the metadata stored in the file.
 """
 from __future__ import annotations
@@ -30,8 +30,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="SVLL-ReID ONNX export (retrieval features)")
     p.add_argument("--config_file", default="", help="path to a YAML config file")
     p.add_argument("--out", required=True, help="the .onnx file to write (its folder is created)")
-    p.add_argument("--images", nargs="+", default=None,
-                   help="image files or folders for the onnxruntime check (default: the dataset's query images)")
+    p.add_argument("--images", action="append", default=None, metavar="PATH",
+                   help="an image file or folder for the onnxruntime check, repeatable "
+                        "(default: the dataset's query images)")
     p.add_argument("--verify_batch", type=int, default=5, help="images in the onnxruntime check (and 1 alone)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max abs feature difference allowed")
