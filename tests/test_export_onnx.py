@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from config import load_config
-from deploy import onnx_export
-from deploy.onnx_export import export, read_metadata
+from utils import onnx_export
+from utils.onnx_export import export, read_metadata
 from model import make_model
 from utils.checkpoint import load_model_weights
 

@@ -21,7 +21,7 @@ from typing import Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
-from deploy.onnx_export import (DEFAULT_ATOL, DEFAULT_OPSET, ExportReport, ExportVerificationError,  # noqa: E402
+from utils.onnx_export import (DEFAULT_ATOL, DEFAULT_OPSET, ExportReport, ExportVerificationError,  # noqa: E402
                                 export)
 from utils import cli  # noqa: E402
 

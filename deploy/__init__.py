@@ -1,1 +1,0 @@
-"""Deployment: ONNX export of the retrieval model (``deploy.onnx_export``)."""
