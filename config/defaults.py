@@ -19,6 +19,7 @@ _C.MODEL.PRETRAIN_CHOICE = "imagenet"  # kept for published configs; unused
 # 'random': build the named architecture with random init (demo / tests), loudly logged.
 _C.MODEL.CLIP_INIT = "pretrained"
 # Architecture overrides for a random-init CLIP (0 = the named architecture's value).
+# RN50: VISION_WIDTH is the stem width, VISION_LAYERS the bottleneck blocks in each of the 4 stages.
 _C.MODEL.CLIP_ARCH = CN()
 _C.MODEL.CLIP_ARCH.EMBED_DIM = 0
 _C.MODEL.CLIP_ARCH.VISION_WIDTH = 0
