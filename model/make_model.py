@@ -102,7 +102,7 @@ def augment_prompts(prompts: torch.Tensor, method: str, scale: float) -> torch.T
 
 
 class PromptLearner(nn.Module):
-    """"A photo of a X X X X person." with the four X learnable per identity (SPEC §3)."""
+    """"A photo of a X X X X person." with the four X learnable per identity (docs/method.md, section 3)."""
 
     def __init__(self, num_classes: int, dataset_name: str, token_embedding: nn.Embedding) -> None:
         super().__init__()
@@ -140,7 +140,7 @@ class TextEncoder(clip.TextTower, nn.Module):
 
 # ----------------------------------------------------------------------------- the model
 class SVLLReID(nn.Module):
-    """CLIP-based ReID model of SPEC §3 (ViT-B-16 or RN50)."""
+    """CLIP-based ReID model (ViT-B-16 or RN50); see docs/method.md, sections 1-4."""
 
     def __init__(self, cfg: Any, num_classes: int, camera_num: int, view_num: int,
                  clip_model: nn.Module) -> None:
@@ -329,7 +329,7 @@ def build_clip(cfg: Any) -> nn.Module:
 
 
 def make_model(cfg: Any, num_class: int, camera_num: int, view_num: int) -> SVLLReID:
-    """Build the SVLL-ReID model (SPEC §3) for ``num_class`` training identities."""
+    """Build the SVLL-ReID model (docs/method.md) for ``num_class`` training identities."""
     model = SVLLReID(cfg, num_class, camera_num, view_num, build_clip(cfg))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("Model %s: %d identities, %.2fM trainable parameters", cfg.MODEL.NAME, num_class, n_train / 1e6)

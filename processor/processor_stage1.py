@@ -1,6 +1,6 @@
 """Stage 1: learn the identity prompts with frozen encoders (+ language self-supervision).
 
-SPEC §4: image features are computed once (eval mode, no grad, test transforms); each
+docs/method.md, stage 1: image features are computed once (eval mode, no grad, test transforms); each
 epoch shuffles them into batches; loss = SupCon(i->t) + SupCon(t->i)
 + SSL_LOSS_WEIGHT x SimCLR(two augmented copies of each unique prompt).
 """
@@ -30,7 +30,7 @@ def cache_image_features(model: nn.Module, loader: DataLoader, device: torch.dev
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected CLS features and labels of every training image, in dataset order.
 
-    Eval mode (BatchNorm running statistics, as SPEC §4 asks), no grad, sharded under DDP.
+    Eval mode (BatchNorm running statistics, see docs/fixes.md), no grad, sharded under DDP.
     """
     feats, labels, _ = encode_loader(model, loader, device, lambda net, b: net(b["img"], mode="image_proj"),
                                      "stage1: caching image features")

@@ -1,6 +1,6 @@
 """Stage 2: fine-tune the image encoder (+ vision self-supervision) against frozen text features.
 
-SPEC §5: loss = ID + triplet + I2T (img_feature_proj @ text_features.T) + SSL between two
+docs/method.md, stage 2: loss = ID + triplet + I2T (img_feature_proj @ text_features.T) + SSL between two
 randomly-erased views; WarmupMultiStepLR steps once per epoch; periodic evaluation.
 """
 from __future__ import annotations
