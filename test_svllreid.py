@@ -2,9 +2,16 @@
 
     python test_svllreid.py --config_file configs/person/vit_svllreid.yml TEST.WEIGHT output/.../ViT-B-16_60.pth
 
-VehicleID is evaluated on DATASETS.VEHICLEID_TRIALS random query/gallery splits and the
-R1, R5 and mAP are averaged. Writes OUTPUT_DIR/results.json; with TEST.VISUALIZE True also
-OUTPUT_DIR/visualize/ (cmc.png, worst_NN.png and best_NN.png ranked lists).
+The model is sized from the checkpoint (our weights + their metadata JSON, or a published
+SVLL-ReID / CLIP-ReID state dict); only the query and gallery folders are read and no CLIP
+weights file is needed. Testing on another dataset than the training one (cross-dataset) works;
+TEST.USE_SIE decides whether the camera/view embedding is used. VehicleID is evaluated on
+DATASETS.VEHICLEID_TRIALS random query/gallery splits and the R1, R5 and mAP are averaged.
+
+Writes results.json (+ test_log.txt) into OUTPUT_DIR when it is given on the command line,
+else beside the checkpoint in ``<checkpoint>_eval_<dataset>/``; never over a training run's
+results.json. With TEST.VISUALIZE True also writes
+``visualize/`` (cmc.png, worst_NN.png and best_NN.png ranked lists) beside results.json.
 """
 from __future__ import annotations
 
@@ -15,12 +22,12 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+import yaml
 
 from config import ConfigError, load_config
 from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
-from model import make_model
+from model import load_for_inference
 from processor import do_inference
-from utils.checkpoint import load_model_weights
 from utils.inference_io import visualize_evaluation
 from utils import cli
 from utils.logger import setup_logger
@@ -43,29 +50,51 @@ def _average_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
             "trials": trials}
 
 
-def evaluate(cfg: Any) -> dict[str, Any]:
-    """Load TEST.WEIGHT into the configured model and evaluate; returns the results dict."""
+def default_output_dir(cfg: Any) -> str:
+    """Where results go when OUTPUT_DIR is not given on the command line: a folder beside the
+    checkpoint named after it and the test set, e.g. ``out/ViT-B-16_60_eval_market1501/``."""
+    weight = os.path.abspath(os.path.expanduser(cfg.TEST.WEIGHT))
+    stem = os.path.splitext(os.path.basename(weight))[0]
+    suffix = "_reranked" if cfg.TEST.RE_RANKING else ""
+    return os.path.join(os.path.dirname(weight), f"{stem}_eval_{cfg.DATASETS.NAMES}{suffix}")
+
+
+def _check_output_dir(out: str) -> None:
+    """Never write over a training run's results.json."""
+    if os.path.isfile(os.path.join(out, "train_log.txt")) or os.path.isfile(os.path.join(out, "last.pth")):
+        raise ConfigError(f"OUTPUT_DIR {out} holds a training run; its results.json would be overwritten. "
+                          "Give another OUTPUT_DIR, or none to write beside the checkpoint")
+
+
+def evaluate(cfg: Any, output_dir: str | None = None) -> dict[str, Any]:
+    """Evaluate TEST.WEIGHT on the configured test set; returns the results dict.
+
+    The model is sized from the checkpoint (and its metadata file); only the query and
+    gallery folders are read and no CLIP weights file is needed. Results (``results.json``)
+    and the log go to ``output_dir`` (default: :func:`default_output_dir`).
+    """
     if not cfg.TEST.WEIGHT:
         raise ConfigError("TEST.WEIGHT is empty: give the checkpoint to evaluate, e.g. TEST.WEIGHT out/ViT-B-16_60.pth")
-    logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=False)
+    if not os.path.isfile(cfg.TEST.WEIGHT):
+        raise FileNotFoundError(f"checkpoint not found: {cfg.TEST.WEIGHT}")
+    out = output_dir or default_output_dir(cfg)
+    _check_output_dir(out)
+    logger = setup_logger("svllreid", out, if_train=False)
     set_seed(cfg.SOLVER.SEED)
     select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
     device = resolve_device(cfg.MODEL.DEVICE)
     if device.type == "cpu":
         set_cpu_threads(cfg.DATALOADER.NUM_WORKERS)
 
-    dataset = build_dataset_from_cfg(cfg, trial=0)
-    model = make_model(cfg, num_class=dataset.num_train_pids, camera_num=dataset.num_train_cams,
-                       view_num=dataset.num_train_vids)
-    load_model_weights(model, cfg.TEST.WEIGHT)
+    dataset = build_dataset_from_cfg(cfg, trial=0, test_only=True)
+    model, info = load_for_inference(cfg, dataset)
     model.to(device)
-    logger.info("Loaded %s", cfg.TEST.WEIGHT)
 
     n_trials = cfg.DATASETS.VEHICLEID_TRIALS if cfg.DATASETS.NAMES == "VehicleID" else 1
     trials, kept = [], {}
     for trial in range(n_trials):
         if trial:
-            dataset = build_dataset_from_cfg(cfg, trial=trial)
+            dataset = build_dataset_from_cfg(cfg, trial=trial, test_only=True)
         val_loader, num_query = make_val_loader(cfg, dataset)
         trials.append(do_inference(cfg, model, val_loader, num_query, device, keep=kept if trial == 0 else None))
     results = trials[0] if n_trials == 1 else _average_trials(trials)
@@ -73,17 +102,35 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         logger.info("VehicleID (%d, mean of %d trials): mAP %.1f%%  R1 %.1f%%  R5 %.1f%%",
                     cfg.DATASETS.VEHICLEID_TEST_SIZE, n_trials, 100 * results["mAP"],
                     100 * results["cmc"][0], 100 * results["cmc"][4])
-    results["weight"] = cfg.TEST.WEIGHT
-    write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), results)
+    meta = info["metadata"] or {}
+    results.update({
+        "weight": os.path.abspath(cfg.TEST.WEIGHT),
+        "checkpoint": {"model": info["model_name"], "dataset": info["dataset"], "epoch": meta.get("epoch"),
+                       "commit": meta.get("commit"), "num_classes": info["num_classes"],
+                       "camera_num": info["camera_num"], "view_num": info["view_num"],
+                       "sie_camera": info["sie_camera"], "sie_view": info["sie_view"],
+                       "not_loaded": info["left_out"]},
+        "dataset": cfg.DATASETS.NAMES, "dataset_root": os.path.abspath(os.path.expanduser(cfg.DATASETS.ROOT_DIR)),
+        "re_ranking": bool(cfg.TEST.RE_RANKING), "use_sie": info["use_sie"], "sie_reason": info["sie_reason"],
+        "config": yaml.safe_load(cfg.dump()),
+    })
+    path = os.path.join(out, "results.json")
+    write_json_atomic(path, results)
+    logger.info("Wrote %s", path)
     if cfg.TEST.VISUALIZE:   # beside results.json; the ranked lists of VehicleID are trial 0's
         visualize_evaluation(cfg, kept["feats"], kept["samples"], kept["num_query"], results,
-                             os.path.join(cfg.OUTPUT_DIR, "visualize"))
+                             os.path.join(out, "visualize"))
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return cli.run(lambda: evaluate(load_config(args.config_file, args.opts)))
+    explicit = "OUTPUT_DIR" in args.opts[0::2]
+
+    def run() -> dict[str, Any]:
+        cfg = load_config(args.config_file, args.opts)
+        return evaluate(cfg, cfg.OUTPUT_DIR if explicit else None)
+    return cli.run(run)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ CHOICES: dict[str, Sequence[Any]] = {
     "TEST.NECK_FEAT": ("before", "after"),
     "TEST.FEAT_NORM": ("yes", "no"),
     "TEST.DIST_METRIC": ("euclidean", "cosine"),
+    "TEST.USE_SIE": ("auto", "yes", "no"),
 }
 
 _NO_SCHEDULE = "stage 1 uses the cosine schedule (BASE_LR, WARMUP_LR_INIT, WARMUP_EPOCHS, LR_MIN)"

@@ -162,6 +162,10 @@ _C.TEST.EVAL = True
 _C.TEST.VISUALIZE = False
 _C.TEST.VISUALIZE_N = 10            # N worst and N best queries
 _C.TEST.VISUALIZE_TOPK = 10         # gallery entries shown per query
+# Side-information (camera/view) embedding at test time, for a model trained with SIE:
+# 'auto' uses it when the test set is the checkpoint's own training dataset and its camera/view
+# ids fit the table (cross-dataset evaluation leaves it out); 'yes' / 'no' force the choice.
+_C.TEST.USE_SIE = "auto"
 
 # ----------------------------------------------------------------------------- misc
 _C.OUTPUT_DIR = "output"

@@ -87,12 +87,15 @@ class BaseImageDataset:
         views = {s[3] for s in data}
         return len(pids), len(data), len(cams), len(views)
 
-    def _finalize(self) -> None:
-        for subset in ("train", "query", "gallery"):
+    def _finalize(self, test_only: bool = False) -> None:
+        """Validate the subsets, compute the counts, log the table. ``test_only``: no train
+        subset (evaluation of a checkpoint); the camera/view counts then come from query+gallery."""
+        for subset in ("query", "gallery") if test_only else ("train", "query", "gallery"):
             if not getattr(self, subset):
                 where = getattr(self, "dataset_dir", "")
                 raise DatasetError(f"{self.name}: the {subset} subset is empty"
                                  + (f" (dataset folder {where})" if where else ""))
+        self.test_only = test_only
         everything = self.train + self.query + self.gallery
         if min(s[2] for s in everything) < 0 or min(s[3] for s in everything) < 0:
             raise DatasetError(f"{self.name}: negative camera or view id")
@@ -124,9 +127,13 @@ class BaseImageDataset:
                 f"gallery={len(self.gallery)}, ids={self.num_train_pids})")
 
 
-def require_dirs(name: str, base: str, subdirs: Iterable[str], layout: str) -> None:
-    """Raise one :class:`DatasetLayoutError` naming every missing folder and the layout."""
+def require_dirs(name: str, base: str, subdirs: Iterable[str], layout: str | None) -> None:
+    """Raise one :class:`DatasetLayoutError` naming every missing folder and the layout
+    (``layout=None``: a one-line message, for evaluation that needs only query and gallery)."""
     missing = [os.path.join(base, d) for d in subdirs if not os.path.isdir(os.path.join(base, d))]
+    if missing and layout is None:
+        raise DatasetLayoutError(f"{name}: missing {', '.join(missing)} (evaluation needs the query and "
+                                 f"gallery folders under DATASETS.ROOT_DIR)")
     if missing:
         shown = " | ".join(line.strip() for line in layout.strip().splitlines())
         raise DatasetLayoutError(f"{name}: missing {', '.join(missing)}; expected layout: {shown}")

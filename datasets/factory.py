@@ -28,7 +28,8 @@ DATASETS: dict[str, type[BaseImageDataset]] = {
 def build_dataset(name: str, root: str, **kwargs: Any) -> BaseImageDataset:
     """Parse dataset ``name`` under ``root``.
 
-    Keyword arguments: ``need_views`` (all; VeRi errors without view labels),
+    Keyword arguments: ``need_views`` (all; VeRi errors without view labels), ``test_only``
+    (all; query and gallery only, the training split need not exist),
     ``test_size``/``trial``/``seed`` (VehicleID).
     """
     if name not in DATASETS:

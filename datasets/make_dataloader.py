@@ -29,13 +29,14 @@ __all__ = ["Loaders", "make_dataloader", "make_val_loader", "build_dataset_from_
 logger = logging.getLogger("svllreid")
 
 
-def build_dataset_from_cfg(cfg: Any, trial: int = 0) -> BaseImageDataset:
+def build_dataset_from_cfg(cfg: Any, trial: int = 0, test_only: bool = False) -> BaseImageDataset:
     """The dataset named by ``DATASETS.NAMES`` under ``DATASETS.ROOT_DIR``.
 
     VehicleID uses ``DATASETS.VEHICLEID_TEST_SIZE`` and the split of ``trial`` drawn from
     ``SOLVER.SEED``; VeRi requires view labels when ``MODEL.SIE_VIEW`` is on.
+    ``test_only``: query and gallery only (evaluation); the training split need not exist.
     """
-    kwargs: dict[str, Any] = {"need_views": bool(cfg.MODEL.SIE_VIEW)}
+    kwargs: dict[str, Any] = {"need_views": bool(cfg.MODEL.SIE_VIEW), "test_only": test_only}
     if cfg.DATASETS.NAMES == "VehicleID":
         kwargs.update(test_size=cfg.DATASETS.VEHICLEID_TEST_SIZE, trial=trial,
                       seed=cfg.SOLVER.SEED)

@@ -39,12 +39,14 @@ class MarketStyleDataset(BaseImageDataset):
     dense_cameras = False
     scheme = "PPPP_cCsS_FFFFFF_NN.jpg, e.g. 0002_c1s1_000451_03.jpg"
 
-    def __init__(self, root: str = "../data", need_views: bool = False) -> None:
+    def __init__(self, root: str = "../data", need_views: bool = False, test_only: bool = False) -> None:
         super().__init__()
-        self.dataset_dir = resolve_dataset_dir(root, type(self).dataset_dir, self.subdirs)
-        require_dirs(self.name, self.dataset_dir, self.subdirs, self.layout(root))
+        needed = self.subdirs[1:] if test_only else self.subdirs     # test_only: query + gallery
+        self.dataset_dir = resolve_dataset_dir(root, type(self).dataset_dir, needed)
+        require_dirs(self.name, self.dataset_dir, needed, None if test_only else self.layout(root))
         self.root = root
-        raw = {sub: self._parse_dir(os.path.join(self.dataset_dir, sub)) for sub in self.subdirs}
+        raw = {sub: self._parse_dir(os.path.join(self.dataset_dir, sub)) if sub in needed else []
+               for sub in self.subdirs}
         cam_map = self._camera_map([c for items in raw.values() for _, _, c in items])
         view_of = self._view_labels([p for items in raw.values() for p, _, _ in items], need_views)
         train, query, gallery = ([(p, pid, cam_map[c], view_of(p)) for p, pid, c in raw[sub]]
@@ -52,7 +54,7 @@ class MarketStyleDataset(BaseImageDataset):
         self.train = relabel(train)
         self.query = query
         self.gallery = gallery
-        self._finalize()
+        self._finalize(test_only)
 
     @classmethod
     def layout(cls, root: str) -> str:

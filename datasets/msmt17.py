@@ -27,23 +27,26 @@ class MSMT17(BaseImageDataset):
     dataset_dir = "MSMT17"
     scheme = "'<pid dir>/PPPP_NNN_CC_... <pid>' lines, e.g. '0000/0000_000_01_0303morning_0015_0.jpg 0'"
 
-    def __init__(self, root: str = "../data", need_views: bool = False) -> None:
+    def __init__(self, root: str = "../data", need_views: bool = False, test_only: bool = False) -> None:
         super().__init__()
         self.root = root
-        self.dataset_dir = resolve_dataset_dir(root, self.dataset_dir, ("train", "test"))
-        require_dirs(self.name, self.dataset_dir, ("train", "test"), self.layout(root))
-        missing = [f for f in _LISTS if not os.path.isfile(os.path.join(self.dataset_dir, f))]
+        dirs, lists = (("test",), _LISTS[2:]) if test_only else (("train", "test"), _LISTS)
+        self.dataset_dir = resolve_dataset_dir(root, self.dataset_dir, dirs)
+        require_dirs(self.name, self.dataset_dir, dirs, None if test_only else self.layout(root))
+        missing = [f for f in lists if not os.path.isfile(os.path.join(self.dataset_dir, f))]
         if missing:
-            raise DatasetLayoutError(f"{self.name}: missing list file(s) "
-                                     f"{', '.join(os.path.join(self.dataset_dir, f) for f in missing)}."
-                                     f"\nExpected layout:\n{self.layout(root)}")
+            where = ', '.join(os.path.join(self.dataset_dir, f) for f in missing)
+            raise DatasetLayoutError(f"{self.name}: missing list file(s) {where}" + (
+                " (evaluation needs the query and gallery lists)" if test_only
+                else f".\nExpected layout:\n{self.layout(root)}"))
         train_dir = os.path.join(self.dataset_dir, "train")
         test_dir = os.path.join(self.dataset_dir, "test")
-        self.train = relabel(self._parse_list(train_dir, "list_train.txt")
-                             + self._parse_list(train_dir, "list_val.txt"))
+        if not test_only:
+            self.train = relabel(self._parse_list(train_dir, "list_train.txt")
+                                 + self._parse_list(train_dir, "list_val.txt"))
         self.query = self._parse_list(test_dir, "list_query.txt")
         self.gallery = self._parse_list(test_dir, "list_gallery.txt")
-        self._finalize()
+        self._finalize(test_only)
 
     @classmethod
     def layout(cls, root: str) -> str:

@@ -27,23 +27,24 @@ class VehicleID(BaseImageDataset):
     subdirs = ("image", "train_test_split")
 
     def __init__(self, root: str = "../data", test_size: int = 800, trial: int = 0,
-                 seed: int = 0, need_views: bool = False) -> None:
+                 seed: int = 0, need_views: bool = False, test_only: bool = False) -> None:
         super().__init__()
         self.root, self.test_size, self.trial, self.seed = root, int(test_size), trial, seed
         self.dataset_dir = resolve_dataset_dir(root, self.dataset_dir, self.subdirs)
-        require_dirs(self.name, self.dataset_dir, self.subdirs, self.layout(root))
+        require_dirs(self.name, self.dataset_dir, self.subdirs, None if test_only else self.layout(root))
         self.img_dir = os.path.join(self.dataset_dir, "image")
         split_dir = os.path.join(self.dataset_dir, "train_test_split")
         train_list = os.path.join(split_dir, "train_list.txt")
         test_list = os.path.join(split_dir, f"test_list_{self.test_size}.txt")
-        for path in (train_list, test_list):
+        for path in (test_list,) if test_only else (train_list, test_list):
             if not os.path.isfile(path):
                 raise DatasetLayoutError(f"{self.name}: missing {path} (test sizes: "
                                          f"{', '.join(map(str, TEST_SIZES))}).\n"
                                          f"Expected layout:\n{self.layout(root)}")
-        self.train = relabel([(p, pid, 0, 0) for p, pid in self._parse_list(train_list)])
+        if not test_only:
+            self.train = relabel([(p, pid, 0, 0) for p, pid in self._parse_list(train_list)])
         self.query, self.gallery = self.split_test(self._parse_list(test_list), seed, trial)
-        self._finalize()
+        self._finalize(test_only)
 
     @classmethod
     def layout(cls, root: str) -> str:

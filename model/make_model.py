@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -52,20 +54,27 @@ def _init_mlp(module: nn.Module) -> None:
 
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """SimCLR projection head: Linear-BN-ReLU, Linear-BN-ReLU, Linear."""
-    mlp = nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim),
-    )
+    """SimCLR projection head: Linear-BN-ReLU, Linear-BN-ReLU, Linear.
+
+    Sub-modules carry the published names (``layer1, bn1, relu1, layer2, bn2, relu2, layer3``)
+    so that state dicts are interchangeable with the published SVLL-ReID code.
+    """
+    mlp = nn.Sequential(OrderedDict([
+        ("layer1", nn.Linear(in_dim, hidden_dim)), ("bn1", nn.BatchNorm1d(hidden_dim)), ("relu1", nn.ReLU(inplace=True)),
+        ("layer2", nn.Linear(hidden_dim, hidden_dim)), ("bn2", nn.BatchNorm1d(hidden_dim)),
+        ("relu2", nn.ReLU(inplace=True)), ("layer3", nn.Linear(hidden_dim, out_dim)),
+    ]))
     _init_mlp(mlp)
     return mlp
 
 
 def prediction_mlp(dim: int, hidden_dim: int = 512) -> nn.Sequential:
-    """SimSiam predictor: Linear-BN-ReLU-Linear (dim -> hidden -> dim)."""
-    mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                        nn.Linear(hidden_dim, dim))
+    """SimSiam predictor: Linear-BN-ReLU-Linear (dim -> hidden -> dim), published names
+    ``linear1, bn1, relu1, layer2``."""
+    mlp = nn.Sequential(OrderedDict([
+        ("linear1", nn.Linear(dim, hidden_dim)), ("bn1", nn.BatchNorm1d(hidden_dim)), ("relu1", nn.ReLU(inplace=True)),
+        ("layer2", nn.Linear(hidden_dim, dim)),
+    ]))
     _init_mlp(mlp)
     return mlp
 
@@ -171,15 +180,21 @@ class SVLLReID(nn.Module):
 
         # Side information embedding added to the class token (ViT only)
         self.sie_camera, self.sie_view = cfg.MODEL.SIE_CAMERA, cfg.MODEL.SIE_VIEW
-        self.sie_coe, self.view_num = cfg.MODEL.SIE_COE, view_num
+        self.sie_coe, self.camera_num, self.view_num = cfg.MODEL.SIE_COE, camera_num, view_num
         rows = {(True, True): camera_num * view_num, (True, False): camera_num,
                 (False, True): view_num}.get((self.sie_camera, self.sie_view), 0)
         if rows and not self.is_vit:
             logger.warning("SIE is a ViT feature; ignored for %s", self.model_name)
             rows = 0
+        if not rows:
+            self.sie_camera = self.sie_view = False
         self.cv_embed = nn.Parameter(torch.zeros(rows, self.in_planes)) if rows else None
         if self.cv_embed is not None:
             nn.init.trunc_normal_(self.cv_embed, std=0.02)
+        # Whether retrieval uses the SIE table: None = use it whenever labels are given (own
+        # dataset, training-time evaluation); False = decided off (cross-dataset, TEST.USE_SIE no).
+        self.sie_at_test: bool | None = None
+        self._warned_no_sie = False
 
         # Text side: per-identity prompts and the frozen text encoder
         self.prompt_learning = cfg.MODEL.PROMPT_LEARNING
@@ -191,11 +206,11 @@ class SVLLReID(nn.Module):
 
         # Self-supervision heads. The image SSL feature is the ln_post CLS (ViT) or pooled layer4 (RN50).
         hidden, out = cfg.MODEL.SSL_HIDDEN_DIM, cfg.MODEL.SSL_OUT_DIM
-        if self.use_ssl:
+        if self.use_ssl:   # one name for both heads, as the published code
             if self.ssl_type == "SIMCLR":
                 self.image_mlp = projection_mlp(self.in_planes, hidden, out)
             else:
-                self.image_predictor = prediction_mlp(self.in_planes)
+                self.image_mlp = prediction_mlp(self.in_planes)
         if self.use_ssl_stage1:
             self.text_mlp = projection_mlp(self.in_planes_proj, hidden, out)
         self._trainable_at_init = {n: p.requires_grad for n, p in self.named_parameters()}
@@ -203,7 +218,7 @@ class SVLLReID(nn.Module):
 
     def sync_ssl_batchnorm(self) -> None:
         """SyncBatchNorm in the SSL heads (multi-GPU; torch has no CPU SyncBatchNorm)."""
-        for name in ("image_mlp", "image_predictor", "text_mlp"):
+        for name in ("image_mlp", "text_mlp"):
             if hasattr(self, name):
                 setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self, name)))
 
@@ -252,7 +267,7 @@ class SVLLReID(nn.Module):
             f1, f2 = self._image_features(v1)[1], self._image_features(v2)[1]
         if self.ssl_type == "SIMCLR":
             return {"aug1_embed": self.image_mlp(f1), "aug2_embed": self.image_mlp(f2)}
-        return {"p1": self.image_predictor(f1), "p2": self.image_predictor(f2), "z1": f1, "z2": f2}
+        return {"p1": self.image_mlp(f1), "p2": self.image_mlp(f2), "z1": f1, "z2": f2}
 
     def encode_text(self, label: torch.Tensor) -> torch.Tensor:
         """Text features (B, proj_dim) of the identity prompts."""
@@ -287,17 +302,71 @@ class SVLLReID(nn.Module):
         if mode == "image_proj":
             return self._image_features(x)[2]
 
+        if not (self.training or mode == "stage2"):
+            return self.retrieval_features(x, cam_label, view_label)
         last, feat, proj = self._image_features(x, self._sie(cam_label, view_label))
         feat_bn, proj_bn = self.bottleneck(feat), self.bottleneck_proj(proj)
-        if self.training or mode == "stage2":
-            out = {"scores": [self.classifier(feat_bn), self.classifier_proj(proj_bn)],
-                   "feats": [last, feat, proj], "img_feature_proj": proj, "ssl": None}
-            if self.use_ssl and ssl_views is not None:
-                out["ssl"] = self._ssl_image(*ssl_views)
-            return out
+        out = {"scores": [self.classifier(feat_bn), self.classifier_proj(proj_bn)],
+               "feats": [last, feat, proj], "img_feature_proj": proj, "ssl": None}
+        if self.use_ssl and ssl_views is not None:
+            out["ssl"] = self._ssl_image(*ssl_views)
+        return out
+
+    # -------------------------------------------------------------- retrieval
+    @property
+    def feat_dim(self) -> int:
+        """Width of the retrieval feature (img_feature and img_feature_proj concatenated)."""
+        return self.in_planes + self.in_planes_proj
+
+    @property
+    def has_sie(self) -> bool:
+        """True when the model holds a trained camera and/or view embedding table."""
+        return self.cv_embed is not None
+
+    def retrieval_features(self, images: torch.Tensor, cam_label: torch.Tensor | None = None,
+                           view_label: torch.Tensor | None = None) -> torch.Tensor:
+        """The evaluation feature (B, feat_dim): concat(img_feature, img_feature_proj), before or
+        after the BNNeck (TEST.NECK_FEAT). Evaluation and every tool go through here.
+
+        With a trained SIE table the camera (and/or view) label selects the embedding added to
+        the class token; without the label the embedding is dropped, which changes the feature,
+        so that case warns once. When ``sie_at_test`` is False (cross-dataset evaluation or
+        TEST.USE_SIE no) the labels are ignored on purpose and nothing is warned. Call in eval mode.
+        """
+        cv_emb = None
+        if self.cv_embed is not None and self.sie_at_test is not False:
+            need = [n for n, flag, lab in (("cam_label", self.sie_camera, cam_label),
+                                           ("view_label", self.sie_view, view_label)) if flag and lab is None]
+            if need:
+                if not self._warned_no_sie:
+                    self._warned_no_sie = True
+                    warnings.warn(f"the model was trained with a side-information embedding (SIE) but "
+                                  f"retrieval_features got no {' / '.join(need)}: the embedding is left out, "
+                                  f"which usually costs accuracy; pass the labels, or set sie_at_test = False "
+                                  f"(TEST.USE_SIE no) to do this on purpose", UserWarning, stacklevel=2)
+            else:
+                cv_emb = self._sie(cam_label, view_label)
+        _, feat, proj = self._image_features(images, cv_emb)
         if self.neck_feat == "after":
-            return torch.cat([feat_bn, proj_bn], dim=1)
+            return torch.cat([self.bottleneck(feat), self.bottleneck_proj(proj)], dim=1)
         return torch.cat([feat, proj], dim=1)
+
+    # -------------------------------------------------------------- checkpoints
+    def published_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict as the published code's model of the same configuration holds it.
+
+        Every key has the published name and shape, so the published ``load_param`` (which
+        copies every key it finds) accepts the file. Left out, both training-only:
+        the text SSL head of a SimSiam model (the published SimSiam model has none), and the
+        image SSL head of an RN50 model (the published RN50 head takes the stem width as input
+        and cannot hold ours). ``last.pth`` keeps everything for ``--resume``.
+        """
+        drop = []
+        if self.use_ssl_stage1 and self.ssl_type == "SIMSIAM":
+            drop.append("text_mlp.")
+        if self.use_ssl and not self.is_vit:
+            drop.append("image_mlp.")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(tuple(drop))}
 
 
 # ----------------------------------------------------------------------------- factory

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from config import ConfigError
 from datasets.sampler import epoch_seed
-from utils.checkpoint import load_file, load_model_weights, model_state, save_atomic, unwrap
+from model.loading import checkpoint_metadata
+from utils.checkpoint import load_file, load_model_weights, model_state, save_atomic, unwrap, write_metadata
 from utils.dist import all_gather_object, gather_strided, get_rank, get_world_size, is_main_process, shard_indices
 from utils.misc import rng_state, set_rng_state
 from utils.run_dir import LAST_CHECKPOINT, RunError
@@ -129,12 +130,18 @@ def restore_train_state(state: dict[str, Any], model: nn.Module, optimizer: torc
     scaler.load_state_dict(state["scaler"])
 
 
-def save_weights(output_dir: str, name: str, model: nn.Module) -> str:
-    """Model weights only (the published checkpoint format), written atomically."""
+def save_weights(output_dir: str, name: str, model: nn.Module, cfg: Any = None,
+                 stage: int | None = None, epoch: int | None = None) -> str:
+    """Model weights only, written atomically: a plain state dict with the published key names
+    and shapes (the published ``load_param`` accepts it), and, when ``cfg`` is given, the
+    metadata (config, dataset, sizes, stage, epoch, commit) in a JSON file beside it."""
     path = os.path.join(output_dir, name)
     if is_main_process():
-        weights = model_state(model)
-        save_atomic(weights, path, check_finite=weights)
+        net = unwrap(model)
+        state = net.published_state_dict() if hasattr(net, "published_state_dict") else net.state_dict()
+        save_atomic(state, path, check_finite=state)
+        if cfg is not None:
+            write_metadata(path, checkpoint_metadata(cfg, net, stage, epoch))
         logger.info("Saved %s", path)
     return path
 

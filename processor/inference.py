@@ -20,10 +20,13 @@ logger = logging.getLogger("svllreid")
 
 def extract_features(cfg: Any, model: nn.Module, loader: DataLoader, device: torch.device
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Retrieval features (eval mode) with pids and camids, in loader order (sharded under DDP)."""
+    """Retrieval features (eval mode) with pids and camids, in loader order (sharded under DDP).
+
+    Every feature comes from ``model.retrieval_features`` with the camera and view labels; the
+    model applies its SIE table or not (``sie_at_test``, see ``model.loading.decide_use_sie``).
+    """
     def encode(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return net(batch["img"], cam_label=batch["camid"] if cfg.MODEL.SIE_CAMERA else None,
-                   view_label=batch["viewid"] if cfg.MODEL.SIE_VIEW else None)
+        return net.retrieval_features(batch["img"], cam_label=batch["camid"], view_label=batch["viewid"])
     return encode_loader(model, loader, device, encode, "extracting features")
 
 

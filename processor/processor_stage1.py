@@ -116,5 +116,5 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
         record.log(1, epoch, kind="epoch", lr=optimizer.param_groups[0]["lr"], seconds=time.time() - t0,
                    **{k: m.avg for k, m in meters.items()})
         if epoch % c1.CHECKPOINT_PERIOD == 0 or epoch == c1.MAX_EPOCHS:
-            save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_stage1_{epoch}.pth", model)
+            save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_stage1_{epoch}.pth", model, cfg, stage=1, epoch=epoch)
         save_train_state(cfg.OUTPUT_DIR, 1, epoch, model, optimizer, scheduler, scaler, cfg.dump())

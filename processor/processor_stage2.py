@@ -154,7 +154,7 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
                    samples_per_s=n_seen / max(dt, 1e-9), **{k: m.avg for k, m in meters.items()})
 
         if epoch % c2.CHECKPOINT_PERIOD == 0 or epoch == c2.MAX_EPOCHS:
-            save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_{epoch}.pth", model)
+            save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_{epoch}.pth", model, cfg, stage=2, epoch=epoch)
         if val_loader is not None and (epoch % c2.EVAL_PERIOD == 0 or epoch == c2.MAX_EPOCHS):
             results = do_inference(cfg, model, val_loader, num_query, device)
             record.log_eval(2, epoch, results)

@@ -162,12 +162,22 @@ def test_mismatched_checkpoint_lists_keys(straight_run, tiny_root, tmp_path, cap
                              "MODEL.STRIDE_SIZE", "[16, 16]"), 8, 2, 1)
     with pytest.raises(CheckpointMismatchError, match="missing keys .*unexpected keys"):
         load_model_weights(rn, weight)
-    # through the CLI: exit code 2 and a one-line message
+    # through the CLI: a retrieval-path key missing or mis-shaped gives exit code 2 and one line naming it
+    sd = torch.load(weight, weights_only=True)
+    del sd["image_encoder.ln_post.weight"]
+    sd["bottleneck.weight"] = sd["bottleneck.weight"][:-1]
+    damaged = str(tmp_path / "damaged.pth")
+    torch.save(sd, damaged)
     code = test_svllreid.main(["--config_file", DEMO, "DATASETS.ROOT_DIR", tiny_root, "INPUT.SIZE_TRAIN", "[64, 32]",
-                               "INPUT.SIZE_TEST", "[64, 32]", "MODEL.SIE_CAMERA", "False",
-                               "TEST.WEIGHT", weight, "OUTPUT_DIR", str(tmp_path)])
+                               "INPUT.SIZE_TEST", "[64, 32]", "TEST.WEIGHT", damaged, "OUTPUT_DIR", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "cv_embed" in err and len(err.splitlines()) == 1
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "image_encoder.ln_post.weight" in err and "bottleneck.weight: checkpoint (63,) vs model (64,)" in err
+    # a grid that does not fit the checkpoint names the positional embedding and the keys to fix
+    code = test_svllreid.main(["--config_file", DEMO, "DATASETS.ROOT_DIR", tiny_root, "TEST.WEIGHT", weight,
+                               "OUTPUT_DIR", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "image_encoder.positional_embedding" in err and "INPUT.SIZE_TRAIN" in err
 
 
 def test_bad_override_fails_clearly(capsys):

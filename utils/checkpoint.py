@@ -99,3 +99,51 @@ def load_model_weights(model: nn.Module, path_or_state: str | Mapping[str, torch
     sd = _strip_prefix(sd)
     check_state_dict(model, sd, source)
     unwrap(model).load_state_dict(sd, strict=True)
+
+
+# ----------------------------------------------------------------------------- released weights
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The model state dict in a weights file (plain state dict, ``last.pth`` training state,
+    or a DataParallel/DDP save with ``module.`` prefixes), on the CPU."""
+    sd = load_file(path)
+    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
+        sd = sd["model"]          # a last.pth training state
+    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointMismatchError(f"{path} does not hold a model state dict "
+                                      f"(got {type(sd).__name__} {list(sd)[:5] if isinstance(sd, Mapping) else ''})")
+    return _strip_prefix(sd)
+
+
+def metadata_path(weights_path: str) -> str:
+    """``ViT-B-16_60.pth`` -> ``ViT-B-16_60.json``: the metadata file written beside a weights file."""
+    return os.path.splitext(weights_path)[0] + ".json"
+
+
+def write_metadata(weights_path: str, meta: Mapping[str, Any]) -> str:
+    """Write the metadata of a weights file beside it (atomically); returns its path."""
+    from utils.misc import write_json_atomic
+    path = metadata_path(weights_path)
+    write_json_atomic(path, dict(meta))
+    return path
+
+
+def read_metadata(weights_path: str) -> dict[str, Any] | None:
+    """The metadata beside a weights file, or None when there is none (e.g. published weights)."""
+    import json
+    path = metadata_path(weights_path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"checkpoint metadata {path} is unreadable ({e}); "
+                                      f"move it away to size the model from the tensors alone") from None
+    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+        return None                # some other JSON that happens to share the name
+    return meta
+
+
+METADATA_FORMAT = "svllreid-weights-metadata"
