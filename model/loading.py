@@ -32,7 +32,7 @@ from .make_model import SVLLReID, feature_grid
 
 logger = logging.getLogger("svllreid")
 
-__all__ = ["load_for_inference", "checkpoint_metadata", "decide_use_sie", "RETRIEVAL_PREFIXES",
+__all__ = ["load_for_inference", "load_state_for_inference", "checkpoint_metadata", "decide_use_sie", "RETRIEVAL_PREFIXES",
            "TRAINING_ONLY_PARTS"]
 
 RETRIEVAL_PREFIXES = ("image_encoder.", "bottleneck.", "bottleneck_proj.", "cv_embed")
@@ -141,7 +141,7 @@ def _inference_cfg(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dict | None, 
     is_vit = "image_encoder.class_embedding" in sd
     if not is_vit and "image_encoder.layer1.0.conv1.weight" not in sd:
         raise CheckpointMismatchError(
-            f"{cfg.TEST.WEIGHT} holds no CLIP image encoder (no image_encoder.class_embedding or "
+            f"{cfg.TEST.WEIGHT or 'the state dict'} holds no CLIP image encoder (no image_encoder.class_embedding or "
             f"image_encoder.layer1.*; first keys: {', '.join(list(sd)[:4])}): not an SVLL-ReID / CLIP-ReID checkpoint")
     icfg = cfg.clone()
     icfg.defrost()
@@ -342,8 +342,14 @@ def load_for_inference(cfg: Any, test_dataset: Any = None) -> tuple[SVLLReID, di
     if not path:
         from config import ConfigError
         raise ConfigError("TEST.WEIGHT is empty: give the checkpoint to evaluate, e.g. TEST.WEIGHT out/ViT-B-16_60.pth")
-    sd = read_state_dict(path)
-    meta = read_metadata(path)
+    return load_state_for_inference(cfg, read_state_dict(path), read_metadata(path), test_dataset, path)
+
+
+def load_state_for_inference(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dict | None = None,
+                             test_dataset: Any = None, path: str = "state dict"
+                             ) -> tuple[SVLLReID, dict[str, Any]]:
+    """:func:`load_for_inference` on a state dict already in memory (``module.`` prefixes allowed)."""
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     icfg, arch, sizes, notes = _inference_cfg(cfg, sd, meta, test_dataset)
     model = _build(icfg, arch, sizes)
     hint = (f" (the image grid follows INPUT.SIZE_TRAIN {list(cfg.INPUT.SIZE_TRAIN)} and MODEL.STRIDE_SIZE "

@@ -357,14 +357,15 @@ class SVLLReID(nn.Module):
 
         Every key has the published name and shape, so the published ``load_param`` (which
         copies every key it finds) accepts the file. Left out, both training-only:
-        the text SSL head of a SimSiam model (the published SimSiam model has none), and the
-        image SSL head of an RN50 model (the published RN50 head takes the stem width as input
-        and cannot hold ours). ``last.pth`` keeps everything for ``--resume``.
+        the text SSL head of a SimSiam model (the published SimSiam model has none), and both
+        SSL heads of an RN50 model (the published RN50 heads take the stem width, 64, and the
+        ViT text width, 512, as input, not the RN50 features' 2048 and 1024, so they cannot hold
+        ours). ``last.pth`` keeps everything for ``--resume``.
         """
         drop = []
-        if self.use_ssl_stage1 and self.ssl_type == "SIMSIAM":
+        if self.ssl_type == "SIMSIAM" or not self.is_vit:
             drop.append("text_mlp.")
-        if self.use_ssl and not self.is_vit:
+        if not self.is_vit:
             drop.append("image_mlp.")
         return {k: v for k, v in self.state_dict().items() if not k.startswith(tuple(drop))}
 
