@@ -47,7 +47,13 @@ class MarketStyleDataset(BaseImageDataset):
         self.root = root
         raw = {sub: self._parse_dir(os.path.join(self.dataset_dir, sub)) if sub in needed else []
                for sub in self.subdirs}
-        cam_map = self._camera_map([c for items in raw.values() for _, _, c in items])
+        train_dir = os.path.join(self.dataset_dir, self.subdirs[0])
+        if test_only and self.dense_cameras and os.path.isdir(train_dir):
+            # dense camera ids depend on every camera seen: keep them equal to the training run's
+            seen = [c for _, _, c in self._parse_dir(train_dir)]
+        else:
+            seen = []
+        cam_map = self._camera_map(seen + [c for items in raw.values() for _, _, c in items])
         view_of = self._view_labels([p for items in raw.values() for p, _, _ in items], need_views)
         train, query, gallery = ([(p, pid, cam_map[c], view_of(p)) for p, pid, c in raw[sub]]
                                  for sub in self.subdirs)

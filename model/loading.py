@@ -134,6 +134,15 @@ def _sie_sizes(sd: Mapping[str, torch.Tensor], meta: dict | None, cfg: Any, is_v
     return cam, view, rows if cam else 1, rows if view else 1, float(cfg.MODEL.SIE_COE)
 
 
+def _vit_stride(cfg: Any, tokens: int) -> int | None:
+    """The patch stride whose token grid on INPUT.SIZE_TRAIN has ``tokens`` patches (ViT-B-16
+    at 256x128: 12 -> 210, 16 -> 128), or None when no single stride fits."""
+    h, w = cfg.INPUT.SIZE_TRAIN
+    patch = cfg.MODEL.CLIP_ARCH.VISION_PATCH_SIZE or 16
+    fits = [s for s in range(1, patch + 1) if ((h - patch) // s + 1) * ((w - patch) // s + 1) == tokens]
+    return fits[0] if len(fits) == 1 else None
+
+
 def _inference_cfg(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dict | None, test_dataset: Any
                    ) -> tuple[Any, clip.CLIPArch, dict[str, int], list[str]]:
     """(model cfg, CLIP architecture, sizes, notes) for the model the checkpoint holds."""
@@ -156,6 +165,11 @@ def _inference_cfg(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dict | None, 
     arch = _arch_from_checkpoint(sd, text_heads, with_text)
     if is_vit:
         icfg.MODEL.CLIP_ARCH.VISION_PATCH_SIZE = arch.vision_patch_size
+        stride = _vit_stride(icfg, int(sd["image_encoder.positional_embedding"].shape[0]) - 1)
+        if stride is not None and list(icfg.MODEL.STRIDE_SIZE) != [stride, stride]:
+            notes.append(f"the checkpoint's image grid means stride {stride}: MODEL.STRIDE_SIZE "
+                         f"{list(icfg.MODEL.STRIDE_SIZE)} -> [{stride}, {stride}]")
+            icfg.MODEL.STRIDE_SIZE = [stride, stride]
     icfg.MODEL.PROMPT_LEARNING = with_text
     if meta is not None:
         icfg.DATASETS.NAMES = meta["dataset"]       # prompt noun (person / vehicle)

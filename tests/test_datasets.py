@@ -317,3 +317,50 @@ def test_read_image_converts_to_rgb(tmp_path):
     Image.new("L", (4, 8), 128).save(path)
     img = read_image(str(path))
     assert img.mode == "RGB" and img.size == (4, 8)
+
+
+# ------------------------------------------------------------------------ test-only (evaluation)
+@pytest.mark.parametrize("name, subdir, drop", [
+    ("market1501", "Market-1501-v15.09.15", ["bounding_box_train"]),
+    ("msmt17", "MSMT17", ["train", "list_train.txt", "list_val.txt"]),
+    ("veri", "VeRi", ["image_train", "keypoint_train.txt"]),
+    ("VehicleID", "VehicleID_V1.0", ["train_test_split/train_list.txt"]),
+])
+def test_test_only_needs_no_training_split(tmp_path, name, subdir, drop):
+    """Evaluation reads query and gallery only: the same query/gallery as with the full set."""
+    import shutil
+    base = tmp_path / subdir
+    {"market1501": make_market_tree, "msmt17": make_msmt_tree, "veri": make_veri_tree,
+     "VehicleID": make_vehicleid_tree}[name](str(base))
+    full = build_dataset(name, str(tmp_path))
+    for d in drop:
+        shutil.rmtree(base / d) if (base / d).is_dir() else os.remove(base / d)
+    with pytest.raises(DatasetLayoutError):
+        build_dataset(name, str(tmp_path))
+    ds = build_dataset(name, str(tmp_path), test_only=True)
+    assert ds.train == [] and ds.num_train_pids == 0
+    assert ds.query == full.query and ds.gallery == full.gallery
+    assert ds.num_train_cams == 1 + max(s[2] for s in ds.query + ds.gallery)
+
+
+def test_test_only_missing_gallery_is_one_line(tmp_path):
+    base = tmp_path / "Market-1501-v15.09.15"
+    make_market_tree(str(base))
+    import shutil
+    shutil.rmtree(base / "bounding_box_test")
+    with pytest.raises(DatasetLayoutError) as e:
+        build_dataset("market1501", str(tmp_path), test_only=True)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "bounding_box_test" in msg and "bounding_box_train" not in msg
+
+
+def test_test_only_folder_keeps_the_training_camera_ids(tmp_path):
+    """Dense camera ids of a 'folder' set depend on every camera seen: with the training folder
+    present, test-only parsing gives the ids training used (the SIE table is indexed by them)."""
+    write_images(str(tmp_path / "bounding_box_train"), market_names([(1, 1), (1, 2), (2, 3)]))
+    write_images(str(tmp_path / "query"), market_names([(5, 2)]))
+    write_images(str(tmp_path / "bounding_box_test"), market_names([(5, 3), (6, 3)]))
+    full = build_dataset("folder", str(tmp_path))
+    ds = build_dataset("folder", str(tmp_path), test_only=True)
+    assert ds.query == full.query and ds.gallery == full.gallery and ds.train == []
+    assert [s[2] for s in ds.query + ds.gallery] == [1, 2, 2]

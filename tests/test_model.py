@@ -154,3 +154,55 @@ def test_rn50_with_vision_ssl(ssl_type):
 def test_forward_refuses_an_unknown_mode(vit_model, mode):
     with pytest.raises(ValueError, match=f"mode '{mode}' is not one of"):
         vit_model(torch.randn(2, 3, 128, 64), mode=mode)
+
+
+def test_retrieval_features_with_and_without_camera_labels():
+    """One retrieval entry point: camera labels select the SIE row; without them the SIE is dropped
+    and that warns once; sie_at_test False leaves SIE out on purpose, silently."""
+    import warnings
+    torch.manual_seed(0)
+    m = make_model(tiny_cfg(), num_class=4, camera_num=3, view_num=1).eval()
+    x, cam = torch.randn(3, 3, 128, 64), torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        _, feat, proj = m._image_features(x, m.sie_coe * m.cv_embed[cam])
+        _, feat0, proj0 = m._image_features(x, None)
+        with_cam = m.retrieval_features(x, cam_label=cam)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            no_cam = m.retrieval_features(x)
+            again = m.retrieval_features(x)
+            via_forward = m(x, cam_label=cam)
+        m.sie_at_test = False
+        with warnings.catch_warnings(record=True) as silent:
+            warnings.simplefilter("always")
+            off = m.retrieval_features(x, cam_label=cam)
+    assert m.feat_dim == 128 and with_cam.shape == (3, 128)
+    assert torch.allclose(with_cam, torch.cat([feat, proj], 1)) and torch.equal(via_forward, with_cam)
+    assert torch.allclose(no_cam, torch.cat([feat0, proj0], 1)) and torch.equal(no_cam, again)
+    assert not torch.allclose(with_cam, no_cam, atol=1e-4)      # the trap the warning is about
+    assert len(caught) == 1 and "cam_label" in str(caught[0].message)
+    assert not silent and torch.equal(off, no_cam)
+    # a model without SIE never warns and ignores labels
+    plain = make_model(tiny_cfg("MODEL.SIE_CAMERA", "False"), num_class=4, camera_num=3, view_num=1).eval()
+    with warnings.catch_warnings(record=True) as none, torch.no_grad():
+        warnings.simplefilter("always")
+        assert torch.equal(plain.retrieval_features(x), plain.retrieval_features(x, cam_label=cam))
+    assert not none and not plain.has_sie
+
+
+def test_evaluation_features_are_retrieval_features(tiny_root):
+    """processor.extract_features (what evaluation ranks) == retrieval_features with the labels."""
+    from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
+    from processor import extract_features
+    cfg = tiny_cfg("DATASETS.ROOT_DIR", tiny_root, "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+                   "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "5")
+    torch.manual_seed(0)
+    dataset = build_dataset_from_cfg(cfg, test_only=True)
+    m = make_model(cfg, num_class=4, camera_num=dataset.num_train_cams, view_num=1)
+    loader, _ = make_val_loader(cfg, dataset)
+    feats, pids, camids = extract_features(cfg, m, loader, torch.device("cpu"))
+    m.eval()
+    with torch.no_grad():
+        direct = torch.cat([m.retrieval_features(b["img"], b["camid"], b["viewid"]) for b in loader])
+    assert torch.allclose(feats, direct, atol=1e-6)
+    assert torch.equal(camids, torch.tensor([s[2] for s in dataset.query + dataset.gallery]))

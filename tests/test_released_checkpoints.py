@@ -135,7 +135,8 @@ def test_published_checkpoints_load_for_evaluation(name, caplog):
     alone (no metadata, no CLIP weights file, no dataset), every tensor landing at its key."""
     layout = expand_layout(name)
     sd = as_state_dict(layout)
-    cfg = cfg_for(name, "MODEL.SIE_CAMERA", "False")   # sizes and SIE come from the checkpoint, not the config
+    # sizes, SIE and the ViT stride come from the checkpoint, not the config
+    cfg = cfg_for(name, "MODEL.SIE_CAMERA", "False", "MODEL.STRIDE_SIZE", "[12, 12]")
     with caplog.at_level(logging.INFO, logger="svllreid"):
         model, info = load_state_for_inference(cfg, {"module." + k: v for k, v in sd.items()})
     vit = "vit" in name
@@ -143,6 +144,8 @@ def test_published_checkpoints_load_for_evaluation(name, caplog):
     assert info["feat_dim"] == (768 + 512 if vit else 2048 + 1024)
     assert info["sie_camera"] == ("cv_embed" in layout) and info["camera_num"] == (6 if "cv_embed" in layout else 1)
     assert info["dataset"] is None and not model.training
+    if vit:
+        assert model.image_encoder.conv1.stride == ((16, 16) if name == "clipreid_vit" else (12, 12))
     loaded = model.state_dict()
     dropped = {k for k in sd if k not in loaded}
     if name == "svllreid_rn50_SIMCLR":

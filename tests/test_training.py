@@ -135,6 +135,10 @@ def test_test_script_reproduces_trained_map(straight_run):
         evaluated = json.load(f)
     assert evaluated["mAP"] == pytest.approx(saved["mAP"], abs=1e-7)
     assert evaluated["cmc"] == pytest.approx(saved["cmc"], abs=1e-7)
+    # own dataset: the camera embedding is used, and the record says what was evaluated
+    assert evaluated["use_sie"] is True and evaluated["checkpoint"]["dataset"] == "folder"
+    assert evaluated["weight"] == os.path.abspath(weight) and evaluated["re_ranking"] is False
+    assert evaluated["config"]["TEST"]["WEIGHT"] == weight and evaluated["checkpoint"]["epoch"] == 2
 
 
 def _opts_of(cfg):
@@ -266,3 +270,110 @@ def test_resume_flag_accepted_before_or_after_overrides():
         args = train_svllreid.parse_args(argv)
         assert args.resume and args.opts == ["OUTPUT_DIR", "x"]
     assert not train_svllreid.parse_args(["--config_file", DEMO, "OUTPUT_DIR", "x"]).resume
+
+
+# ----------------------------------------------------------------------------- evaluation from a checkpoint alone
+@pytest.fixture(scope="module")
+def other_root(tmp_path_factory):
+    """Another synthetic set (5 test ids, 3 cameras; the training set has 4 and 2) with only
+    query and gallery on disk."""
+    import shutil
+    from datasets.synthetic import SyntheticSpec, generate_synthetic
+    root = str(tmp_path_factory.mktemp("other"))
+    generate_synthetic(root, SyntheticSpec(num_train_ids=2, num_test_ids=5, num_cams=3, images_per_cam=2,
+                                           query_cams=1, num_distractors=2, num_junk=0, height=64, width=32,
+                                           seed=11))
+    shutil.rmtree(os.path.join(root, "bounding_box_train"))
+    return root
+
+
+def _eval_opts(root, weight, *extra):
+    """Test-script options: the test set, the checkpoint, and a CLIP weights file that does not exist."""
+    return ["--config_file", DEMO, "DATASETS.ROOT_DIR", root, "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST",
+            "[64, 32]", "DATALOADER.NUM_WORKERS", "0", "MODEL.CLIP_INIT", "pretrained",
+            "MODEL.PRETRAIN_PATH", "/nonexistent/ViT-B-16.pt", "TEST.WEIGHT", weight, *extra]
+
+
+def _direct_results(train_cfg, weight, root, use_sie):
+    """mAP/CMC of the checkpoint on ``root`` computed without the test script or the loader:
+    the training-time model, loaded strictly, features from the image encoder by hand."""
+    from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
+    from processor.inference import evaluate_features
+    cfg = load_config(DEMO, ["DATASETS.ROOT_DIR", root, "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+                             "DATALOADER.NUM_WORKERS", "0"])
+    model = make_model(train_cfg, num_class=8, camera_num=2, view_num=1)
+    load_model_weights(model, weight)
+    model.eval()
+    dataset = build_dataset_from_cfg(cfg, test_only=True)
+    loader, nq = make_val_loader(cfg, dataset)
+    feats, pids, camids = [], [], []
+    with torch.no_grad():
+        for b in loader:
+            cv = model.sie_coe * model.cv_embed[b["camid"]] if use_sie else None
+            _, f, p = model._image_features(b["img"], cv)
+            feats.append(torch.cat([f, p], 1))
+            pids.append(b["pid"])
+            camids.append(b["camid"])
+    return evaluate_features(cfg, torch.cat(feats), torch.cat(pids), torch.cat(camids), nq)
+
+
+def test_cross_dataset_evaluation_from_checkpoint_alone(straight_run, other_root, tmp_path, capsys):
+    """Trained on one set, tested on another with more identities and cameras: no training split,
+    no CLIP weights file; the camera embedding is left out (ids do not fit, another dataset), and
+    the results equal evaluating the same features directly."""
+    cfg, out, _ = straight_run
+    weight = os.path.join(out, "ViT-B-16_2.pth")
+    with open(os.path.join(out, "ViT-B-16_2.json")) as f:
+        meta = json.load(f)
+    assert (meta["dataset"], meta["num_classes"], meta["camera_num"], meta["epoch"]) == ("folder", 8, 2, 2)
+    assert meta["config"]["DATASETS"]["ROOT_DIR"] == cfg.DATASETS.ROOT_DIR and "commit" in meta
+    assert test_svllreid.main(_eval_opts(other_root, weight, "OUTPUT_DIR", str(tmp_path / "x"))) == 0
+    with open(tmp_path / "x" / "results.json") as f:
+        res = json.load(f)
+    assert res["use_sie"] is False and "cross-dataset" in res["sie_reason"]
+    assert (res["num_query"], res["checkpoint"]["dataset"], res["dataset_root"]) == (5, "folder", other_root)
+    direct = _direct_results(cfg, weight, other_root, use_sie=False)
+    assert res["mAP"] == pytest.approx(direct["mAP"], abs=1e-6) and res["cmc"] == pytest.approx(direct["cmc"], abs=1e-6)
+    # forcing SIE on a test set whose camera ids do not fit the table is a one-line error
+    code = test_svllreid.main(_eval_opts(other_root, weight, "TEST.USE_SIE", "yes", "OUTPUT_DIR", str(tmp_path / "y")))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "camera id 2" in err and len(err.splitlines()) == 1
+
+
+def test_use_sie_no_on_own_dataset(straight_run, tmp_path):
+    """TEST.USE_SIE no: the own-dataset evaluation without the camera embedding, as computed by hand."""
+    cfg, out, _ = straight_run
+    weight = os.path.join(out, "ViT-B-16_2.pth")
+    root = cfg.DATASETS.ROOT_DIR
+    assert test_svllreid.main(_eval_opts(root, weight, "TEST.USE_SIE", "no", "OUTPUT_DIR", str(tmp_path))) == 0
+    with open(tmp_path / "results.json") as f:
+        res = json.load(f)
+    direct = _direct_results(cfg, weight, root, use_sie=False)
+    assert res["use_sie"] is False and res["mAP"] == pytest.approx(direct["mAP"], abs=1e-6)
+
+
+def test_results_go_beside_the_checkpoint_never_over_training_results(straight_run, other_root, capsys):
+    cfg, out, _ = straight_run
+    weight = os.path.join(out, "ViT-B-16_2.pth")
+    with open(os.path.join(out, "results.json"), "rb") as f:
+        training_results = f.read()
+    assert test_svllreid.main(_eval_opts(other_root, weight)) == 0
+    assert os.path.isfile(os.path.join(out, "ViT-B-16_2_eval_folder", "results.json"))
+    assert os.path.isfile(os.path.join(out, "ViT-B-16_2_eval_folder", "test_log.txt"))
+    code = test_svllreid.main(_eval_opts(other_root, weight, "OUTPUT_DIR", str(out)))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "holds a training run" in err and len(err.splitlines()) == 1
+    with open(os.path.join(out, "results.json"), "rb") as f:
+        assert f.read() == training_results
+
+
+def test_missing_test_folders_fail_in_one_line(straight_run, tmp_path, capsys):
+    weight = os.path.join(straight_run[1], "ViT-B-16_2.pth")
+    os.makedirs(tmp_path / "query")
+    code = test_svllreid.main(_eval_opts(str(tmp_path), weight, "OUTPUT_DIR", str(tmp_path / "o")))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "bounding_box_test" in err
+    assert "bounding_box_train" not in err
+    code = test_svllreid.main(_eval_opts(str(tmp_path), str(tmp_path / "nope.pth"), "OUTPUT_DIR", str(tmp_path / "o")))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: checkpoint not found: {tmp_path / 'nope.pth'}"
