@@ -329,8 +329,9 @@ def decide_use_sie(model: SVLLReID, cfg: Any, meta: dict | None, test_dataset: A
         return True, "TEST.USE_SIE yes"
     same = _same_dataset(meta, cfg)
     if same is False:
-        return False, f"cross-dataset: trained on {meta['dataset']} ({meta.get('dataset_root', '')}), " \
-                      f"tested on {cfg.DATASETS.NAMES} ({cfg.DATASETS.ROOT_DIR})"
+        if meta["dataset"] == cfg.DATASETS.NAMES:    # two 'folder' sets: name the folders
+            return False, f"cross-dataset: trained on {meta.get('dataset_root', '')}, tested on {cfg.DATASETS.ROOT_DIR}"
+        return False, f"cross-dataset: trained on {meta['dataset']}, tested on {cfg.DATASETS.NAMES}"
     if not fit:
         return False, "the test set's camera/view ids do not fit the SIE table"
     if same is None and test_dataset is not None and not counts_equal:

@@ -177,3 +177,84 @@ def test_ssl_heads_have_the_published_names():
     model = meta_model("svllreid_vit_SIMSIAM")
     assert any(k.startswith("text_mlp.") for k in model.state_dict())
     assert not any(k.startswith("text_mlp.") for k in model.published_state_dict())
+
+
+# ----------------------------------------------------------------------------- tiny models: parity
+DEMO = os.path.join(ROOT, "configs/demo/vit_svllreid_demo.yml")
+
+
+def _tiny(*opts):
+    cfg = load_config(DEMO, list(opts))
+    torch.manual_seed(0)
+    model = make_model(cfg, num_class=5, camera_num=3, view_num=1).eval()
+    x, cam = torch.randn(4, 3, 128, 64), torch.tensor([0, 2, 1, 2])
+    with torch.no_grad():
+        ref = model.retrieval_features(x, cam_label=cam)
+    return cfg, model, x, cam, ref
+
+
+def test_retrieval_keys_alone_are_enough(tmp_path, caplog):
+    """Only the retrieval path in the file (DDP prefix): same features, one line naming what is not loaded."""
+    cfg, model, x, cam, ref = _tiny()
+    training_only = ("prompt_learner.", "text_encoder.", "image_mlp.", "text_mlp.", "classifier")
+    sd = {"module." + k: v for k, v in model.state_dict().items() if not k.startswith(training_only)}
+    path = str(tmp_path / "retrieval_only.pth")
+    torch.save(sd, path)
+    cfg.defrost()
+    cfg.TEST.WEIGHT = path
+    from model import load_for_inference
+    with caplog.at_level(logging.INFO, logger="svllreid"):
+        loaded, info = load_for_inference(cfg)
+    lines = [r.getMessage() for r in caplog.records if "Training-only parts not loaded" in r.getMessage()]
+    assert len(lines) == 1
+    for part in ("text side (prompts, text encoder): absent", "image SSL head: absent", "classifiers"):
+        assert part in lines[0]
+    assert info["camera_num"] == 3 and info["sie_camera"] and info["feat_dim"] == 128
+    with torch.no_grad():
+        assert torch.equal(loaded.retrieval_features(x, cam_label=cam), ref)
+
+
+@pytest.mark.parametrize("ssl_type", ["SIMCLR", "SIMSIAM"])
+def test_training_state_and_every_output_round_trip(tmp_path, ssl_type):
+    """A last.pth training state loads for evaluation; every tensor of the model, SSL heads included,
+    comes back equal (what the published model would compute on the same weights)."""
+    cfg, model, x, cam, ref = _tiny("MODEL.SSL_TYPE", ssl_type)
+    path = str(tmp_path / "last.pth")
+    torch.save({"stage": 2, "epoch": 1, "model": model.state_dict()}, path)
+    cfg.defrost()
+    cfg.TEST.WEIGHT = path
+    from model import load_for_inference
+    loaded, info = load_for_inference(cfg)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.ssl_type == ssl_type and info["num_classes"] == 5
+    with torch.no_grad():
+        assert torch.equal(loaded.retrieval_features(x, cam_label=cam), ref)
+        assert torch.equal(loaded.encode_text(torch.arange(5)), model.encode_text(torch.arange(5)))
+
+
+class _TestSet:
+    """Just what the SIE decision reads from a dataset."""
+
+    def __init__(self, cams: int, top_cam: int | None = None):
+        top = cams - 1 if top_cam is None else top_cam
+        self.query = [("q", 1, 0, 0)]
+        self.gallery = [("g", 1, top, 0)]
+        self.num_train_cams, self.num_train_vids = cams, 1
+
+
+def test_sie_decision_rules():
+    from model.loading import decide_use_sie
+    cfg, model, *_ = _tiny()
+    meta_same = {"dataset": "folder", "dataset_root": cfg.DATASETS.ROOT_DIR}
+    meta_other = {"dataset": "market1501"}
+    assert decide_use_sie(model, cfg, meta_same, _TestSet(3))[0] is True
+    assert decide_use_sie(model, cfg, meta_same, _TestSet(4))[0] is False        # camera id 3 does not fit
+    assert decide_use_sie(model, cfg, meta_other, _TestSet(3))[0] is False       # another dataset
+    assert decide_use_sie(model, cfg, None, _TestSet(3))[0] is True              # no metadata: same camera count
+    assert decide_use_sie(model, cfg, None, _TestSet(2))[0] is False             # ... or not
+    cfg.defrost()
+    cfg.TEST.USE_SIE = "yes"
+    assert decide_use_sie(model, cfg, meta_other, _TestSet(3))[0] is True
+    cfg.TEST.USE_SIE = "no"
+    assert decide_use_sie(model, cfg, meta_same, _TestSet(3)) == (False, "TEST.USE_SIE no")
