@@ -61,7 +61,7 @@ def default_output_dir(cfg: Any) -> str:
 
 def _check_output_dir(out: str) -> None:
     """Never write over a training run's results.json."""
-    if os.path.isfile(os.path.join(out, "train_log.txt")) or os.path.isfile(os.path.join(out, "last.pth")):
+    if any(os.path.isfile(os.path.join(out, f)) for f in ("train_log.txt", "last.pth", "config.yaml", "metrics.jsonl")):
         raise ConfigError(f"OUTPUT_DIR {out} holds a training run; its results.json would be overwritten. "
                           "Give another OUTPUT_DIR, or none to write beside the checkpoint")
 

@@ -15,6 +15,7 @@ Keys split in two groups:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -46,8 +47,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- metadata
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
-    """The repository's HEAD commit, or None outside a git checkout."""
+    """The repository's HEAD commit, or None outside a git checkout (looked up once per process)."""
     try:
         out = subprocess.run(["git", "-C", _REPO, "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5, check=True)

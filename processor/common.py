@@ -17,7 +17,8 @@ from tqdm import tqdm
 from config import ConfigError
 from datasets.sampler import epoch_seed
 from model.loading import checkpoint_metadata
-from utils.checkpoint import load_file, load_model_weights, model_state, save_atomic, unwrap, write_metadata
+from utils.checkpoint import (load_file, load_model_weights, model_state, non_finite_keys, save_atomic, unwrap,
+                              write_metadata)
 from utils.dist import all_gather_object, gather_strided, get_rank, get_world_size, is_main_process, shard_indices
 from utils.misc import rng_state, set_rng_state
 from utils.run_dir import LAST_CHECKPOINT, RunError
@@ -139,9 +140,10 @@ def save_weights(output_dir: str, name: str, model: nn.Module, cfg: Any = None,
     if is_main_process():
         net = unwrap(model)
         state = net.published_state_dict() if hasattr(net, "published_state_dict") else net.state_dict()
-        save_atomic(state, path, check_finite=state)
-        if cfg is not None:
+        # metadata first, so that a weights file never appears without it (none for weights refused as non-finite)
+        if cfg is not None and not non_finite_keys(state):
             write_metadata(path, checkpoint_metadata(cfg, net, stage, epoch))
+        save_atomic(state, path, check_finite=state)
         logger.info("Saved %s", path)
     return path
 

@@ -79,7 +79,10 @@ def existing_run_files(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     names = {n for n in RUN_FILES if os.path.exists(os.path.join(output_dir, n))}
-    names |= {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(output_dir), "*.pth"))}
+    weights = glob.glob(os.path.join(glob.escape(output_dir), "*.pth"))
+    names |= {os.path.basename(p) for p in weights}
+    # the metadata file written beside each weights file goes with it
+    names |= {os.path.basename(m) for m in (os.path.splitext(p)[0] + ".json" for p in weights) if os.path.isfile(m)}
     return sorted(names)
 
 
