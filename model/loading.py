@@ -33,8 +33,8 @@ from .make_model import SVLLReID, feature_grid
 
 logger = logging.getLogger("svllreid")
 
-__all__ = ["load_for_inference", "load_state_for_inference", "checkpoint_metadata", "decide_use_sie", "RETRIEVAL_PREFIXES",
-           "TRAINING_ONLY_PARTS"]
+__all__ = ["load_for_inference", "load_state_for_inference", "checkpoint_metadata", "decide_use_sie",
+           "RETRIEVAL_PREFIXES", "TRAINING_ONLY_PARTS"]
 
 RETRIEVAL_PREFIXES = ("image_encoder.", "bottleneck.", "bottleneck_proj.", "cv_embed")
 TRAINING_ONLY_PARTS: dict[str, tuple[str, ...]] = {

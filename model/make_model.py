@@ -60,9 +60,11 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     so that state dicts are interchangeable with the published SVLL-ReID code.
     """
     mlp = nn.Sequential(OrderedDict([
-        ("layer1", nn.Linear(in_dim, hidden_dim)), ("bn1", nn.BatchNorm1d(hidden_dim)), ("relu1", nn.ReLU(inplace=True)),
+        ("layer1", nn.Linear(in_dim, hidden_dim)), ("bn1", nn.BatchNorm1d(hidden_dim)),
+        ("relu1", nn.ReLU(inplace=True)),
         ("layer2", nn.Linear(hidden_dim, hidden_dim)), ("bn2", nn.BatchNorm1d(hidden_dim)),
-        ("relu2", nn.ReLU(inplace=True)), ("layer3", nn.Linear(hidden_dim, out_dim)),
+        ("relu2", nn.ReLU(inplace=True)),
+        ("layer3", nn.Linear(hidden_dim, out_dim)),
     ]))
     _init_mlp(mlp)
     return mlp

@@ -64,6 +64,9 @@ def _read_conditional_keys(tiny_root, tmp_path):
         make_model(cfg, 8, 2, 1)                                                # MODEL.PRETRAIN_PATH
     with pytest.raises(ConfigError):
         test_svllreid.evaluate(tiny_cfg(tiny_root, tmp_path / "t"))             # TEST.WEIGHT (empty)
+    from model import load_for_inference
+    load_for_inference(tiny_cfg(tiny_root, tmp_path / "e", "TEST.WEIGHT",
+                                str(tmp_path / "run" / "ViT-B-16_2.pth")))     # TEST.USE_SIE (a model with SIE)
     _fake_vehicleid(str(tmp_path / "vid"))
     from datasets.make_dataloader import build_dataset_from_cfg
     build_dataset_from_cfg(load_config(DEMO, ["DATASETS.NAMES", "VehicleID", "DATASETS.ROOT_DIR",
