@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from config import ConfigError
 from utils.checkpoint import CheckpointMismatchError, read_metadata, read_state_dict
 from utils.checkpoint import METADATA_FORMAT
 
@@ -324,7 +325,7 @@ def decide_use_sie(model: SVLLReID, cfg: Any, meta: dict | None, test_dataset: A
             if top >= n:
                 fit = False
                 if mode == "yes":
-                    raise CheckpointMismatchError(
+                    raise ConfigError(
                         f"TEST.USE_SIE yes, but the test set has {what} id {top} and the checkpoint's SIE table "
                         f"knows {n} {what}s; use TEST.USE_SIE auto or no")
     if mode == "yes":
@@ -357,7 +358,6 @@ def load_for_inference(cfg: Any, test_dataset: Any = None) -> tuple[SVLLReID, di
     """
     path = cfg.TEST.WEIGHT
     if not path:
-        from config import ConfigError
         raise ConfigError("TEST.WEIGHT is empty: give the checkpoint to evaluate, e.g. TEST.WEIGHT out/ViT-B-16_60.pth")
     return load_state_for_inference(cfg, read_state_dict(path), read_metadata(path), test_dataset, path)
 
