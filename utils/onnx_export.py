@@ -31,8 +31,8 @@ import torch.nn as nn
 from config import ConfigError
 from datasets.bases import IMAGE_EXTENSIONS, read_image
 from datasets.transforms import build_transforms
-from model import SVLLReID, make_model
-from utils.checkpoint import CheckpointMismatchError, load_file, load_model_weights
+from model import SVLLReID, load_for_inference
+from utils.checkpoint import load_file
 
 logger = logging.getLogger("svllreid")
 
@@ -67,41 +67,10 @@ def test_dataset(cfg: Any) -> tuple[Any, str]:
 
 
 def load_model(cfg: Any, dataset: Any = None) -> tuple[SVLLReID, dict[str, Any]]:
-    """The model of TEST.WEIGHT, sized from the checkpoint, loaded strictly, eval mode, CPU.
-
-    Identities = rows of ``classifier.weight``; SIE rows = cameras (x views). With both
-    camera and view SIE the split of the rows needs the view count, taken from the dataset.
-    A checkpoint that does not fit raises ``CheckpointMismatchError`` (as evaluation).
-    The only place the export loads a model: evaluation's rules today are ``make_model`` plus
-    the strict ``load_model_weights`` of ``test_svllreid.py``.
-    """
-    weight = cfg.TEST.WEIGHT
-    if not weight:
-        raise ConfigError("TEST.WEIGHT is empty: give the checkpoint to export, e.g. TEST.WEIGHT out/ViT-B-16_60.pth")
-    sd = _state_dict_of(weight)
-    cls = sd.get("classifier.weight")
-    num_classes = int(cls.shape[0]) if isinstance(cls, torch.Tensor) and cls.dim() == 2 else 1
-    cv = sd.get("cv_embed")
-    rows = int(cv.shape[0]) if isinstance(cv, torch.Tensor) and cv.dim() == 2 else 1
-    camera_num, view_num = rows, 1
-    if cfg.MODEL.SIE_VIEW and not cfg.MODEL.SIE_CAMERA:
-        camera_num, view_num = 1, rows
-    elif cfg.MODEL.SIE_VIEW and cfg.MODEL.SIE_CAMERA:
-        if dataset is None:
-            raise CheckpointMismatchError(f"cv_embed has {rows} rows = cameras x views; the split needs the "
-                                          f"dataset's view count, but {cfg.DATASETS.NAMES} under "
-                                          f"{cfg.DATASETS.ROOT_DIR} could not be read")
-        view_num = dataset.num_train_vids
-        camera_num = max(rows // max(view_num, 1), 1)
-    del sd
-    model = make_model(cfg, num_class=num_classes, camera_num=camera_num, view_num=view_num)
-    load_model_weights(model, weight)
-    model.eval()
-    use_sie = model.cv_embed is not None
-    info = {"weight": weight, "num_classes": num_classes, "camera_num": camera_num, "view_num": view_num,
-            "sie_camera": use_sie and bool(cfg.MODEL.SIE_CAMERA), "sie_view": use_sie and bool(cfg.MODEL.SIE_VIEW),
-            "use_sie": use_sie, "feat_dim": model.in_planes + model.in_planes_proj}
-    return model, info
+    """The model of TEST.WEIGHT as evaluation loads it (``model.load_for_inference``): sized from
+    the checkpoint, retrieval keys strict, eval mode, CPU; ``info['use_sie']`` follows
+    TEST.USE_SIE for ``dataset``. A checkpoint that does not fit fails exactly as in evaluation."""
+    return load_for_inference(cfg, dataset)
 
 
 # ----------------------------------------------------------------------------- graph
