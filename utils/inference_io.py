@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from config import ConfigError, is_yes
 from datasets.bases import IMAGE_EXTENSIONS, read_image
 from datasets.transforms import build_transforms
-from model import make_model
-from utils.checkpoint import load_file, load_model_weights
+from model import load_for_inference
 from utils.fileio import atomic_write
 from utils.metrics import distance_blocks, pairwise_distance
 from utils.reranking import re_ranking
@@ -40,34 +39,20 @@ _NAME = re.compile(r"^(-1|\d+)_c(\d+)")
 
 # ----------------------------------------------------------------------------- model
 def load_model(cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of ``cfg.TEST.WEIGHT``, sized from the checkpoint, loaded, eval mode, on the CPU.
+    """The model of ``cfg.TEST.WEIGHT`` loaded as evaluation loads it (``model.load_for_inference``).
 
-    The number of identities comes from ``classifier.weight`` and the side-information
-    table size from ``cv_embed``. ``info`` has 'weight', 'num_classes', 'camera_num',
-    'view_num', 'sie_camera', 'sie_view' (the model has trained SIE tables) and 'feat_dim'.
+    Image folders carry camera labels in their names (or ``--camera``) but no view labels,
+    so a trained camera table is used with them (unless TEST.USE_SIE no) and a camera x
+    view table is refused. In the returned ``info`` (see ``load_for_inference``),
+    'sie_camera' is whether camera labels are used for the features here.
     """
-    weight = cfg.TEST.WEIGHT
-    if not weight:
-        raise ConfigError("TEST.WEIGHT is empty: give the checkpoint, e.g. TEST.WEIGHT output/demo/ViT-B-16_40.pth")
-    sd = load_file(weight)
-    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-        sd = sd["model"]
-    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
-    if "classifier.weight" not in sd:
-        raise ConfigError(f"{weight} is not an SVLL-ReID checkpoint (no classifier.weight)")
-    num_classes = int(sd["classifier.weight"].shape[0])
-    rows = int(sd["cv_embed"].shape[0]) if "cv_embed" in sd else 0
-    cam, view = bool(cfg.MODEL.SIE_CAMERA), bool(cfg.MODEL.SIE_VIEW)
-    if rows and cam and view:
-        raise ConfigError(f"{weight}: camera x view side information needs view labels, which image folders "
-                          "do not have; evaluate it with test_svllreid.py")
-    camera_num, view_num = (rows or 1, 1) if cam else (1, rows or 1)
-    model = make_model(cfg, num_class=num_classes, camera_num=camera_num, view_num=view_num)
-    load_model_weights(model, sd)
-    model.eval()
-    info = {"weight": weight, "num_classes": num_classes, "camera_num": camera_num, "view_num": view_num,
-            "sie_camera": bool(rows) and cam, "sie_view": bool(rows) and view,
-            "feat_dim": int(sum(model.feature_dims[1:]))}
+    model, info = load_for_inference(cfg)
+    if info["sie_camera"] and info["sie_view"]:
+        raise ConfigError(f"{info['weight']}: camera x view side information needs view labels, which image "
+                          "folders do not have; evaluate it with test_svllreid.py")
+    use = bool(info["sie_camera"]) and cfg.TEST.USE_SIE != "no"
+    model.sie_at_test = use
+    info["sie_camera"] = use
     return model, info
 
 
@@ -174,14 +159,14 @@ def encode_batch(model: nn.Module, info: dict[str, Any], imgs: torch.Tensor, cam
     device = imgs.device
     if not info["sie_camera"]:
         with autocast(device):
-            return model(imgs).float()
+            return model.retrieval_features(imgs).float()
     known = camids >= 0
     out = torch.empty((imgs.shape[0], info["feat_dim"]), dtype=torch.float32, device=device)
     with autocast(device):
         if bool(known.any()):
-            out[known] = model(imgs[known], cam_label=camids[known].to(device)).float()
-        if not bool(known.all()):
-            out[~known] = model(imgs[~known]).float()
+            out[known] = model.retrieval_features(imgs[known], cam_label=camids[known].to(device)).float()
+        if not bool(known.all()):    # no label: the embedding is left out (retrieval_features warns once)
+            out[~known] = model.retrieval_features(imgs[~known]).float()
     return out
 
 
