@@ -101,8 +101,13 @@ def published_minp(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, 
 
 
 def published_re_ranking(probFea: torch.Tensor, galFea: torch.Tensor, k1: int, k2: int, lambda_value: float,
-                         local_distmat: np.ndarray | None = None, only_local: bool = False) -> np.ndarray:
-    """Published ``re_ranking`` (V, V_qe and Jaccard in float16); features stay on the CPU."""
+                         local_distmat: np.ndarray | None = None, only_local: bool = False,
+                         dtype: type = np.float16, argsort_kind: str | None = None) -> np.ndarray:
+    """Published ``re_ranking`` (V, V_qe and Jaccard in float16); features stay on the CPU.
+
+    ``dtype`` and ``argsort_kind`` are this reference's only additions; their defaults are
+    the published behaviour (see :func:`exact_re_ranking` for the other setting).
+    """
     query_num = probFea.size(0)
     all_num = query_num + galFea.size(0)
     if only_local:
@@ -118,8 +123,8 @@ def published_re_ranking(probFea: torch.Tensor, galFea: torch.Tensor, k1: int, k
             original_dist = original_dist + local_distmat
     gallery_num = original_dist.shape[0]
     original_dist = np.transpose(original_dist / np.max(original_dist, axis=0))
-    V = np.zeros_like(original_dist).astype(np.float16)
-    initial_rank = np.argsort(original_dist).astype(np.int32)
+    V = np.zeros_like(original_dist).astype(dtype)
+    initial_rank = np.argsort(original_dist, kind=argsort_kind).astype(np.int32)
 
     for i in range(all_num):
         # k-reciprocal neighbors
@@ -144,7 +149,7 @@ def published_re_ranking(probFea: torch.Tensor, galFea: torch.Tensor, k1: int, k
         V[i, k_reciprocal_expansion_index] = weight / np.sum(weight)
     original_dist = original_dist[:query_num, ]
     if k2 != 1:
-        V_qe = np.zeros_like(V, dtype=np.float16)
+        V_qe = np.zeros_like(V, dtype=dtype)
         for i in range(all_num):
             V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
         V = V_qe
@@ -154,10 +159,10 @@ def published_re_ranking(probFea: torch.Tensor, galFea: torch.Tensor, k1: int, k
     for i in range(gallery_num):
         invIndex.append(np.where(V[:, i] != 0)[0])
 
-    jaccard_dist = np.zeros_like(original_dist, dtype=np.float16)
+    jaccard_dist = np.zeros_like(original_dist, dtype=dtype)
 
     for i in range(query_num):
-        temp_min = np.zeros(shape=[1, gallery_num], dtype=np.float16)
+        temp_min = np.zeros(shape=[1, gallery_num], dtype=dtype)
         indNonZero = np.where(V[i, :] != 0)[0]
         indImages = [invIndex[ind] for ind in indNonZero]
         for j in range(len(indNonZero)):
@@ -211,60 +216,7 @@ def exact_re_ranking(probFea: torch.Tensor, galFea: torch.Tensor, k1: int = 20, 
                      lambda_value: float = 0.3) -> np.ndarray:
     """The published re-ranking algorithm with V, V_qe and Jaccard in float32 and a stable
     argsort (ties by index): the exact reference of ``utils.reranking.re_ranking``."""
-    query_num = probFea.size(0)
-    all_num = query_num + galFea.size(0)
-    feat = torch.cat([probFea, galFea])
-    distmat = torch.pow(feat, 2).sum(dim=1, keepdim=True).expand(all_num, all_num) + \
-        torch.pow(feat, 2).sum(dim=1, keepdim=True).expand(all_num, all_num).t()
-    distmat.addmm_(feat, feat.t(), beta=1, alpha=-2)
-    original_dist = distmat.cpu().numpy()
-    del feat, distmat
-    gallery_num = original_dist.shape[0]
-    original_dist = np.transpose(original_dist / np.max(original_dist, axis=0))
-    V = np.zeros_like(original_dist).astype(np.float32)
-    initial_rank = np.argsort(original_dist, kind="stable").astype(np.int32)
-    for i in range(all_num):
-        forward_k_neigh_index = initial_rank[i, :k1 + 1]
-        backward_k_neigh_index = initial_rank[forward_k_neigh_index, :k1 + 1]
-        fi = np.where(backward_k_neigh_index == i)[0]
-        k_reciprocal_index = forward_k_neigh_index[fi]
-        k_reciprocal_expansion_index = k_reciprocal_index
-        for j in range(len(k_reciprocal_index)):
-            candidate = k_reciprocal_index[j]
-            candidate_forward_k_neigh_index = initial_rank[candidate, :int(np.around(k1 / 2)) + 1]
-            candidate_backward_k_neigh_index = initial_rank[candidate_forward_k_neigh_index,
-                                                            :int(np.around(k1 / 2)) + 1]
-            fi_candidate = np.where(candidate_backward_k_neigh_index == candidate)[0]
-            candidate_k_reciprocal_index = candidate_forward_k_neigh_index[fi_candidate]
-            if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2 / 3 * len(
-                    candidate_k_reciprocal_index):
-                k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index, candidate_k_reciprocal_index)
-        k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
-        weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
-        V[i, k_reciprocal_expansion_index] = weight / np.sum(weight)
-    original_dist = original_dist[:query_num, ]
-    if k2 != 1:
-        V_qe = np.zeros_like(V, dtype=np.float32)
-        for i in range(all_num):
-            V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
-        V = V_qe
-        del V_qe
-    del initial_rank
-    invIndex = []
-    for i in range(gallery_num):
-        invIndex.append(np.where(V[:, i] != 0)[0])
-    jaccard_dist = np.zeros_like(original_dist, dtype=np.float32)
-    for i in range(query_num):
-        temp_min = np.zeros(shape=[1, gallery_num], dtype=np.float32)
-        indNonZero = np.where(V[i, :] != 0)[0]
-        indImages = [invIndex[ind] for ind in indNonZero]
-        for j in range(len(indNonZero)):
-            temp_min[0, indImages[j]] = temp_min[0, indImages[j]] + np.minimum(V[i, indNonZero[j]],
-                                                                               V[indImages[j], indNonZero[j]])
-        jaccard_dist[i] = 1 - temp_min / (2 - temp_min)
-    final_dist = jaccard_dist * (1 - lambda_value) + original_dist * lambda_value
-    del original_dist, V, jaccard_dist
-    return final_dist[:query_num, query_num:]
+    return published_re_ranking(probFea, galFea, k1, k2, lambda_value, dtype=np.float32, argsort_kind="stable")
 
 
 __all__ = [

@@ -14,7 +14,7 @@ import glob
 import os
 import shutil
 import tempfile
-from typing import Callable, IO
+from typing import IO, Any, Callable
 
 TMP_PREFIX = ".svllreid-partial-"
 TMP_SUFFIX = ".tmp"
@@ -56,6 +56,12 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG through :func:`atomic_write` (fast zlib level; PNG stays lossless)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, facecolor="white",
+                                             pil_kwargs={"compress_level": 1}))
 
 
 def _remove(path: str) -> None:

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any
 
-from .fileio import atomic_write
+from .fileio import save_figure
 
 logger = logging.getLogger("svllreid")
 
@@ -209,15 +209,9 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> s
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    _save_fig_atomic(fig, out_png)
+    save_figure(fig, out_png)
     plt.close(fig)
     return out_png
-
-
-def _save_fig_atomic(fig: Any, path: str, dpi: int = 120) -> None:
-    """Save a matplotlib figure as PNG through an atomic write."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, facecolor="white",
-                                             pil_kwargs={"compress_level": 1}))   # fast; PNG stays lossless
 
 
 def write_curves(output_dir: str, enabled: bool = True) -> str | None:

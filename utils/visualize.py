@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from datasets.bases import read_image
-from utils.fileio import atomic_write
+from utils.fileio import atomic_write, save_figure
 
 MATCH, WRONG, IGNORED, UNKNOWN = "match", "wrong", "ignored", "unknown"
 COLOURS = {MATCH: "#1a9850", WRONG: "#d73027", IGNORED: "#8c8c8c", UNKNOWN: "#bdbdbd", "query": "#2166ac"}
@@ -175,15 +175,9 @@ def plot_cmc(cmc: Sequence[float], mAP: float, out_png: str, title: str = "CMC",
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(loc="lower right", frameon=False, fontsize=9)
     fig.tight_layout()
-    _save(fig, out_png)
+    save_figure(fig, out_png, dpi=130)
     plt.close(fig)
     return out_png
-
-
-def _save(fig: Any, path: str, dpi: int = 130) -> None:
-    """Save a matplotlib figure as PNG through an atomic write."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, facecolor="white",
-                                             pil_kwargs={"compress_level": 1}))   # fast; PNG stays lossless
 
 
 # ----------------------------------------------------------------------------- per-query AP
