@@ -321,6 +321,17 @@ def test_every_image_mode_is_read_as_8bit_rgb(tmp_path, mode):
     assert rgb.std() > 10
 
 
+def test_decompression_bomb_in_the_gallery_stops_before_training(data_copy, tmp_path, monkeypatch, capsys):
+    victim = [p for p in sorted(glob.glob(str(data_copy / "bounding_box_test" / "*.jpg")))
+              if not os.path.basename(p).startswith("-1")][0]      # junk images are not read at all
+    Image.new("RGB", (200, 200)).save(victim, format="JPEG")      # 40,000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 15000)          # the set's 64x32 images stay below
+    out = tmp_path / "out"
+    assert train_svllreid.main(train_argv(data_copy, out)) == 2
+    one_line_error(capsys, victim, "gallery", "DecompressionBombError")
+    assert not glob.glob(str(out / "*.pth"))
+
+
 def test_decompression_bomb_is_one_clear_error(tmp_path, monkeypatch):
     path = str(tmp_path / "big.png")
     Image.new("RGB", (300, 300)).save(path)
