@@ -15,6 +15,7 @@ Keys split in two groups:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -30,7 +31,7 @@ from utils.checkpoint import CheckpointMismatchError, read_metadata, read_state_
 from utils.checkpoint import METADATA_FORMAT
 
 from . import clip
-from .make_model import SVLLReID, feature_grid
+from .make_model import SVLLReID, SVLLReIDOptions, feature_grid, model_options_from_cfg
 
 logger = logging.getLogger("svllreid")
 
@@ -147,8 +148,10 @@ def _vit_stride(cfg: Any, tokens: int) -> int | None:
 
 
 def _inference_cfg(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dict | None, test_dataset: Any
-                   ) -> tuple[Any, clip.CLIPArch, dict[str, int], list[str]]:
-    """(model cfg, CLIP architecture, sizes, notes) for the model the checkpoint holds."""
+                   ) -> tuple[Any, SVLLReIDOptions, clip.CLIPArch, dict[str, int], list[str]]:
+    """(cfg for the CLIP towers, model options, CLIP architecture, sizes, notes) for the model the
+    checkpoint holds: the options are the config's (:func:`model_options_from_cfg`) with what the
+    checkpoint decides (text side, SSL heads, SIE, prompt noun) overridden."""
     notes: list[str] = []
     is_vit = "image_encoder.class_embedding" in sd
     if not is_vit and "image_encoder.layer1.0.conv1.weight" not in sd:
@@ -173,31 +176,31 @@ def _inference_cfg(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dict | None, 
             notes.append(f"the checkpoint's image grid means stride {stride}: MODEL.STRIDE_SIZE "
                          f"{list(icfg.MODEL.STRIDE_SIZE)} -> [{stride}, {stride}]")
             icfg.MODEL.STRIDE_SIZE = [stride, stride]
-    icfg.MODEL.PROMPT_LEARNING = with_text
+    over: dict[str, Any] = {"prompt_learning": with_text}
     if meta is not None:
-        icfg.DATASETS.NAMES = meta["dataset"]       # prompt noun (person / vehicle)
+        over["dataset_name"] = meta["dataset"]       # prompt noun (person / vehicle)
     # SSL heads: type and widths from the tensors
     if "image_mlp.layer3.weight" in sd:
-        icfg.MODEL.USE_SSL, icfg.MODEL.SSL_TYPE = True, "SIMCLR"
-        icfg.MODEL.SSL_HIDDEN_DIM, icfg.MODEL.SSL_OUT_DIM = (int(sd["image_mlp.layer1.weight"].shape[0]),
-                                                             int(sd["image_mlp.layer3.weight"].shape[0]))
+        over.update(use_ssl=True, ssl_type="SIMCLR", ssl_hidden_dim=int(sd["image_mlp.layer1.weight"].shape[0]),
+                    ssl_out_dim=int(sd["image_mlp.layer3.weight"].shape[0]))
     elif "image_mlp.linear1.weight" in sd:
-        icfg.MODEL.USE_SSL, icfg.MODEL.SSL_TYPE = True, "SIMSIAM"
+        over.update(use_ssl=True, ssl_type="SIMSIAM")
     else:
-        icfg.MODEL.USE_SSL = False
-    icfg.MODEL.USE_SSL_STAGE1 = with_text and "text_mlp.layer3.weight" in sd
-    if icfg.MODEL.USE_SSL_STAGE1 and "image_mlp.layer3.weight" not in sd:
-        icfg.MODEL.SSL_HIDDEN_DIM, icfg.MODEL.SSL_OUT_DIM = (int(sd["text_mlp.layer1.weight"].shape[0]),
-                                                             int(sd["text_mlp.layer3.weight"].shape[0]))
+        over["use_ssl"] = False
+    over["use_ssl_stage1"] = with_text and "text_mlp.layer3.weight" in sd
+    if over["use_ssl_stage1"] and "image_mlp.layer3.weight" not in sd:
+        over.update(ssl_hidden_dim=int(sd["text_mlp.layer1.weight"].shape[0]),
+                    ssl_out_dim=int(sd["text_mlp.layer3.weight"].shape[0]))
     cam, view, camera_num, view_num, coe = _sie_sizes(sd, meta, cfg, is_vit, test_dataset, notes)
-    icfg.MODEL.SIE_CAMERA, icfg.MODEL.SIE_VIEW, icfg.MODEL.SIE_COE = cam, view, coe
+    over.update(sie_camera=cam, sie_view=view, sie_coe=coe)
+    options = dataclasses.replace(model_options_from_cfg(icfg), **over)
     for key in ("classifier.weight", "classifier_proj.weight", "prompt_learner.cls_ctx"):
         if key in sd:
             num_classes = int(sd[key].shape[0])
             break
     else:
         num_classes = int((meta or {}).get("num_classes", 1))
-    return icfg, arch, {"num_classes": num_classes, "camera_num": camera_num, "view_num": view_num}, notes
+    return icfg, options, arch, {"num_classes": num_classes, "camera_num": camera_num, "view_num": view_num}, notes
 
 
 # ----------------------------------------------------------------------------- building, loading
@@ -212,12 +215,12 @@ def _materialise(model: nn.Module) -> None:
                 m._buffers[name] = torch.empty_like(b, device="cpu")
 
 
-def _build(icfg: Any, arch: clip.CLIPArch, sizes: dict[str, int]) -> SVLLReID:
+def _build(icfg: Any, options: SVLLReIDOptions, arch: clip.CLIPArch, sizes: dict[str, int]) -> SVLLReID:
     """The model, its CLIP towers on the meta device (no init, no weights file), heads on the CPU."""
     h, w = feature_grid(icfg)
     with torch.device("meta"):
         clip_model = clip.CLIP(arch, h, w, int(icfg.MODEL.STRIDE_SIZE[0]))
-    return SVLLReID(icfg, sizes["num_classes"], sizes["camera_num"], sizes["view_num"], clip_model)
+    return SVLLReID(clip_model, sizes["num_classes"], sizes["camera_num"], sizes["view_num"], options)
 
 
 def _show(keys: list[str], n: int = 6) -> str:
@@ -367,8 +370,8 @@ def load_state_for_inference(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dic
                              ) -> tuple[SVLLReID, dict[str, Any]]:
     """:func:`load_for_inference` on a state dict already in memory (``module.`` prefixes allowed)."""
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    icfg, arch, sizes, notes = _inference_cfg(cfg, sd, meta, test_dataset)
-    model = _build(icfg, arch, sizes)
+    icfg, options, arch, sizes, notes = _inference_cfg(cfg, sd, meta, test_dataset)
+    model = _build(icfg, options, arch, sizes)
     hint = (f" (the image grid follows INPUT.SIZE_TRAIN {list(cfg.INPUT.SIZE_TRAIN)} and MODEL.STRIDE_SIZE "
             f"{list(cfg.MODEL.STRIDE_SIZE)}: give the values the checkpoint was trained with)")
     left_out = _load(model, dict(sd), path, hint)

@@ -15,6 +15,7 @@ import logging
 import os
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -150,21 +151,61 @@ class TextEncoder(clip.TextTower, nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-class SVLLReID(nn.Module):
-    """CLIP-based ReID model (ViT-B-16 or RN50); see docs/method.md, sections 1-4."""
+@dataclass(frozen=True)
+class SVLLReIDOptions:
+    """Everything :class:`SVLLReID` is configured by besides the CLIP towers and the data sizes.
 
-    def __init__(self, cfg: Any, num_classes: int, camera_num: int, view_num: int,
-                 clip_model: nn.Module) -> None:
+    Built from a config by :func:`model_options_from_cfg` (the one place that maps config keys
+    to the model); ``model.loading`` overrides some fields from the checkpoint it loads.
+    """
+
+    model_name: str            # MODEL.NAME: 'ViT-B-16' or 'RN50' (SIE and feature pooling follow it)
+    neck_feat: str             # TEST.NECK_FEAT: retrieval feature 'before' or 'after' the BNNeck
+    dataset_name: str          # DATASETS.NAMES: picks the prompt noun (person / vehicle)
+    prompt_learning: bool      # MODEL.PROMPT_LEARNING: build the per-identity prompts and text encoder
+    use_ssl: bool              # MODEL.USE_SSL: build the image SSL head (stage 2)
+    ssl_type: str              # MODEL.SSL_TYPE: 'SIMCLR' or 'SIMSIAM'
+    ssl_hidden_dim: int        # MODEL.SSL_HIDDEN_DIM: SimCLR projection head widths
+    ssl_out_dim: int           # MODEL.SSL_OUT_DIM
+    use_ssl_stage1: bool       # MODEL.USE_SSL_STAGE1: text SSL head (only with prompt_learning)
+    prompt_aug_method: str     # SOLVER.STAGE1.PROMPT_AUG_METHOD: 'mask', 'swap' or 'mix'
+    prompt_aug_scale: float    # SOLVER.STAGE1.PROMPT_AUG_SCALE
+    sie_camera: bool           # MODEL.SIE_CAMERA: camera side-information embedding (ViT only)
+    sie_view: bool             # MODEL.SIE_VIEW: view side-information embedding (ViT only)
+    sie_coe: float             # MODEL.SIE_COE: weight of the embedding added to the class token
+
+
+def model_options_from_cfg(cfg: Any) -> SVLLReIDOptions:
+    """The model options a config asks for: the only place config keys reach :class:`SVLLReID`."""
+    m = cfg.MODEL
+    return SVLLReIDOptions(
+        model_name=m.NAME, neck_feat=cfg.TEST.NECK_FEAT, dataset_name=cfg.DATASETS.NAMES,
+        prompt_learning=m.PROMPT_LEARNING, use_ssl=m.USE_SSL, ssl_type=m.SSL_TYPE,
+        ssl_hidden_dim=m.SSL_HIDDEN_DIM, ssl_out_dim=m.SSL_OUT_DIM, use_ssl_stage1=m.USE_SSL_STAGE1,
+        prompt_aug_method=cfg.SOLVER.STAGE1.PROMPT_AUG_METHOD, prompt_aug_scale=cfg.SOLVER.STAGE1.PROMPT_AUG_SCALE,
+        sie_camera=m.SIE_CAMERA, sie_view=m.SIE_VIEW, sie_coe=m.SIE_COE)
+
+
+class SVLLReID(nn.Module):
+    """CLIP-based ReID model (ViT-B-16 or RN50); see docs/method.md, sections 1-4.
+
+    ``clip_model`` supplies the towers; ``num_classes`` sizes the classifiers and prompts;
+    ``camera_num`` x ``view_num`` size the SIE table; ``options`` (see
+    :func:`model_options_from_cfg`) says what else to build and how retrieval behaves.
+    """
+
+    def __init__(self, clip_model: nn.Module, num_classes: int, camera_num: int, view_num: int,
+                 options: SVLLReIDOptions) -> None:
         super().__init__()
-        self.model_name = cfg.MODEL.NAME
+        self.model_name = options.model_name
         self.is_vit = self.model_name.startswith("ViT")
         self.num_classes = num_classes
-        self.neck_feat = cfg.TEST.NECK_FEAT
-        self.ssl_type = cfg.MODEL.SSL_TYPE
-        self.use_ssl = cfg.MODEL.USE_SSL
-        self.use_ssl_stage1 = cfg.MODEL.USE_SSL_STAGE1 and cfg.MODEL.PROMPT_LEARNING
-        self.prompt_aug_method = cfg.SOLVER.STAGE1.PROMPT_AUG_METHOD
-        self.prompt_aug_scale = cfg.SOLVER.STAGE1.PROMPT_AUG_SCALE
+        self.neck_feat = options.neck_feat
+        self.ssl_type = options.ssl_type
+        self.use_ssl = options.use_ssl
+        self.use_ssl_stage1 = options.use_ssl_stage1 and options.prompt_learning
+        self.prompt_aug_method = options.prompt_aug_method
+        self.prompt_aug_scale = options.prompt_aug_scale
 
         self.feature_dims = tuple(clip_model.image_feature_dims)   # (last, feature, proj) widths
         _, self.in_planes, self.in_planes_proj = self.feature_dims
@@ -181,8 +222,8 @@ class SVLLReID(nn.Module):
         _init_classifier(self.classifier_proj)
 
         # Side information embedding added to the class token (ViT only)
-        self.sie_camera, self.sie_view = cfg.MODEL.SIE_CAMERA, cfg.MODEL.SIE_VIEW
-        self.sie_coe, self.camera_num, self.view_num = cfg.MODEL.SIE_COE, camera_num, view_num
+        self.sie_camera, self.sie_view = options.sie_camera, options.sie_view
+        self.sie_coe, self.camera_num, self.view_num = options.sie_coe, camera_num, view_num
         rows = {(True, True): camera_num * view_num, (True, False): camera_num,
                 (False, True): view_num}.get((self.sie_camera, self.sie_view), 0)
         if rows and not self.is_vit:
@@ -199,15 +240,15 @@ class SVLLReID(nn.Module):
         self._warned_no_sie = False
 
         # Text side: per-identity prompts and the frozen text encoder
-        self.prompt_learning = cfg.MODEL.PROMPT_LEARNING
+        self.prompt_learning = options.prompt_learning
         if self.prompt_learning:
-            self.prompt_learner = PromptLearner(num_classes, cfg.DATASETS.NAMES, clip_model.token_embedding)
+            self.prompt_learner = PromptLearner(num_classes, options.dataset_name, clip_model.token_embedding)
             self.text_encoder = TextEncoder(clip_model)
             for p in self.text_encoder.parameters():
                 p.requires_grad_(False)
 
         # Self-supervision heads. The image SSL feature is the ln_post CLS (ViT) or pooled layer4 (RN50).
-        hidden, out = cfg.MODEL.SSL_HIDDEN_DIM, cfg.MODEL.SSL_OUT_DIM
+        hidden, out = options.ssl_hidden_dim, options.ssl_out_dim
         if self.use_ssl:   # one name for both heads, as the published code
             if self.ssl_type == "SIMCLR":
                 self.image_mlp = projection_mlp(self.in_planes, hidden, out)
@@ -401,8 +442,9 @@ def build_clip(cfg: Any) -> nn.Module:
 
 
 def make_model(cfg: Any, num_class: int, camera_num: int, view_num: int) -> SVLLReID:
-    """Build the SVLL-ReID model (docs/method.md) for ``num_class`` training identities."""
-    model = SVLLReID(cfg, num_class, camera_num, view_num, build_clip(cfg))
+    """Build the SVLL-ReID model (docs/method.md) for ``num_class`` training identities:
+    CLIP from :func:`build_clip`, options from :func:`model_options_from_cfg`."""
+    model = SVLLReID(build_clip(cfg), num_class, camera_num, view_num, model_options_from_cfg(cfg))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("Model %s: %d identities, %.2fM trainable parameters", cfg.MODEL.NAME, num_class, n_train / 1e6)
     return model

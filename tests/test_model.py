@@ -1,12 +1,14 @@
 """SVLL-ReID model: prompt learner, prompt augmentations, SIE, output shapes (ViT and RN50)."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
 
 from config import load_config
-from model import augment_prompts, make_model
+from model import SVLLReID, augment_prompts, make_model, model_options_from_cfg
 from model import clip
-from model.make_model import N_CLS_CTX, N_PREFIX, PromptLearner
+from model.make_model import N_CLS_CTX, N_PREFIX, PromptLearner, build_clip
 
 DEMO = "configs/demo/vit_svllreid_demo.yml"
 
@@ -40,6 +42,25 @@ def test_prompt_learner_only_identity_slots_learnable():
     prompts.sum().backward()
     touched = pl.cls_ctx.grad.abs().sum(dim=(1, 2)) > 0
     assert touched.tolist() == [False, True, False, True, False]
+
+
+def test_model_is_built_from_options_not_from_the_config():
+    """make_model == SVLLReID(clip, sizes, model_options_from_cfg(cfg)); the options alone decide."""
+    cfg = tiny_cfg("TEST.NECK_FEAT", "after", "MODEL.SIE_COE", "1.5")
+    opts = model_options_from_cfg(cfg)
+    assert (opts.model_name, opts.neck_feat, opts.sie_coe, opts.ssl_type) == \
+        (cfg.MODEL.NAME, "after", 1.5, cfg.MODEL.SSL_TYPE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.neck_feat = "before"
+    torch.manual_seed(0)
+    built = make_model(cfg, num_class=4, camera_num=3, view_num=1)
+    torch.manual_seed(0)
+    direct = SVLLReID(build_clip(cfg), 4, 3, 1, opts)
+    assert built.state_dict().keys() == direct.state_dict().keys()
+    assert all(torch.equal(v, direct.state_dict()[k]) for k, v in built.state_dict().items())
+    vehicle = SVLLReID(build_clip(cfg), 4, 3, 1, dataclasses.replace(opts, dataset_name="veri", use_ssl=False))
+    assert vehicle.prompt_learner.template.endswith("vehicle.") and not hasattr(vehicle, "image_mlp")
+    assert direct.neck_feat == "after" and direct.sie_coe == 1.5
 
 
 def test_mask_zeroes_about_scale_of_elements():
