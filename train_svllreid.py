@@ -25,7 +25,7 @@ from config import load_config
 from datasets import make_dataloader
 from loss import make_loss, make_ssl_loss
 from model import make_model
-from processor import do_inference, do_train_stage1, do_train_stage2
+from processor import Stage2Criteria, do_inference, do_train_stage1, do_train_stage2
 from processor.common import POSITION, load_train_state
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
 from utils.dist import broadcast_object, cleanup, get_world_size, init_distributed, is_dist, is_main_process
@@ -154,10 +154,9 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     ssl_loss = make_ssl_loss(cfg) if cfg.MODEL.USE_SSL else None
     optimizer2, optimizer_center = make_optimizer_2stage(cfg, model, center_criterion)
     scheduler2 = create_warmup_multistep(cfg.SOLVER.STAGE2, optimizer2)
-    out["trained"] = do_train_stage2(
-        cfg, _wrap(model, device), data.train_stage2, data.val, optimizer2, optimizer_center, scheduler2,
-        loss_fn, ssl_loss, center_criterion, data.num_query, data.num_classes, device,
-        resume_state=state if state and state["stage"] == 2 else None, record=record)
+    criteria = Stage2Criteria(loss_fn, ssl_loss, center_criterion, optimizer_center)
+    out["trained"] = do_train_stage2(cfg, _wrap(model, device), data, optimizer2, scheduler2, criteria, device,
+                                     resume_state=state if state and state["stage"] == 2 else None, record=record)
     if out["trained"] is None:   # resumed after the last epoch: evaluate the final weights
         out["trained"] = do_inference(cfg, model, data.val, data.num_query, device)
     if is_main_process():

@@ -1,6 +1,6 @@
 """Training loops (stage 1, stage 2) and inference."""
 from .inference import do_inference, extract_features
 from .processor_stage1 import do_train_stage1
-from .processor_stage2 import do_train_stage2
+from .processor_stage2 import Stage2Criteria, do_train_stage2
 
-__all__ = ["do_inference", "extract_features", "do_train_stage1", "do_train_stage2"]
+__all__ = ["do_inference", "extract_features", "do_train_stage1", "do_train_stage2", "Stage2Criteria"]

@@ -7,7 +7,8 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Callable, Iterable, Iterator
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,11 +21,11 @@ from model.loading import checkpoint_metadata
 from utils.checkpoint import (load_file, load_model_weights, model_state, non_finite_keys, save_atomic, unwrap,
                               write_metadata)
 from utils.dist import all_gather_object, gather_strided, get_rank, get_world_size, is_main_process, shard_indices
-from utils.misc import rng_state, set_rng_state
+from utils.misc import AverageMeter, rng_state, set_rng_state
+from utils.record import TrainingRecord
 from utils.run_dir import LAST_CHECKPOINT, RunError
 
 logger = logging.getLogger("svllreid")
-
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -146,6 +147,88 @@ def save_weights(output_dir: str, name: str, model: nn.Module, cfg: Any = None,
         save_atomic(state, path, check_finite=state)
         logger.info("Saved %s", path)
     return path
+
+
+def resume_stage(stage: int, resume_state: dict[str, Any] | None, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> int:
+    """The first epoch a stage runs: 1, or the one after ``resume_state`` (whose model, optimiser,
+    scheduler and scaler are restored here). The RNG streams are not: see :func:`restore_train_state`."""
+    if resume_state is None:
+        return 1
+    restore_train_state(resume_state, model, optimizer, scheduler, scaler)
+    start_epoch = resume_state["epoch"] + 1
+    logger.info("Stage %d: resuming at epoch %d", stage, start_epoch)
+    return start_epoch
+
+
+def optimizer_step(scaler: torch.amp.GradScaler, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   after_step: Callable[[], None] | None = None) -> None:
+    """Backward of the (scaled) ``loss``, step of ``optimizer``, then ``after_step()`` (stage 2's
+    center step, which needs the same scaler), then the scaler update. Check the loss first:
+    :func:`check_finite_loss`."""
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    if after_step is not None:
+        after_step()
+    scaler.update()
+
+
+class EpochMeters:
+    """One stage's running averages of the loss components over an epoch, with the epoch's clock
+    and sample count; writes them to the training record."""
+
+    def __init__(self, stage: int, names: Sequence[str], record: TrainingRecord) -> None:
+        self.stage, self.record = stage, record
+        self.meters = {k: AverageMeter() for k in names}
+        self.epoch, self.samples, self.t0 = 0, 0, time.time()
+
+    def start(self, epoch: int) -> None:
+        """Reset for ``epoch`` and mark it as where the run is (for the Ctrl-C message)."""
+        for m in self.meters.values():
+            m.reset()
+        self.epoch, self.samples, self.t0 = epoch, 0, time.time()
+        POSITION.stage, POSITION.epoch = self.stage, epoch
+
+    def update(self, values: dict[str, float], n: int) -> None:
+        """Add one batch of ``n`` samples; values without a meter are ignored."""
+        self.samples += n
+        for k, v in values.items():
+            if k in self.meters:
+                self.meters[k].update(v, n)
+
+    def __getitem__(self, name: str) -> float:
+        return self.meters[name].avg
+
+    def averages(self) -> dict[str, float]:
+        return {k: m.avg for k, m in self.meters.items()}
+
+    def seconds(self) -> float:
+        """Time since :meth:`start`."""
+        return time.time() - self.t0
+
+    def record_period(self, iteration: int, step: int, lr: float) -> None:
+        """The running averages at ``iteration`` (``step`` counted over the whole stage)."""
+        self.record.log(self.stage, self.epoch, iteration, step=step, lr=lr, **self.averages())
+
+    def record_epoch(self, lr: float, seconds: float, **extra: float) -> None:
+        """The epoch's averages, its duration and ``extra`` values."""
+        self.record.log(self.stage, self.epoch, kind="epoch", lr=lr, seconds=seconds, **extra, **self.averages())
+
+
+def is_due(epoch: int, period: int, max_epochs: int) -> bool:
+    """Whether a periodic action (checkpoint, evaluation) runs after ``epoch``: every ``period``
+    epochs and after the last."""
+    return epoch % period == 0 or epoch == max_epochs
+
+
+def save_epoch_weights(cfg: Any, model: nn.Module, stage: int, epoch: int) -> None:
+    """The weights file of ``epoch`` when SOLVER.STAGE<stage>.CHECKPOINT_PERIOD says so (and after
+    the last epoch): ``<MODEL.NAME>_stage1_<epoch>.pth`` in stage 1, ``<MODEL.NAME>_<epoch>.pth`` in
+    stage 2, the published names."""
+    solver = cfg.SOLVER.STAGE1 if stage == 1 else cfg.SOLVER.STAGE2
+    if is_due(epoch, solver.CHECKPOINT_PERIOD, solver.MAX_EPOCHS):
+        name = f"{cfg.MODEL.NAME}_stage1_{epoch}.pth" if stage == 1 else f"{cfg.MODEL.NAME}_{epoch}.pth"
+        save_weights(cfg.OUTPUT_DIR, name, model, cfg, stage=stage, epoch=epoch)
 
 
 PROGRESS_ENV = "SVLLREID_PROGRESS"

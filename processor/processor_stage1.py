@@ -7,7 +7,6 @@ epoch shuffles them into batches; loss = SupCon(i->t) + SupCon(t->i)
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
@@ -17,11 +16,10 @@ from torch.utils.data import DataLoader
 from datasets.sampler import epoch_seed
 from loss import SimCLRLoss, SupConLoss
 from utils.checkpoint import unwrap
-from utils.misc import AverageMeter
 from utils.record import NULL_RECORD, TrainingRecord
 
-from .common import (POSITION, autocast, check_finite_loss, encode_loader, make_scaler, progress, restore_rng,
-                     restore_train_state, save_train_state, save_weights)
+from .common import (EpochMeters, autocast, check_finite_loss, encode_loader, make_scaler, optimizer_step,
+                     progress, restore_rng, resume_stage, save_epoch_weights, save_train_state)
 
 logger = logging.getLogger("svllreid")
 
@@ -56,13 +54,9 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
     scaler = make_scaler(device)
     ssl_weight = c1.SSL_LOSS_WEIGHT if cfg.MODEL.USE_SSL_STAGE1 else 0.0
 
-    start_epoch = 1
-    if resume_state is not None:
-        restore_train_state(resume_state, model, optimizer, scheduler, scaler)
-        start_epoch = resume_state["epoch"] + 1
-        logger.info("Stage 1: resuming at epoch %d", start_epoch)
-        if start_epoch > c1.MAX_EPOCHS:
-            return
+    start_epoch = resume_stage(1, resume_state, model, optimizer, scheduler, scaler)
+    if resume_state is not None and start_epoch > c1.MAX_EPOCHS:
+        return
 
     image_features, labels = cache_image_features(model, train_loader_stage1, device)
     num_image, batch_size = labels.shape[0], c1.IMS_PER_BATCH
@@ -72,12 +66,9 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
     if resume_state is not None:
         restore_rng(resume_state)
 
-    meters = {k: AverageMeter() for k in ("loss", "i2t", "t2i", "ssl")}
+    meters = EpochMeters(1, ("loss", "i2t", "t2i", "ssl"), record)
     for epoch in range(start_epoch, c1.MAX_EPOCHS + 1):
-        t0 = time.time()
-        for m in meters.values():
-            m.reset()
-        POSITION.stage, POSITION.epoch = 1, epoch
+        meters.start(epoch)
         scheduler.step(epoch)
         _set_stage1_modes(model)
         # the epoch's order from (seed, epoch): identical on every rank and on resume
@@ -97,24 +88,17 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
                 loss = loss + ssl_weight * parts["ssl"]
             values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
             check_finite_loss(values, 1, epoch, it)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(scaler, loss, optimizer)
 
-            n = target.shape[0]
-            for k, v in values.items():
-                meters[k].update(v, n)
-            bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            meters.update(values, target.shape[0])
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{meters['loss']:.3f}", lr=f"{lr:.2e}")
             if it % c1.LOG_PERIOD == 0 or it == num_batches:
                 logger.info("Stage1 epoch[%d] iter[%d/%d] loss %.3f (i2t %.3f, t2i %.3f, ssl %.3f) lr %.2e",
-                            epoch, it, num_batches, meters["loss"].avg, meters["i2t"].avg, meters["t2i"].avg,
-                            meters["ssl"].avg, optimizer.param_groups[0]["lr"])
-                record.log(1, epoch, it, step=(epoch - 1) * num_batches + it, lr=optimizer.param_groups[0]["lr"],
-                           **{k: m.avg for k, m in meters.items()})
-        logger.info("Stage1 epoch %d done in %.1fs (%.0f samples/s)", epoch, time.time() - t0,
-                    num_image / max(time.time() - t0, 1e-9))
-        record.log(1, epoch, kind="epoch", lr=optimizer.param_groups[0]["lr"], seconds=time.time() - t0,
-                   **{k: m.avg for k, m in meters.items()})
-        if epoch % c1.CHECKPOINT_PERIOD == 0 or epoch == c1.MAX_EPOCHS:
-            save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_stage1_{epoch}.pth", model, cfg, stage=1, epoch=epoch)
+                            epoch, it, num_batches, meters["loss"], meters["i2t"], meters["t2i"], meters["ssl"], lr)
+                meters.record_period(it, step=(epoch - 1) * num_batches + it, lr=lr)
+        dt = meters.seconds()
+        logger.info("Stage1 epoch %d done in %.1fs (%.0f samples/s)", epoch, dt, num_image / max(dt, 1e-9))
+        meters.record_epoch(lr=optimizer.param_groups[0]["lr"], seconds=dt)
+        save_epoch_weights(cfg, model, 1, epoch)
         save_train_state(cfg.OUTPUT_DIR, 1, epoch, model, optimizer, scheduler, scaler, cfg.dump())

@@ -5,24 +5,24 @@ randomly-erased views; WarmupMultiStepLR steps once per epoch; periodic evaluati
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import time
 import warnings
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
+from datasets.make_dataloader import Loaders
 from loss import SimCLRLoss
 from solver import rescale_center_grad
 from utils.checkpoint import unwrap
 from utils.dist import average_gradients
-from utils.misc import AverageMeter
 from utils.record import NULL_RECORD, TrainingRecord
 
-from .common import (POSITION, autocast, check_finite_loss, eval_mode, make_scaler, progress, restore_rng,
-                     restore_train_state, save_train_state, save_weights, set_loader_epoch, to_device)
+from .common import (EpochMeters, autocast, check_finite_loss, eval_mode, is_due, make_scaler, optimizer_step,
+                     progress, restore_rng, resume_stage, save_epoch_weights, save_train_state, set_loader_epoch,
+                     to_device)
 from .inference import do_inference
 
 logger = logging.getLogger("svllreid")
@@ -67,49 +67,58 @@ def stage2_forward_loss(cfg: Any, model: nn.Module, batch: dict[str, Any], text_
     return loss, parts, out
 
 
-def _summary(meters: dict[str, AverageMeter], optimizer: torch.optim.Optimizer) -> str:
-    m = {k: v.avg for k, v in meters.items()}
+def _summary(m: EpochMeters, optimizer: torch.optim.Optimizer) -> str:
     return (f"loss {m['loss']:.3f} (id {m['id']:.3f} tri {m['tri']:.3f} i2t {m['i2t']:.3f} ssl {m['ssl']:.3f}) "
             f"acc {m['acc']:.3f} lr {optimizer.param_groups[0]['lr']:.2e}")
 
 
-def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader | None,
-                    optimizer: torch.optim.Optimizer, optimizer_center: torch.optim.Optimizer | None,
-                    scheduler: Any, loss_fn: Callable, ssl_loss: nn.Module | None, center_criterion: nn.Module | None,
-                    num_query: int, num_classes: int, device: torch.device,
+@dataclasses.dataclass
+class Stage2Criteria:
+    """What stage 2 minimises: ``loss_fn`` (ID + triplet [+ center] [+ I2T], from ``loss.make_loss``),
+    the SSL loss (None: none), and the center loss with its own optimiser (both None without it)."""
+    loss_fn: Callable
+    ssl_loss: nn.Module | None = None
+    center_criterion: nn.Module | None = None
+    optimizer_center: torch.optim.Optimizer | None = None
+
+
+def do_train_stage2(cfg: Any, model: nn.Module, data: Loaders, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    criteria: Stage2Criteria, device: torch.device, *,
                     resume_state: dict[str, Any] | None = None, record: TrainingRecord = NULL_RECORD
                     ) -> dict[str, Any] | None:
-    """Run stage 2; returns the metrics of the last evaluation (or None when none ran).
+    """Run stage 2 on ``data.train_stage2``, evaluating on ``data.val`` (None: no evaluation);
+    returns the metrics of the last evaluation (or None when none ran).
 
     ``record`` receives the running averages every LOG_PERIOD iterations, the epoch
     averages and the evaluations.
     """
     c2 = cfg.SOLVER.STAGE2
+    train_loader, val_loader = data.train_stage2, data.val
+    loss_fn, ssl_loss = criteria.loss_fn, criteria.ssl_loss
+    center_criterion, optimizer_center = criteria.center_criterion, criteria.optimizer_center
     scaler = make_scaler(device)
     core = unwrap(model)
     use_text = core.prompt_learning and cfg.MODEL.I2T_LOSS_WEIGHT > 0
     use_ssl = cfg.MODEL.USE_SSL and ssl_loss is not None and c2.SSL_LOSS_WEIGHT > 0
 
-    start_epoch = 1
-    if resume_state is not None:
-        restore_train_state(resume_state, model, optimizer, scheduler, scaler)
-        if optimizer_center is not None and "optimizer_center" in resume_state["extra"]:
-            optimizer_center.load_state_dict(resume_state["extra"]["optimizer_center"])
-        start_epoch = resume_state["epoch"] + 1
-        logger.info("Stage 2: resuming at epoch %d", start_epoch)
+    start_epoch = resume_stage(2, resume_state, model, optimizer, scheduler, scaler)
+    if resume_state is not None and optimizer_center is not None and "optimizer_center" in resume_state["extra"]:
+        optimizer_center.load_state_dict(resume_state["extra"]["optimizer_center"])
     # after the resume: the prompts come from the restored weights
-    text_features = compute_text_features(model, num_classes, cfg.SOLVER.STAGE1.IMS_PER_BATCH, device) \
+    text_features = compute_text_features(model, data.num_classes, cfg.SOLVER.STAGE1.IMS_PER_BATCH, device) \
         if use_text else None
     if resume_state is not None:
         restore_rng(resume_state)
 
-    meters = {k: AverageMeter() for k in ("loss", "id", "tri", "i2t", "ssl", "acc")}
+    def step_centers() -> None:   # undo the loss weight on the centers' gradient
+        average_gradients(center_criterion)
+        rescale_center_grad(center_criterion, cfg)
+        scaler.step(optimizer_center)
+
+    meters = EpochMeters(2, ("loss", "id", "tri", "i2t", "ssl", "acc"), record)
     results = None
     for epoch in range(start_epoch, c2.MAX_EPOCHS + 1):
-        t0, n_seen = time.time(), 0
-        for m in meters.values():
-            m.reset()
-        POSITION.stage, POSITION.epoch = 2, epoch
+        meters.start(epoch)
         with warnings.catch_warnings():   # stepped at epoch start, as published: not a misuse
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             scheduler.step()
@@ -127,36 +136,24 @@ def do_train_stage2(cfg: Any, model: nn.Module, train_loader: DataLoader, val_lo
                                                        ssl_loss if use_ssl else None)
             values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
             check_finite_loss(values, 2, epoch, it)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            if optimizer_center is not None:   # undo the loss weight on the centers' gradient
-                average_gradients(center_criterion)
-                rescale_center_grad(center_criterion, cfg)
-                scaler.step(optimizer_center)
-            scaler.update()
+            optimizer_step(scaler, loss, optimizer, after_step=step_centers if optimizer_center is not None else None)
 
-            n = target.shape[0]
-            n_seen += n
             values["acc"] = (out["scores"][0].argmax(dim=1) == target).float().mean().item()
-            for k, v in values.items():
-                if k in meters:
-                    meters[k].update(v, n)
-            bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc=f"{meters['acc'].avg:.3f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            meters.update(values, target.shape[0])
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{meters['loss']:.3f}", acc=f"{meters['acc']:.3f}", lr=f"{lr:.2e}")
             if it % c2.LOG_PERIOD == 0:
                 logger.info("Stage2 epoch[%d] iter[%d] %s", epoch, it, _summary(meters, optimizer))
-                record.log(2, epoch, it, step=(epoch - 1) * len(train_loader) + it,
-                           lr=optimizer.param_groups[0]["lr"], **{k: m.avg for k, m in meters.items()})
-        dt = time.time() - t0
-        logger.info("Stage2 epoch %d done in %.1fs (%.1f samples/s): %s", epoch, dt, n_seen / max(dt, 1e-9),
+                meters.record_period(it, step=(epoch - 1) * len(train_loader) + it, lr=lr)
+        dt = meters.seconds()
+        logger.info("Stage2 epoch %d done in %.1fs (%.1f samples/s): %s", epoch, dt, meters.samples / max(dt, 1e-9),
                     _summary(meters, optimizer))
-        record.log(2, epoch, kind="epoch", lr=optimizer.param_groups[0]["lr"], seconds=dt,
-                   samples_per_s=n_seen / max(dt, 1e-9), **{k: m.avg for k, m in meters.items()})
+        meters.record_epoch(lr=optimizer.param_groups[0]["lr"], seconds=dt,
+                            samples_per_s=meters.samples / max(dt, 1e-9))
 
-        if epoch % c2.CHECKPOINT_PERIOD == 0 or epoch == c2.MAX_EPOCHS:
-            save_weights(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_{epoch}.pth", model, cfg, stage=2, epoch=epoch)
-        if val_loader is not None and (epoch % c2.EVAL_PERIOD == 0 or epoch == c2.MAX_EPOCHS):
-            results = do_inference(cfg, model, val_loader, num_query, device)
+        save_epoch_weights(cfg, model, 2, epoch)
+        if val_loader is not None and is_due(epoch, c2.EVAL_PERIOD, c2.MAX_EPOCHS):
+            results = do_inference(cfg, model, val_loader, data.num_query, device)
             record.log_eval(2, epoch, results)
         extra = {"optimizer_center": optimizer_center.state_dict()} if optimizer_center is not None else {}
         save_train_state(cfg.OUTPUT_DIR, 2, epoch, model, optimizer, scheduler, scaler, cfg.dump(), extra)

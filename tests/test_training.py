@@ -13,7 +13,7 @@ import train_svllreid
 from config import load_config
 from datasets import make_dataloader
 from model import make_model
-from processor import do_train_stage1, do_train_stage2
+from processor import Stage2Criteria, do_train_stage1, do_train_stage2
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
 from loss import make_loss, make_ssl_loss
 from utils.checkpoint import CheckpointMismatchError, load_model_weights
@@ -66,13 +66,13 @@ def test_stage1_changes_only_the_prompt_learner(tiny_root, tmp_path, train_mlp):
 
 def test_stage2_freezes_text_side_and_trains_image_encoder(tiny_root, tmp_path):
     cfg = tiny_cfg(tiny_root, tmp_path, "SOLVER.STAGE2.MAX_EPOCHS", "1")
-    model, (tl2, _, val, nq, ncls, _, _) = build(cfg)
+    model, data = build(cfg)
     before = snapshot(model)
     model.set_stage(2)
-    loss_fn, center = make_loss(cfg, ncls, feat_dim=model.feature_dims[0])
+    loss_fn, center = make_loss(cfg, data.num_classes, feat_dim=model.feature_dims[0])
     opt, opt_c = make_optimizer_2stage(cfg, model, center)
-    do_train_stage2(cfg, model, tl2, None, opt, opt_c, create_warmup_multistep(cfg.SOLVER.STAGE2, opt), loss_fn,
-                    make_ssl_loss(cfg), center, nq, ncls, torch.device("cpu"))
+    do_train_stage2(cfg, model, data._replace(val=None), opt, create_warmup_multistep(cfg.SOLVER.STAGE2, opt),
+                    Stage2Criteria(loss_fn, make_ssl_loss(cfg), center, opt_c), torch.device("cpu"))
     assert not changed(before, model, "text_encoder") and not changed(before, model, "prompt_learner")
     assert changed(before, model, "image_encoder.transformer")
     assert changed(before, model, "image_mlp") and changed(before, model, "classifier")
@@ -244,9 +244,9 @@ def test_vehicleid_test_script_averages_trials(tmp_path):
 def test_stage2_with_center_loss_trains_the_centers(tiny_root, tmp_path):
     """METRIC_LOSS_TYPE triplet_center: own SGD optimiser, gradient rescaled by 1/CENTER_LOSS_WEIGHT."""
     cfg = tiny_cfg(tiny_root, tmp_path, "SOLVER.STAGE2.MAX_EPOCHS", "1", "MODEL.METRIC_LOSS_TYPE", "triplet_center")
-    model, (tl2, _, _, nq, ncls, _, _) = build(cfg)
+    model, data = build(cfg)
     model.set_stage(2)
-    loss_fn, center = make_loss(cfg, ncls, feat_dim=model.feature_dims[0])
+    loss_fn, center = make_loss(cfg, data.num_classes, feat_dim=model.feature_dims[0])
     opt, opt_c = make_optimizer_2stage(cfg, model, center)
     assert opt_c is not None
     before = center.centers.detach().clone()
@@ -258,8 +258,8 @@ def test_stage2_with_center_loss_trains_the_centers(tiny_root, tmp_path):
         return original_step(*a, **k)
 
     opt_c.step = step_and_record
-    do_train_stage2(cfg, model, tl2, None, opt, opt_c, create_warmup_multistep(cfg.SOLVER.STAGE2, opt), loss_fn,
-                    make_ssl_loss(cfg), center, nq, ncls, torch.device("cpu"))
+    do_train_stage2(cfg, model, data._replace(val=None), opt, create_warmup_multistep(cfg.SOLVER.STAGE2, opt),
+                    Stage2Criteria(loss_fn, make_ssl_loss(cfg), center, opt_c), torch.device("cpu"))
     assert seen and all(g > 0 for g in seen)           # one step per batch, with a real gradient
     assert not torch.equal(before, center.centers.detach())
 
