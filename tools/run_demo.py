@@ -44,10 +44,9 @@ def main() -> int:
     weight = os.path.join(out, f"{cfg.MODEL.NAME}_{cfg.SOLVER.STAGE2.MAX_EPOCHS}.pth")
     vis = None
     if cfg.TEST.VISUALIZE and os.path.isfile(weight):   # the evaluation pictures of the trained model
-        ecfg = load_config(args.config_file, list(args.opts) + ["TEST.WEIGHT", weight,
-                                                                "OUTPUT_DIR", os.path.join(out, "eval")])
-        evaluate(ecfg)
-        vis = os.path.join(ecfg.OUTPUT_DIR, "visualize")
+        ecfg = load_config(args.config_file, list(args.opts) + ["TEST.WEIGHT", weight])
+        evaluate(ecfg, output_dir=os.path.join(out, "eval"))
+        vis = os.path.join(out, "eval", "visualize")
     print("\nFiles of this run:")
     print(f"  training record   {os.path.join(out, METRICS_FILE)}   (one JSON line per log period, epoch, evaluation)")
     print(f"                    {os.path.join(out, CURVES_FILE)}")
