@@ -239,13 +239,18 @@ def _run_search(opts, weight, query, gallery, out, *extra):
                              "--out", str(out), *extra, *opts, "TEST.WEIGHT", weight])
 
 
+def _extract_query_and_gallery(cfg, opts, weight, image_dir, tmp_path):
+    """Feature files of the query folder and the nested gallery folder, through the tool."""
+    assert _run_extract(cfg, opts, weight, image_dir / "deep" / "gallery", tmp_path / "g.npz") == 0
+    assert _run_extract(cfg, opts, weight, image_dir / "query", tmp_path / "q.npz") == 0
+    return np.load(tmp_path / "q.npz"), np.load(tmp_path / "g.npz")
+
+
 def test_search_topk_equals_independent_argsort(trained, image_dir, tmp_path, capsys):
     cfg, run, opts = trained
     weight = str(run / "ViT-B-16_2.pth")
     gallery = image_dir / "deep" / "gallery"
-    assert _run_extract(cfg, opts, weight, gallery, tmp_path / "g.npz") == 0
-    assert _run_extract(cfg, opts, weight, image_dir / "query", tmp_path / "q.npz") == 0
-    g, q = np.load(tmp_path / "g.npz"), np.load(tmp_path / "q.npz")
+    q, g = _extract_query_and_gallery(cfg, opts, weight, image_dir, tmp_path)
     gf = g["features"] / np.linalg.norm(g["features"], axis=1, keepdims=True)
     qf = q["features"] / np.linalg.norm(q["features"], axis=1, keepdims=True)
     dist = (qf ** 2).sum(1)[:, None] + (gf ** 2).sum(1)[None] - 2 * qf @ gf.T
@@ -280,11 +285,8 @@ def test_search_topk_equals_independent_argsort(trained, image_dir, tmp_path, ca
 def test_search_rerank_and_cosine_follow_the_config(trained, image_dir, tmp_path):
     cfg, run, opts = trained
     weight = str(run / "ViT-B-16_2.pth")
-    gallery = image_dir / "deep" / "gallery"
     from utils.reranking import re_ranking
-    assert _run_extract(cfg, opts, weight, gallery, tmp_path / "g.npz") == 0
-    assert _run_extract(cfg, opts, weight, image_dir / "query", tmp_path / "q.npz") == 0
-    g, q = np.load(tmp_path / "g.npz"), np.load(tmp_path / "q.npz")
+    q, g = _extract_query_and_gallery(cfg, opts, weight, image_dir, tmp_path)
     qf = torch.nn.functional.normalize(torch.from_numpy(q["features"]), dim=1)
     gf = torch.nn.functional.normalize(torch.from_numpy(g["features"]), dim=1)
     for extra, dist in ((["TEST.RE_RANKING", "True", "TEST.RE_RANKING_K1", "4", "TEST.RE_RANKING_K2", "2"],
