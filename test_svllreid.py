@@ -32,6 +32,7 @@ from utils.inference_io import visualize_evaluation
 from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
+from utils.run_dir import TRAINING_FILES
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -61,7 +62,7 @@ def default_output_dir(cfg: Any) -> str:
 
 def _check_output_dir(out: str) -> None:
     """Never write over a training run's results.json."""
-    if any(os.path.isfile(os.path.join(out, f)) for f in ("train_log.txt", "last.pth", "config.yaml", "metrics.jsonl")):
+    if any(os.path.isfile(os.path.join(out, f)) for f in TRAINING_FILES):
         raise ConfigError(f"OUTPUT_DIR {out} holds a training run; its results.json would be overwritten. "
                           "Give another OUTPUT_DIR, or none to write beside the checkpoint")
 

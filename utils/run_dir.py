@@ -22,9 +22,10 @@ from .fileio import atomic_write, remove_stale_temporaries
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
 LAST_CHECKPOINT = "last.pth"
+# Files only a training run writes (an evaluation folder never holds them).
+TRAINING_FILES = (LAST_CHECKPOINT, CONFIG_FILE, "train_log.txt", "metrics.jsonl")
 # Files that mark a folder as holding a run (besides the *.pth checkpoints).
-RUN_FILES = (LAST_CHECKPOINT, CONFIG_FILE, "train_log.txt", "results.json", "metrics.jsonl", "tensorboard",
-             "curves.png")
+RUN_FILES = (*TRAINING_FILES, "results.json", "tensorboard", "curves.png")
 
 # Keys that may differ when a run is resumed: where things are and how they are run,
 # not what is computed (the trained weights do not depend on them).
