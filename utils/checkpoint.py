@@ -88,32 +88,35 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         raise CheckpointMismatchError(f"{source} does not fit the model — " + "; ".join(parts))
 
 
+def as_state_dict(obj: Any, source: str = "state dict") -> dict[str, torch.Tensor]:
+    """The model state dict held by a loaded checkpoint object: a plain state dict, a
+    ``last.pth`` training state (``'model'``), a ``{'state_dict': ...}`` save, with or without
+    DataParallel/DDP ``module.`` prefixes. Anything else is a :class:`CheckpointError`."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]          # a last.pth training state
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not (isinstance(obj, Mapping) and obj
+            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())):
+        shown = list(obj)[:5] if isinstance(obj, Mapping) else ""
+        raise CheckpointError(f"{source} does not hold a model state dict (got {type(obj).__name__} {shown})")
+    return _strip_prefix(obj)
+
+
 def load_model_weights(model: nn.Module, path_or_state: str | Mapping[str, torch.Tensor]) -> None:
     """Load model weights (a checkpoint path, a full training state, or a state dict) strictly."""
-    source = path_or_state if isinstance(path_or_state, str) else "state dict"
-    sd = load_file(path_or_state) if isinstance(path_or_state, str) else path_or_state
-    if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
-        sd = sd["model"]          # a last.pth training state
-    if not (isinstance(sd, Mapping) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items())):
-        raise CheckpointError(f"{source} holds a {type(sd).__name__}, not a state dict (names -> tensors)")
-    sd = _strip_prefix(sd)
+    if isinstance(path_or_state, str):
+        source, sd = path_or_state, read_state_dict(path_or_state)
+    else:
+        source, sd = "state dict", as_state_dict(path_or_state)
     check_state_dict(model, sd, source)
     unwrap(model).load_state_dict(sd, strict=True)
 
 
 # ----------------------------------------------------------------------------- released weights
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The model state dict in a weights file (plain state dict, ``last.pth`` training state,
-    or a DataParallel/DDP save with ``module.`` prefixes), on the CPU."""
-    sd = load_file(path)
-    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
-        sd = sd["model"]          # a last.pth training state
-    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
-        sd = sd["state_dict"]
-    if not isinstance(sd, Mapping) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise CheckpointMismatchError(f"{path} does not hold a model state dict "
-                                      f"(got {type(sd).__name__} {list(sd)[:5] if isinstance(sd, Mapping) else ''})")
-    return _strip_prefix(sd)
+    """The model state dict in a weights file (see :func:`as_state_dict`), on the CPU."""
+    return as_state_dict(load_file(path), path)
 
 
 def metadata_path(weights_path: str) -> str:
