@@ -15,8 +15,9 @@ import os
 import time
 from typing import IO, Any
 
-from config import ConfigError, load_config
+from config import ConfigError, get_key, load_config
 
+from .checkpoint import metadata_path
 from .fileio import atomic_write, remove_stale_temporaries
 
 LOCK_FILE = ".lock"
@@ -83,7 +84,7 @@ def existing_run_files(output_dir: str) -> list[str]:
     weights = glob.glob(os.path.join(glob.escape(output_dir), "*.pth"))
     names |= {os.path.basename(p) for p in weights}
     # the metadata file written beside each weights file goes with it
-    names |= {os.path.basename(m) for m in (os.path.splitext(p)[0] + ".json" for p in weights) if os.path.isfile(m)}
+    names |= {os.path.basename(m) for m in map(metadata_path, weights) if os.path.isfile(m)}
     return sorted(names)
 
 
@@ -128,13 +129,6 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def given_value(cfg: Any, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def resume_config(config_file: str, opts: list[str]) -> Any:
     """The config of a run to resume: its saved ``config.yaml`` plus the allowed overrides.
 
@@ -162,10 +156,7 @@ def resume_config(config_file: str, opts: list[str]) -> Any:
                           f"these may change: {', '.join(sorted(RESUME_SAFE_KEYS))}")
     for key in keys:
         if key in RESUME_SAFE_KEYS:
-            *parents, leaf = key.split(".")
-            node = saved
-            for part in parents:
-                node = node[part]
-            node[leaf] = given_value(given, key)
+            parent, _, leaf = key.rpartition(".")
+            (get_key(saved, parent) if parent else saved)[leaf] = get_key(given, key)
     saved.freeze()
     return saved
