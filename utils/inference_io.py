@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from config import ConfigError, is_yes
 from datasets.bases import IMAGE_EXTENSIONS, read_image
+from datasets.market1501 import parse_market_name
 from datasets.transforms import build_transforms
 from model import load_for_inference
 from utils.fileio import atomic_write
@@ -33,8 +33,6 @@ logger = logging.getLogger("svllreid")
 
 # Files looked at in a folder: the dataset extensions plus other formats Pillow reads.
 INPUT_EXTENSIONS = tuple(sorted(set(IMAGE_EXTENSIONS) | {".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}))
-# Market-1501 / DukeMTMC / MSMT17 / VeRi style names: identity, '_c', camera number.
-_NAME = re.compile(r"^(-1|\d+)_c(\d+)")
 
 
 # ----------------------------------------------------------------------------- model
@@ -59,10 +57,10 @@ def load_model(cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
 # ----------------------------------------------------------------------------- names and folders
 def parse_name(name: str) -> tuple[int, int]:
     """(pid, camera id) of a Market/VeRi-style file name (camera ``cN`` -> N - 1), else (-1, -1)."""
-    m = _NAME.match(os.path.basename(name))
-    if not m or int(m.group(2)) == 0:
+    parsed = parse_market_name(os.path.basename(name))
+    if parsed is None or parsed[1] == 0:
         return -1, -1
-    return int(m.group(1)), int(m.group(2)) - 1
+    return parsed[0], parsed[1] - 1
 
 
 def list_image_files(root: str) -> list[str]:
