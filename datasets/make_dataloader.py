@@ -104,9 +104,8 @@ def check_valid_queries(dataset: BaseImageDataset) -> None:
     camera, so a query counts only when its identity appears in the gallery under another
     camera. With data from one camera (e.g. one's own recordings) no query counts.
     """
-    seen = {(pid, cam) for _, pid, cam, _ in dataset.gallery}
     cams_of: dict[int, set[int]] = {}
-    for pid, cam in seen:
+    for _, pid, cam, _ in dataset.gallery:
         cams_of.setdefault(pid, set()).add(cam)
     if not any(cams_of.get(pid, set()) - {cam} for _, pid, cam, _ in dataset.query):
         raise DatasetError(
