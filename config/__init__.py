@@ -217,10 +217,13 @@ def get_key(cfg: _YacsNode, key: str) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Config values equal as written: lists and tuples alike, ints and floats alike."""
+    """Config values equal as written: lists and tuples alike, ints and floats alike, a bool
+    only equal to a bool."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b and type(a) is not bool or (type(a) is bool and type(b) is bool and a == b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
 
 
 def _check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
