@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 import subprocess
 from typing import Any, Mapping
 
@@ -80,28 +79,17 @@ def checkpoint_metadata(cfg: Any, model: nn.Module, stage: int | None, epoch: in
 
 
 # ----------------------------------------------------------------------------- sizing
-def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return len({int(m.group(1)) for k in sd for m in [pat.match(k)] if m})
-
-
 def _arch_from_checkpoint(sd: Mapping[str, torch.Tensor], text_heads: int, with_text: bool) -> clip.CLIPArch:
     """CLIP architecture of the towers held by an SVLL-ReID / CLIP-ReID state dict."""
-    if "image_encoder.class_embedding" in sd:
-        conv = sd["image_encoder.conv1.weight"]
-        width, patch = conv.shape[0], conv.shape[-1]
-        layers: Any = _count(sd, "image_encoder.transformer.resblocks.")
+    width, layers, patch, vision_heads = clip.vision_tower_arch(sd, "image_encoder.")
+    if patch:   # ViT
         embed = sd["image_encoder.proj"].shape[1] if "image_encoder.proj" in sd else 512
-        vision_heads = max(1, width // 64)
     else:
-        width, patch = sd["image_encoder.layer1.0.conv1.weight"].shape[0], 0
-        layers = tuple(_count(sd, f"image_encoder.layer{i}.") for i in range(1, 5))
         embed = sd["image_encoder.attnpool.c_proj.weight"].shape[0] if "image_encoder.attnpool.c_proj.weight" in sd \
             else 1024
-        vision_heads = max(1, width * 32 // 64)
     if with_text:
         text_width = sd["text_encoder.ln_final.weight"].shape[0]
-        text_layers = _count(sd, "text_encoder.transformer.resblocks.")
+        text_layers = clip.count_blocks(sd, "text_encoder.transformer.resblocks.")
         context = sd["text_encoder.positional_embedding"].shape[0] if "text_encoder.positional_embedding" in sd else 77
     else:    # no text side: a one-layer placeholder that is never materialised
         text_width, text_layers, context = 64, 1, 77

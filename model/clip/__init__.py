@@ -12,12 +12,15 @@ from .model import (
     build_model,
     build_random_clip,
     convert_weights_fp16,
+    count_blocks,
     resize_pos_embed,
+    vision_tower_arch,
 )
 from .tokenizer import SimpleTokenizer, tokenize
 
 __all__ = [
     "ARCHITECTURES", "CLIP", "CLIPArch", "ModifiedResNet", "SimpleTokenizer", "TextTower", "Transformer",
     "VisionTransformer", "arch_from_state_dict", "build_model", "build_random_clip", "convert_weights_fp16",
-    "load_clip", "load_state_dict", "resize_pos_embed", "resolve_checkpoint", "tokenize",
+    "count_blocks", "load_clip", "load_state_dict", "resize_pos_embed", "resolve_checkpoint", "tokenize",
+    "vision_tower_arch",
 ]

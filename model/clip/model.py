@@ -459,7 +459,22 @@ class CLIP(TextTower, nn.Module):
 # ---------------------------------------------------------------------------------------
 # Construction
 # ---------------------------------------------------------------------------------------
-def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+def vision_tower_arch(state_dict: Mapping[str, torch.Tensor], prefix: str
+                      ) -> tuple[int, Union[int, Tuple[int, ...]], int, int]:
+    """(width, layers, patch size, heads) of the image tower whose keys start with ``prefix``
+    (OpenAI names under it): a ViT when it has a class embedding, else a ModifiedResNet
+    (width = stem width, layers = blocks per stage, patch size 0)."""
+    if f"{prefix}class_embedding" in state_dict:
+        width = int(state_dict[f"{prefix}conv1.weight"].shape[0])
+        return (width, count_blocks(state_dict, f"{prefix}transformer.resblocks."),
+                int(state_dict[f"{prefix}conv1.weight"].shape[-1]), _default_heads(width))
+    width = int(state_dict[f"{prefix}layer1.0.conv1.weight"].shape[0])
+    return width, tuple(count_blocks(state_dict, f"{prefix}layer{i}.") for i in range(1, 5)), 0, \
+        _default_heads(width * 32)
+
+
+def count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of numbered blocks (``<prefix>0.``, ``<prefix>1.``, ...) in a state dict."""
     return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
 
 
@@ -473,16 +488,7 @@ def arch_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> CLIPArch:
     if missing:
         raise ValueError(f"not an OpenAI-format CLIP state dict: missing keys {missing} "
                          f"(found e.g. {sorted(state_dict)[:5]})")
-    if vit:
-        vision_width = state_dict["visual.conv1.weight"].shape[0]
-        vision_layers: Union[int, Tuple[int, ...]] = _count_blocks(state_dict, "visual.transformer.resblocks.")
-        patch_size = state_dict["visual.conv1.weight"].shape[-1]
-        vision_heads = _default_heads(vision_width)
-    else:
-        vision_layers = tuple(_count_blocks(state_dict, f"visual.layer{i}.") for i in range(1, 5))
-        vision_width = state_dict["visual.layer1.0.conv1.weight"].shape[0]
-        patch_size = 0
-        vision_heads = _default_heads(vision_width * 32)
+    vision_width, vision_layers, patch_size, vision_heads = vision_tower_arch(state_dict, "visual.")
     text_width = state_dict["ln_final.weight"].shape[0]
     return CLIPArch(
         embed_dim=state_dict["text_projection"].shape[1],
@@ -492,7 +498,7 @@ def arch_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> CLIPArch:
         vision_heads=vision_heads,
         text_width=text_width,
         text_heads=_default_heads(text_width),
-        text_layers=_count_blocks(state_dict, "transformer.resblocks."),
+        text_layers=count_blocks(state_dict, "transformer.resblocks."),
         context_length=state_dict["positional_embedding"].shape[0],
         vocab_size=state_dict["token_embedding.weight"].shape[0],
     )
