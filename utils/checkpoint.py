@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+import zipfile
 from typing import Any, Mapping
 
 import torch
@@ -50,13 +51,21 @@ def load_file(path: str, weights_only: bool = True) -> Any:
         with warnings.catch_warnings():   # protocol notes of the safe unpickler: noise here
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain containers; refused "
-                              "(loading them could run arbitrary code): not a checkpoint this code writes "
-                              "or reads") from None
-    except (RuntimeError, EOFError, KeyError, IndexError, ValueError, UnicodeDecodeError) as e:
-        what = " ".join(str(e).split())[:120] or type(e).__name__
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, IndexError, ValueError,
+            UnicodeDecodeError) as e:
+        if isinstance(e, pickle.UnpicklingError) and _is_pickle_or_zip(path):
+            raise CheckpointError(f"{path} holds objects other than tensors and plain containers; refused "
+                                  "(loading them could run arbitrary code): not a checkpoint this code writes "
+                                  "or reads") from None
+        what = "not a pickle" if isinstance(e, pickle.UnpicklingError) else \
+            " ".join(str(e).split())[:120] or type(e).__name__
         raise CheckpointError(f"{path} is not a PyTorch checkpoint or is damaged/truncated ({what})") from None
+
+
+def _is_pickle_or_zip(path: str) -> bool:
+    """Whether ``path`` is a torch zip archive or a pickle (protocol 2+), i.e. a real but unsafe file."""
+    with open(path, "rb") as f:
+        return zipfile.is_zipfile(f) or f.seek(0) == 0 and f.read(1) == b"\x80"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
