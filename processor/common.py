@@ -21,6 +21,7 @@ from model.loading import checkpoint_metadata
 from utils.checkpoint import (load_file, load_model_weights, model_state, non_finite_keys, save_atomic, unwrap,
                               write_metadata)
 from utils.dist import all_gather_object, gather_strided, get_rank, get_world_size, is_main_process, shard_indices
+from utils.fileio import ctrl_c_deferred
 from utils.misc import AverageMeter, rng_state, set_rng_state
 from utils.record import TrainingRecord
 from utils.run_dir import LAST_CHECKPOINT, RunError
@@ -96,8 +97,9 @@ def save_train_state(output_dir: str, stage: int, epoch: int, model: nn.Module,
     state = {"stage": stage, "epoch": epoch, "model": weights, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
              "config": config, "extra": extra or {}}
-    save_atomic(state, os.path.join(output_dir, LAST_CHECKPOINT), check_finite=weights)
-    POSITION.saved = (stage, epoch)
+    with ctrl_c_deferred():   # a Ctrl-C here stops the run after the save, with POSITION telling so
+        save_atomic(state, os.path.join(output_dir, LAST_CHECKPOINT), check_finite=weights)
+        POSITION.saved = (stage, epoch)
 
 
 def restore_rng(state: dict[str, Any]) -> None:

@@ -419,3 +419,21 @@ def test_ctrl_c_is_one_line_and_resumable(tiny_root, tmp_path):
     assert held, last
     state = load_file(str(out / "last.pth"))     # what the line says is what the file holds
     assert (state["stage"], state["epoch"]) == (int(held.group(1)), int(held.group(2)))
+
+
+def test_ctrl_c_during_a_write_completes_the_file_first(tmp_path):
+    """A SIGINT inside torch.save would surface as an unrelated write error and lose the file:
+    it is held until the file is complete, then raised as KeyboardInterrupt."""
+    from utils.fileio import atomic_write
+    path = tmp_path / "w.bin"
+
+    def write_and_get_interrupted(f):
+        f.write(b"a" * 1000)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        f.write(b"b" * 1000)
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(path), write_and_get_interrupted)
+    assert path.read_bytes() == b"a" * 1000 + b"b" * 1000
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handler restored

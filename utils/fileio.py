@@ -9,12 +9,15 @@ results folder can read them.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
 import shutil
+import signal
 import tempfile
-from typing import IO, Any, Callable
+import threading
+from typing import IO, Any, Callable, Iterator
 
 TMP_PREFIX = ".svllreid-partial-"
 TMP_SUFFIX = ".tmp"
@@ -27,13 +30,49 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+_deferring = False
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
+
+    A SIGINT inside ``torch.save`` surfaces as an unrelated write error and loses the
+    file; deferred, the write completes and the run stops right after it. Nested blocks
+    defer to the outermost one; outside the main thread, or with a custom SIGINT handler,
+    it does nothing.
+    """
+    global _deferring
+    if _deferring or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    got: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        signal.signal(signal.SIGINT, previous)
+    if got:
+        raise KeyboardInterrupt
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     On any failure the temporary file is removed and ``path`` keeps its previous content.
     A full disk becomes ``OSError(ENOSPC)`` naming the file (torch's own message for it,
     ``inline_container.cc ... unexpected pos``, says nothing useful).
+    A Ctrl-C during the write takes effect once the file is complete (:func:`ctrl_c_deferred`).
     """
+    with ctrl_c_deferred():
+        _atomic_write(path, write)
+
+
+def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """:func:`atomic_write` without the Ctrl-C deferral."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
