@@ -42,13 +42,16 @@ def _init_classifier(fc: nn.Linear) -> None:
     nn.init.normal_(fc.weight, std=0.001)
 
 
-def _init_mlp(module: nn.Module) -> None:
-    """Kaiming fan-in for linear layers, uniform BN affine (as the published SSL heads)."""
+def init_image_ssl_head(module: nn.Module) -> None:
+    """The published initialisation of the image SSL head: Kaiming (fan-in) Linear weights and
+    BatchNorm weight and bias drawn uniformly from [0, 1). Linear biases keep PyTorch's default.
+
+    Only the image head gets it; the text head keeps PyTorch's default initialisation, as published
+    (it does not train in stage 1 by default, so its initialisation fixes the language-SSL objective).
+    """
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0.0)
         elif isinstance(m, nn.BatchNorm1d):
             nn.init.uniform_(m.weight)
             nn.init.uniform_(m.bias)
@@ -58,7 +61,8 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """SimCLR projection head: Linear-BN-ReLU, Linear-BN-ReLU, Linear.
 
     Sub-modules carry the published names (``layer1, bn1, relu1, layer2, bn2, relu2, layer3``)
-    so that state dicts are interchangeable with the published SVLL-ReID code.
+    so that state dicts are interchangeable with the published SVLL-ReID code. PyTorch's default
+    initialisation; the model applies :func:`init_image_ssl_head` to the image head.
     """
     mlp = nn.Sequential(OrderedDict([
         ("layer1", nn.Linear(in_dim, hidden_dim)), ("bn1", nn.BatchNorm1d(hidden_dim)),
@@ -67,18 +71,17 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
         ("relu2", nn.ReLU(inplace=True)),
         ("layer3", nn.Linear(hidden_dim, out_dim)),
     ]))
-    _init_mlp(mlp)
     return mlp
 
 
 def prediction_mlp(dim: int, hidden_dim: int = 512) -> nn.Sequential:
     """SimSiam predictor: Linear-BN-ReLU-Linear (dim -> hidden -> dim), published names
-    ``linear1, bn1, relu1, layer2``."""
+    ``linear1, bn1, relu1, layer2``; PyTorch's default initialisation until the model applies
+    :func:`init_image_ssl_head`."""
     mlp = nn.Sequential(OrderedDict([
         ("linear1", nn.Linear(dim, hidden_dim)), ("bn1", nn.BatchNorm1d(hidden_dim)), ("relu1", nn.ReLU(inplace=True)),
         ("layer2", nn.Linear(hidden_dim, dim)),
     ]))
-    _init_mlp(mlp)
     return mlp
 
 
@@ -254,6 +257,7 @@ class SVLLReID(nn.Module):
                 self.image_mlp = projection_mlp(self.in_planes, hidden, out)
             else:
                 self.image_mlp = prediction_mlp(self.in_planes)
+            init_image_ssl_head(self.image_mlp)
         if self.use_ssl_stage1:
             self.text_mlp = projection_mlp(self.in_planes_proj, hidden, out)
         self._trainable_at_init = {n: p.requires_grad for n, p in self.named_parameters()}
@@ -325,9 +329,9 @@ class SVLLReID(nn.Module):
         prompts = self.prompt_learner(labels)
         tok = self.prompt_learner.tokenized_prompts
         views = [augment_prompts(prompts, self.prompt_aug_method, self.prompt_aug_scale) for _ in range(2)]
-        feats = self.text_encoder(torch.cat(views), tok)
-        e1, e2 = self.text_mlp(feats).chunk(2)
-        return {"aug1_embed": e1, "aug2_embed": e2}
+        f1, f2 = self.text_encoder(torch.cat(views), tok).chunk(2)   # LayerNorm only: batched = per view
+        # The head's BatchNorm (train mode in stage 1) sees each view on its own, as published.
+        return {"aug1_embed": self.text_mlp(f1), "aug2_embed": self.text_mlp(f2)}
 
     # -------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor | None = None, label: torch.Tensor | None = None,

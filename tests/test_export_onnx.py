@@ -131,7 +131,7 @@ def test_metadata_props(exported):
     assert meta["model"] == "ViT-B-16"
     assert meta["input_size"] == "128,64"
     assert meta["pixel_mean"] == "0.5,0.5,0.5" and meta["pixel_std"] == "0.5,0.5,0.5"
-    assert meta["resize_interpolation"] == "bicubic"
+    assert meta["resize_interpolation"] == "bilinear"
     assert meta["feat_dim"] == "128"                        # 64 (CLS) + 64 (projection)
     assert meta["uses_sie"] == "true" and meta["sie_inputs"] == "camid"
     assert meta["sie_cameras"] == "2" and meta["sie_views"] == "0"

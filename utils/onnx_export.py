@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from config import ConfigError
 from datasets.bases import IMAGE_EXTENSIONS, read_image
-from datasets.transforms import build_transforms
+from datasets.transforms import TEST_INTERPOLATION, build_transforms
 from model import SVLLReID, load_for_inference
 from utils.checkpoint import load_file
 
@@ -110,10 +110,11 @@ def metadata(cfg: Any, model: SVLLReID, info: Mapping[str, Any], opset: int) -> 
     return {
         "model": str(model.model_name),
         "input_size": f"{h},{w}",
-        "input_layout": "NCHW float32 RGB in [0, 1] after bicubic resize to input_size, then (x - mean) / std",
+        "input_layout": f"NCHW float32 RGB in [0, 1] after {TEST_INTERPOLATION.value} resize to input_size, "
+                        "then (x - mean) / std",
         "pixel_mean": ",".join(f"{float(v):g}" for v in cfg.INPUT.PIXEL_MEAN),
         "pixel_std": ",".join(f"{float(v):g}" for v in cfg.INPUT.PIXEL_STD),
-        "resize_interpolation": "bicubic",
+        "resize_interpolation": TEST_INTERPOLATION.value,
         "feat_dim": str(int(info["feat_dim"])),
         "neck_feat": str(cfg.TEST.NECK_FEAT),
         "feat_norm": str(cfg.TEST.FEAT_NORM),
