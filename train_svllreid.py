@@ -107,6 +107,8 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=True, is_main=is_main_process())
     for note in notes:
         logger.info("%s", note)
+    # the state to continue is checked against the run before anything is written or loaded
+    state = load_train_state(cfg.OUTPUT_DIR, cfg) if resume else None
     if is_main_process():
         save_run_config(cfg.OUTPUT_DIR, cfg)
     logger.info("Configuration (also in %s):\n%s", os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE), cfg.dump())
@@ -134,7 +136,6 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
         out["untrained"] = do_inference(cfg, model, data.val, data.num_query, device)
         record.log_eval(0, 0, out["untrained"])
 
-    state = load_train_state(cfg.OUTPUT_DIR) if resume else None
     if resume and state is None:
         logger.warning("--resume: no %s/last.pth yet; starting from scratch", cfg.OUTPUT_DIR)
     if state is not None:

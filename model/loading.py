@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from config import ConfigError
-from utils.checkpoint import CheckpointMismatchError, read_metadata, read_state_dict
+from utils.checkpoint import CheckpointMismatchError, metadata_path, read_metadata, read_state_dict
 from utils.checkpoint import METADATA_FORMAT
 
 from . import clip
@@ -124,6 +124,34 @@ def _sie_sizes(sd: Mapping[str, torch.Tensor], meta: dict | None, cfg: Any, is_v
                 "or turn MODEL.SIE_VIEW off")
         return True, True, rows // views, views, float(cfg.MODEL.SIE_COE)
     return cam, view, rows if cam else 1, rows if view else 1, float(cfg.MODEL.SIE_COE)
+
+
+def check_metadata(sd: Mapping[str, torch.Tensor], meta: dict | None, path: str) -> None:
+    """Refuse a metadata file that describes another model than the weights beside it.
+
+    Compared with what the tensors say: the image encoder (ViT-B-16 / RN50), the identities
+    (classifier rows) and the SIE table's rows. The error names the metadata file.
+    """
+    if meta is None:
+        return
+    where = metadata_path(path) if os.path.isfile(path) else "the metadata"
+    is_vit = "image_encoder.class_embedding" in sd
+    name = "ViT-B-16" if is_vit else "RN50"
+    bad = []
+    if meta.get("model") and meta["model"] != name:
+        bad.append(f"model {meta['model']} but the weights hold a {name} image encoder")
+    rows = next((int(sd[k].shape[0]) for k in ("classifier.weight", "classifier_proj.weight") if k in sd), None)
+    if rows is not None and meta.get("num_classes") is not None and int(meta["num_classes"]) != rows:
+        bad.append(f"num_classes {meta['num_classes']} but the classifier has {rows} rows")
+    if is_vit and "cv_embed" in sd and (meta.get("sie_camera") or meta.get("sie_view")):
+        cams = int(meta.get("camera_num", 1)) if meta.get("sie_camera") else 1
+        views = int(meta.get("view_num", 1)) if meta.get("sie_view") else 1
+        if cams * views != int(sd["cv_embed"].shape[0]):
+            bad.append(f"an SIE table of {cams * views} rows but cv_embed has {int(sd['cv_embed'].shape[0])}")
+    if bad:
+        raise CheckpointMismatchError(f"{where} does not describe the weights in {path}: {'; '.join(bad)}; put the "
+                                      "metadata file of these weights beside them, or move it away to size the "
+                                      "model from the tensors alone")
 
 
 def _vit_stride(cfg: Any, tokens: int) -> int | None:
@@ -358,6 +386,7 @@ def load_state_for_inference(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dic
                              ) -> tuple[SVLLReID, dict[str, Any]]:
     """:func:`load_for_inference` on a state dict already in memory (``module.`` prefixes allowed)."""
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    check_metadata(sd, meta, path)
     icfg, options, arch, sizes, notes = _inference_cfg(cfg, sd, meta, test_dataset)
     model = _build(icfg, options, arch, sizes)
     hint = (f" (the image grid follows INPUT.SIZE_TRAIN {list(cfg.INPUT.SIZE_TRAIN)} and MODEL.STRIDE_SIZE "

@@ -129,6 +129,51 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_differences(saved_yaml: str, cfg: Any) -> list[tuple[str, Any, Any]]:
+    """The keys outside :data:`RESUME_SAFE_KEYS` where the config dump ``saved_yaml`` and ``cfg``
+    differ, as ``(key, saved value, cfg value)``; empty when they describe the same run. Keys
+    that only one of the two has (a config of another code version) are not compared."""
+    node_type = type(cfg)
+    saved = _flatten(node_type._load_cfg_from_yaml_str(saved_yaml))
+    own = _flatten(node_type._load_cfg_from_yaml_str(cfg.dump()))
+    return [(key, saved[key], value) for key, value in own.items()
+            if key not in RESUME_SAFE_KEYS and key in saved and saved[key] != value]
+
+
+def check_train_state(state: dict[str, Any], cfg: Any, path: str) -> None:
+    """Refuse a training state (``last.pth``) that is not a state of the run ``cfg`` describes.
+
+    Its own config (saved inside it) must equal the run's on every key outside
+    :data:`RESUME_SAFE_KEYS` (a ``last.pth`` copied from another run, or a hand-edited
+    ``config.yaml``), and its position must exist in this run (a stage the run has, an epoch
+    not beyond that stage's MAX_EPOCHS). The :class:`RunError` names the file and the key.
+    """
+    stage, epoch = state.get("stage"), state.get("epoch")
+    saved_cfg = state.get("config")
+    if isinstance(saved_cfg, str) and saved_cfg.strip():
+        try:
+            diffs = config_differences(saved_cfg, cfg)
+        except Exception as e:     # noqa: BLE001 -- any YAML/yacs failure means the same: unreadable config
+            raise RunError(f"{path}: its saved config cannot be read ({' '.join(str(e).split())[:120]})") from None
+        if diffs:
+            shown = "; ".join(f"{key} = {theirs!r} (run: {ours!r})" for key, theirs, ours in diffs[:4])
+            more = f"; ... (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
+            raise RunError(f"{path} does not belong to this run: it was written with {shown}{more}, where run values "
+                           f"are those of {os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE)} and the command line; --resume "
+                           "continues only a state written with the run's own settings (start over with --overwrite, "
+                           "or put back the run's last.pth / config.yaml)")
+    if stage not in (1, 2) or not isinstance(epoch, int) or epoch < 1:
+        raise RunError(f"{path}: stage {stage!r}, epoch {epoch!r} is not a training position (stage 1 or 2, "
+                       "epoch >= 1): not a last.pth written by train_svllreid.py")
+    if stage == 1 and not cfg.MODEL.PROMPT_LEARNING:
+        raise RunError(f"{path} holds stage 1 epoch {epoch}, but this run has no stage 1 "
+                       "(MODEL.PROMPT_LEARNING False): it is another run's state")
+    max_epochs = int(get_key(cfg, f"SOLVER.STAGE{stage}.MAX_EPOCHS"))
+    if epoch > max_epochs:
+        raise RunError(f"{path} holds stage {stage} epoch {epoch}, beyond this run's SOLVER.STAGE{stage}.MAX_EPOCHS "
+                       f"{max_epochs}: it is another run's state")
+
+
 def resume_config(config_file: str, opts: list[str]) -> Any:
     """The config of a run to resume: its saved ``config.yaml`` plus the allowed overrides.
 
@@ -136,11 +181,17 @@ def resume_config(config_file: str, opts: list[str]) -> Any:
     compared with the saved run: with a config file, every key of the resulting config;
     without one, the keys given on the command line. A difference in a key outside
     :data:`RESUME_SAFE_KEYS` is refused, naming the key and both values. Returns None when
-    the folder has no saved config (a run of an older version): the given config is used.
+    the folder has no saved config but a ``last.pth`` (a run of an older version): the given
+    config is used. A folder with neither is refused at once (:class:`RunError`).
     """
     given = load_config(config_file or None, opts, freeze=False)
     saved_path = os.path.join(given.OUTPUT_DIR, CONFIG_FILE)
     if not os.path.isfile(saved_path):
+        if not os.path.isfile(os.path.join(given.OUTPUT_DIR, LAST_CHECKPOINT)):
+            what = "does not exist" if not os.path.isdir(given.OUTPUT_DIR) else \
+                f"holds no run to continue (no {CONFIG_FILE}, no {LAST_CHECKPOINT})"
+            raise RunError(f"--resume: OUTPUT_DIR {given.OUTPUT_DIR} {what}; give the folder of the run to "
+                           "continue, or start a new run without --resume")
         return None
     try:
         saved = load_config(saved_path, freeze=False)
