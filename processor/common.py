@@ -76,9 +76,12 @@ def check_finite_loss(values: dict[str, float], stage: int, epoch: int, iteratio
         return
     parts = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
     lr_key = f"SOLVER.STAGE{stage}.BASE_LR"
+    kept = (f"{LAST_CHECKPOINT} keeps the last finite state (end of stage {POSITION.saved[0]} epoch "
+            f"{POSITION.saved[1]})" if POSITION.saved else "no training state had been saved yet")
+    # --resume keeps the run's settings (a changed BASE_LR is refused), so the advice is a new start
     raise NonFiniteLossError(f"stage {stage}, epoch {epoch}, iteration {iteration}: non-finite loss ({parts}); "
-                             f"stopped before this step was applied, {LAST_CHECKPOINT} keeps the last finite state "
-                             f"(the training diverged: try a lower {lr_key})")
+                             f"stopped before this step was applied, {kept}. The training diverged: start it over "
+                             f"with a lower {lr_key} and --overwrite (this run's files move to previous-<time>/)")
 
 
 def save_train_state(output_dir: str, stage: int, epoch: int, model: nn.Module,

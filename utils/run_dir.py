@@ -27,6 +27,9 @@ LAST_CHECKPOINT = "last.pth"
 TRAINING_FILES = (LAST_CHECKPOINT, CONFIG_FILE, "train_log.txt", "metrics.jsonl")
 # Files that mark a folder as holding a run (besides the *.pth checkpoints).
 RUN_FILES = (*TRAINING_FILES, "results.json", "tensorboard", "curves.png")
+# Of those, the ones that hold training progress (with the *.pth): without any of them the
+# folder holds the leftovers of a run that failed before training, not a run.
+PROGRESS_FILES = (LAST_CHECKPOINT, "results.json")
 
 # Keys that may differ when a run is resumed: where things are and how they are run,
 # not what is computed (the trained weights do not depend on them).
@@ -92,7 +95,9 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> list[s
     """Check that a run may start in ``output_dir`` (call with the lock held).
 
     Removes the leftovers of interrupted atomic writes; with ``overwrite``, moves the
-    previous run's files into ``previous-<time>/``. Returns log lines saying what was done.
+    previous run's files into ``previous-<time>/``; so too, without ``overwrite``, the files of
+    a run that saved no progress (no checkpoint, no results: it failed before training), which
+    do not block a corrected re-run. Returns log lines saying what was done.
     """
     notes = []
     stale = remove_stale_temporaries(output_dir)
@@ -101,17 +106,33 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> list[s
     files = existing_run_files(output_dir)
     if resume or not files:
         return notes
+    if not overwrite and not any(n in PROGRESS_FILES or n.endswith(".pth") for n in files):
+        # the leftovers of a run that failed before saving anything (bad data path, bad batch): not a run
+        dest = _move_aside(output_dir, files)
+        notes.append(f"OUTPUT_DIR held only the files of a run that saved no training progress ({', '.join(files)}); "
+                     f"moved to {dest}")
+        return notes
     if not overwrite:
         shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "")
         raise RunError(f"OUTPUT_DIR {output_dir} already holds a run ({shown}): add --resume to continue it, "
                        "--overwrite to start over (its files are moved to a previous-<time>/ sub-folder), "
                        "or choose another OUTPUT_DIR")
+    dest = _move_aside(output_dir, files)
+    notes.append(f"--overwrite: the previous run's {len(files)} file(s) were moved to {dest}")
+    return notes
+
+
+def _move_aside(output_dir: str, files: list[str]) -> str:
+    """Move ``files`` of ``output_dir`` into a new ``previous-<time>/`` sub-folder; returns it."""
     dest = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    for i in range(1, 1000):          # two moves within a second get two folders
+        if not os.path.exists(dest):
+            break
+        dest = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S") + f"-{i}")
     os.makedirs(dest)
     for n in files:
         os.replace(os.path.join(output_dir, n), os.path.join(dest, n))
-    notes.append(f"--overwrite: the previous run's {len(files)} file(s) were moved to {dest}")
-    return notes
+    return dest
 
 
 def save_run_config(output_dir: str, cfg: Any) -> None:
