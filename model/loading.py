@@ -35,6 +35,7 @@ from .make_model import SVLLReID, SVLLReIDOptions, feature_grid, model_options_f
 logger = logging.getLogger("svllreid")
 
 __all__ = ["load_for_inference", "load_state_for_inference", "checkpoint_metadata", "decide_use_sie",
+           "check_metadata", "camera_numbers",
            "RETRIEVAL_PREFIXES", "TRAINING_ONLY_PARTS"]
 
 RETRIEVAL_PREFIXES = ("image_encoder.", "bottleneck.", "bottleneck_proj.", "cv_embed")

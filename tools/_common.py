@@ -68,11 +68,11 @@ def setup(config_file: str, opts: Sequence[str]) -> tuple[Any, torch.device]:
 def camera_id(camera: int | None, info: dict[str, Any] | None = None) -> int | None:
     """``--camera N`` (the number written in names, c1 = 1) -> camera id (SIE row), numbered as the
     checkpoint's training set numbers its cameras (``info['camera_numbers']``); a camera the
-    model never saw is refused."""
+    model never saw is refused. Without ``info`` (model not loaded yet) only the form is checked."""
     if camera is None:
         return None
     numbers = (info or {}).get("camera_numbers") or {}
-    if camera < 1 and not numbers:
+    if camera < 0 or (camera == 0 and info is not None and not numbers):
         raise ConfigError(f"--camera {camera}: give the camera number as in the file names (c1 = 1)")
     if numbers and camera not in numbers:
         raise ConfigError(f"--camera {camera}: the model was trained on cameras "

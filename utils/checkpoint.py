@@ -59,10 +59,8 @@ def load_file(path: str, weights_only: bool = True) -> Any:
                                   "or reads") from None
         what = "not a pickle" if isinstance(e, pickle.UnpicklingError) else \
             " ".join(str(e).split())[:120] or type(e).__name__
-        if isinstance(e, OSError) and os.path.isfile(path):
+        if isinstance(e, OSError):
             what = f"cannot be read to the end: {what}"
-        elif isinstance(e, OSError):
-            raise
         raise CheckpointError(f"{path} is not a PyTorch checkpoint or is damaged/truncated ({what})") from None
 
 
