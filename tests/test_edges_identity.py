@@ -381,3 +381,13 @@ def test_train_identities_in_the_test_split_are_warned(finished_run, tiny_root, 
     assert " 2 query/gallery identities are training identities of its own training split" in capsys.readouterr().out
     assert _eval(tiny_root, finished_run / "ViT-B-16_2.pth", tmp_path / "e2") == 0
     assert "are training identities" not in capsys.readouterr().out       # distractors / junk are not counted
+
+
+def test_onnx_metadata_carries_the_camera_numbering(gapped_run):
+    from model import load_for_inference
+    from utils.onnx_export import metadata
+    data, out = gapped_run
+    cfg = load_config(DEMO, [*TINY, "DATASETS.ROOT_DIR", str(data), "TEST.WEIGHT", str(out / "ViT-B-16_2.pth")])
+    model, info = load_for_inference(cfg)
+    props = metadata(cfg, model, info, 18)
+    assert props["sie_inputs"] == "camid" and props["sie_camera_numbers"] == "3:0,7:1"
