@@ -23,6 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from config import load_config
 from datasets import make_dataloader
+from datasets.bases import dataset_identity
+from datasets.make_dataloader import build_dataset_from_cfg
 from loss import make_loss, make_ssl_loss
 from model import make_model
 from processor import Stage2Criteria, do_inference, do_train_stage1, do_train_stage2
@@ -107,6 +109,8 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=True, is_main=is_main_process())
     for note in notes:
         logger.info("%s", note)
+    # the state to continue is checked against the run before anything is written or loaded
+    state = load_train_state(cfg.OUTPUT_DIR, cfg) if resume else None
     if is_main_process():
         save_run_config(cfg.OUTPUT_DIR, cfg)
     logger.info("Configuration (also in %s):\n%s", os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE), cfg.dump())
@@ -119,9 +123,11 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
         if n is not None:
             logger.info("CPU: %d torch thread(s) beside %d loader worker(s)", n, cfg.DATALOADER.NUM_WORKERS)
 
-    data = make_dataloader(cfg)
+    dataset = build_dataset_from_cfg(cfg)
+    data = make_dataloader(cfg, dataset=dataset)
     model = make_model(cfg, num_class=data.num_classes, camera_num=data.camera_num,
                        view_num=data.view_num).to(device)
+    model.data_identity = dataset_identity(dataset)     # into every checkpoint's metadata
     if cfg.MODEL.SSL_SYNC_BN and is_dist():
         if device.type == "cuda":
             model.sync_ssl_batchnorm()
@@ -134,7 +140,6 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
         out["untrained"] = do_inference(cfg, model, data.val, data.num_query, device)
         record.log_eval(0, 0, out["untrained"])
 
-    state = load_train_state(cfg.OUTPUT_DIR) if resume else None
     if resume and state is None:
         logger.warning("--resume: no %s/last.pth yet; starting from scratch", cfg.OUTPUT_DIR)
     if state is not None:

@@ -6,6 +6,7 @@ so that distractors (pid 0) stay distinguishable). Camera and view ids start at 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "Sample", "DatasetError", "DatasetLayoutError", "verify_images", "BaseImageDataset", "ImageDataset", "read_image",
     "relabel", "report_unparsed", "require_dirs", "resolve_dataset_dir", "list_images",
-    "IMAGE_EXTENSIONS",
+    "IMAGE_EXTENSIONS", "dataset_identity", "renumber_cameras", "train_test_overlap",
 ]
 
 logger = logging.getLogger("svllreid")
@@ -77,6 +78,15 @@ class BaseImageDataset:
         self.train: list[Sample] = []
         self.query: list[Sample] = []
         self.gallery: list[Sample] = []
+        # camera number as written in the names -> camera id (empty: the convention 'number - 1')
+        self.camera_numbers: dict[int, int] = {}
+        self.train_pids: list[int] = []   # training identities before relabelling
+
+    def set_train(self, samples: Sequence[Sample]) -> None:
+        """``train`` = ``samples`` relabelled (:func:`relabel`); the original identities are kept
+        in ``train_pids`` (to recognise training identities in a test split)."""
+        self.train_pids = sorted({s[1] for s in samples})
+        self.train = relabel(samples)
 
     # ------------------------------------------------------------------ statistics
     @staticmethod
@@ -125,6 +135,48 @@ class BaseImageDataset:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(train={len(self.train)}, query={len(self.query)}, "
                 f"gallery={len(self.gallery)}, ids={self.num_train_pids})")
+
+
+def dataset_identity(dataset: BaseImageDataset) -> dict[str, Any]:
+    """What identifies a dataset wherever it lies: its name, a fingerprint of its query and gallery
+    files (paths relative to the dataset folder, identities and cameras; not where the folder is),
+    its camera numbering and its training identities. Stored in checkpoint metadata."""
+    base = getattr(dataset, "dataset_dir", "") or ""
+    number_of = {i: n for n, i in dataset.camera_numbers.items()}   # the camera as written, not its id
+    h = hashlib.sha1()
+    for subset in ("query", "gallery"):
+        for path, pid, cam, view in sorted(getattr(dataset, subset)):
+            rel = os.path.relpath(path, base) if base else os.path.basename(path)
+            h.update(f"{subset}\t{rel}\t{pid}\t{number_of.get(cam, cam)}\t{view}\n".encode())
+    return {"name": dataset.name, "fingerprint": h.hexdigest(),
+            "camera_numbers": {str(n): int(i) for n, i in sorted(dataset.camera_numbers.items())},
+            "num_cameras": int(getattr(dataset, "num_train_cams", 0)), "train_pids": list(dataset.train_pids)}
+
+
+def renumber_cameras(dataset: BaseImageDataset, numbers: dict[int, int]) -> bool:
+    """Give the query and gallery of ``dataset`` the camera ids of ``numbers`` (camera number as
+    written -> id, e.g. a checkpoint's training numbering), when the dataset numbers the same
+    cameras otherwise (a test-only folder without the training split: c3, c7, c9 -> 0, 1, 2 here
+    but 1, 3, 4 in training). Only when every test camera number is in ``numbers``; returns
+    whether anything changed."""
+    own = dataset.camera_numbers
+    if not own or not numbers or own.items() <= numbers.items():
+        return False
+    if any(n not in numbers for n in own):
+        return False
+    to_new = {i: numbers[n] for n, i in own.items()}
+    for subset in ("query", "gallery"):
+        setattr(dataset, subset, [(p, pid, to_new.get(c, c), v) for p, pid, c, v in getattr(dataset, subset)])
+    dataset.camera_numbers = {n: numbers[n] for n in own}
+    dataset.num_train_cams = max(dataset.num_train_cams, 1 + max(numbers.values()))
+    return True
+
+
+def train_test_overlap(train_pids: Iterable[int], dataset: BaseImageDataset) -> int:
+    """How many identities of the query and gallery are training identities (``train_pids``):
+    distractors (0) and junk (-1) are not identities. Non-zero means a leaked test split."""
+    test = {s[1] for s in dataset.query} | {s[1] for s in dataset.gallery}
+    return len((test - {0, -1}) & set(train_pids))
 
 
 def require_dirs(name: str, base: str, subdirs: Iterable[str], layout: str | None) -> None:

@@ -19,12 +19,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from utils.dist import get_rank, get_world_size, is_dist
 
-from .bases import BaseImageDataset, DatasetError, ImageDataset, verify_images
+from .bases import BaseImageDataset, DatasetError, ImageDataset, train_test_overlap, verify_images
 from .factory import build_dataset
 from .sampler import RandomIdentitySampler, RandomIdentitySamplerDDP, ShuffleSampler
 from .transforms import build_ssl_transform, build_transforms
 
-__all__ = ["Loaders", "make_dataloader", "make_val_loader", "build_dataset_from_cfg"]
+__all__ = ["Loaders", "make_dataloader", "make_val_loader", "build_dataset_from_cfg",
+           "warn_train_identities_in_test"]
 
 logger = logging.getLogger("svllreid")
 
@@ -135,10 +136,24 @@ class Loaders(NamedTuple):
     view_num: int
 
 
-def make_dataloader(cfg: Any, trial: int = 0) -> Loaders:
-    """Build the loaders from ``cfg``; ``trial`` selects the VehicleID split."""
-    dataset = build_dataset_from_cfg(cfg, trial)
+def warn_train_identities_in_test(dataset: BaseImageDataset, train_pids: Any, where: str) -> int:
+    """One WARNING line when query/gallery hold training identities (``train_pids``, from
+    ``where``): the test split then measures memorised identities. Returns the count."""
+    n = train_test_overlap(train_pids, dataset)
+    if n:
+        logger.warning("%s: %d query/gallery identities are training identities of %s (distractors and junk not "
+                       "counted): the test split is not disjoint from training, the metrics are optimistic",
+                       dataset.name, n, where)
+    return n
+
+
+def make_dataloader(cfg: Any, trial: int = 0, dataset: BaseImageDataset | None = None) -> Loaders:
+    """Build the loaders from ``cfg``; ``trial`` selects the VehicleID split. ``dataset``: the
+    parsed dataset when the caller already has it (else built from ``cfg``)."""
+    if dataset is None:
+        dataset = build_dataset_from_cfg(cfg, trial)
     check_identity_batch(cfg, dataset.num_train_pids)
+    warn_train_identities_in_test(dataset, dataset.train_pids, "its own training split")
     for subset in ("train", "query", "gallery"):
         verify_images([s[0] for s in getattr(dataset, subset)], f"{cfg.DATASETS.NAMES} {subset}")
     retries = cfg.DATALOADER.READ_RETRIES

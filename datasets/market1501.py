@@ -10,7 +10,7 @@ import os
 import re
 from typing import Callable
 
-from .bases import (BaseImageDataset, list_images, relabel, report_unparsed,
+from .bases import (BaseImageDataset, list_images, report_unparsed,
                     require_dirs, resolve_dataset_dir)
 
 __all__ = ["MarketStyleDataset", "Market1501", "parse_market_name"]
@@ -57,7 +57,8 @@ class MarketStyleDataset(BaseImageDataset):
         view_of = self._view_labels([p for items in raw.values() for p, _, _ in items], need_views)
         train, query, gallery = ([(p, pid, cam_map[c], view_of(p)) for p, pid, c in raw[sub]]
                                  for sub in self.subdirs)
-        self.train = relabel(train)
+        self.set_train(train)
+        self.camera_numbers = dict(cam_map)
         self.query = query
         self.gallery = gallery
         self._finalize(test_only)

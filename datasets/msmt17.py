@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .bases import (BaseImageDataset, DatasetLayoutError, Sample, relabel, report_unparsed,
+from .bases import (BaseImageDataset, DatasetLayoutError, Sample, report_unparsed,
                     require_dirs, resolve_dataset_dir)
 
 __all__ = ["MSMT17"]
@@ -42,8 +42,7 @@ class MSMT17(BaseImageDataset):
         train_dir = os.path.join(self.dataset_dir, "train")
         test_dir = os.path.join(self.dataset_dir, "test")
         if not test_only:
-            self.train = relabel(self._parse_list(train_dir, "list_train.txt")
-                                 + self._parse_list(train_dir, "list_val.txt"))
+            self.set_train(self._parse_list(train_dir, "list_train.txt") + self._parse_list(train_dir, "list_val.txt"))
         self.query = self._parse_list(test_dir, "list_query.txt")
         self.gallery = self._parse_list(test_dir, "list_gallery.txt")
         self._finalize(test_only)

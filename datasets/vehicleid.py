@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .bases import (BaseImageDataset, DatasetError, DatasetLayoutError, Sample, relabel, report_unparsed,
+from .bases import (BaseImageDataset, DatasetError, DatasetLayoutError, Sample, report_unparsed,
                     require_dirs, resolve_dataset_dir)
 
 __all__ = ["VehicleID"]
@@ -42,7 +42,7 @@ class VehicleID(BaseImageDataset):
                                          f"{', '.join(map(str, TEST_SIZES))}).\n"
                                          f"Expected layout:\n{self.layout(root)}")
         if not test_only:
-            self.train = relabel([(p, pid, 0, 0) for p, pid in self._parse_list(train_list)])
+            self.set_train([(p, pid, 0, 0) for p, pid in self._parse_list(train_list)])
         self.query, self.gallery = self.split_test(self._parse_list(test_list), seed, trial)
         self._finalize(test_only)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from config import ConfigError
-from utils.checkpoint import CheckpointMismatchError, read_metadata, read_state_dict
+from utils.checkpoint import CheckpointMismatchError, metadata_path, read_metadata, read_state_dict
 from utils.checkpoint import METADATA_FORMAT
 
 from . import clip
@@ -35,6 +35,7 @@ from .make_model import SVLLReID, SVLLReIDOptions, feature_grid, model_options_f
 logger = logging.getLogger("svllreid")
 
 __all__ = ["load_for_inference", "load_state_for_inference", "checkpoint_metadata", "decide_use_sie",
+           "check_metadata", "camera_numbers",
            "RETRIEVAL_PREFIXES", "TRAINING_ONLY_PARTS"]
 
 RETRIEVAL_PREFIXES = ("image_encoder.", "bottleneck.", "bottleneck_proj.", "cv_embed")
@@ -75,6 +76,8 @@ def checkpoint_metadata(cfg: Any, model: nn.Module, stage: int | None, epoch: in
         "sie_camera": bool(net.sie_camera), "sie_view": bool(net.sie_view), "sie_coe": float(net.sie_coe),
         "feat_dim": int(net.feat_dim), "stage": stage, "epoch": epoch, "commit": _git_commit(),
         "config": _cfg_dict(cfg),
+        # name, query/gallery fingerprint, camera number -> SIE row, training identities (datasets.dataset_identity)
+        "dataset_identity": getattr(net, "data_identity", None),
     }
 
 
@@ -124,6 +127,34 @@ def _sie_sizes(sd: Mapping[str, torch.Tensor], meta: dict | None, cfg: Any, is_v
                 "or turn MODEL.SIE_VIEW off")
         return True, True, rows // views, views, float(cfg.MODEL.SIE_COE)
     return cam, view, rows if cam else 1, rows if view else 1, float(cfg.MODEL.SIE_COE)
+
+
+def check_metadata(sd: Mapping[str, torch.Tensor], meta: dict | None, path: str) -> None:
+    """Refuse a metadata file that describes another model than the weights beside it.
+
+    Compared with what the tensors say: the image encoder (ViT-B-16 / RN50), the identities
+    (classifier rows) and the SIE table's rows. The error names the metadata file.
+    """
+    if meta is None:
+        return
+    where = metadata_path(path) if os.path.isfile(path) else "the metadata"
+    is_vit = "image_encoder.class_embedding" in sd
+    name = "ViT-B-16" if is_vit else "RN50"
+    bad = []
+    if meta.get("model") and meta["model"] != name:
+        bad.append(f"model {meta['model']} but the weights hold a {name} image encoder")
+    rows = next((int(sd[k].shape[0]) for k in ("classifier.weight", "classifier_proj.weight") if k in sd), None)
+    if rows is not None and meta.get("num_classes") is not None and int(meta["num_classes"]) != rows:
+        bad.append(f"num_classes {meta['num_classes']} but the classifier has {rows} rows")
+    if is_vit and "cv_embed" in sd and (meta.get("sie_camera") or meta.get("sie_view")):
+        cams = int(meta.get("camera_num", 1)) if meta.get("sie_camera") else 1
+        views = int(meta.get("view_num", 1)) if meta.get("sie_view") else 1
+        if cams * views != int(sd["cv_embed"].shape[0]):
+            bad.append(f"an SIE table of {cams * views} rows but cv_embed has {int(sd['cv_embed'].shape[0])}")
+    if bad:
+        raise CheckpointMismatchError(f"{where} does not describe the weights in {path}: {'; '.join(bad)}; put the "
+                                      "metadata file of these weights beside them, or move it away to size the "
+                                      "model from the tensors alone")
 
 
 def _vit_stride(cfg: Any, tokens: int) -> int | None:
@@ -279,24 +310,59 @@ def _load(model: SVLLReID, sd: dict[str, torch.Tensor], source: str, grid_hint: 
     return left_out
 
 
-def _same_dataset(meta: dict | None, cfg: Any) -> bool | None:
-    """Is the configured test set the checkpoint's training dataset? None when unknown."""
+def camera_numbers(meta: dict | None) -> dict[int, int]:
+    """The checkpoint's training camera numbering (camera number as written -> SIE row) from its
+    metadata; empty for metadata written before it was stored (then: number - 1)."""
+    ident = (meta or {}).get("dataset_identity") or {}
+    return {int(n): int(i) for n, i in (ident.get("camera_numbers") or {}).items()}
+
+
+def _same_dataset(meta: dict | None, cfg: Any, test_dataset: Any) -> tuple[bool | None, str]:
+    """(is the test set the checkpoint's training dataset, why); None when unknown (no metadata).
+
+    Decided from what identifies a dataset, never from where it lies: the name, and for the
+    user's ``folder`` sets (all named 'folder') the fingerprint of the query/gallery files
+    stored in the metadata (:func:`datasets.bases.dataset_identity`). Without a test set (the
+    tools, on image folders) the configured dataset name decides. Metadata written before the
+    fingerprint: the same folder, or one with as many cameras as the SIE table.
+    """
     if meta is None or not meta.get("dataset"):
-        return None
-    if meta["dataset"] != cfg.DATASETS.NAMES:
-        return False
-    if cfg.DATASETS.NAMES == "folder":   # every user folder is 'folder': compare the folders
-        return os.path.realpath(meta.get("dataset_root", "")) == \
-            os.path.realpath(os.path.expanduser(cfg.DATASETS.ROOT_DIR))
-    return True
+        return None, "no metadata"
+    trained, tested = meta["dataset"], cfg.DATASETS.NAMES
+    if trained != tested:
+        return False, f"cross-dataset: trained on {trained}, tested on {tested}"
+    if test_dataset is None:
+        return True, (f"images named by camera number; the config's dataset {tested} is the checkpoint's training "
+                      "dataset, so its trained cameras apply (a camera it never saw gets no embedding)")
+    if trained != "folder":
+        return True, f"the test set is the checkpoint's training dataset ({trained})"
+    ident = meta.get("dataset_identity") or {}
+    if ident.get("fingerprint"):
+        from datasets.bases import dataset_identity
+        if dataset_identity(test_dataset)["fingerprint"] == ident["fingerprint"]:
+            return True, ("the test set is the checkpoint's training dataset (same query/gallery files, "
+                          "wherever it lies)")
+        return False, ("cross-dataset: this folder's query/gallery files differ from those of the checkpoint's "
+                       "training data (content fingerprint in the metadata)")
+    trained_root = os.path.realpath(meta.get("dataset_root", ""))
+    if trained_root == os.path.realpath(os.path.expanduser(cfg.DATASETS.ROOT_DIR)):
+        return True, "the test set is the checkpoint's training folder"
+    if int(getattr(test_dataset, "num_train_cams", -1)) == int(meta.get("camera_num", -2)):
+        return True, (f"metadata without a dataset fingerprint (written by an older version): trained on "
+                      f"{trained_root}, tested on {cfg.DATASETS.ROOT_DIR}, same camera count as the SIE table, taken "
+                      "as the same data moved (TEST.USE_SIE no leaves SIE out)")
+    return False, (f"cross-dataset: trained on {trained_root}, tested on {cfg.DATASETS.ROOT_DIR} (metadata without a "
+                   "dataset fingerprint; the camera count differs from the SIE table's)")
 
 
 def decide_use_sie(model: SVLLReID, cfg: Any, meta: dict | None, test_dataset: Any = None) -> tuple[bool, str]:
-    """(use the SIE table at test time, why) under TEST.USE_SIE.
+    """(use the SIE table at test time, why) under TEST.USE_SIE: the one decision that evaluation
+    and the tools (``test_dataset`` None: image folders) share.
 
-    'auto': only when the test set is the checkpoint's own dataset (known from the metadata;
-    without metadata, when the test set has exactly as many cameras/views as the table) and
-    its camera/view ids fit the table. 'yes'/'no' force it ('yes' still needs ids that fit).
+    'auto': only when the test set is the checkpoint's own dataset (:func:`_same_dataset`: name
+    and content fingerprint from the metadata, not the folder's location; without metadata, when
+    the test set has exactly as many cameras/views as the table) and its camera/view ids fit the
+    table. 'yes'/'no' force it ('yes' still needs ids that fit).
     """
     if not model.has_sie:
         return False, "the model has no SIE table"
@@ -321,11 +387,9 @@ def decide_use_sie(model: SVLLReID, cfg: Any, meta: dict | None, test_dataset: A
                         f"knows {n} {what}s; use TEST.USE_SIE auto or no")
     if mode == "yes":
         return True, "TEST.USE_SIE yes"
-    same = _same_dataset(meta, cfg)
+    same, why = _same_dataset(meta, cfg, test_dataset)
     if same is False:
-        if meta["dataset"] == cfg.DATASETS.NAMES:    # two 'folder' sets: name the folders
-            return False, f"cross-dataset: trained on {meta.get('dataset_root', '')}, tested on {cfg.DATASETS.ROOT_DIR}"
-        return False, f"cross-dataset: trained on {meta['dataset']}, tested on {cfg.DATASETS.NAMES}"
+        return False, why
     if not fit:
         return False, "the test set's camera/view ids do not fit the SIE table"
     if same is None and test_dataset is not None and not counts_equal:
@@ -333,7 +397,21 @@ def decide_use_sie(model: SVLLReID, cfg: Any, meta: dict | None, test_dataset: A
     if same is None:
         return True, ("no metadata; the test set's camera/view count equals the SIE table's" if test_dataset
                       is not None else "no metadata and no test set to check")
-    return True, "the test set is the checkpoint's training dataset"
+    return True, why
+
+
+def _align_test_set(test_dataset: Any, meta: dict) -> None:
+    """A test set named like the checkpoint's training dataset: number its cameras as training did
+    (one convention: the metadata's camera number -> SIE row) and warn when its query/gallery
+    identities are training identities."""
+    from datasets.bases import renumber_cameras
+    from datasets.make_dataloader import warn_train_identities_in_test
+    if renumber_cameras(test_dataset, camera_numbers(meta)):
+        logger.info("Test cameras numbered as in training: %s", ", ".join(
+            f"c{n} -> {i}" for n, i in sorted(test_dataset.camera_numbers.items())))
+    ident = meta.get("dataset_identity") or {}
+    if ident.get("train_pids"):
+        warn_train_identities_in_test(test_dataset, ident["train_pids"], "the checkpoint's training data")
 
 
 def load_for_inference(cfg: Any, test_dataset: Any = None) -> tuple[SVLLReID, dict[str, Any]]:
@@ -358,6 +436,7 @@ def load_state_for_inference(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dic
                              ) -> tuple[SVLLReID, dict[str, Any]]:
     """:func:`load_for_inference` on a state dict already in memory (``module.`` prefixes allowed)."""
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    check_metadata(sd, meta, path)
     icfg, options, arch, sizes, notes = _inference_cfg(cfg, sd, meta, test_dataset)
     model = _build(icfg, options, arch, sizes)
     hint = (f" (the image grid follows INPUT.SIZE_TRAIN {list(cfg.INPUT.SIZE_TRAIN)} and MODEL.STRIDE_SIZE "
@@ -369,6 +448,8 @@ def load_state_for_inference(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dic
     if left_out:
         logger.info("Training-only parts not loaded (evaluation uses only the image encoder, BNNeck and SIE): %s",
                     "; ".join(left_out))
+    if test_dataset is not None and meta is not None and meta.get("dataset") == cfg.DATASETS.NAMES:
+        _align_test_set(test_dataset, meta)
     use_sie, reason = decide_use_sie(model, cfg, meta, test_dataset)
     model.sie_at_test = use_sie
     if model.has_sie:

@@ -24,7 +24,7 @@ from utils.dist import all_gather_object, gather_strided, get_rank, get_world_si
 from utils.fileio import ctrl_c_deferred
 from utils.misc import AverageMeter, rng_state, set_rng_state
 from utils.record import TrainingRecord
-from utils.run_dir import LAST_CHECKPOINT, RunError
+from utils.run_dir import LAST_CHECKPOINT, RunError, check_train_state
 
 logger = logging.getLogger("svllreid")
 
@@ -76,9 +76,12 @@ def check_finite_loss(values: dict[str, float], stage: int, epoch: int, iteratio
         return
     parts = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
     lr_key = f"SOLVER.STAGE{stage}.BASE_LR"
+    kept = (f"{LAST_CHECKPOINT} keeps the last finite state (end of stage {POSITION.saved[0]} epoch "
+            f"{POSITION.saved[1]})" if POSITION.saved else "no training state had been saved yet")
+    # --resume keeps the run's settings (a changed BASE_LR is refused), so the advice is a new start
     raise NonFiniteLossError(f"stage {stage}, epoch {epoch}, iteration {iteration}: non-finite loss ({parts}); "
-                             f"stopped before this step was applied, {LAST_CHECKPOINT} keeps the last finite state "
-                             f"(the training diverged: try a lower {lr_key})")
+                             f"stopped before this step was applied, {kept}. The training diverged: start it over "
+                             f"with a lower {lr_key} and --overwrite (this run's files move to previous-<time>/)")
 
 
 def save_train_state(output_dir: str, stage: int, epoch: int, model: nn.Module,
@@ -108,8 +111,12 @@ def restore_rng(state: dict[str, Any]) -> None:
     set_rng_state(rngs[get_rank()] if len(rngs) == get_world_size() else rngs[0])
 
 
-def load_train_state(output_dir: str) -> dict[str, Any] | None:
-    """The saved training state, or None when the run has none yet."""
+def load_train_state(output_dir: str, cfg: Any = None) -> dict[str, Any] | None:
+    """The saved training state, or None when the run has none yet.
+
+    With ``cfg`` (the run's config) the state must belong to that run
+    (:func:`utils.run_dir.check_train_state`). ``state['source']`` is the file's path.
+    """
     path = os.path.join(output_dir, LAST_CHECKPOINT)
     if not os.path.isfile(path):
         return None
@@ -117,6 +124,9 @@ def load_train_state(output_dir: str) -> dict[str, Any] | None:
     if not (isinstance(state, dict) and {"stage", "epoch", "model", "optimizer"} <= set(state)):
         raise RunError(f"{path} is not a training state written by train_svllreid.py (a weights-only "
                        "checkpoint?); --resume needs the last.pth of a run")
+    if cfg is not None:
+        check_train_state(state, cfg, path)
+    state["source"] = path
     return state
 
 
@@ -128,7 +138,7 @@ def restore_train_state(state: dict[str, Any], model: nn.Module, optimizer: torc
     right before the first resumed epoch: work done in between (feature caching,
     loader start-up) draws random numbers too.
     """
-    load_model_weights(model, state["model"])
+    load_model_weights(model, state["model"], state.get("source", LAST_CHECKPOINT))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

@@ -19,8 +19,9 @@ import sys
 from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))   # _common, also when imported as tools.export_onnx
 
-from config import load_config  # noqa: E402
+from _common import load_tool_config  # noqa: E402
 from utils.onnx_export import (DEFAULT_ATOL, DEFAULT_OPSET, ExportReport, ExportVerificationError,  # noqa: E402
                                 export)
 from utils import cli  # noqa: E402
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
 
     def run() -> None:
-        print_report(export(load_config(args.config_file, args.opts), args.out, verify_batch=args.verify_batch,
+        print_report(export(load_tool_config(args.config_file, args.opts), args.out, verify_batch=args.verify_batch,
                             opset=args.opset, atol=args.atol, images=args.images))
 
     try:

@@ -39,12 +39,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    cam = camera_id(args.camera)
-    files = list_image_files(args.images)          # bad folders fail before the model is built
+    camera_id(args.camera)                         # a bad number fails before the model is built
+    files = list_image_files(args.images)          # so does a bad folder
     cfg, device = setup(args.config_file, args.opts)
     model, info = load_model(cfg)
-    logger.info("Loaded %s (%d identities, SIE camera %s)", info["weight"], info["num_classes"],
-                "on" if info["sie_camera"] else "off")
+    cam = camera_id(args.camera, info)
     fs = extract_folder(cfg, model, info, args.images, device, camera=cam, files=files)
     fs.save(args.out)
     n_lab = int((fs.pids >= 0).sum())

@@ -25,8 +25,8 @@ from _common import camera_id, load_model, setup
 
 from config import ConfigError
 from utils import cli
-from utils.inference_io import (FeatureSet, distance_matrix, distance_name, extract_folder, feature_signature,
-                                list_image_files)
+from utils.inference_io import (FeatureSet, camera_number, distance_matrix, distance_name, extract_folder,
+                                feature_signature, list_image_files)
 from utils.misc import write_json_atomic
 from utils.visualize import Ranked, draw_ranked_list, match_status, ranked_indices
 
@@ -105,8 +105,9 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     if os.path.isfile(args.gallery):
         FeatureSet.load(args.gallery)              # a bad file fails before the model is built
     cfg, device = setup(args.config_file, args.opts)
-    cam = camera_id(args.camera)
+    camera_id(args.camera)
     model, info = load_model(cfg)
+    cam = camera_id(args.camera, info)
     os.makedirs(args.out, exist_ok=True)
     gs = _gallery_set(cfg, model, info, args.gallery, args.out, device, cam)
     qs = _query_set(cfg, model, info, args.query, device, cam)
@@ -118,6 +119,10 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     d = dist.cpu().numpy()
     dname = distance_name(cfg)
     queries = []
+
+    def cam_name(camid: int) -> str:   # the camera as its names write it
+        n = camera_number(camid, info["camera_numbers"])
+        return f"c{n}" if n is not None else "c?"
     pic_dir = os.path.join(args.out, "ranked")
     for i, rel in enumerate(qs.paths):
         qpath = os.path.join(qs.root, rel)
@@ -135,10 +140,10 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
             png = os.path.join(pic_dir, f"{i + 1:04d}_{stem}.png")
             ranked = [Ranked(h["path"], h["rank"], h["distance"],
                              match_status(qpid, qcam, h["pid"], h["camid"]),
-                             f"id {h['pid']}  c{h['camid'] + 1}" if h["pid"] >= 0 else "")
+                             f"id {h['pid']}  {cam_name(h['camid'])}" if h["pid"] >= 0 else "")
                       for h in hits]
             draw_ranked_list(qpath, ranked, png, size_hw=cfg.INPUT.SIZE_TEST,
-                             query_caption=f"id {qpid}  c{qcam + 1}" if qpid >= 0 else os.path.basename(rel),
+                             query_caption=f"id {qpid}  {cam_name(qcam)}" if qpid >= 0 else os.path.basename(rel),
                              title=f"{os.path.basename(rel)}: top {k} of {len(gs.paths)} gallery images "
                                    f"({dname})")
             entry["picture"] = png

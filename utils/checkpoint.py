@@ -52,13 +52,15 @@ def load_file(path: str, weights_only: bool = True) -> Any:
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=weights_only)
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, IndexError, ValueError,
-            UnicodeDecodeError) as e:
+            UnicodeDecodeError, OSError) as e:   # OSError: torch's reader on a cut archive (errno 22)
         if isinstance(e, pickle.UnpicklingError) and _is_pickle_or_zip(path):
             raise CheckpointError(f"{path} holds objects other than tensors and plain containers; refused "
                                   "(loading them could run arbitrary code): not a checkpoint this code writes "
                                   "or reads") from None
         what = "not a pickle" if isinstance(e, pickle.UnpicklingError) else \
             " ".join(str(e).split())[:120] or type(e).__name__
+        if isinstance(e, OSError):
+            what = f"cannot be read to the end: {what}"
         raise CheckpointError(f"{path} is not a PyTorch checkpoint or is damaged/truncated ({what})") from None
 
 
@@ -112,12 +114,14 @@ def as_state_dict(obj: Any, source: str = "state dict") -> dict[str, torch.Tenso
     return _strip_prefix(obj)
 
 
-def load_model_weights(model: nn.Module, path_or_state: str | Mapping[str, torch.Tensor]) -> None:
-    """Load model weights (a checkpoint path, a full training state, or a state dict) strictly."""
+def load_model_weights(model: nn.Module, path_or_state: str | Mapping[str, torch.Tensor],
+                       source: str = "state dict") -> None:
+    """Load model weights (a checkpoint path, a full training state, or a state dict) strictly;
+    ``source`` names an in-memory state in the errors (e.g. the file it was read from)."""
     if isinstance(path_or_state, str):
         source, sd = path_or_state, read_state_dict(path_or_state)
     else:
-        source, sd = "state dict", as_state_dict(path_or_state)
+        sd = as_state_dict(path_or_state, source)
     check_state_dict(model, sd, source)
     unwrap(model).load_state_dict(sd, strict=True)
 

@@ -25,6 +25,7 @@ from datasets.bases import IMAGE_EXTENSIONS, read_image
 from datasets.market1501 import parse_market_name
 from datasets.transforms import build_transforms
 from model import load_for_inference
+from model.loading import camera_numbers
 from utils.fileio import atomic_write
 from utils.metrics import distance_blocks, pairwise_distance
 from utils.reranking import re_ranking
@@ -39,28 +40,51 @@ INPUT_EXTENSIONS = tuple(sorted(set(IMAGE_EXTENSIONS) | {".tif", ".tiff", ".webp
 def load_model(cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
     """The model of ``cfg.TEST.WEIGHT`` loaded as evaluation loads it (``model.load_for_inference``).
 
-    Image folders carry camera labels in their names (or ``--camera``) but no view labels,
-    so a trained camera table is used with them (unless TEST.USE_SIE no) and a camera x
-    view table is refused. In the returned ``info`` (see ``load_for_inference``),
-    'sie_camera' is whether camera labels are used for the features here.
+    Whether the camera table is used is the evaluation's decision (``model.decide_use_sie``
+    without a test set: the config names the checkpoint's training dataset). Image folders
+    carry camera numbers in their names (or ``--camera``) but no view labels, so a used camera
+    x view table is refused. In the returned ``info`` (see ``load_for_inference``),
+    'sie_camera' is whether camera labels are used for the features here, and
+    'camera_numbers' maps a camera number as written to its SIE row (the checkpoint's training
+    numbering; empty: number - 1).
     """
     model, info = load_for_inference(cfg)
-    if info["sie_camera"] and info["sie_view"]:
+    use = bool(info["use_sie"]) and bool(info["sie_camera"])
+    if use and info["sie_view"]:
         raise ConfigError(f"{info['weight']}: camera x view side information needs view labels, which image "
                           "folders do not have; evaluate it with test_svllreid.py")
-    use = bool(info["sie_camera"]) and cfg.TEST.USE_SIE != "no"
     model.sie_at_test = use
     info["sie_camera"] = use
+    info["camera_numbers"] = camera_numbers(info["metadata"])
     return model, info
 
 
 # ----------------------------------------------------------------------------- names and folders
-def parse_name(name: str) -> tuple[int, int]:
-    """(pid, camera id) of a Market/VeRi-style file name (camera ``cN`` -> N - 1), else (-1, -1)."""
+def camera_row(number: int, numbers: dict[int, int] | None = None) -> int:
+    """The camera id (SIE row) of camera number ``number`` as written in a name (``c3`` -> 3):
+    from ``numbers`` (the checkpoint's training numbering, as the datasets number cameras) when
+    given, else ``number - 1`` (``c0`` unknown). -1 = unknown."""
+    if numbers:
+        return int(numbers.get(number, -1))
+    return number - 1 if number >= 1 else -1
+
+
+def camera_number(row: int, numbers: dict[int, int] | None = None) -> int | None:
+    """The camera number as written of camera id ``row`` (inverse of :func:`camera_row`); None if unknown."""
+    if row < 0:
+        return None
+    if numbers:
+        return next((n for n, i in numbers.items() if i == row), None)
+    return row + 1
+
+
+def parse_name(name: str, numbers: dict[int, int] | None = None) -> tuple[int, int]:
+    """(pid, camera id) of a Market/VeRi-style file name (camera ``cN`` -> :func:`camera_row`),
+    else (-1, -1)."""
     parsed = parse_market_name(os.path.basename(name))
-    if parsed is None or parsed[1] == 0:
+    if parsed is None or (not numbers and parsed[1] == 0):    # no name, or c0 without a numbering
         return -1, -1
-    return parsed[0], parsed[1] - 1
+    return parsed[0], camera_row(parsed[1], numbers)
 
 
 def list_image_files(root: str) -> list[str]:
@@ -177,19 +201,25 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
     """
     from processor.common import progress
     rel = list(files) if files is not None else list_image_files(root)
-    labels = [parse_name(p) for p in rel]
-    cams = np.array([c if c >= 0 else (-1 if camera is None else camera) for _, c in labels], dtype=np.int64)
+    numbers = info.get("camera_numbers") or {}
+    labels = [parse_name(p, numbers) for p in rel]
+    parsed = [parse_market_name(os.path.basename(p)) for p in rel]
+    named = np.array([x is not None and (bool(numbers) or x[1] > 0) for x in parsed])   # a camera number to map
+    cams = np.array([c if c >= 0 or n else (-1 if camera is None else camera) for (_, c), n in zip(labels, named)],
+                    dtype=np.int64)
     if info["sie_camera"]:
-        bad = (cams >= info["camera_num"])
+        bad = named & ((cams < 0) | (cams >= info["camera_num"]))
         if bad.any():
             first = rel[int(np.flatnonzero(bad)[0])]
-            logger.warning("%d image(s) have a camera beyond the model's %d (e.g. %s): no camera label for them",
-                           int(bad.sum()), info["camera_num"], first)
+            known = ", ".join(f"c{n}" for n in sorted(numbers)) if numbers else f"c1..c{info['camera_num']}"
+            logger.warning("%d image(s) have a camera beyond the model's %d trained cameras (%s; e.g. %s): no camera "
+                           "label for them", int(bad.sum()), info["camera_num"], known, first)
             cams[bad] = -1
-        if (cams < 0).any():
+        unlabelled = (cams < 0) & ~bad
+        if unlabelled.any():
             logger.warning("%d image(s) have no camera label (name not PPPP_cC..., no --camera) but the model has "
                            "trained camera side information (SIE): their features are computed without it and "
-                           "are less comparable", int((cams < 0).sum()))
+                           "are less comparable", int(unlabelled.sum()))
     ds = _Files([os.path.join(root, p) for p in rel], build_transforms(cfg, is_train=False),
                 int(cfg.DATALOADER.READ_RETRIES))
     loader = DataLoader(ds, batch_size=int(cfg.TEST.IMS_PER_BATCH), shuffle=False,
@@ -211,7 +241,7 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
                       cams[kept_a], os.path.abspath(root), failed,
                       {"weight": os.path.abspath(info["weight"]), "feat_dim": int(feat.shape[1]),
                        "size_test": list(cfg.INPUT.SIZE_TEST), "sie_camera": info["sie_camera"],
-                       "camera": camera})
+                       "camera": camera, "camera_numbers": {str(n): i for n, i in sorted(numbers.items())}})
 
 
 def feature_signature(cfg: Any, root: str, files: Sequence[str], camera: int | None) -> str:

@@ -32,6 +32,7 @@ from config import ConfigError
 from datasets.bases import IMAGE_EXTENSIONS, read_image
 from datasets.transforms import TEST_INTERPOLATION, build_transforms
 from model import SVLLReID, load_for_inference
+from model.loading import camera_numbers
 from utils.checkpoint import load_file
 
 logger = logging.getLogger("svllreid")
@@ -122,6 +123,9 @@ def metadata(cfg: Any, model: SVLLReID, info: Mapping[str, Any], opset: int) -> 
         "sie_inputs": ",".join(side),
         "sie_cameras": str(int(info["camera_num"])) if info["sie_camera"] else "0",
         "sie_views": str(int(info["view_num"])) if info["sie_view"] else "0",
+        # camera number as written in names -> camid, the training set's numbering (empty: camid = number - 1)
+        "sie_camera_numbers": ",".join(f"{n}:{i}" for n, i in sorted(camera_numbers(info.get("metadata")).items()))
+        if "camid" in side else "",
         "stride_size": ",".join(str(int(v)) for v in model.image_encoder.conv1.stride) if model.is_vit else "",
         "checkpoint": os.path.abspath(weight),
         "checkpoint_sha256": digest,

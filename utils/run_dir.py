@@ -27,6 +27,9 @@ LAST_CHECKPOINT = "last.pth"
 TRAINING_FILES = (LAST_CHECKPOINT, CONFIG_FILE, "train_log.txt", "metrics.jsonl")
 # Files that mark a folder as holding a run (besides the *.pth checkpoints).
 RUN_FILES = (*TRAINING_FILES, "results.json", "tensorboard", "curves.png")
+# Of those, the ones that hold training progress (with the *.pth): without any of them the
+# folder holds the leftovers of a run that failed before training, not a run.
+PROGRESS_FILES = (LAST_CHECKPOINT, "results.json")
 
 # Keys that may differ when a run is resumed: where things are and how they are run,
 # not what is computed (the trained weights do not depend on them).
@@ -92,7 +95,9 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> list[s
     """Check that a run may start in ``output_dir`` (call with the lock held).
 
     Removes the leftovers of interrupted atomic writes; with ``overwrite``, moves the
-    previous run's files into ``previous-<time>/``. Returns log lines saying what was done.
+    previous run's files into ``previous-<time>/``; so too, without ``overwrite``, the files of
+    a run that saved no progress (no checkpoint, no results: it failed before training), which
+    do not block a corrected re-run. Returns log lines saying what was done.
     """
     notes = []
     stale = remove_stale_temporaries(output_dir)
@@ -101,17 +106,33 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> list[s
     files = existing_run_files(output_dir)
     if resume or not files:
         return notes
+    if not overwrite and not any(n in PROGRESS_FILES or n.endswith(".pth") for n in files):
+        # the leftovers of a run that failed before saving anything (bad data path, bad batch): not a run
+        dest = _move_aside(output_dir, files)
+        notes.append(f"OUTPUT_DIR held only the files of a run that saved no training progress ({', '.join(files)}); "
+                     f"moved to {dest}")
+        return notes
     if not overwrite:
         shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "")
         raise RunError(f"OUTPUT_DIR {output_dir} already holds a run ({shown}): add --resume to continue it, "
                        "--overwrite to start over (its files are moved to a previous-<time>/ sub-folder), "
                        "or choose another OUTPUT_DIR")
+    dest = _move_aside(output_dir, files)
+    notes.append(f"--overwrite: the previous run's {len(files)} file(s) were moved to {dest}")
+    return notes
+
+
+def _move_aside(output_dir: str, files: list[str]) -> str:
+    """Move ``files`` of ``output_dir`` into a new ``previous-<time>/`` sub-folder; returns it."""
     dest = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    for i in range(1, 1000):          # two moves within a second get two folders
+        if not os.path.exists(dest):
+            break
+        dest = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S") + f"-{i}")
     os.makedirs(dest)
     for n in files:
         os.replace(os.path.join(output_dir, n), os.path.join(dest, n))
-    notes.append(f"--overwrite: the previous run's {len(files)} file(s) were moved to {dest}")
-    return notes
+    return dest
 
 
 def save_run_config(output_dir: str, cfg: Any) -> None:
@@ -129,6 +150,51 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_differences(saved_yaml: str, cfg: Any) -> list[tuple[str, Any, Any]]:
+    """The keys outside :data:`RESUME_SAFE_KEYS` where the config dump ``saved_yaml`` and ``cfg``
+    differ, as ``(key, saved value, cfg value)``; empty when they describe the same run. Keys
+    that only one of the two has (a config of another code version) are not compared."""
+    node_type = type(cfg)
+    saved = _flatten(node_type._load_cfg_from_yaml_str(saved_yaml))
+    own = _flatten(node_type._load_cfg_from_yaml_str(cfg.dump()))
+    return [(key, saved[key], value) for key, value in own.items()
+            if key not in RESUME_SAFE_KEYS and key in saved and saved[key] != value]
+
+
+def check_train_state(state: dict[str, Any], cfg: Any, path: str) -> None:
+    """Refuse a training state (``last.pth``) that is not a state of the run ``cfg`` describes.
+
+    Its own config (saved inside it) must equal the run's on every key outside
+    :data:`RESUME_SAFE_KEYS` (a ``last.pth`` copied from another run, or a hand-edited
+    ``config.yaml``), and its position must exist in this run (a stage the run has, an epoch
+    not beyond that stage's MAX_EPOCHS). The :class:`RunError` names the file and the key.
+    """
+    stage, epoch = state.get("stage"), state.get("epoch")
+    saved_cfg = state.get("config")
+    if isinstance(saved_cfg, str) and saved_cfg.strip():
+        try:
+            diffs = config_differences(saved_cfg, cfg)
+        except Exception as e:     # noqa: BLE001 -- any YAML/yacs failure means the same: unreadable config
+            raise RunError(f"{path}: its saved config cannot be read ({' '.join(str(e).split())[:120]})") from None
+        if diffs:
+            shown = "; ".join(f"{key} = {theirs!r} (run: {ours!r})" for key, theirs, ours in diffs[:4])
+            more = f"; ... (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
+            raise RunError(f"{path} does not belong to this run: it was written with {shown}{more}, where run values "
+                           f"are those of {os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE)} and the command line; --resume "
+                           "continues only a state written with the run's own settings (start over with --overwrite, "
+                           "or put back the run's last.pth / config.yaml)")
+    if stage not in (1, 2) or not isinstance(epoch, int) or epoch < 1:
+        raise RunError(f"{path}: stage {stage!r}, epoch {epoch!r} is not a training position (stage 1 or 2, "
+                       "epoch >= 1): not a last.pth written by train_svllreid.py")
+    if stage == 1 and not cfg.MODEL.PROMPT_LEARNING:
+        raise RunError(f"{path} holds stage 1 epoch {epoch}, but this run has no stage 1 "
+                       "(MODEL.PROMPT_LEARNING False): it is another run's state")
+    max_epochs = int(get_key(cfg, f"SOLVER.STAGE{stage}.MAX_EPOCHS"))
+    if epoch > max_epochs:
+        raise RunError(f"{path} holds stage {stage} epoch {epoch}, beyond this run's SOLVER.STAGE{stage}.MAX_EPOCHS "
+                       f"{max_epochs}: it is another run's state")
+
+
 def resume_config(config_file: str, opts: list[str]) -> Any:
     """The config of a run to resume: its saved ``config.yaml`` plus the allowed overrides.
 
@@ -136,11 +202,17 @@ def resume_config(config_file: str, opts: list[str]) -> Any:
     compared with the saved run: with a config file, every key of the resulting config;
     without one, the keys given on the command line. A difference in a key outside
     :data:`RESUME_SAFE_KEYS` is refused, naming the key and both values. Returns None when
-    the folder has no saved config (a run of an older version): the given config is used.
+    the folder has no saved config but a ``last.pth`` (a run of an older version): the given
+    config is used. A folder with neither is refused at once (:class:`RunError`).
     """
     given = load_config(config_file or None, opts, freeze=False)
     saved_path = os.path.join(given.OUTPUT_DIR, CONFIG_FILE)
     if not os.path.isfile(saved_path):
+        if not os.path.isfile(os.path.join(given.OUTPUT_DIR, LAST_CHECKPOINT)):
+            what = "does not exist" if not os.path.isdir(given.OUTPUT_DIR) else \
+                f"holds no run to continue (no {CONFIG_FILE}, no {LAST_CHECKPOINT})"
+            raise RunError(f"--resume: OUTPUT_DIR {given.OUTPUT_DIR} {what}; give the folder of the run to "
+                           "continue, or start a new run without --resume")
         return None
     try:
         saved = load_config(saved_path, freeze=False)
