@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="camera number (c1 = 1) for images whose name has none; used by SIE models")
     p.add_argument("--no_pictures", action="store_true", help="write results.json only")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ... (TEST.WEIGHT required)")
-    return p.parse_args(argv)
+    return cli.parse_with_overrides(p, argv)
 
 
 def _query_set(cfg: Any, model: Any, info: dict, path: str, device: Any, cam: int | None) -> FeatureSet:
