@@ -1,8 +1,10 @@
 """Edges of the tools (search, evaluation folder, ONNX export, curves): each case is refused with one
 line naming the culprit, or gives the right result; nothing stale or mixed is left behind."""
+import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ import train_svllreid
 from config import load_config
 from model import make_model
 
+from test_faults import one_line_error
 from test_training import DEMO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,3 +66,128 @@ def test_flags_are_accepted_after_the_overrides_by_every_script():
     assert a.resume and a.opts == ["OUTPUT_DIR", "o", "MODEL.DEVICE", "cpu"]
     with pytest.raises(SystemExit):          # an unknown flag is still refused, wherever it stands
         search_tool.parse_args(["--query", "q", "--gallery", "g", "--out", "o", "TEST.WEIGHT", "w", "--bogus"])
+
+
+# ----------------------------------------------------------------------------- search
+@pytest.fixture(scope="module")
+def gallery_npz(tiny_root, weight, tmp_path_factory):
+    """Features of the tiny gallery (junk included) written by tools/extract_features.py."""
+    out = tmp_path_factory.mktemp("feats") / "g.npz"
+    assert extract_tool.main(["--config_file", DEMO, "--images", os.path.join(tiny_root, "bounding_box_test"),
+                              "--out", str(out), *_opts(tiny_root, weight)]) == 0
+    return out
+
+
+def _rewrite(src, dst, **changes):
+    """A copy of the .npz ``src`` with some arrays replaced."""
+    z = dict(np.load(src))
+    z.update(changes)
+    np.savez(dst, **z)
+    return dst
+
+
+def test_search_refuses_non_finite_features(tiny_root, weight, gallery_npz, tmp_path, capsys):
+    feats = np.load(gallery_npz)["features"].copy()
+    feats[3, 0] = np.nan
+    feats[5, :] = np.inf
+    bad = _rewrite(gallery_npz, tmp_path / "nan.npz", features=feats)
+    q = os.path.join(tiny_root, "query")
+    assert _search(tiny_root, weight, q, bad, tmp_path / "out", "--no_pictures") == 2
+    one_line_error(capsys, bad, "2 of", "NaN/Inf")
+    assert not os.path.exists(tmp_path / "out" / "results.json")
+    # a model whose weights are not finite: the folder's features are refused as evaluation refuses them
+    sd = torch.load(weight)
+    sd[next(k for k in sd if k.startswith("image_encoder.") and sd[k].is_floating_point())].fill_(float("nan"))
+    torch.save(sd, tmp_path / "nan.pth")
+    assert _search(tiny_root, str(tmp_path / "nan.pth"), q, os.path.join(tiny_root, "bounding_box_test"),
+                   tmp_path / "out2", "--no_pictures") == 2
+    one_line_error(capsys, "gallery", "NaN/Inf", "features")
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("empty", ["holds no features", "0 images"]),
+    ("short_pids", ["'pids'", "one integer per feature"]),
+    ("text_camids", ["'camids'", "one integer per feature"]),
+    ("meta_not_json", ["'meta'", "not valid JSON"]),
+    ("meta_list", ["'meta'", "expected an object"]),
+    ("failed_mismatch", ["'failed'", "failed_reasons"]),
+])
+def test_search_refuses_broken_feature_files(tiny_root, weight, gallery_npz, tmp_path, capsys, case, needles):
+    z = np.load(gallery_npz)
+    n = len(z["paths"])
+    changes = {"empty": dict(features=np.zeros((0, z["features"].shape[1]), np.float32),
+                             paths=np.array([], dtype=str), pids=np.zeros(0, np.int64), camids=np.zeros(0, np.int64)),
+               "short_pids": dict(pids=z["pids"][:n - 2]),
+               "text_camids": dict(camids=np.array(["c1"] * n)),
+               "meta_not_json": dict(meta=np.array("{'weight': oops")),
+               "meta_list": dict(meta=np.array("[1, 2]")),
+               "failed_mismatch": dict(failed=np.array(["a.jpg", "b.jpg"]), failed_reasons=np.array(["x"]))}[case]
+    bad = _rewrite(gallery_npz, tmp_path / f"{case}.npz", **changes)
+    assert _search(tiny_root, weight, os.path.join(tiny_root, "query"), bad, tmp_path / "out") == 2
+    one_line_error(capsys, bad, *needles)
+
+
+def test_search_leaves_junk_out_as_evaluation_does(tiny_root, weight, gallery_npz, tmp_path):
+    from datasets.make_dataloader import build_dataset_from_cfg
+    cfg = load_config(DEMO, _opts(tiny_root, weight))
+    evaluated = {os.path.basename(s[0]) for s in build_dataset_from_cfg(cfg, test_only=True).gallery}
+    files = os.listdir(os.path.join(tiny_root, "bounding_box_test"))
+    assert any(f.startswith("-1_") for f in files)          # the set has junk, which evaluation leaves out
+    for gallery in (os.path.join(tiny_root, "bounding_box_test"), gallery_npz):
+        out = tmp_path / os.path.basename(str(gallery))
+        assert _search(tiny_root, weight, os.path.join(tiny_root, "query"), gallery, out, "--no_pictures",
+                       "--topk", "100") == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["num_gallery"] == len(evaluated) and res["junk_left_out"] == len(files) - len(evaluated)
+        for q in res["queries"]:
+            assert {os.path.basename(h["path"]) for h in q["results"]} == evaluated
+
+
+def test_search_folder_is_locked_and_a_rerun_replaces_the_pictures(tiny_root, weight, gallery_npz, tmp_path, capsys):
+    import subprocess
+    out = tmp_path / "out"
+    qdir = os.path.join(tiny_root, "query")
+    assert _search(tiny_root, weight, qdir, gallery_npz, out, "--topk", "3") == 0
+    first = json.loads((out / "results.json").read_text())
+    assert sorted(os.listdir(out / "ranked")) == sorted(os.path.basename(q["picture"]) for q in first["queries"])
+    assert len(first["queries"]) > 1
+    # a second search on the same folder while one runs: refused at once, the first run's files untouched
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from utils.run_dir import RunLock\n"
+                               f"with RunLock({str(out)!r}):\n print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _search(tiny_root, weight, qdir, gallery_npz, out, "--topk", "2") == 2
+        one_line_error(capsys, "--out", out, f"pid {holder.pid}", "in use")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((out / "results.json").read_text()) == first
+    # a re-run with one query: ranked/ holds exactly this run's picture, none of the previous run's
+    one = os.path.join(qdir, sorted(os.listdir(qdir))[0])
+    assert _search(tiny_root, weight, one, gallery_npz, out, "--topk", "2") == 0
+    second = json.loads((out / "results.json").read_text())
+    assert [os.path.basename(q["picture"]) for q in second["queries"]] == os.listdir(out / "ranked")
+    assert len(os.listdir(out / "ranked")) == 1
+    # --no_pictures: results.json alone, no pictures of an earlier run beside it
+    assert _search(tiny_root, weight, qdir, gallery_npz, out, "--no_pictures") == 0
+    assert not os.path.exists(out / "ranked")
+    assert not [n for n in os.listdir(out) if n.startswith(".svllreid-partial")]
+
+
+def test_search_on_a_feature_file_whose_images_are_gone(tiny_root, weight, tmp_path, capsys):
+    import shutil
+    gal = tmp_path / "gallery"
+    shutil.copytree(os.path.join(tiny_root, "bounding_box_test"), gal)
+    npz = tmp_path / "g.npz"
+    assert extract_tool.main(["--config_file", DEMO, "--images", str(gal), "--out", str(npz),
+                              *_opts(tiny_root, weight)]) == 0
+    shutil.rmtree(gal)
+    capsys.readouterr()
+    q = os.path.join(tiny_root, "query")
+    assert _search(tiny_root, weight, q, npz, tmp_path / "out") == 2          # pictures asked: refused
+    one_line_error(capsys, npz, gal, "no longer exists", "--no_pictures")
+    assert _search(tiny_root, weight, q, npz, tmp_path / "out", "--no_pictures") == 0   # results alone: a warning
+    logged = capsys.readouterr().out
+    assert "no longer exists" in logged and str(gal) in logged

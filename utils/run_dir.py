@@ -47,8 +47,9 @@ class RunError(RuntimeError):
 class RunLock:
     """Exclusive lock on OUTPUT_DIR for the lifetime of a run (use as a context manager)."""
 
-    def __init__(self, output_dir: str) -> None:
+    def __init__(self, output_dir: str, name: str = "OUTPUT_DIR") -> None:
         self.output_dir = output_dir
+        self.name = name        # how the user gave the folder (the option), for the error message
         self.path = os.path.join(output_dir, LOCK_FILE)
         self._f: IO[str] | None = None
 
@@ -61,8 +62,8 @@ class RunLock:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
-            raise RunError(f"OUTPUT_DIR {self.output_dir} is in use by another run ({holder}); "
-                           "wait for it to end or choose another OUTPUT_DIR") from None
+            raise RunError(f"{self.name} {self.output_dir} is in use by another run ({holder}); "
+                           f"wait for it to end or choose another {self.name}") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
