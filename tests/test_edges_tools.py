@@ -191,3 +191,29 @@ def test_search_on_a_feature_file_whose_images_are_gone(tiny_root, weight, tmp_p
     assert _search(tiny_root, weight, q, npz, tmp_path / "out", "--no_pictures") == 0   # results alone: a warning
     logged = capsys.readouterr().out
     assert "no longer exists" in logged and str(gal) in logged
+
+
+# ----------------------------------------------------------------------------- evaluating twice
+def test_second_evaluation_moves_the_first_aside_and_leaves_no_stale_picture(tiny_root, weight, tmp_path, capsys):
+    import shutil
+    w = tmp_path / "model.pth"
+    shutil.copy(weight, w)
+    argv = ["--config_file", DEMO, *_opts(tiny_root, str(w)), "TEST.VISUALIZE", "True", "TEST.VISUALIZE_TOPK", "3"]
+    assert test_svllreid.main([*argv, "TEST.VISUALIZE_N", "2"]) == 0
+    out = tmp_path / "model_eval_folder"             # the default folder, beside the checkpoint
+    first = json.loads((out / "results.json").read_text())
+    first_pictures = sorted(os.listdir(out / "visualize"))
+    assert "best_02.png" in first_pictures
+    capsys.readouterr()
+    assert test_svllreid.main([*argv, "TEST.VISUALIZE_N", "1"]) == 0
+    logged = capsys.readouterr().out
+    assert sorted(os.listdir(out / "visualize")) == ["best_01.png", "cmc.png", "worst_01.png"]   # no stale picture
+    moved = [n for n in os.listdir(out) if n.startswith("previous-")]
+    assert len(moved) == 1 and f"moved to {out / moved[0]}" in logged
+    assert json.loads((out / moved[0] / "results.json").read_text()) == first
+    assert sorted(os.listdir(out / moved[0] / "visualize")) == first_pictures
+    assert os.path.isfile(out / moved[0] / "test_log.txt")
+    assert json.loads((out / "results.json").read_text())["config"]["TEST"]["VISUALIZE_N"] == 1
+    # a third one, within the same second or not, gets a sub-folder of its own
+    assert test_svllreid.main([*argv, "TEST.VISUALIZE_N", "1"]) == 0
+    assert len([n for n in os.listdir(out) if n.startswith("previous-")]) == 2

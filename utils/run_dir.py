@@ -25,6 +25,8 @@ CONFIG_FILE = "config.yaml"
 LAST_CHECKPOINT = "last.pth"
 # Files only a training run writes (an evaluation folder never holds them).
 TRAINING_FILES = (LAST_CHECKPOINT, CONFIG_FILE, "train_log.txt", "metrics.jsonl")
+# What an evaluation (test_svllreid.py) writes into its folder.
+EVALUATION_FILES = ("results.json", "test_log.txt", "visualize")
 # Files that mark a folder as holding a run (besides the *.pth checkpoints).
 RUN_FILES = (*TRAINING_FILES, "results.json", "tensorboard", "curves.png")
 
@@ -107,12 +109,41 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> list[s
         raise RunError(f"OUTPUT_DIR {output_dir} already holds a run ({shown}): add --resume to continue it, "
                        "--overwrite to start over (its files are moved to a previous-<time>/ sub-folder), "
                        "or choose another OUTPUT_DIR")
-    dest = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
-    os.makedirs(dest)
-    for n in files:
-        os.replace(os.path.join(output_dir, n), os.path.join(dest, n))
+    dest = move_aside(output_dir, files)
     notes.append(f"--overwrite: the previous run's {len(files)} file(s) were moved to {dest}")
     return notes
+
+
+def move_aside(output_dir: str, names: list[str]) -> str:
+    """Move ``names`` (files or folders in ``output_dir``) into a new ``previous-<time>/`` sub-folder.
+
+    Nothing is deleted; a second move within the same second gets ``previous-<time>-2/``.
+    Returns the sub-folder.
+    """
+    base = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    dest, n = base, 1
+    while True:
+        try:
+            os.makedirs(dest)
+            break
+        except FileExistsError:
+            n += 1
+            dest = f"{base}-{n}"
+    for name in names:
+        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
+    return dest
+
+
+def previous_evaluation_aside(output_dir: str) -> str | None:
+    """Before an evaluation writes into ``output_dir`` (lock held): move an earlier evaluation's
+    results.json, test_log.txt and visualize/ into ``previous-<time>/``, so that nothing of it is
+    replaced silently and no stale picture stays beside the new ones. Returns a log line, or None."""
+    remove_stale_temporaries(output_dir)
+    if not any(os.path.exists(os.path.join(output_dir, n)) for n in ("results.json", "visualize")):
+        return None
+    names = [n for n in EVALUATION_FILES if os.path.exists(os.path.join(output_dir, n))]
+    dest = move_aside(output_dir, names)
+    return f"{output_dir} held an earlier evaluation: its {', '.join(names)} moved to {dest}"
 
 
 def save_run_config(output_dir: str, cfg: Any) -> None:
