@@ -217,3 +217,55 @@ def test_second_evaluation_moves_the_first_aside_and_leaves_no_stale_picture(tin
     # a third one, within the same second or not, gets a sub-folder of its own
     assert test_svllreid.main([*argv, "TEST.VISUALIZE_N", "1"]) == 0
     assert len([n for n in os.listdir(out) if n.startswith("previous-")]) == 2
+
+
+# ----------------------------------------------------------------------------- ONNX export
+def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, weight, tmp_path, capsys):
+    import stat
+
+    import export_onnx
+    import onnx
+
+    from utils.onnx_export import opset_of, read_metadata
+    q = os.path.join(tiny_root, "query")
+    argv = ["--config_file", DEMO, *_opts(tiny_root, weight), "--images", q, "--verify_batch", "2"]
+    out = tmp_path / "m7.onnx"
+    assert export_onnx.main([*argv, "--out", str(out), "--opset", "7"]) == 2     # the exporter cannot honour it
+    one_line_error(capsys, "--opset 7", "opset 18", "no file written")
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    out = tmp_path / "m.onnx"
+    old = os.umask(0o022)
+    try:
+        assert export_onnx.main([*argv, "--out", str(out), "--opset", "17"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644      # like checkpoints and results, not mkstemp's 0600
+    assert read_metadata(str(out))["opset"] == "17" == str(opset_of(onnx.load(str(out))))
+
+
+# ----------------------------------------------------------------------------- plot_curves
+def _plot(tmp_path, lines):
+    import plot_curves
+    (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    return plot_curves.main([str(tmp_path)])
+
+
+def test_plot_curves_refuses_a_record_without_usable_lines(tmp_path, capsys):
+    assert _plot(tmp_path, ["garbage", "[1, 2]", "3", '{"kind": "eval", "stage": 2, "mAP": 0.5}']) == 2
+    one_line_error(capsys, tmp_path / "metrics.jsonl", "no usable record")
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_plot_curves_skips_bad_lines_with_one_warning(tmp_path, capsys):
+    good = [json.dumps({"stage": 1, "epoch": 1, "iteration": None, "kind": "epoch", "loss": 2.0}),
+            json.dumps({"stage": 2, "epoch": 1, "iteration": None, "kind": "epoch", "loss": 1.0, "acc": 0.5}),
+            json.dumps({"stage": 2, "epoch": 1, "kind": "eval", "mAP": 0.3, "R1": 0.4, "mINP": 0.1})]
+    bad = ["[1, 2]", '"text"', '{"kind": "eval", "stage": 2, "mAP": 0.5}', '{"stage": 2, "ep']
+    assert _plot(tmp_path, [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3]]) == 0
+    cap = capsys.readouterr()
+    warned = [line for line in (cap.out + cap.err).splitlines() if "skipped" in line]
+    assert len(warned) == 1 and "4 of 7 line(s) skipped" in warned[0] and "line 2" in warned[0]
+    assert str(tmp_path / "metrics.jsonl") in warned[0] and "Traceback" not in cap.err
+    from PIL import Image
+    with Image.open(tmp_path / "curves.png") as im:
+        assert im.format == "PNG"
