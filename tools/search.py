@@ -173,8 +173,8 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     if not os.path.exists(args.gallery):
         raise FileNotFoundError(f"no such gallery folder or feature file: {args.gallery}")
     loaded = _feature_file(args.gallery) if os.path.isfile(args.gallery) else None   # bad files fail before
-    if loaded is not None:                                                              # the model is built
-        _check_gallery_root(loaded, args.gallery, not args.no_pictures)
+    if loaded is not None and not args.no_pictures:                                     # the model is built
+        _check_gallery_root(loaded, args.gallery, pictures=True)
     cfg, device = setup(args.config_file, args.opts)
     cam = camera_id(args.camera)
     model, info = load_model(cfg)
