@@ -269,3 +269,25 @@ def test_plot_curves_skips_bad_lines_with_one_warning(tmp_path, capsys):
     from PIL import Image
     with Image.open(tmp_path / "curves.png") as im:
         assert im.format == "PNG"
+
+
+def test_interrupted_search_keeps_the_previous_results_whole(tiny_root, weight, gallery_npz, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    qdir = os.path.join(tiny_root, "query")
+    assert _search(tiny_root, weight, qdir, gallery_npz, out, "--topk", "3") == 0
+    before = {n: (out / "ranked" / n).read_bytes() for n in os.listdir(out / "ranked")}
+    results = (out / "results.json").read_bytes()
+    drawn = []
+    original = search_tool.draw_ranked_list
+
+    def interrupted_after_one(*a, **k):
+        if drawn:
+            raise KeyboardInterrupt
+        drawn.append(original(*a, **k))
+        return drawn[-1]
+
+    monkeypatch.setattr(search_tool, "draw_ranked_list", interrupted_after_one)
+    assert _search(tiny_root, weight, qdir, gallery_npz, out, "--topk", "5") == 130
+    assert (out / "results.json").read_bytes() == results
+    assert {n: (out / "ranked" / n).read_bytes() for n in os.listdir(out / "ranked")} == before
+    assert not [n for n in os.listdir(out) if n.startswith(".svllreid-partial")]

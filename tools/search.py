@@ -179,9 +179,16 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     cam = camera_id(args.camera)
     model, info = load_model(cfg)
     with RunLock(args.out, "--out"):    # one search per folder: its results.json and pictures stay one run's
-        for leftover in glob.glob(os.path.join(glob.escape(args.out), STAGING + "*")):
-            shutil.rmtree(leftover, ignore_errors=True)     # of a killed run
-        return _search(args, cfg, device, cam, model, info, loaded)
+        _remove_staging(args.out)        # of a killed run
+        try:
+            return _search(args, cfg, device, cam, model, info, loaded)
+        finally:
+            _remove_staging(args.out)    # pictures of a search that failed or was interrupted
+
+
+def _remove_staging(out_dir: str) -> None:
+    for leftover in glob.glob(os.path.join(glob.escape(out_dir), STAGING + "*")):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _search(args: argparse.Namespace, cfg: Any, device: Any, cam: int | None, model: Any, info: dict,
