@@ -226,7 +226,9 @@ def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, we
     import export_onnx
     import onnx
 
+    from utils.logger import setup_logger
     from utils.onnx_export import opset_of, read_metadata
+    setup_logger("svllreid", None, if_train=False)   # log to this test's stdout (the tool sets up no logger)
     q = os.path.join(tiny_root, "query")
     argv = ["--config_file", DEMO, *_opts(tiny_root, weight), "--images", q, "--verify_batch", "2"]
     out = tmp_path / "m7.onnx"
