@@ -12,6 +12,8 @@ Writes results.json (+ test_log.txt) into OUTPUT_DIR when it is given on the com
 else beside the checkpoint in ``<checkpoint>_eval_<dataset>/``; never over a training run's
 results.json. With TEST.VISUALIZE True also writes
 ``visualize/`` (cmc.png, worst_NN.png and best_NN.png ranked lists) beside results.json.
+The folder is locked while an evaluation runs; an earlier evaluation's results.json,
+test_log.txt and visualize/ are moved into ``previous-<time>/`` first (logged), never replaced.
 """
 from __future__ import annotations
 
@@ -32,14 +34,14 @@ from utils.inference_io import visualize_evaluation
 from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
-from utils.run_dir import TRAINING_FILES
+from utils.run_dir import TRAINING_FILES, RunLock, previous_evaluation_aside
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="SVLL-ReID evaluation")
     p.add_argument("--config_file", default="", help="path to a YAML config file")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ... (TEST.WEIGHT is required)")
-    return p.parse_args(argv)
+    return cli.parse_with_overrides(p, argv)
 
 
 def _average_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -80,7 +82,16 @@ def evaluate(cfg: Any, output_dir: str | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {cfg.TEST.WEIGHT}")
     out = output_dir or default_output_dir(cfg)
     _check_output_dir(out)
+    with RunLock(out):       # one evaluation per folder at a time
+        moved = previous_evaluation_aside(out)
+        return _evaluate(cfg, out, moved)
+
+
+def _evaluate(cfg: Any, out: str, moved: str | None) -> dict[str, Any]:
+    """:func:`evaluate` in ``out``, locked and cleared of an earlier evaluation (``moved`` says where it went)."""
     logger = setup_logger("svllreid", out, if_train=False)
+    if moved:
+        logger.info(moved)
     set_seed(cfg.SOLVER.SEED)
     select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
     device = resolve_device(cfg.MODEL.DEVICE)

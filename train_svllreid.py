@@ -47,11 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="start over in an OUTPUT_DIR that holds a run (its files move to previous-<time>/)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # old launchers
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    args = p.parse_args(argv)
-    for flag in ("--resume", "--overwrite"):   # also accepted after the overrides
-        if flag in args.opts:
-            args.opts.remove(flag)
-            setattr(args, flag[2:], True)
+    args = cli.parse_with_overrides(p, argv)   # flags also accepted after the overrides
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
     return args

@@ -13,7 +13,7 @@ from typing import Callable
 from .bases import (BaseImageDataset, list_images, report_unparsed,
                     require_dirs, resolve_dataset_dir)
 
-__all__ = ["MarketStyleDataset", "Market1501", "parse_market_name"]
+__all__ = ["MarketStyleDataset", "Market1501", "parse_market_name", "is_junk_name", "JUNK_PID"]
 
 logger = logging.getLogger("svllreid")
 
@@ -24,6 +24,15 @@ def parse_market_name(name: str) -> tuple[int, int] | None:
     """``(pid, camera number as written)`` of a Market-scheme file name, else ``None``."""
     m = _NAME.match(name)
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+JUNK_PID = -1   # badly cropped detections: left out of the evaluation (and of tools/search.py's gallery)
+
+
+def is_junk_name(name: str) -> bool:
+    """Whether a Market-scheme file name (a path's last part is used) marks a junk image (``-1_c...``)."""
+    parsed = parse_market_name(os.path.basename(name))
+    return parsed is not None and parsed[0] == JUNK_PID
 
 
 class MarketStyleDataset(BaseImageDataset):
@@ -90,7 +99,7 @@ class MarketStyleDataset(BaseImageDataset):
                 bad.append(name)
                 continue
             pid, cam = parsed
-            if pid == -1:
+            if pid == JUNK_PID:
                 n_junk += 1
                 continue
             items.append((os.path.join(dir_path, name), pid, cam))

@@ -5,6 +5,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -30,6 +31,16 @@ def extract_features(cfg: Any, model: nn.Module, loader: DataLoader, device: tor
     return encode_loader(model, loader, device, encode, "extracting features")
 
 
+def check_finite_features(feats: torch.Tensor | np.ndarray, what: str,
+                          cause: str = "the model's weights are not finite (a diverged run or a damaged checkpoint)",
+                          outcome: str = "no metrics computed") -> None:
+    """Refuse (N, D) features holding NaN/Inf: they would give a meaningless ranking that looks like
+    a result. ``what`` names the features in the one-line error (evaluation, a feature file, ...)."""
+    bad = int((~torch.isfinite(torch.as_tensor(feats)).all(dim=1)).sum())
+    if bad:
+        raise RunError(f"{what}: {bad} of {len(feats)} features hold NaN/Inf — {cause}; {outcome}")
+
+
 def evaluate_features(cfg: Any, feats: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor,
                       num_query: int) -> dict[str, Any]:
     """mAP / CMC / mINP of query-then-gallery features with the configured protocol.
@@ -37,10 +48,7 @@ def evaluate_features(cfg: Any, feats: torch.Tensor, pids: torch.Tensor, camids:
     Non-finite features (a diverged or damaged model) are refused: they would give a
     meaningless ranking and a number that looks like a result.
     """
-    bad = int((~torch.isfinite(feats).all(dim=1)).sum())
-    if bad:
-        raise RunError(f"evaluation: {bad} of {feats.shape[0]} features hold NaN/Inf — the model's weights are "
-                       "not finite (a diverged run or a damaged checkpoint); no metrics computed")
+    check_finite_features(feats, "evaluation")
     evaluator = R1_mAP_eval.from_cfg(cfg, num_query)
     evaluator.reset()
     evaluator.update((feats, pids.cpu(), camids.cpu()))

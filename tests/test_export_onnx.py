@@ -223,23 +223,29 @@ def test_readme_snippet_preprocesses_like_the_test_transform_and_matches_pytorch
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "README.md")) as f:
         snippet = re.search(r"<!-- deploy-snippet -->\n```python\n(.*?)```", f.read(), re.S).group(1)
+    from utils.inference_io import parse_name
     cfg, report, classes, cams, views = exported["vit_s12_sie_cam"]
     query = os.path.join(cfg.DATASETS.ROOT_DIR, "query")
     images = sorted(os.listdir(query))[:2]
-    for src, dst in zip(images, ("query.jpg", "gallery.jpg")):
+    names = re.search(r"paths = (\[.*?\])", snippet).group(1)
+    names = eval(names)                                    # the snippet's file names, which carry the cameras
+    for src, dst in zip(images, names):
         shutil.copy(os.path.join(query, src), tmp_path / dst)
     shutil.copy(report.path, tmp_path / "model.onnx")
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(snippet, ns)                                     # the README's own code
     transform = build_transforms(cfg, is_train=False)
-    ref_x = torch.stack([transform(read_image(str(tmp_path / n))) for n in ("query.jpg", "gallery.jpg")])
+    ref_x = torch.stack([transform(read_image(str(tmp_path / n))) for n in names])
     assert torch.equal(torch.from_numpy(ns["x"]), ref_x)  # bit-identical preprocessing
     model = make_model(cfg, num_class=classes, camera_num=cams, view_num=views)
     load_model_weights(model, cfg.TEST.WEIGHT)
+    cam = torch.tensor([parse_name(n)[1] for n in names])  # each image's camera, as the project parses it
     with torch.no_grad():
-        ref = torch.nn.functional.normalize(model.eval()(ref_x, cam_label=torch.tensor([0, 1])), dim=1).numpy()
+        ref = torch.nn.functional.normalize(model.eval()(ref_x, cam_label=cam), dim=1).numpy()
+        placeholder = torch.nn.functional.normalize(model(ref_x, cam_label=torch.tensor([0, 1])), dim=1).numpy()
     assert np.abs(ns["f"] - ref).max() <= 1e-5
+    assert np.abs(ns["f"] - placeholder).max() > 1e-3     # cameras matter: a placeholder [0, 1] would not pass
 
 
 def test_verification_batch_sources(tmp_path, tiny_root):

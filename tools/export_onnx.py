@@ -35,10 +35,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="an image file or folder for the onnxruntime check, repeatable "
                         "(default: the dataset's query images)")
     p.add_argument("--verify_batch", type=int, default=5, help="images in the onnxruntime check (and 1 alone)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset (default {DEFAULT_OPSET}); one the exporter cannot convert to is refused")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max abs feature difference allowed")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ... (TEST.WEIGHT is required)")
-    return p.parse_args(argv)
+    return cli.parse_with_overrides(p, argv)
 
 
 def print_report(r: ExportReport) -> None:

@@ -35,7 +35,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--camera", type=int, default=None,
                    help="camera number (c1 = 1) for images whose name has none; used by SIE models")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ... (TEST.WEIGHT required)")
-    return p.parse_args(argv)
+    return cli.parse_with_overrides(p, argv)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -1,6 +1,9 @@
 """Draw curves.png from a run's metrics.jsonl (any time: during a run, after a crash, after a resume).
 
     python tools/plot_curves.py OUTPUT_DIR [--out PNG]
+
+Lines that are not records (a torn last line, anything but a JSON object with kind, stage and
+epoch) are skipped with one warning that counts them; a file without a usable record is refused.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils import cli  # noqa: E402
+from utils.logger import setup_logger  # noqa: E402
 from utils.record import CURVES_FILE, METRICS_FILE, plot_curves  # noqa: E402
 
 
@@ -20,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("output_dir", help="the run's OUTPUT_DIR (holds metrics.jsonl)")
     p.add_argument("--out", default="", help=f"picture to write (default OUTPUT_DIR/{CURVES_FILE})")
     args = p.parse_args(argv)
+    setup_logger("svllreid", None, if_train=False)     # the warning about skipped lines, as the other tools log
 
     def run() -> None:
         path = os.path.join(args.output_dir, METRICS_FILE)

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
 from test_svllreid import evaluate  # noqa: E402
 from train_svllreid import train  # noqa: E402
+from utils import cli  # noqa: E402
 from utils.misc import write_json_atomic  # noqa: E402
 from utils.record import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR  # noqa: E402
 
@@ -26,7 +27,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config_file", default="configs/demo/vit_svllreid_demo.yml")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    args = p.parse_args()
+    args = cli.parse_with_overrides(p)
     cfg = load_config(args.config_file, args.opts)
     t0 = time.time()
     out = train(cfg, evaluate_untrained=True, overwrite=True)   # a new demo replaces the last one

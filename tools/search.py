@@ -12,27 +12,42 @@ Writes DIR/results.json (per query: its path, then the top-k gallery paths with 
 and DIR/ranked/<NNNN>_<query name>.png: the query, then the top-k thumbnails with rank and
 distance; frames are green (same identity), red (another identity), grey dashed (same
 identity, same camera) when names such as 0002_c1s1_000451_03.jpg give identities.
+
+Junk gallery images (``-1_*`` names) are left out, as the evaluation leaves them out. Features
+holding NaN/Inf and damaged or empty feature files are refused. DIR is locked while a search
+runs (a second one on it fails at once); a new search replaces the previous results.json and
+ranked/ (pictures are drawn aside and moved in at the end), so they always come from one run.
+Options may also follow the KEY VALUE overrides.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
+import shutil
 import sys
 from typing import Any, Sequence
 
 from _common import camera_id, load_model, setup
 
+import numpy as np
+
 from config import ConfigError
+from datasets.market1501 import is_junk_name
+from processor.inference import check_finite_features
 from utils import cli
 from utils.inference_io import (FeatureSet, camera_number, distance_matrix, distance_name, extract_folder,
                                 feature_signature, list_image_files)
 from utils.misc import write_json_atomic
+from utils.run_dir import RunLock
 from utils.visualize import Ranked, draw_ranked_list, match_status, ranked_indices
 
 logger = logging.getLogger("svllreid")
 
 CACHE_NAME = "gallery_features.npz"
+PICTURES = "ranked"
+STAGING = ".svllreid-partial-ranked-"   # pictures of a run in progress, moved to ranked/ at the end
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -47,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="camera number (c1 = 1) for images whose name has none; used by SIE models")
     p.add_argument("--no_pictures", action="store_true", help="write results.json only")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ... (TEST.WEIGHT required)")
-    return p.parse_args(argv)
+    return cli.parse_with_overrides(p, argv)
 
 
 def _query_set(cfg: Any, model: Any, info: dict, path: str, device: Any, cam: int | None) -> FeatureSet:
@@ -60,18 +75,27 @@ def _query_set(cfg: Any, model: Any, info: dict, path: str, device: Any, cam: in
     return fs
 
 
-def _gallery_set(cfg: Any, model: Any, info: dict, path: str, out_dir: str, device: Any, cam: int | None
-                 ) -> FeatureSet:
-    if os.path.isfile(path):
-        gs = FeatureSet.load(path)
+def _feature_file(path: str) -> FeatureSet:
+    """A gallery .npz, refused (one line naming it) when damaged or holding NaN/Inf features."""
+    gs = FeatureSet.load(path)
+    check_finite_features(gs.features, path, cause="the model that wrote it was not finite (a diverged run or a "
+                          "damaged checkpoint)", outcome="nothing searched")
+    if not gs.root:
+        gs.root = os.path.dirname(os.path.abspath(path))
+    return gs
+
+
+def _gallery_set(cfg: Any, model: Any, info: dict, path: str, out_dir: str, device: Any, cam: int | None,
+                 loaded: FeatureSet | None = None) -> FeatureSet:
+    """The gallery's features: ``loaded`` (the .npz given as --gallery), else a folder's, cached in ``out_dir``."""
+    if loaded is not None:
+        gs = loaded
         if gs.features.shape[1] != info["feat_dim"]:
             raise ConfigError(f"{path}: {gs.features.shape[1]}-d features, the model gives {info['feat_dim']}-d "
                               "(written with another model?)")
         if gs.meta.get("weight") and os.path.abspath(gs.meta["weight"]) != os.path.abspath(cfg.TEST.WEIGHT):
             logger.warning("%s was written with %s, not TEST.WEIGHT %s: distances mix two models",
                            path, gs.meta["weight"], cfg.TEST.WEIGHT)
-        if not gs.root:
-            gs.root = os.path.dirname(os.path.abspath(path))
         logger.info("Gallery: %d features from %s", len(gs.paths), path)
         return gs
     if not os.path.isdir(path):
@@ -94,6 +118,52 @@ def _gallery_set(cfg: Any, model: Any, info: dict, path: str, out_dir: str, devi
     return gs
 
 
+def _without_junk(gs: FeatureSet, gallery: str) -> tuple[FeatureSet, int]:
+    """The gallery without its junk images (``-1_*``), left out as the evaluation leaves them out."""
+    keep = np.array([not is_junk_name(p) for p in gs.paths], dtype=bool)
+    n_junk = int((~keep).sum())
+    if not n_junk:
+        return gs, 0
+    if not keep.any():
+        raise ConfigError(f"gallery {gallery}: all {n_junk} images are junk (-1_* names), which are left out as "
+                          "in the evaluation; nothing to search")
+    logger.info("Gallery: %d junk image(s) (-1_* names) left out, as the evaluation does", n_junk)
+    return FeatureSet(gs.features[keep], [p for p, k in zip(gs.paths, keep) if k], gs.pids[keep], gs.camids[keep],
+                      gs.root, gs.failed, gs.meta), n_junk
+
+
+def _check_gallery_root(gs: FeatureSet, gallery: str, pictures: bool) -> None:
+    """A feature file whose images are gone: refused when pictures are asked for, else a warning."""
+    if os.path.isdir(gs.root):
+        return
+    if pictures:
+        raise FileNotFoundError(f"gallery {gallery}: its images were under {gs.root}, which no longer exists, so "
+                                "the ranked-list pictures cannot be drawn; restore the folder (or re-extract the "
+                                "features), or add --no_pictures for results.json alone")
+    logger.warning("gallery %s: its images were under %s, which no longer exists: the paths in results.json "
+                   "point to missing files", gallery, gs.root)
+
+
+def _replace_outputs(out_dir: str, staged_pictures: str | None, results: dict[str, Any]) -> None:
+    """Put this run's results.json and ranked/ in place of the previous run's (called with the lock held).
+
+    The previous results.json goes first, then ranked/ is swapped for the staged folder (or removed
+    with --no_pictures), then the new results.json is written atomically: a results.json never
+    sits beside pictures of another run.
+    """
+    final = os.path.join(out_dir, PICTURES)
+    res = os.path.join(out_dir, "results.json")
+    if os.path.exists(res):
+        os.remove(res)
+    if os.path.isdir(final):
+        old = os.path.join(out_dir, f"{STAGING}old-{os.getpid()}")
+        os.replace(final, old)
+        shutil.rmtree(old)
+    if staged_pictures is not None:
+        os.replace(staged_pictures, final)
+    write_json_atomic(res, results)
+
+
 def search(args: argparse.Namespace) -> dict[str, Any]:
     """Run the search; returns the results.json content."""
     if args.topk < 1:
@@ -102,15 +172,34 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f"no such query image or folder: {args.query}")
     if not os.path.exists(args.gallery):
         raise FileNotFoundError(f"no such gallery folder or feature file: {args.gallery}")
-    if os.path.isfile(args.gallery):
-        FeatureSet.load(args.gallery)              # a bad file fails before the model is built
+    loaded = _feature_file(args.gallery) if os.path.isfile(args.gallery) else None   # bad files fail before
+    if loaded is not None and not args.no_pictures:                                     # the model is built
+        _check_gallery_root(loaded, args.gallery, pictures=True)
     cfg, device = setup(args.config_file, args.opts)
     camera_id(args.camera)
     model, info = load_model(cfg)
     cam = camera_id(args.camera, info)
-    os.makedirs(args.out, exist_ok=True)
-    gs = _gallery_set(cfg, model, info, args.gallery, args.out, device, cam)
+    with RunLock(args.out, "--out"):    # one search per folder: its results.json and pictures stay one run's
+        _remove_staging(args.out)        # of a killed run
+        try:
+            return _search(args, cfg, device, cam, model, info, loaded)
+        finally:
+            _remove_staging(args.out)    # pictures of a search that failed or was interrupted
+
+
+def _remove_staging(out_dir: str) -> None:
+    for leftover in glob.glob(os.path.join(glob.escape(out_dir), STAGING + "*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _search(args: argparse.Namespace, cfg: Any, device: Any, cam: int | None, model: Any, info: dict,
+            loaded: FeatureSet | None) -> dict[str, Any]:
+    gs = _gallery_set(cfg, model, info, args.gallery, args.out, device, cam, loaded)
+    check_finite_features(gs.features, f"gallery {args.gallery}", outcome="nothing searched")
+    gs, n_junk = _without_junk(gs, args.gallery)
+    _check_gallery_root(gs, args.gallery, not args.no_pictures)
     qs = _query_set(cfg, model, info, args.query, device, cam)
+    check_finite_features(qs.features, f"query {args.query}", outcome="nothing searched")
     k = min(args.topk, len(gs.paths))
     if k < args.topk:
         logger.warning("--topk %d: the gallery has only %d images", args.topk, k)
@@ -123,7 +212,8 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     def cam_name(camid: int) -> str:   # the camera as its names write it
         n = camera_number(camid, info["camera_numbers"])
         return f"c{n}" if n is not None else "c?"
-    pic_dir = os.path.join(args.out, "ranked")
+    pic_dir = os.path.join(args.out, PICTURES)
+    staged = None if args.no_pictures else os.path.join(args.out, f"{STAGING}{os.getpid()}")
     for i, rel in enumerate(qs.paths):
         qpath = os.path.join(qs.root, rel)
         qpid, qcam = int(qs.pids[i]), int(qs.camids[i])
@@ -135,24 +225,26 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
                          "pid": gpid, "camid": gcam,
                          "same_identity": None if "unknown" == status else status != "wrong"})
         entry: dict[str, Any] = {"query": qpath, "pid": qpid, "camid": qcam, "results": hits}
-        if not args.no_pictures:
+        if staged is not None:
             stem = os.path.splitext(rel.replace(os.sep, "_"))[0]
-            png = os.path.join(pic_dir, f"{i + 1:04d}_{stem}.png")
+            name = f"{i + 1:04d}_{stem}.png"
             ranked = [Ranked(h["path"], h["rank"], h["distance"],
                              match_status(qpid, qcam, h["pid"], h["camid"]),
                              f"id {h['pid']}  {cam_name(h['camid'])}" if h["pid"] >= 0 else "")
                       for h in hits]
-            draw_ranked_list(qpath, ranked, png, size_hw=cfg.INPUT.SIZE_TEST,
+            draw_ranked_list(qpath, ranked, os.path.join(staged, name), size_hw=cfg.INPUT.SIZE_TEST,
                              query_caption=f"id {qpid}  {cam_name(qcam)}" if qpid >= 0 else os.path.basename(rel),
                              title=f"{os.path.basename(rel)}: top {k} of {len(gs.paths)} gallery images "
                                    f"({dname})")
-            entry["picture"] = png
+            entry["picture"] = os.path.join(pic_dir, name)
         queries.append(entry)
     out = {"checkpoint": os.path.abspath(cfg.TEST.WEIGHT), "gallery": os.path.abspath(args.gallery),
-           "distance": dname, "topk": k, "num_gallery": len(gs.paths), "queries": queries,
-           "unreadable": [{"path": p, "error": e} for p, e in qs.failed + gs.failed]}
+           "distance": dname, "topk": k, "num_gallery": len(gs.paths), "junk_left_out": n_junk,
+           "queries": queries, "unreadable": [{"path": p, "error": e} for p, e in qs.failed + gs.failed]}
+    if staged is not None:
+        os.makedirs(staged, exist_ok=True)      # even for no query picture, so ranked/ is this run's
+    _replace_outputs(args.out, staged, out)
     path = os.path.join(args.out, "results.json")
-    write_json_atomic(path, out)
     logger.info("%d queries x %d gallery images -> %s%s", len(queries), len(gs.paths), path,
                 "" if args.no_pictures else f" and {len(queries)} pictures in {pic_dir}")
     failed = qs.failed + gs.failed

@@ -5,8 +5,9 @@ start or diverged; the message names the culprit), 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 from config import ConfigError
 from datasets.bases import DatasetError
@@ -39,3 +40,45 @@ def run(fn: Callable[[], object], on_interrupt: Callable[[], str] | None = None)
         print(f"interrupted{': ' + where if where else ''}", file=sys.stderr)
         return 130
     return 0
+
+
+def _flags_first(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` with every option moved before the trailing ``KEY VALUE`` overrides.
+
+    Tokens are read in order: a known option (``--flag``, ``--opt VALUE`` or ``--opt=VALUE``)
+    is taken with its arguments wherever it stands; anything else starts a ``KEY VALUE``
+    pair, whose value is never read as an option (values such as ``-0.5`` stay values).
+    A token that looks like an option where a key is expected goes to argparse, which
+    rejects an unknown one.
+    """
+    options = parser._option_string_actions
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("-") and len(tok) > 1:
+            name = tok.split("=", 1)[0]
+            action = options.get(name)
+            if action is None and parser.allow_abbrev:     # a unique prefix, as argparse allows
+                hits = {a for o, a in options.items() if o.startswith(name) and o.startswith("--")}
+                action = hits.pop() if len(hits) == 1 else None
+            n = 0 if action is None or "=" in tok or action.nargs == 0 else \
+                action.nargs if isinstance(action.nargs, int) else 1
+            flags += argv[i:i + 1 + n]
+            i += 1 + n
+        else:
+            overrides += argv[i:i + 2]
+            i += 2
+    return flags + overrides
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a script's command line whose last positional is ``opts`` (``KEY VALUE`` overrides).
+
+    The script's own options are accepted before, between and after the overrides, the same
+    way for training, evaluation and every tool (argparse alone would take an option
+    written after the first ``KEY`` as a config key).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    return parser.parse_args(_flags_first(parser, args))

@@ -30,6 +30,11 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+def follow_umask(path: str) -> None:
+    """Give ``path`` the permissions the umask gives ordinary files (for files made with ``mkstemp``, 0600)."""
+    os.chmod(path, _file_mode())
+
+
 _deferring = False
 
 
@@ -81,7 +86,7 @@ def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
+        follow_umask(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(d).free < _LOW_SPACE

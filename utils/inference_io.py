@@ -160,17 +160,46 @@ class FeatureSet:
         missing = [k for k in ("features", "paths") if k not in z.files]
         if missing:
             raise ConfigError(f"{path} has no {' / '.join(missing)}: write it with tools/extract_features.py")
-        feats = z["features"]
-        if feats.ndim != 2 or feats.shape[0] != len(z["paths"]):
-            raise ConfigError(f"{path}: features {feats.shape} do not match {len(z['paths'])} paths")
+        again = "write it again with tools/extract_features.py"
+        feats, paths = z["features"], z["paths"]
+        if feats.ndim != 2 or paths.ndim != 1 or feats.shape[0] != len(paths):
+            raise ConfigError(f"{path}: features {feats.shape} do not match {len(paths)} paths")
+        if not np.issubdtype(feats.dtype, np.number):
+            raise ConfigError(f"{path}: features are {feats.dtype}, not numbers; {again}")
         n = feats.shape[0]
+        if n == 0:
+            raise ConfigError(f"{path} holds no features (0 images): nothing to search; {again} from a folder "
+                              "with images")
 
-        def get(k: str) -> np.ndarray:
-            return z[k] if k in z.files else np.full(n, -1, dtype=np.int64)
-        failed = list(zip(z["failed"].tolist(), z["failed_reasons"].tolist())) if "failed" in z.files else []
-        return cls(feats.astype(np.float32), [str(p) for p in z["paths"]], get("pids"), get("camids"),
-                   str(z["root"]) if "root" in z.files else "", failed,
-                   json.loads(str(z["meta"])) if "meta" in z.files else {})
+        def labels(k: str) -> np.ndarray:
+            if k not in z.files:
+                return np.full(n, -1, dtype=np.int64)
+            a = z[k]
+            if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer):
+                raise ConfigError(f"{path}: '{k}' is {a.dtype} {a.shape}, expected one integer per feature ({n},); "
+                                  f"{again}")
+            return a.astype(np.int64)
+        failed: list[tuple[str, str]] = []
+        if "failed" in z.files:
+            names = z["failed"]
+            reasons = z["failed_reasons"] if "failed_reasons" in z.files else np.array([], dtype=str)
+            if names.ndim != 1 or reasons.shape != names.shape:
+                raise ConfigError(f"{path}: 'failed' ({names.shape}) and 'failed_reasons' ({reasons.shape}) "
+                                  f"differ in length; {again}")
+            failed = list(zip(names.tolist(), reasons.tolist()))
+        meta: dict[str, Any] = {}
+        if "meta" in z.files:
+            try:
+                meta = json.loads(str(z["meta"]))
+            except ValueError as e:
+                raise ConfigError(f"{path}: 'meta' is not valid JSON ({e}); {again}") from None
+            if not isinstance(meta, dict):
+                raise ConfigError(f"{path}: 'meta' is JSON {type(meta).__name__}, expected an object; {again}")
+        if "root" in z.files and z["root"].shape != ():
+            raise ConfigError(f"{path}: 'root' is {z['root'].shape}, expected one folder name; {again}")
+        root = str(z["root"]) if "root" in z.files else ""
+        return cls(feats.astype(np.float32), [str(p) for p in paths], labels("pids"), labels("camids"), root,
+                   failed, meta)
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -15,6 +15,7 @@ single image.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -22,7 +23,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from datasets.transforms import TEST_INTERPOLATION, build_transforms
 from model import SVLLReID, load_for_inference
 from model.loading import camera_numbers
 from utils.checkpoint import load_file
+from utils.fileio import follow_umask
 
 logger = logging.getLogger("svllreid")
 
@@ -157,17 +159,42 @@ def export_graph(model: SVLLReID, info: Mapping[str, Any], path: str, meta: Mapp
     args = (torch.zeros(batch, 3, h, w),) + tuple(_side_values(info, side, batch))
     dim = torch.export.Dim("batch")
     shapes = ({0: dim}, tuple({0: dim} for _ in side)) if side else ({0: dim},)   # images, *side
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")           # exporter chatter (axis renaming, deprecations)
+    with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript"):
+        warnings.simplefilter("ignore")           # exporter chatter (axis renaming, deprecations, a failed
+        # conversion to an older opset, which falls back silently: checked below)
         program = torch.onnx.export(graph, args, dynamo=True, opset_version=opset, verbose=False,
                                     input_names=[IMAGE_INPUT, *side], output_names=[OUTPUT_NAME],
                                     dynamic_shapes=shapes, external_data=False)
     proto = program.model_proto
+    written = opset_of(proto)
+    if written != opset:    # the exporter falls back to its own opset when it cannot convert the graph
+        raise ConfigError(f"--opset {opset}: the exporter cannot write this graph in opset {opset} (it wrote "
+                          f"opset {written}); use --opset {written} or another version it can convert to; "
+                          "no file written")
     del proto.metadata_props[:]
-    for k, v in meta.items():
+    for k, v in {**meta, "opset": str(written)}.items():
         proto.metadata_props.add(key=k, value=v)
     proto.doc_string = "SVLL-ReID retrieval features; see metadata_props for the preprocessing"
     onnx.save(proto, path)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """Only errors that stop the export from the named loggers (their warnings and tracebacks of
+    handled failures would break the one-line error convention)."""
+    saved = {n: logging.getLogger(n).level for n in loggers}
+    for n in loggers:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def opset_of(proto: Any) -> int:
+    """The default-domain (``ai.onnx``) opset a model proto imports."""
+    return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 # ----------------------------------------------------------------------------- verification
@@ -286,6 +313,7 @@ def export(cfg: Any, out: str, batch: int = 2, verify_batch: int = 5, opset: int
                 "onnxruntime differs from PyTorch: " + "; ".join(
                     f"batch {c['batch']}: max abs diff {c['max_abs_diff']:.3g} > {atol:g}" for c in bad)
                 + f" (features up to {max(c['max_abs_feature'] for c in checks):.3g}); no file written")
+        follow_umask(tmp)      # mkstemp made it 0600; checkpoints and results follow the umask too
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -17,6 +17,8 @@ import os
 import time
 from typing import Any
 
+from config import ConfigError
+
 from .fileio import save_figure
 
 logger = logging.getLogger("svllreid")
@@ -118,19 +120,50 @@ def eval_scalars(results: dict[str, Any]) -> dict[str, Any]:
 NULL_RECORD = TrainingRecord("", enabled=False)
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (a torn last line of a killed run is skipped)."""
-    out = []
+KINDS = ("period", "epoch", "eval")
+
+
+def _usable(rec: Any) -> bool:
+    """A record :func:`plot_curves` can place: a JSON object with a known kind and integer stage and epoch."""
+    return isinstance(rec, dict) and rec.get("kind") in KINDS and all(
+        isinstance(rec.get(k), int) and not isinstance(rec.get(k), bool) for k in ("stage", "epoch"))
+
+
+def _read_records(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """(usable records, line numbers of the other non-empty lines) of a ``metrics.jsonl``."""
+    out, bad = [], []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, start=1):
             line = line.strip()
             if not line:
                 continue
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                rec = None
+            if _usable(rec):
+                out.append(rec)
+            else:
+                bad.append(n)
+    return out, bad
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The usable records of a ``metrics.jsonl``.
+
+    Lines that are not JSON (e.g. the torn last line of a killed run), not an object, or
+    lack the kind / stage / epoch are skipped with one warning that names the file, counts
+    them and gives the first one's line number.
+    """
+    out, bad = _read_records(path)
+    _warn_skipped(path, bad, len(out))
     return out
+
+
+def _warn_skipped(path: str, bad: list[int], n_good: int) -> None:
+    if bad:
+        logger.warning("%s: %d of %d line(s) skipped (not a JSON record with kind, stage and epoch; first: line %d)",
+                       path, len(bad), len(bad) + n_good, bad[0])
 
 
 LOSS_KEYS = ("loss", "id", "tri", "i2t", "t2i", "ssl")
@@ -141,7 +174,8 @@ _LOSS_LABELS = {"loss": "total", "id": "ID", "tri": "triplet", "i2t": "image→t
 def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> str:
     """Draw the loss components per stage, the stage-2 accuracy and the mAP / R1 over epochs.
 
-    Uses the ``epoch`` records (falling back to the last ``period`` record of each epoch)
+    Refuses (ConfigError) a file without a single usable record. Uses the ``epoch`` records
+    (falling back to the last ``period`` record of each epoch)
     and the ``eval`` records; when a resumed run repeats an epoch the last record wins.
     Written atomically; returns ``out_png``.
     """
@@ -149,7 +183,11 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = read_metrics(metrics_jsonl)
+    recs, bad = _read_records(metrics_jsonl)
+    if not recs:
+        raise ConfigError(f"{metrics_jsonl} holds no usable record (JSON objects with kind "
+                          f"{'/'.join(KINDS)}, stage and epoch, one per line): nothing to draw")
+    _warn_skipped(metrics_jsonl, bad, len(recs))
     per_epoch: dict[tuple[int, int], dict[str, Any]] = {}
     evals: dict[int, dict[str, Any]] = {}
     for r in recs:

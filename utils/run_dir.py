@@ -25,6 +25,8 @@ CONFIG_FILE = "config.yaml"
 LAST_CHECKPOINT = "last.pth"
 # Files only a training run writes (an evaluation folder never holds them).
 TRAINING_FILES = (LAST_CHECKPOINT, CONFIG_FILE, "train_log.txt", "metrics.jsonl")
+# What an evaluation (test_svllreid.py) writes into its folder.
+EVALUATION_FILES = ("results.json", "test_log.txt", "visualize")
 # Files that mark a folder as holding a run (besides the *.pth checkpoints).
 RUN_FILES = (*TRAINING_FILES, "results.json", "tensorboard", "curves.png")
 # Of those, the ones that hold training progress (with the *.pth): without any of them the
@@ -50,8 +52,9 @@ class RunError(RuntimeError):
 class RunLock:
     """Exclusive lock on OUTPUT_DIR for the lifetime of a run (use as a context manager)."""
 
-    def __init__(self, output_dir: str) -> None:
+    def __init__(self, output_dir: str, name: str = "OUTPUT_DIR") -> None:
         self.output_dir = output_dir
+        self.name = name        # how the user gave the folder (the option), for the error message
         self.path = os.path.join(output_dir, LOCK_FILE)
         self._f: IO[str] | None = None
 
@@ -64,8 +67,8 @@ class RunLock:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
-            raise RunError(f"OUTPUT_DIR {self.output_dir} is in use by another run ({holder}); "
-                           "wait for it to end or choose another OUTPUT_DIR") from None
+            raise RunError(f"{self.name} {self.output_dir} is in use by another run ({holder}); "
+                           f"wait for it to end or choose another {self.name}") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -108,7 +111,7 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> list[s
         return notes
     if not overwrite and not any(n in PROGRESS_FILES or n.endswith(".pth") for n in files):
         # the leftovers of a run that failed before saving anything (bad data path, bad batch): not a run
-        dest = _move_aside(output_dir, files)
+        dest = move_aside(output_dir, files)
         notes.append(f"OUTPUT_DIR held only the files of a run that saved no training progress ({', '.join(files)}); "
                      f"moved to {dest}")
         return notes
@@ -117,22 +120,41 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> list[s
         raise RunError(f"OUTPUT_DIR {output_dir} already holds a run ({shown}): add --resume to continue it, "
                        "--overwrite to start over (its files are moved to a previous-<time>/ sub-folder), "
                        "or choose another OUTPUT_DIR")
-    dest = _move_aside(output_dir, files)
+    dest = move_aside(output_dir, files)
     notes.append(f"--overwrite: the previous run's {len(files)} file(s) were moved to {dest}")
     return notes
 
 
-def _move_aside(output_dir: str, files: list[str]) -> str:
-    """Move ``files`` of ``output_dir`` into a new ``previous-<time>/`` sub-folder; returns it."""
-    dest = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
-    for i in range(1, 1000):          # two moves within a second get two folders
-        if not os.path.exists(dest):
+def move_aside(output_dir: str, names: list[str]) -> str:
+    """Move ``names`` (files or folders in ``output_dir``) into a new ``previous-<time>/`` sub-folder.
+
+    Nothing is deleted; a second move within the same second gets ``previous-<time>-2/``.
+    Returns the sub-folder.
+    """
+    base = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+    dest, n = base, 1
+    while True:
+        try:
+            os.makedirs(dest)
             break
-        dest = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S") + f"-{i}")
-    os.makedirs(dest)
-    for n in files:
-        os.replace(os.path.join(output_dir, n), os.path.join(dest, n))
+        except FileExistsError:
+            n += 1
+            dest = f"{base}-{n}"
+    for name in names:
+        os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
     return dest
+
+
+def previous_evaluation_aside(output_dir: str) -> str | None:
+    """Before an evaluation writes into ``output_dir`` (lock held): move an earlier evaluation's
+    results.json, test_log.txt and visualize/ into ``previous-<time>/``, so that nothing of it is
+    replaced silently and no stale picture stays beside the new ones. Returns a log line, or None."""
+    remove_stale_temporaries(output_dir)
+    if not any(os.path.exists(os.path.join(output_dir, n)) for n in ("results.json", "visualize")):
+        return None
+    names = [n for n in EVALUATION_FILES if os.path.exists(os.path.join(output_dir, n))]
+    dest = move_aside(output_dir, names)
+    return f"{output_dir} held an earlier evaluation: its {', '.join(names)} moved to {dest}"
 
 
 def save_run_config(output_dir: str, cfg: Any) -> None:

@@ -1,0 +1,295 @@
+"""Edges of the tools (search, evaluation folder, ONNX export, curves): each case is refused with one
+line naming the culprit, or gives the right result; nothing stale or mixed is left behind."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import test_svllreid
+import train_svllreid
+from config import load_config
+from model import make_model
+
+from test_faults import one_line_error
+from test_training import DEMO
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import extract_features as extract_tool  # noqa: E402
+import search as search_tool  # noqa: E402
+
+SIZE = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "DATALOADER.NUM_WORKERS", "0",
+        "TEST.IMS_PER_BATCH", "16"]
+
+
+@pytest.fixture(scope="module")
+def weight(tiny_root, tmp_path_factory):
+    """A random-weights checkpoint of the tiny demo model (8 identities, 2 cameras): no training needed."""
+    d = tmp_path_factory.mktemp("ckpt")
+    cfg = load_config(DEMO, ["DATASETS.ROOT_DIR", tiny_root, *SIZE])
+    torch.manual_seed(0)
+    model = make_model(cfg, num_class=8, camera_num=2, view_num=1)
+    path = d / "model.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def _opts(tiny_root, weight, *extra):
+    return ["DATASETS.ROOT_DIR", str(tiny_root), *SIZE, "TEST.WEIGHT", weight, *extra]
+
+
+def _search(tiny_root, weight, query, gallery, out, *flags):
+    """The search tool with its flags after the KEY VALUE overrides (accepted anywhere)."""
+    return search_tool.main(["--config_file", DEMO, "--query", str(query), "--gallery", str(gallery),
+                             *_opts(tiny_root, weight), "--out", str(out), *flags])
+
+
+# ----------------------------------------------------------------------------- flags anywhere
+def test_flags_are_accepted_after_the_overrides_by_every_script():
+    import export_onnx
+    argv = ["--query", "q", "--gallery", "g", "TEST.WEIGHT", "w", "--out", "o", "SOLVER.STAGE2.BASE_LR", "-0.5",
+            "--no_pictures", "--topk", "3"]
+    a = search_tool.parse_args(argv)
+    assert (a.out, a.no_pictures, a.topk) == ("o", True, 3)
+    assert a.opts == ["TEST.WEIGHT", "w", "SOLVER.STAGE2.BASE_LR", "-0.5"]     # a negative value stays a value
+    a = extract_tool.parse_args(["TEST.WEIGHT", "w", "--images", "i", "--out=x.npz", "--camera", "2"])
+    assert (a.images, a.out, a.camera, a.opts) == ("i", "x.npz", 2, ["TEST.WEIGHT", "w"])
+    a = export_onnx.parse_args(["TEST.WEIGHT", "w", "--out", "m.onnx", "--images", "a", "--images", "b",
+                                "--opset", "17"])
+    assert (a.out, a.images, a.opset, a.opts) == ("m.onnx", ["a", "b"], 17, ["TEST.WEIGHT", "w"])
+    a = test_svllreid.parse_args(["TEST.WEIGHT", "w", "--config_file", "c.yml"])
+    assert (a.config_file, a.opts) == ("c.yml", ["TEST.WEIGHT", "w"])
+    a = train_svllreid.parse_args(["OUTPUT_DIR", "o", "--resume", "MODEL.DEVICE", "cpu"])
+    assert a.resume and a.opts == ["OUTPUT_DIR", "o", "MODEL.DEVICE", "cpu"]
+    with pytest.raises(SystemExit):          # an unknown flag is still refused, wherever it stands
+        search_tool.parse_args(["--query", "q", "--gallery", "g", "--out", "o", "TEST.WEIGHT", "w", "--bogus"])
+
+
+# ----------------------------------------------------------------------------- search
+@pytest.fixture(scope="module")
+def gallery_npz(tiny_root, weight, tmp_path_factory):
+    """Features of the tiny gallery (junk included) written by tools/extract_features.py."""
+    out = tmp_path_factory.mktemp("feats") / "g.npz"
+    assert extract_tool.main(["--config_file", DEMO, "--images", os.path.join(tiny_root, "bounding_box_test"),
+                              "--out", str(out), *_opts(tiny_root, weight)]) == 0
+    return out
+
+
+def _rewrite(src, dst, **changes):
+    """A copy of the .npz ``src`` with some arrays replaced."""
+    z = dict(np.load(src))
+    z.update(changes)
+    np.savez(dst, **z)
+    return dst
+
+
+def test_search_refuses_non_finite_features(tiny_root, weight, gallery_npz, tmp_path, capsys):
+    feats = np.load(gallery_npz)["features"].copy()
+    feats[3, 0] = np.nan
+    feats[5, :] = np.inf
+    bad = _rewrite(gallery_npz, tmp_path / "nan.npz", features=feats)
+    q = os.path.join(tiny_root, "query")
+    assert _search(tiny_root, weight, q, bad, tmp_path / "out", "--no_pictures") == 2
+    one_line_error(capsys, bad, "2 of", "NaN/Inf")
+    assert not os.path.exists(tmp_path / "out" / "results.json")
+    # a model whose weights are not finite: the folder's features are refused as evaluation refuses them
+    sd = torch.load(weight)
+    sd[next(k for k in sd if k.startswith("image_encoder.") and sd[k].is_floating_point())].fill_(float("nan"))
+    torch.save(sd, tmp_path / "nan.pth")
+    assert _search(tiny_root, str(tmp_path / "nan.pth"), q, os.path.join(tiny_root, "bounding_box_test"),
+                   tmp_path / "out2", "--no_pictures") == 2
+    one_line_error(capsys, "gallery", "NaN/Inf", "features")
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("empty", ["holds no features", "0 images"]),
+    ("short_pids", ["'pids'", "one integer per feature"]),
+    ("text_camids", ["'camids'", "one integer per feature"]),
+    ("meta_not_json", ["'meta'", "not valid JSON"]),
+    ("meta_list", ["'meta'", "expected an object"]),
+    ("failed_mismatch", ["'failed'", "failed_reasons"]),
+])
+def test_search_refuses_broken_feature_files(tiny_root, weight, gallery_npz, tmp_path, capsys, case, needles):
+    z = np.load(gallery_npz)
+    n = len(z["paths"])
+    changes = {"empty": dict(features=np.zeros((0, z["features"].shape[1]), np.float32),
+                             paths=np.array([], dtype=str), pids=np.zeros(0, np.int64), camids=np.zeros(0, np.int64)),
+               "short_pids": dict(pids=z["pids"][:n - 2]),
+               "text_camids": dict(camids=np.array(["c1"] * n)),
+               "meta_not_json": dict(meta=np.array("{'weight': oops")),
+               "meta_list": dict(meta=np.array("[1, 2]")),
+               "failed_mismatch": dict(failed=np.array(["a.jpg", "b.jpg"]), failed_reasons=np.array(["x"]))}[case]
+    bad = _rewrite(gallery_npz, tmp_path / f"{case}.npz", **changes)
+    assert _search(tiny_root, weight, os.path.join(tiny_root, "query"), bad, tmp_path / "out") == 2
+    one_line_error(capsys, bad, *needles)
+
+
+def test_search_leaves_junk_out_as_evaluation_does(tiny_root, weight, gallery_npz, tmp_path):
+    from datasets.make_dataloader import build_dataset_from_cfg
+    cfg = load_config(DEMO, _opts(tiny_root, weight))
+    evaluated = {os.path.basename(s[0]) for s in build_dataset_from_cfg(cfg, test_only=True).gallery}
+    files = os.listdir(os.path.join(tiny_root, "bounding_box_test"))
+    assert any(f.startswith("-1_") for f in files)          # the set has junk, which evaluation leaves out
+    for gallery in (os.path.join(tiny_root, "bounding_box_test"), gallery_npz):
+        out = tmp_path / os.path.basename(str(gallery))
+        assert _search(tiny_root, weight, os.path.join(tiny_root, "query"), gallery, out, "--no_pictures",
+                       "--topk", "100") == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["num_gallery"] == len(evaluated) and res["junk_left_out"] == len(files) - len(evaluated)
+        for q in res["queries"]:
+            assert {os.path.basename(h["path"]) for h in q["results"]} == evaluated
+
+
+def test_search_folder_is_locked_and_a_rerun_replaces_the_pictures(tiny_root, weight, gallery_npz, tmp_path, capsys):
+    import subprocess
+    out = tmp_path / "out"
+    qdir = os.path.join(tiny_root, "query")
+    assert _search(tiny_root, weight, qdir, gallery_npz, out, "--topk", "3") == 0
+    first = json.loads((out / "results.json").read_text())
+    assert sorted(os.listdir(out / "ranked")) == sorted(os.path.basename(q["picture"]) for q in first["queries"])
+    assert len(first["queries"]) > 1
+    # a second search on the same folder while one runs: refused at once, the first run's files untouched
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from utils.run_dir import RunLock\n"
+                               f"with RunLock({str(out)!r}):\n print('locked', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _search(tiny_root, weight, qdir, gallery_npz, out, "--topk", "2") == 2
+        one_line_error(capsys, "--out", out, f"pid {holder.pid}", "in use")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((out / "results.json").read_text()) == first
+    # a re-run with one query: ranked/ holds exactly this run's picture, none of the previous run's
+    one = os.path.join(qdir, sorted(os.listdir(qdir))[0])
+    assert _search(tiny_root, weight, one, gallery_npz, out, "--topk", "2") == 0
+    second = json.loads((out / "results.json").read_text())
+    assert [os.path.basename(q["picture"]) for q in second["queries"]] == os.listdir(out / "ranked")
+    assert len(os.listdir(out / "ranked")) == 1
+    # --no_pictures: results.json alone, no pictures of an earlier run beside it
+    assert _search(tiny_root, weight, qdir, gallery_npz, out, "--no_pictures") == 0
+    assert not os.path.exists(out / "ranked")
+    assert not [n for n in os.listdir(out) if n.startswith(".svllreid-partial")]
+
+
+def test_search_on_a_feature_file_whose_images_are_gone(tiny_root, weight, tmp_path, capsys):
+    import shutil
+    gal = tmp_path / "gallery"
+    shutil.copytree(os.path.join(tiny_root, "bounding_box_test"), gal)
+    npz = tmp_path / "g.npz"
+    assert extract_tool.main(["--config_file", DEMO, "--images", str(gal), "--out", str(npz),
+                              *_opts(tiny_root, weight)]) == 0
+    shutil.rmtree(gal)
+    capsys.readouterr()
+    q = os.path.join(tiny_root, "query")
+    assert _search(tiny_root, weight, q, npz, tmp_path / "out") == 2          # pictures asked: refused
+    one_line_error(capsys, npz, gal, "no longer exists", "--no_pictures")
+    assert _search(tiny_root, weight, q, npz, tmp_path / "out", "--no_pictures") == 0   # results alone: a warning
+    logged = capsys.readouterr().out
+    assert logged.count("no longer exists") == 1 and str(gal) in logged
+
+
+# ----------------------------------------------------------------------------- evaluating twice
+def test_second_evaluation_moves_the_first_aside_and_leaves_no_stale_picture(tiny_root, weight, tmp_path, capsys):
+    import shutil
+    w = tmp_path / "model.pth"
+    shutil.copy(weight, w)
+    argv = ["--config_file", DEMO, *_opts(tiny_root, str(w)), "TEST.VISUALIZE", "True", "TEST.VISUALIZE_TOPK", "3"]
+    assert test_svllreid.main([*argv, "TEST.VISUALIZE_N", "2"]) == 0
+    out = tmp_path / "model_eval_folder"             # the default folder, beside the checkpoint
+    first = json.loads((out / "results.json").read_text())
+    first_pictures = sorted(os.listdir(out / "visualize"))
+    assert "best_02.png" in first_pictures
+    capsys.readouterr()
+    assert test_svllreid.main([*argv, "TEST.VISUALIZE_N", "1"]) == 0
+    logged = capsys.readouterr().out
+    assert sorted(os.listdir(out / "visualize")) == ["best_01.png", "cmc.png", "worst_01.png"]   # no stale picture
+    moved = [n for n in os.listdir(out) if n.startswith("previous-")]
+    assert len(moved) == 1 and f"moved to {out / moved[0]}" in logged
+    assert json.loads((out / moved[0] / "results.json").read_text()) == first
+    assert sorted(os.listdir(out / moved[0] / "visualize")) == first_pictures
+    assert os.path.isfile(out / moved[0] / "test_log.txt")
+    assert json.loads((out / "results.json").read_text())["config"]["TEST"]["VISUALIZE_N"] == 1
+    # a third one, within the same second or not, gets a sub-folder of its own
+    assert test_svllreid.main([*argv, "TEST.VISUALIZE_N", "1"]) == 0
+    assert len([n for n in os.listdir(out) if n.startswith("previous-")]) == 2
+
+
+# ----------------------------------------------------------------------------- ONNX export
+def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, weight, tmp_path, capsys):
+    import stat
+
+    import export_onnx
+    import onnx
+
+    from utils.logger import setup_logger
+    from utils.onnx_export import opset_of, read_metadata
+    setup_logger("svllreid", None, if_train=False)   # log to this test's stdout (the tool sets up no logger)
+    q = os.path.join(tiny_root, "query")
+    argv = ["--config_file", DEMO, *_opts(tiny_root, weight), "--images", q, "--verify_batch", "2"]
+    out = tmp_path / "m7.onnx"
+    assert export_onnx.main([*argv, "--out", str(out), "--opset", "7"]) == 2     # the exporter cannot honour it
+    one_line_error(capsys, "--opset 7", "opset 18", "no file written")
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    out = tmp_path / "m.onnx"
+    old = os.umask(0o022)
+    try:
+        assert export_onnx.main([*argv, "--out", str(out), "--opset", "17"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644      # like checkpoints and results, not mkstemp's 0600
+    assert read_metadata(str(out))["opset"] == "17" == str(opset_of(onnx.load(str(out))))
+
+
+# ----------------------------------------------------------------------------- plot_curves
+def _plot(tmp_path, lines):
+    import plot_curves
+    (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    return plot_curves.main([str(tmp_path)])
+
+
+def test_plot_curves_refuses_a_record_without_usable_lines(tmp_path, capsys):
+    assert _plot(tmp_path, ["garbage", "[1, 2]", "3", '{"kind": "eval", "stage": 2, "mAP": 0.5}']) == 2
+    one_line_error(capsys, tmp_path / "metrics.jsonl", "no usable record")
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_plot_curves_skips_bad_lines_with_one_warning(tmp_path, capsys):
+    good = [json.dumps({"stage": 1, "epoch": 1, "iteration": None, "kind": "epoch", "loss": 2.0}),
+            json.dumps({"stage": 2, "epoch": 1, "iteration": None, "kind": "epoch", "loss": 1.0, "acc": 0.5}),
+            json.dumps({"stage": 2, "epoch": 1, "kind": "eval", "mAP": 0.3, "R1": 0.4, "mINP": 0.1})]
+    bad = ["[1, 2]", '"text"', '{"kind": "eval", "stage": 2, "mAP": 0.5}', '{"stage": 2, "ep']
+    assert _plot(tmp_path, [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3]]) == 0
+    cap = capsys.readouterr()
+    warned = [line for line in (cap.out + cap.err).splitlines() if "skipped" in line]
+    assert len(warned) == 1 and "4 of 7 line(s) skipped" in warned[0] and "line 2" in warned[0]
+    assert str(tmp_path / "metrics.jsonl") in warned[0] and "Traceback" not in cap.err
+    from PIL import Image
+    with Image.open(tmp_path / "curves.png") as im:
+        assert im.format == "PNG"
+
+
+def test_interrupted_search_keeps_the_previous_results_whole(tiny_root, weight, gallery_npz, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    qdir = os.path.join(tiny_root, "query")
+    assert _search(tiny_root, weight, qdir, gallery_npz, out, "--topk", "3") == 0
+    before = {n: (out / "ranked" / n).read_bytes() for n in os.listdir(out / "ranked")}
+    results = (out / "results.json").read_bytes()
+    drawn = []
+    original = search_tool.draw_ranked_list
+
+    def interrupted_after_one(*a, **k):
+        if drawn:
+            raise KeyboardInterrupt
+        drawn.append(original(*a, **k))
+        return drawn[-1]
+
+    monkeypatch.setattr(search_tool, "draw_ranked_list", interrupted_after_one)
+    assert _search(tiny_root, weight, qdir, gallery_npz, out, "--topk", "5") == 130
+    assert (out / "results.json").read_bytes() == results
+    assert {n: (out / "ranked" / n).read_bytes() for n in os.listdir(out / "ranked")} == before
+    assert not [n for n in os.listdir(out) if n.startswith(".svllreid-partial")]
