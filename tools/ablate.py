@@ -460,12 +460,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retry_failed", action="store_true", help="run failed runs again")
     p.add_argument("--report", default="", metavar="DIR", help="only rebuild the report of the ablation in DIR")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every variant: KEY VALUE ...")
-    args = p.parse_args(argv)
-    for flag in ("--retry_failed",):   # also accepted after the overrides
-        if flag in args.opts:
-            args.opts.remove(flag)
-            setattr(args, flag[2:], True)
-    return args
+    return cli.parse_with_overrides(p, argv)   # flags also accepted after the overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
