@@ -50,3 +50,29 @@ def test_seed_and_steps_at_their_limits_load():
                              "INPUT.PIXEL_MEAN", "[0, 1, 0.25]"])
     assert cfg.SOLVER.SEED == 0 and list(cfg.SOLVER.STAGE2.STEPS) == [5, 5, 9]
     assert load_config(DEMO, ["SOLVER.SEED", str(2 ** 32 - 1)]).SOLVER.SEED == 2 ** 32 - 1
+
+
+# ----------------------------------------------------------------------------- make clean
+def test_make_clean_removes_only_what_the_demo_and_tests_create(tmp_path):
+    import glob
+    import shutil
+    import subprocess
+
+    import yaml
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
+    configs = sorted(glob.glob(os.path.join(ROOT, "configs", "demo", "*.yml")))
+    demo_outs = [yaml.safe_load(open(p))["OUTPUT_DIR"] for p in configs]
+    assert "output/demo" in demo_outs
+    made = demo_outs + ["data/synthetic/query", ".pytest_cache"]
+    kept = ["output/market", "output/my_run/previous-1", "data/Market-1501"]
+    for d in made + kept:
+        os.makedirs(tmp_path / d)
+        (tmp_path / d / "f.txt").write_text("x")
+    r = subprocess.run(["make", "clean"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for d in made:
+        assert not os.path.exists(tmp_path / d), d
+    for d in kept:
+        assert (tmp_path / d / "f.txt").read_text() == "x", d
