@@ -76,3 +76,184 @@ def test_make_clean_removes_only_what_the_demo_and_tests_create(tmp_path):
         assert not os.path.exists(tmp_path / d), d
     for d in kept:
         assert (tmp_path / d / "f.txt").read_text() == "x", d
+
+
+# ----------------------------------------------------------------------------- tools: bad arguments
+def _tool(name):
+    import importlib
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.parametrize("args,names", [
+    (["--num-ids", "0"], ["--num-ids 0", ">= 1"]),
+    (["--num-test-ids", "0"], ["--num-test-ids 0", ">= 1"]),
+    (["--num-cams", "1"], ["--num-cams 1", "another camera"]),
+    (["--height", "-8"], ["--height -8", ">= 16"]),
+    (["--width", "-1"], ["--width -1", ">= 16"]),
+    (["--num-distractors", "-3"], ["--num-distractors -3", ">= 0"]),
+    (["--num-junk", "-1"], ["--num-junk -1", ">= 0"]),
+    (["--images-per-cam", "-2"], ["--images-per-cam -2", ">= 1"]),
+])
+def test_make_synthetic_bad_sizes(args, names, tmp_path, capsys):
+    out = tmp_path / "set"
+    assert _tool("make_synthetic").main(["--out", str(out), *args]) == 2
+    one_line_error(capsys, *names)
+    assert not out.exists()
+
+
+def test_make_synthetic_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    assert _tool("make_synthetic").main(["--out", str(f), "--num-ids", "2", "--num-test-ids", "2"]) == 2
+    one_line_error(capsys, f, "is a file")
+    assert f.read_text() == "mine"
+
+
+def test_run_demo_missing_config(tmp_path, capsys):
+    missing = tmp_path / "nope.yml"
+    assert _tool("run_demo").main(["--config_file", str(missing)]) == 2
+    one_line_error(capsys, missing, "not found")
+
+
+@pytest.mark.parametrize("key", ["SOLVER.STAGE1.MAX_EPOCHS", "SOLVER.STAGE2.MAX_EPOCHS"])
+def test_run_demo_zero_epochs(key, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert _tool("run_demo").main(["--config_file", DEMO, "OUTPUT_DIR", str(out), key, "0"]) == 2
+    one_line_error(capsys, key, "positive integer")
+    assert not out.exists()
+
+
+def test_demo_ends_with_its_results_table_and_runnable_hints(tiny_root, tmp_path, monkeypatch, capsys):
+    import json
+    import shlex
+    import subprocess
+
+    from test_faults import TINY
+    monkeypatch.chdir(ROOT)           # make demo runs in the repository root; the hints are relative to it
+    out = tmp_path / "demo"
+    assert _tool("run_demo").main(["--config_file", DEMO, "DATASETS.ROOT_DIR", str(tiny_root),
+                                   "OUTPUT_DIR", str(out), *TINY]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    saved = json.loads((out / "demo_results.json").read_text())
+    table = lines[-4:]                # header, untrained, trained, ratio + time: the last thing printed
+    assert table[0].split() == ["mAP", "Rank-1", "Rank-5", "mINP"]
+    for row, name in zip(table[1:3], ("untrained", "trained")):
+        r = saved[name]
+        assert row.split() == [name, f"{100 * r['mAP']:.1f}%", f"{100 * r['cmc'][0]:.1f}%",
+                               f"{100 * r['cmc'][4]:.1f}%", f"{100 * r['mINP']:.1f}%"]
+    assert "the demo took" in table[3] and " s (" in table[3]
+    hints = [ln.strip() for ln in lines if "tools/extract_features.py" in ln or "tools/search.py" in ln]
+    assert len(hints) == 2
+    for hint in hints:
+        argv = shlex.split(hint)
+        assert not argv[0].startswith("python") or argv[0] == "python"
+        assert os.path.isfile(os.path.join(ROOT, argv[1]))
+    r = subprocess.run(shlex.split(hints[0]), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "query_features.npz").is_file()
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
+ENTRY_POINTS = ["train_svllreid.py", "test_svllreid.py", "tools/extract_features.py", "tools/search.py",
+                "tools/plot_curves.py", "tools/export_onnx.py", "tools/run_demo.py", "tools/make_synthetic.py"]
+
+
+def _env():
+    return {**os.environ, "SVLLREID_NO_TQDM": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _importing(pid):
+    """True once the process has loaded torch's or numpy's native library: its imports are under way."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read()
+    except OSError:
+        return False
+    return "libtorch" in maps or "_multiarray_umath" in maps
+
+
+def _signal_when(proc, ready, sig, timeout=120):
+    import time
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return err
+
+
+def _one_line(err, start):
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("WARNING") and "warn" not in ln.lower()]
+    assert len(lines) == 1 and lines[0].startswith(start), err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    return lines[0]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to see the imports under way")
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_ctrl_c_during_the_imports_is_one_line(script):
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = _signal_when(proc, lambda: _importing(proc.pid), signal.SIGINT)
+    assert proc.returncode == 130, err
+    _one_line(err, "interrupted")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to see the imports under way")
+def test_sigterm_during_the_imports_is_one_line():
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "train_svllreid.py", "--help"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = _signal_when(proc, lambda: _importing(proc.pid), signal.SIGTERM)
+    assert proc.returncode == 143, err
+    _one_line(err, "terminated (SIGTERM)")
+
+
+def _train_cmd(script, root, out, *opts):
+    import sys
+
+    from test_faults import train_argv
+    return [sys.executable, script, *train_argv(root, out, "SOLVER.STAGE2.MAX_EPOCHS", "50", *opts)]
+
+
+def test_sigterm_during_training_says_where_and_how_to_resume(tiny_root, tmp_path):
+    import re
+    import signal
+    import subprocess
+
+    from utils.checkpoint import load_file
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_train_cmd("train_svllreid.py", tiny_root, out), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = _signal_when(proc, lambda: os.path.exists(out / "ViT-B-16_1.pth"), signal.SIGTERM)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("terminated (SIGTERM): stopped in stage 2") and "Traceback" not in err, err
+    assert f"train_svllreid.py --resume OUTPUT_DIR {out}" in last
+    held = re.search(r"last.pth holds the end of stage (\d) epoch (\d+)", last)
+    state = load_file(str(out / "last.pth"))
+    assert held and (state["stage"], state["epoch"]) == (int(held.group(1)), int(held.group(2))), last
+
+
+def test_ctrl_c_during_the_demo_says_how_to_go_on(tiny_root, tmp_path):
+    import signal
+    import subprocess
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(_train_cmd("tools/run_demo.py", tiny_root, out), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = _signal_when(proc, lambda: os.path.exists(out / "ViT-B-16_1.pth"), signal.SIGINT)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: stopped in stage 2") and "Traceback" not in err, err
+    assert "make demo" in last and f"--resume OUTPUT_DIR {out}" in last

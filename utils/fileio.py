@@ -14,10 +14,10 @@ import errno
 import glob
 import os
 import shutil
-import signal
 import tempfile
-import threading
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable
+
+from .entry import signals_deferred
 
 TMP_PREFIX = ".svllreid-partial-"
 TMP_SUFFIX = ".tmp"
@@ -30,33 +30,14 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-_deferring = False
+def ctrl_c_deferred() -> contextlib.AbstractContextManager[None]:
+    """Hold a Ctrl-C (SIGINT) or SIGTERM until the block is done, then raise it.
 
-
-@contextlib.contextmanager
-def ctrl_c_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
-
-    A SIGINT inside ``torch.save`` surfaces as an unrelated write error and loses the
-    file; deferred, the write completes and the run stops right after it. Nested blocks
-    defer to the outermost one; outside the main thread, or with a custom SIGINT handler,
-    it does nothing.
+    A signal inside ``torch.save`` surfaces as an unrelated write error and loses the
+    file; deferred, the write completes and the run stops right after it
+    (:func:`utils.entry.signals_deferred`).
     """
-    global _deferring
-    if _deferring or threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    got: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
-    _deferring = True
-    try:
-        yield
-    finally:
-        _deferring = False
-        signal.signal(signal.SIGINT, previous)
-    if got:
-        raise KeyboardInterrupt
+    return signals_deferred()
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
