@@ -257,3 +257,108 @@ def test_ctrl_c_during_the_demo_says_how_to_go_on(tiny_root, tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted: stopped in stage 2") and "Traceback" not in err, err
     assert "make demo" in last and f"--resume OUTPUT_DIR {out}" in last
+
+
+# ----------------------------------------------------------------------------- a full disk while logging
+def _tmpfs(tmp_path, size):
+    """A real tmpfs of ``size`` mounted under ``tmp_path`` (as tests/test_faults.py does); skip without root."""
+    import subprocess
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "--lazy", str(mnt)], check=True)   # a log handler may still hold a file
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """256 kB: full after a few lines."""
+    yield from _tmpfs(tmp_path, "256k")
+
+
+@pytest.fixture
+def disk_for_a_run(tmp_path):
+    """48 MB: room for a tiny run's checkpoints, small enough to fill quickly."""
+    yield from _tmpfs(tmp_path, "48m")
+
+
+def _fill(folder, name="filler"):
+    """Write ``folder/name`` until the file system is full."""
+    import errno
+    with open(os.path.join(folder, name), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_full_disk_in_metrics_jsonl_names_the_file_and_keeps_earlier_lines(small_disk):
+    import errno
+
+    from utils.record import METRICS_FILE, TrainingRecord, read_metrics
+    rec = TrainingRecord(str(small_disk), tensorboard=False)
+    rec.log(1, 1, 1, loss=0.5)
+    _fill(small_disk)
+    with pytest.raises(OSError) as e:
+        for i in range(100):      # the first record that does not fit
+            rec.log(1, 1, i, loss=0.25, note="x" * 200)
+    path = str(small_disk / METRICS_FILE)
+    assert e.value.errno == errno.ENOSPC and path in str(e.value) and "no space left" in str(e.value)
+    assert "\n" not in str(e.value)
+    rec.close()                   # the unwritten rest is dropped without a second error
+    assert read_metrics(path)[0]["loss"] == 0.5
+
+
+def test_full_disk_in_train_log_is_one_error_not_a_traceback_per_line(small_disk, capsys):
+    import errno
+
+    from utils.logger import setup_logger
+    logger = setup_logger("svllreid-disk-test", str(small_disk), if_train=True)
+    logger.info("first line")
+    _fill(small_disk)
+    with pytest.raises(OSError) as e:
+        for i in range(200):
+            logger.info("line %d %s", i, "y" * 200)
+    path = str(small_disk / "train_log.txt")
+    assert e.value.errno == errno.ENOSPC and path in str(e.value)
+    logger.info("after the failure")          # logging on does not print tracebacks either
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err, err
+    assert "first line" in (small_disk / "train_log.txt").read_text()
+
+
+def test_disk_filling_up_during_training_is_one_line_and_keeps_the_run(tiny_root, disk_for_a_run, monkeypatch,
+                                                                       capsys):
+    import logging
+
+    import processor.processor_stage2 as stage2_mod
+    from test_faults import train_argv
+    from utils.checkpoint import load_file
+    from utils.record import read_metrics
+    out = disk_for_a_run / "run"
+    from processor.common import POSITION
+    original = stage2_mod.stage2_forward_loss
+
+    def fill_in_epoch_2(*a, **k):
+        if (POSITION.stage, POSITION.epoch) == (2, 2) and not (disk_for_a_run / "filler").exists():
+            _fill(disk_for_a_run)     # last.pth holds stage 2 epoch 1
+            # tmpfs still takes the few bytes left in the log's last page: log as a longer epoch would
+            for i in range(100):
+                logging.getLogger("svllreid").info("iteration %d of a longer epoch %s", i, "." * 100)
+        return original(*a, **k)
+
+    monkeypatch.setattr(stage2_mod, "stage2_forward_loss", fill_in_epoch_2)
+    assert train_svllreid.main(train_argv(tiny_root, out, "SOLVER.STAGE2.MAX_EPOCHS", "3",
+                                          "SOLVER.STAGE2.LOG_PERIOD", "1")) == 2
+    err = one_line_error(capsys, "no space left on device", str(out))
+    assert "train_log.txt" in err or "metrics.jsonl" in err, err
+    state = load_file(str(out / "last.pth"))         # the run's earlier files are intact
+    assert (state["stage"], state["epoch"]) == (2, 1)
+    assert read_metrics(str(out / "metrics.jsonl"))
+    assert "Configuration" in (out / "train_log.txt").read_text()

@@ -40,6 +40,15 @@ def ctrl_c_deferred() -> contextlib.AbstractContextManager[None]:
     return signals_deferred()
 
 
+def append_error(path: str, e: OSError) -> OSError:
+    """``e``, raised while appending to ``path`` (a log, ``metrics.jsonl``), as an ``OSError``
+    whose one-line message names the file (Python's own ENOSPC message does not)."""
+    if e.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"no space left on device while writing {path} (the lines written "
+                                     "before are kept; free some space and resume the run)")
+    return OSError(e.errno, f"cannot write {path}: {e.strerror or ' '.join(str(e).split())}")
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``.
 

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any
 
-from .fileio import save_figure
+from .fileio import append_error, save_figure
 
 logger = logging.getLogger("svllreid")
 
@@ -50,6 +50,7 @@ class TrainingRecord:
         self.path = os.path.join(output_dir, METRICS_FILE)
         self._file = None
         self._writer = None
+        self._failed = False
         self._t0 = time.time()
         if not enabled:
             return
@@ -76,8 +77,12 @@ class TrainingRecord:
         rec = {"stage": stage, "epoch": epoch, "iteration": iteration, "kind": kind,
                "time": round(now, 3), "elapsed": round(now - self._t0, 3)}
         rec.update({k: _jsonable(v) for k, v in values.items()})
-        self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+        except OSError as e:   # a full disk: one clear error naming the file; earlier lines stay
+            self._failed = True
+            raise append_error(self.path, e) from None
         if self._writer is not None:
             x = step if step is not None else epoch
             for k, v in values.items():
@@ -93,8 +98,12 @@ class TrainingRecord:
     def close(self) -> None:
         """Close the files (idempotent)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError as e:   # the buffered rest of a line that already failed is dropped
+                if not self._failed:
+                    raise append_error(self.path, e) from None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
