@@ -362,3 +362,76 @@ def test_disk_filling_up_during_training_is_one_line_and_keeps_the_run(tiny_root
     assert (state["stage"], state["epoch"]) == (2, 1)
     assert read_metrics(str(out / "metrics.jsonl"))
     assert "Configuration" in (out / "train_log.txt").read_text()
+
+
+# ----------------------------------------------------------------------------- the README's commands
+def _readme_commands():
+    """Every command line of README.md that runs a Python script: (line, argv after the script, script)."""
+    import re
+    import shlex
+    text = open(os.path.join(ROOT, "README.md")).read()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        lines += block.replace("\\\n", " ").splitlines()
+    lines += re.findall(r"`((?:\.venv/bin/)?python3? [^`]+)`", text)
+    out = []
+    for line in lines:
+        argv = shlex.split(line, comments=True)
+        if not argv:
+            continue
+        if argv[0] in ("python", "python3", ".venv/bin/python") or argv[0].endswith("torchrun"):
+            script = next(a for a in argv if a.endswith(".py"))
+            out.append((line.strip(), argv[0], script, argv[argv.index(script) + 1:]))
+    return out
+
+
+README_COMMANDS = _readme_commands()
+
+
+def test_readme_commands_are_found():
+    scripts = {c[2] for c in README_COMMANDS}
+    assert {"train_svllreid.py", "test_svllreid.py", "tools/extract_features.py", "tools/search.py",
+            "tools/plot_curves.py", "tools/export_onnx.py", "tools/run_demo.py"} <= scripts, scripts
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _script_main(script):
+    if script.startswith("tools/"):
+        return _tool(os.path.splitext(os.path.basename(script))[0]).main
+    import importlib
+    return importlib.import_module(os.path.splitext(script)[0]).main
+
+
+@pytest.mark.parametrize("line,python,script,args", README_COMMANDS, ids=[c[0][:60] for c in README_COMMANDS])
+def test_readme_command_runs_as_written(line, python, script, args, monkeypatch, capsys):
+    """The interpreter is the one `make` installs, the script and config exist, its flags parse,
+    the config keys it overrides exist, and ``--help`` works."""
+    import argparse
+    import re
+
+    from config import get_default_config, get_key
+    assert python in (".venv/bin/python", ".venv/bin/torchrun"), line
+    assert os.path.isfile(os.path.join(ROOT, script)), line
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, argv=None, namespace=None):
+        raise _Parsed(original(self, argv, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    main = _script_main(script)
+    with pytest.raises(_Parsed) as parsed:
+        main(args)
+    ns = vars(parsed.value.args[0])
+    if ns.get("config_file"):
+        assert os.path.isfile(os.path.join(ROOT, ns["config_file"])), line
+    cfg = get_default_config()
+    for key in ns.get("opts") or []:
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*", key) and key != "KEY":
+            get_key(cfg, key)         # KeyError: the README overrides a key that does not exist
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
