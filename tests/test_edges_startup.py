@@ -435,3 +435,27 @@ def test_readme_command_runs_as_written(line, python, script, args, monkeypatch,
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_tensorboard_write_error_names_the_folder(tmp_path):
+    """The event files are written by TensorBoard's own writer; its write error is named too."""
+    import errno
+
+    from utils.record import TENSORBOARD_DIR, TrainingRecord
+
+    class FullWriter:
+        def add_scalar(self, *a):
+            pass
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    rec = TrainingRecord(str(tmp_path), tensorboard=False)
+    rec._writer = FullWriter()
+    with pytest.raises(OSError) as e:
+        rec.log(1, 1, 1, loss=0.5)
+    assert str(tmp_path / TENSORBOARD_DIR) in str(e.value) and "no space left" in str(e.value)
+    rec.close()                    # no second error while the run stops

@@ -85,11 +85,15 @@ class TrainingRecord:
             raise append_error(self.path, e) from None
         if self._writer is not None:
             x = step if step is not None else epoch
-            for k, v in values.items():
-                v = _jsonable(v)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._writer.add_scalar(f"stage{stage}/{kind}/{k}", v, x)
-            self._writer.flush()
+            try:
+                for k, v in values.items():
+                    v = _jsonable(v)
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self._writer.add_scalar(f"stage{stage}/{kind}/{k}", v, x)
+                self._writer.flush()
+            except OSError as e:
+                self._failed = True
+                raise append_error(os.path.join(self.output_dir, TENSORBOARD_DIR), e) from None
 
     def log_eval(self, stage: int, epoch: int, results: dict[str, Any]) -> None:
         """An ``eval`` record from the results dict of an evaluation (mAP, mINP, R1/R5/R10, CMC)."""
@@ -105,8 +109,12 @@ class TrainingRecord:
                 if not self._failed:
                     raise append_error(self.path, e) from None
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            w, self._writer = self._writer, None
+            try:
+                w.close()
+            except OSError as e:
+                if not self._failed:
+                    raise append_error(os.path.join(self.output_dir, TENSORBOARD_DIR), e) from None
 
     def __enter__(self) -> "TrainingRecord":
         return self
