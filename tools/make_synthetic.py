@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             counts = generate_synthetic(args.out, spec, overwrite=args.overwrite)
-        except FileExistsError as e:
+        except FileExistsError as e:     # an existing set kept: exit code 1, as always
             print(f"error: {e}", file=sys.stderr)
             code = 1
             return
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"the set in {args.out} is incomplete; run the same command with --overwrite to write it again"
 
     return cli.run(run, on_interrupt=interrupted) or code
+
 
 if __name__ == "__main__":
     sys.exit(main())
