@@ -137,7 +137,8 @@ def test_demo_ends_with_its_results_table_and_runnable_hints(tiny_root, tmp_path
     monkeypatch.chdir(ROOT)           # make demo runs in the repository root; the hints are relative to it
     out = tmp_path / "demo"
     assert _tool("run_demo").main(["--config_file", DEMO, "DATASETS.ROOT_DIR", str(tiny_root),
-                                   "OUTPUT_DIR", str(out), *TINY]) == 0
+                                   "OUTPUT_DIR", str(out), *TINY, "SOLVER.STAGE2.MAX_EPOCHS", "1",
+                                   "SOLVER.STAGE2.EVAL_PERIOD", "1", "TEST.VISUALIZE", "False"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     saved = json.loads((out / "demo_results.json").read_text())
     table = lines[-4:]                # header, untrained, trained, ratio + time: the last thing printed
