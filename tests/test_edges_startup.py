@@ -460,3 +460,34 @@ def test_tensorboard_write_error_names_the_folder(tmp_path):
         rec.log(1, 1, 1, loss=0.5)
     assert str(tmp_path / TENSORBOARD_DIR) in str(e.value) and "no space left" in str(e.value)
     rec.close()                    # no second error while the run stops
+
+
+def test_sigterm_during_a_write_completes_the_file_first(tmp_path):
+    """As for Ctrl-C: a SIGTERM inside an atomic write is held until the file is complete."""
+    import signal
+    import time
+
+    from utils.entry import Terminated, work_signals
+    from utils.fileio import atomic_write
+    path = tmp_path / "w.bin"
+
+    def write_and_get_terminated(f):
+        f.write(b"a" * 1000)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        f.write(b"b" * 1000)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), work_signals():
+        atomic_write(str(path), write_and_get_terminated)
+    assert path.read_bytes() == b"a" * 1000 + b"b" * 1000
+    assert signal.getsignal(signal.SIGTERM) == before     # handlers restored
+
+
+def test_startup_guard_acts_only_in_the_program_itself():
+    """Importing an entry point (as the tests do) leaves the signal handlers alone."""
+    import signal
+    from utils.entry import _exit_during_startup
+    _tool("run_demo")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is not _exit_during_startup
