@@ -122,6 +122,9 @@ def work_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+_deferring = False     # inside a signals_deferred block (nested blocks defer to the outermost)
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold a Ctrl-C or SIGTERM until the block is done, then raise it (``KeyboardInterrupt`` /
@@ -130,6 +133,7 @@ def signals_deferred() -> Iterator[None]:
     Only a signal whose handler raises (``default_int_handler``, :func:`raise_terminated`) is
     held; nested blocks defer to the outermost one; outside the main thread it does nothing.
     """
+    global _deferring
     if _deferring or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -140,11 +144,11 @@ def signals_deferred() -> Iterator[None]:
         return
     got: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in held}
-    _set_deferring(True)
+    _deferring = True
     try:
         yield
     finally:
-        _set_deferring(False)
+        _deferring = False
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if signal.SIGTERM in got:
@@ -152,10 +156,3 @@ def signals_deferred() -> Iterator[None]:
     if got:
         raise KeyboardInterrupt
 
-
-_deferring = False
-
-
-def _set_deferring(value: bool) -> None:
-    global _deferring
-    _deferring = value
