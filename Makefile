@@ -35,5 +35,10 @@ bench: $(STAMP)
 	$(PY) bench/backbone.py
 	$(PY) bench/onnx_runtime.py
 
+# Only what `make demo`, `make data` and `make test` create: training runs of your own under
+# output/ (e.g. output/market) are never touched.
+DEMO_OUT := output/demo output/demo_cnn
+
 clean:
-	rm -rf output $(SYNTH) .pytest_cache
+	rm -rf $(DEMO_OUT) $(SYNTH) .pytest_cache
+	@rmdir output 2>/dev/null || true

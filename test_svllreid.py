@@ -23,6 +23,9 @@ import os
 import sys
 from typing import Any, Sequence
 
+from utils.entry import guard_startup  # stdlib only: imported before the slow imports
+guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
+
 import numpy as np
 import yaml
 

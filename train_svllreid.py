@@ -17,6 +17,9 @@ import os
 import sys
 from typing import Any, Sequence
 
+from utils.entry import guard_startup  # stdlib only: imported before the slow imports
+guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -179,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def interrupted() -> str:
         if not output_dir or POSITION.saved is None:
             return POSITION.describe()
-        return (f"{POSITION.describe()}; continue with: python train_svllreid.py --resume "
+        return (f"{POSITION.describe()}; continue with: {cli.python_command()} train_svllreid.py --resume "
                 f"OUTPUT_DIR {output_dir[0]}")
 
     return cli.run(run, on_interrupt=interrupted)

@@ -235,6 +235,14 @@ def _check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
             )
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
 def validate(cfg: _YacsNode) -> None:
     """Check choice keys, inert keys and value ranges; raise ConfigError with a one-line message."""
     from datasets.factory import DATASETS   # the registry owns the names (imported late: it is heavy)
@@ -253,8 +261,24 @@ def validate(cfg: _YacsNode) -> None:
         raise ConfigError(f"MODEL.DEVICE_ID = {cfg.MODEL.DEVICE_ID!r} must list GPU numbers, e.g. '0' or '0,1'")
     for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
         v = get_key(cfg, key)
-        if len(v) != 2 or any(int(x) <= 0 for x in v):
+        if len(v) != 2 or not all(_is_int(x) and x > 0 for x in v):
             raise ConfigError(f"{key} = {list(v)!r} must be two positive integers [height, width]")
+    for key in ("INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD"):
+        v = get_key(cfg, key)
+        if len(v) != 3 or not all(_is_number(x) for x in v):
+            raise ConfigError(f"{key} = {list(v)!r} must be three numbers, one per RGB channel")
+    std = cfg.INPUT.PIXEL_STD
+    if not all(x > 0 for x in std):
+        raise ConfigError(f"INPUT.PIXEL_STD = {list(std)!r} must be > 0 in every channel (images are divided by it)")
+    seed = cfg.SOLVER.SEED
+    if not (_is_int(seed) and 0 <= seed < 2 ** 32):
+        raise ConfigError(f"SOLVER.SEED = {seed!r} must be an integer in [0, 2**32 - 1] (numpy's seed range)")
+    steps = cfg.SOLVER.STAGE2.STEPS
+    if not all(_is_int(x) and x >= 1 for x in steps) or list(steps) != sorted(steps):
+        raise ConfigError(f"SOLVER.STAGE2.STEPS = {list(steps)!r} must be positive integer epochs in increasing "
+                          "order (the epochs where the learning rate is multiplied by GAMMA)")
+    if not str(cfg.OUTPUT_DIR).strip():
+        raise ConfigError(f"OUTPUT_DIR = {cfg.OUTPUT_DIR!r} must name a folder for the run's files, e.g. output/market")
     for key in ("INPUT.PROB", "INPUT.RE_PROB", "SOLVER.STAGE1.PROMPT_AUG_SCALE"):
         v = get_key(cfg, key)
         if not 0.0 <= float(v) <= 1.0:

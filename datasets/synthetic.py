@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["SyntheticSpec", "generate_synthetic", "ensure_synthetic", "pixel_baseline"]
+from .bases import DatasetError
+
+__all__ = ["SyntheticSpec", "SyntheticSpecError", "generate_synthetic", "ensure_synthetic", "pixel_baseline"]
 
 logger = logging.getLogger("svllreid")
 
@@ -55,6 +57,17 @@ BAGS = ("none", "none", "backpack", "handbag")
 TEXTURES = ("gradient", "bricks", "blotches", "floor")
 
 
+MAX_IDS = 9999   # identities are drawn from the 4-digit Market ids 1..9999
+
+
+class SyntheticSpecError(DatasetError):
+    """A :class:`SyntheticSpec` field out of range; ``field``, ``value`` and ``expected`` say which."""
+
+    def __init__(self, field: str, value: Any, expected: str) -> None:
+        self.field, self.value, self.expected = field, value, expected
+        super().__init__(f"{field} = {value!r} {expected}")
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     """Size and seed of a synthetic set (defaults: the demo set)."""
@@ -72,12 +85,20 @@ class SyntheticSpec:
     jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
+        at_least = {"num_train_ids": 1, "num_test_ids": 1, "images_per_cam": 1, "query_cams": 1,
+                    "num_distractors": 0, "num_junk": 0, "height": 16, "width": 16, "seed": 0, "jpeg_quality": 1}
+        for field, low in at_least.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise SyntheticSpecError(field, value, f"must be an integer >= {low}")
         if self.num_cams < 2:
-            raise ValueError("num_cams must be at least 2 (queries need another camera)")
-        if min(self.num_train_ids, self.num_test_ids, self.images_per_cam, self.query_cams) < 1:
-            raise ValueError("identity, image and query-camera counts must be positive")
-        if min(self.height, self.width) < 16:
-            raise ValueError("images must be at least 16x16")
+            raise SyntheticSpecError("num_cams", self.num_cams, "must be at least 2: a Market query is matched "
+                                     "only by gallery images of another camera")
+        if self.num_train_ids + self.num_test_ids > MAX_IDS:
+            raise SyntheticSpecError("num_train_ids", self.num_train_ids,
+                                     f"training + test identities must be <= {MAX_IDS} (4-digit Market ids)")
+        if self.jpeg_quality > 100:
+            raise SyntheticSpecError("jpeg_quality", self.jpeg_quality, "must be <= 100")
 
 
 # --------------------------------------------------------------------------- attributes
@@ -357,6 +378,8 @@ def generate_synthetic(out: str, spec: SyntheticSpec | None = None, overwrite: b
     ``synthetic.json`` are removed first). Returns the number of images per subset.
     """
     spec = spec or SyntheticSpec(**kwargs)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DatasetError(f"{out} is a file, not a folder: give a new or an existing folder to write the set into")
     existing = [s for s in SUBDIRS if os.path.isdir(os.path.join(out, s))
                 and os.listdir(os.path.join(out, s))]
     if existing:

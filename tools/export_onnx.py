@@ -19,6 +19,8 @@ import sys
 from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the slow imports)
+guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))   # _common, also when imported as tools.export_onnx
 
 from _common import load_tool_config  # noqa: E402

@@ -13,6 +13,8 @@ import sys
 from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the slow imports)
+guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
 from utils import cli  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402

@@ -14,54 +14,84 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the slow imports)
+guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
 from config import load_config  # noqa: E402
+from processor.common import POSITION  # noqa: E402
 from test_svllreid import evaluate  # noqa: E402
 from train_svllreid import train  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.misc import write_json_atomic  # noqa: E402
 from utils.record import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR  # noqa: E402
+from utils.run_dir import CONFIG_FILE  # noqa: E402
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config_file", default="configs/demo/vit_svllreid_demo.yml")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    args = cli.parse_with_overrides(p)
-    cfg = load_config(args.config_file, args.opts)
+def results_table(untrained: dict, trained: dict, seconds: float) -> str:
+    """The demo's closing table: mAP / Rank-1 / Rank-5 / mINP before and after training, and the time."""
+    lines = [f"{'':10s} {'mAP':>7s} {'Rank-1':>7s} {'Rank-5':>7s} {'mINP':>7s}"]
+    for name, r in (("untrained", untrained), ("trained", trained)):
+        lines.append(f"{name:10s} {100 * r['mAP']:6.1f}% {100 * r['cmc'][0]:6.1f}% {100 * r['cmc'][4]:6.1f}% "
+                     f"{100 * r['mINP']:6.1f}%")
+    lines.append(f"trained / untrained mAP: {trained['mAP'] / max(untrained['mAP'], 1e-12):.2f}x; "
+                 f"the demo took {seconds:.0f} s ({seconds / 60:.1f} min)")
+    return "\n".join(lines)
+
+
+def demo(config_file: str, opts: list[str], output_dir: list[str]) -> None:
+    """Train and evaluate as configured, then print the files, the commands and the results table."""
+    cfg = load_config(config_file, opts)
+    output_dir.append(cfg.OUTPUT_DIR)
     t0 = time.time()
     out = train(cfg, evaluate_untrained=True, overwrite=True)   # a new demo replaces the last one
     elapsed = time.time() - t0
     path = os.path.join(cfg.OUTPUT_DIR, "demo_results.json")
-    write_json_atomic(path, {"untrained": out["untrained"], "trained": out["trained"], "seconds": round(elapsed, 1)})
     u, t = out["untrained"], out["trained"]
-    print(f"\n{'':10s} {'mAP':>7s} {'Rank-1':>7s} {'Rank-5':>7s} {'mINP':>7s}")
-    for name, r in (("untrained", u), ("trained", t)):
-        print(f"{name:10s} {100 * r['mAP']:6.1f}% {100 * r['cmc'][0]:6.1f}% {100 * r['cmc'][4]:6.1f}% "
-              f"{100 * r['mINP']:6.1f}%")
-    print(f"trained / untrained mAP: {t['mAP'] / max(u['mAP'], 1e-12):.2f}x   ({elapsed:.0f} s)   -> {path}")
+    write_json_atomic(path, {"untrained": u, "trained": t, "seconds": round(elapsed, 1)})
 
-    out = cfg.OUTPUT_DIR
-    weight = os.path.join(out, f"{cfg.MODEL.NAME}_{cfg.SOLVER.STAGE2.MAX_EPOCHS}.pth")
+    out_dir = cfg.OUTPUT_DIR
+    weight = os.path.join(out_dir, f"{cfg.MODEL.NAME}_{cfg.SOLVER.STAGE2.MAX_EPOCHS}.pth")
     vis = None
     if cfg.TEST.VISUALIZE and os.path.isfile(weight):   # the evaluation pictures of the trained model
-        ecfg = load_config(args.config_file, list(args.opts) + ["TEST.WEIGHT", weight])
-        evaluate(ecfg, output_dir=os.path.join(out, "eval"))
-        vis = os.path.join(out, "eval", "visualize")
+        ecfg = load_config(config_file, list(opts) + ["TEST.WEIGHT", weight])
+        evaluate(ecfg, output_dir=os.path.join(out_dir, "eval"))
+        vis = os.path.join(out_dir, "eval", "visualize")
+    total = time.time() - t0
     print("\nFiles of this run:")
-    print(f"  training record   {os.path.join(out, METRICS_FILE)}   (one JSON line per log period, epoch, evaluation)")
-    print(f"                    {os.path.join(out, CURVES_FILE)}")
-    print(f"                    {os.path.join(out, TENSORBOARD_DIR)}/   (tensorboard --logdir {out})")
+    print(f"  results           {path}")
+    print(f"  training record   {os.path.join(out_dir, METRICS_FILE)}   (one JSON line per log period, epoch, "
+          "evaluation)")
+    print(f"                    {os.path.join(out_dir, CURVES_FILE)}")
+    print(f"                    {os.path.join(out_dir, TENSORBOARD_DIR)}/   (tensorboard --logdir {out_dir})")
     if vis:
         print(f"  evaluation        {vis}/cmc.png, worst_*.png, best_*.png (ranked lists)")
     print(f"  checkpoint        {weight}")
-    cf, root = args.config_file, cfg.DATASETS.ROOT_DIR
+    # the run's saved config carries the overrides too, so the commands run as printed
+    py, root, run_cfg = cli.python_command(), cfg.DATASETS.ROOT_DIR, os.path.join(out_dir, CONFIG_FILE)
     print("\nUse the model on any images:")
-    print(f"  python tools/extract_features.py --config_file {cf} --images {root}/query "
-          f"--out {out}/query_features.npz TEST.WEIGHT {weight}")
-    print(f"  python tools/search.py --config_file {cf} --query {root}/query --gallery {root}/bounding_box_test "
-          f"--topk 10 --out {out}/search TEST.WEIGHT {weight}")
-    return 0
+    print(f"  {py} tools/extract_features.py --config_file {run_cfg} --images {root}/query "
+          f"--out {out_dir}/query_features.npz TEST.WEIGHT {weight}")
+    print(f"  {py} tools/search.py --config_file {run_cfg} --query {root}/query "
+          f"--gallery {root}/bounding_box_test --topk 10 --out {out_dir}/search TEST.WEIGHT {weight}")
+    print(f"\nResults of this demo (training + evaluations: {elapsed:.0f} s):")
+    print(results_table(u, t, total))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config_file", default="configs/demo/vit_svllreid_demo.yml")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    args = cli.parse_with_overrides(p, argv)
+    output_dir: list[str] = []
+
+    def interrupted() -> str:
+        again = "run the same command (make demo) again to start the demo over"
+        if not output_dir or POSITION.saved is None:
+            return f"{POSITION.describe()}; {again}"
+        return (f"{POSITION.describe()}; {again}, or continue its training with: {cli.python_command()} "
+                f"train_svllreid.py --resume OUTPUT_DIR {output_dir[0]}")
+
+    return cli.run(lambda: demo(args.config_file, list(args.opts), output_dir), on_interrupt=interrupted)
 
 
 if __name__ == "__main__":

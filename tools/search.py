@@ -29,6 +29,10 @@ import shutil
 import sys
 from typing import Any, Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the slow imports)
+guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
+
 from _common import camera_id, load_model, setup
 
 import numpy as np

@@ -1,11 +1,14 @@
 """Shared command-line behaviour of the scripts: user errors become one clear line.
 
 Exit codes: 0 success, 2 a user error (bad config, data, checkpoint, a run that cannot
-start or diverged; the message names the culprit), 130 interrupted (Ctrl-C).
+start or diverged; the message names the culprit), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM). Signals during start-up (imports) are handled by :mod:`utils.entry`.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from typing import Callable, Sequence
 
@@ -14,32 +17,22 @@ from datasets.bases import DatasetError
 
 from .checkpoint import CheckpointError
 from .run_dir import RunError
+from .entry import one_line, run_command
+
+__all__ = ["USER_ERRORS", "run", "one_line", "parse_with_overrides", "python_command"]
 
 # Bad configs, checkpoints that do not fit, missing/unreadable files and dataset folders,
 # runs that cannot start or go on.
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, RunError, OSError)
 
 
-def one_line(e: BaseException) -> str:
-    """The message of ``e`` on one line (whitespace runs folded)."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def run(fn: Callable[[], object], on_interrupt: Callable[[], str] | None = None) -> int:
     """Call ``fn``; a user error is printed as ``error: ...`` on stderr and gives exit code 2.
 
-    Ctrl-C prints one line (``on_interrupt()`` says where the work stopped) and gives 130.
+    Ctrl-C or SIGTERM print one line (``on_interrupt()`` says where the work stopped and how
+    to go on) and give 130 or 143 (:func:`utils.entry.run_command`).
     """
-    try:
-        fn()
-    except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        where = on_interrupt() if on_interrupt is not None else ""
-        print(f"interrupted{': ' + where if where else ''}", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(fn, USER_ERRORS, on_interrupt)
 
 
 def _flags_first(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -82,3 +75,15 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | 
     """
     args = list(sys.argv[1:] if argv is None else argv)
     return parser.parse_args(_flags_first(parser, args))
+
+
+def python_command() -> str:
+    """How to call this interpreter in a hint printed to the user, runnable as printed:
+    ``.venv/bin/python`` (relative to the current folder) for the project's virtual
+    environment, ``python`` when that is the one on PATH, else the full path."""
+    exe = sys.executable or "python"
+    on_path = shutil.which("python")
+    if on_path and os.path.abspath(on_path) == os.path.abspath(exe):
+        return "python"
+    rel = os.path.relpath(os.path.abspath(exe))
+    return rel if not rel.startswith(os.pardir) else exe

@@ -14,10 +14,10 @@ import errno
 import glob
 import os
 import shutil
-import signal
 import tempfile
-import threading
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable
+
+from .entry import signals_deferred
 
 TMP_PREFIX = ".svllreid-partial-"
 TMP_SUFFIX = ".tmp"
@@ -35,33 +35,23 @@ def follow_umask(path: str) -> None:
     os.chmod(path, _file_mode())
 
 
-_deferring = False
+def ctrl_c_deferred() -> contextlib.AbstractContextManager[None]:
+    """Hold a Ctrl-C (SIGINT) or SIGTERM until the block is done, then raise it.
 
-
-@contextlib.contextmanager
-def ctrl_c_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.
-
-    A SIGINT inside ``torch.save`` surfaces as an unrelated write error and loses the
-    file; deferred, the write completes and the run stops right after it. Nested blocks
-    defer to the outermost one; outside the main thread, or with a custom SIGINT handler,
-    it does nothing.
+    A signal inside ``torch.save`` surfaces as an unrelated write error and loses the
+    file; deferred, the write completes and the run stops right after it
+    (:func:`utils.entry.signals_deferred`).
     """
-    global _deferring
-    if _deferring or threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    got: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
-    _deferring = True
-    try:
-        yield
-    finally:
-        _deferring = False
-        signal.signal(signal.SIGINT, previous)
-    if got:
-        raise KeyboardInterrupt
+    return signals_deferred()
+
+
+def append_error(path: str, e: OSError) -> OSError:
+    """``e``, raised while appending to ``path`` (a log, ``metrics.jsonl``), as an ``OSError``
+    whose one-line message names the file (Python's own ENOSPC message does not)."""
+    if e.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"no space left on device while writing {path} (the lines written "
+                                     "before are kept; free some space and resume the run)")
+    return OSError(e.errno, f"cannot write {path}: {e.strerror or ' '.join(str(e).split())}")
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:

@@ -5,6 +5,8 @@ import logging
 import os
 import sys
 
+from .fileio import append_error
+
 
 class _BarSafeHandler(logging.StreamHandler):
     """A console handler that lifts active progress bars off the terminal while it writes a line
@@ -17,6 +19,34 @@ class _BarSafeHandler(logging.StreamHandler):
             self.flush()
         except Exception:   # logging must never raise
             self.handleError(record)
+
+
+class _LogFileHandler(logging.FileHandler):
+    """A log file that stops the run on a write error (a full disk) with one error naming the
+    file, instead of logging's traceback for every later line."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):
+            self.failed = True
+            raise append_error(self.baseFilename, e) from None
+        super().handleError(record)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            if not self.failed:
+                raise
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:   # the buffered rest of a line that already failed is dropped
+            if not self.failed:
+                raise
 
 
 def setup_logger(name: str, save_dir: str | None, if_train: bool, is_main: bool = True) -> logging.Logger:
@@ -35,7 +65,7 @@ def setup_logger(name: str, save_dir: str | None, if_train: bool, is_main: bool 
     logger.addHandler(ch)
     if save_dir and is_main:
         os.makedirs(save_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(save_dir, "train_log.txt" if if_train else "test_log.txt"), mode="a")
+        fh = _LogFileHandler(os.path.join(save_dir, "train_log.txt" if if_train else "test_log.txt"), mode="a")
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger

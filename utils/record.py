@@ -19,7 +19,7 @@ from typing import Any
 
 from config import ConfigError
 
-from .fileio import save_figure
+from .fileio import append_error, save_figure
 
 logger = logging.getLogger("svllreid")
 
@@ -52,6 +52,7 @@ class TrainingRecord:
         self.path = os.path.join(output_dir, METRICS_FILE)
         self._file = None
         self._writer = None
+        self._failed = False
         self._t0 = time.time()
         if not enabled:
             return
@@ -78,15 +79,23 @@ class TrainingRecord:
         rec = {"stage": stage, "epoch": epoch, "iteration": iteration, "kind": kind,
                "time": round(now, 3), "elapsed": round(now - self._t0, 3)}
         rec.update({k: _jsonable(v) for k, v in values.items()})
-        self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+        except OSError as e:   # a full disk: one clear error naming the file; earlier lines stay
+            self._failed = True
+            raise append_error(self.path, e) from None
         if self._writer is not None:
             x = step if step is not None else epoch
-            for k, v in values.items():
-                v = _jsonable(v)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._writer.add_scalar(f"stage{stage}/{kind}/{k}", v, x)
-            self._writer.flush()
+            try:
+                for k, v in values.items():
+                    v = _jsonable(v)
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self._writer.add_scalar(f"stage{stage}/{kind}/{k}", v, x)
+                self._writer.flush()
+            except OSError as e:
+                self._failed = True
+                raise append_error(os.path.join(self.output_dir, TENSORBOARD_DIR), e) from None
 
     def log_eval(self, stage: int, epoch: int, results: dict[str, Any]) -> None:
         """An ``eval`` record from the results dict of an evaluation (mAP, mINP, R1/R5/R10, CMC)."""
@@ -95,11 +104,19 @@ class TrainingRecord:
     def close(self) -> None:
         """Close the files (idempotent)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError as e:   # the buffered rest of a line that already failed is dropped
+                if not self._failed:
+                    raise append_error(self.path, e) from None
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            w, self._writer = self._writer, None
+            try:
+                w.close()
+            except OSError as e:
+                if not self._failed:
+                    raise append_error(os.path.join(self.output_dir, TENSORBOARD_DIR), e) from None
 
     def __enter__(self) -> "TrainingRecord":
         return self
