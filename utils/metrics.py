@@ -26,6 +26,7 @@ full (query x gallery) matrix is never formed nor read twice.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = [
     "distance_blocks",
     "eval_func",
     "evaluate",
+    "QueryCounts",
     "R1_mAP_eval",
 ]
 
@@ -162,6 +164,49 @@ def _as_tensor(a: Any, device: torch.device | None = None) -> torch.Tensor:
     return t if device is None else t.to(device)
 
 
+@dataclass(frozen=True)
+class QueryCounts:
+    """How many queries were given and evaluated, and why the others were dropped.
+
+    A query is dropped when no gallery entry of its identity is left once the entries of
+    its identity *and* camera are removed: ``not_in_gallery`` (the gallery has no entry of
+    its identity), ``same_camera_only`` (it has some, all from the query's camera) or
+    ``distractor_or_junk`` (the query's identity is the distractor (0) or junk (-1) label
+    of the Market naming scheme, whatever the gallery holds).
+    """
+
+    given: int
+    evaluated: int
+    not_in_gallery: int = 0
+    same_camera_only: int = 0
+    distractor_or_junk: int = 0
+
+    @property
+    def dropped(self) -> int:
+        """Number of queries given but not evaluated."""
+        return self.given - self.evaluated
+
+    def reasons(self) -> dict[str, int]:
+        """{reason: number of dropped queries}, every reason listed (0 included)."""
+        return {"not_in_gallery": self.not_in_gallery, "same_camera_only": self.same_camera_only,
+                "distractor_or_junk": self.distractor_or_junk}
+
+    def as_results(self) -> dict[str, Any]:
+        """The keys ``results.json`` carries: num_query (given), num_evaluated, num_dropped, dropped_reason."""
+        return {"num_query": self.given, "num_evaluated": self.evaluated, "num_dropped": self.dropped,
+                "dropped_reason": self.reasons()}
+
+    def describe(self) -> str:
+        """One line: how many queries were evaluated and, if any was dropped, why."""
+        if not self.dropped:
+            return f"all {self.given} queries evaluated"
+        words = {"not_in_gallery": "identity not in the gallery",
+                 "same_camera_only": "identity in the gallery only under the query's camera",
+                 "distractor_or_junk": "distractor/junk identity (pid <= 0)"}
+        why = "; ".join(f"{n} {words[k]}" for k, n in self.reasons().items() if n)
+        return f"{self.evaluated} of {self.given} queries evaluated, {self.dropped} dropped ({why})"
+
+
 class _Accumulator:
     """Running sums of the per-query statistics over blocks of queries."""
 
@@ -173,10 +218,16 @@ class _Accumulator:
         self.ap_sum = 0.0
         self.inp_sum = 0.0
         self.num_valid = 0
+        self.num_given = 0
+        self.dropped = np.zeros(3, dtype=np.int64)  # not_in_gallery, same_camera_only, distractor_or_junk
 
-    def add(self, first_rank: torch.Tensor, ap: torch.Tensor, inp: torch.Tensor) -> None:
-        """Add the statistics of the valid queries of one block."""
+    def add(self, first_rank: torch.Tensor, ap: torch.Tensor, inp: torch.Tensor, num_given: int,
+            dropped: torch.Tensor) -> None:
+        """Add the statistics of the valid queries of one block of ``num_given`` queries and
+        the counts of its dropped ones by reason (see ``_dropped_reasons``)."""
         self.num_valid += int(first_rank.numel())
+        self.num_given += int(num_given)
+        self.dropped += dropped.cpu().numpy()
         if first_rank.numel():
             capped = first_rank.clamp(max=self.max_rank + 1) - 1  # 0-based, max_rank = "beyond"
             hits = torch.bincount(capped, minlength=self.max_rank + 1)[: self.max_rank]
@@ -184,14 +235,31 @@ class _Accumulator:
             self.ap_sum += float(ap.sum())
             self.inp_sum += float(inp.sum())
 
+    def counts(self) -> QueryCounts:
+        """Queries given, evaluated and dropped (by reason) so far."""
+        return QueryCounts(self.num_given, self.num_valid, *(int(n) for n in self.dropped))
+
     def result(self) -> tuple[np.ndarray, float, float]:
         if self.num_valid == 0:
             raise ValueError(
                 "no valid query: no query has a true match in the gallery after removing "
-                "same-pid same-camera gallery entries"
+                f"same-pid same-camera gallery entries ({self.counts().describe()})"
             )
         cmc = np.cumsum(self.cmc_hits) / self.num_valid
         return cmc, self.ap_sum / self.num_valid, self.inp_sum / self.num_valid
+
+
+def _dropped_reasons(q_pids: torch.Tensor, valid: torch.Tensor, same_pid_rows: torch.Tensor) -> torch.Tensor:
+    """(not_in_gallery, same_camera_only, distractor_or_junk) counts of the invalid queries.
+
+    ``same_pid_rows``: the query row of every gallery entry sharing the query's pid (junk
+    included), so a row without any has an identity the gallery does not hold.
+    """
+    dropped = ~valid
+    junk_id = dropped & (q_pids <= 0)
+    has_pid = torch.bincount(same_pid_rows, minlength=q_pids.numel()) > 0
+    rest = dropped & ~junk_id
+    return torch.stack([(rest & ~has_pid).sum(), (rest & has_pid).sum(), junk_id.sum()])
 
 
 class _GalleryIndex:
@@ -300,8 +368,9 @@ def _block_stats(
     q_camids: torch.Tensor,
     gallery: _GalleryIndex,
     buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-query first-match rank, AP and INP for one block of queries (valid queries only).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Per-query first-match rank, AP and INP for one block of queries (valid queries only),
+    the block's number of queries and the counts of its dropped ones by reason.
 
     The rank of a true match j among the kept gallery entries is 1 + the number of kept
     entries k ordered before it, (d_k, k) < (d_j, j). Only entries not farther than the
@@ -352,7 +421,8 @@ def _block_stats(
     ap = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, g_rows, hit_no.double() / rank.double())
     first = torch.zeros(B, dtype=torch.long, device=dev).scatter_reduce_(0, g_rows, rank, "amin", include_self=False)
     last = torch.zeros(B, dtype=torch.long, device=dev).scatter_reduce_(0, g_rows, rank, "amax", include_self=False)
-    return first[valid], ap[valid] / n[valid], n[valid] / last[valid].double()
+    return (first[valid], ap[valid] / n[valid], n[valid] / last[valid].double(), B,
+            _dropped_reasons(q_pids, valid, pr))
 
 
 def _prepare_labels(q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any, device: torch.device,
@@ -373,10 +443,12 @@ def eval_func(
     g_camids: Any,
     max_rank: int = 50,
     block_size: int | None = None,
-) -> tuple[np.ndarray, float, float]:
+    return_counts: bool = False,
+) -> tuple[np.ndarray, float, float] | tuple[np.ndarray, float, float, QueryCounts]:
     """CMC[:max_rank], mAP and mINP of a (num_query, num_gallery) distance matrix.
 
-    Returns ``(cmc, mAP, mINP)`` with ``cmc`` a float64 array of length ``max_rank``.
+    Returns ``(cmc, mAP, mINP)`` with ``cmc`` a float64 array of length ``max_rank``, and
+    with ``return_counts`` a 4th item, the ``QueryCounts`` (queries evaluated, dropped and why).
     Raises ValueError when no query has a true match after the same-camera removal.
     """
     dist = _as_tensor(distmat)
@@ -393,7 +465,7 @@ def eval_func(
     for s in range(0, num_q, rows):
         e = min(s + rows, num_q)
         acc.add(*_block_stats(dist[s:e], qp[s:e], qc[s:e], gallery, buffers))
-    return acc.result()
+    return (*acc.result(), acc.counts()) if return_counts else acc.result()
 
 
 def evaluate(
@@ -406,7 +478,8 @@ def evaluate(
     max_rank: int = 50,
     metric: str = "euclidean",
     block_size: int | None = None,
-) -> tuple[np.ndarray, float, float]:
+    return_counts: bool = False,
+) -> tuple[np.ndarray, float, float] | tuple[np.ndarray, float, float, QueryCounts]:
     """Same as ``eval_func(distance(qf, gf), ...)`` without materialising the distance matrix.
 
     Fused: each block of query rows gets its distances (one GEMM into a reused buffer) and
@@ -423,7 +496,7 @@ def evaluate(
         e = min(s + rows, num_q)
         dist = _distance_block_into(x[s:e], y, y_sq, buf[: e - s])
         acc.add(*_block_stats(dist, qp[s:e], qc[s:e], gallery, buffers))
-    return acc.result()
+    return (*acc.result(), acc.counts()) if return_counts else acc.result()
 
 
 # ----------------------------------------------------------------------------- evaluator
@@ -489,8 +562,10 @@ class R1_mAP_eval:
             raise ValueError(f"num_query = {self.num_query} must lie in (0, {feats.shape[0]}) (rows seen)")
         return feats[: self.num_query], feats[self.num_query:]
 
-    def compute(self) -> tuple[np.ndarray, float, float]:
-        """CMC, mAP and mINP of the accumulated queries against the accumulated gallery."""
+    def compute(self, return_counts: bool = False
+                ) -> tuple[np.ndarray, float, float] | tuple[np.ndarray, float, float, QueryCounts]:
+        """CMC, mAP and mINP of the accumulated queries against the accumulated gallery
+        (and the ``QueryCounts`` with ``return_counts``)."""
         qf, gf = self.features()
         pids, camids = torch.cat(self.pids), torch.cat(self.camids)
         nq = self.num_query
@@ -499,5 +574,5 @@ class R1_mAP_eval:
             from .reranking import re_ranking
 
             distmat = re_ranking(qf, gf, k1=self.k1, k2=self.k2, lambda_value=self.lambda_value)
-            return eval_func(distmat, *labels, max_rank=self.max_rank)
-        return evaluate(qf, gf, *labels, max_rank=self.max_rank, metric=self.metric)
+            return eval_func(distmat, *labels, max_rank=self.max_rank, return_counts=return_counts)
+        return evaluate(qf, gf, *labels, max_rank=self.max_rank, metric=self.metric, return_counts=return_counts)
