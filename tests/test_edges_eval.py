@@ -11,9 +11,11 @@ import torch
 
 import processor.inference as inference
 from config import get_default_config
-from utils.metrics import QueryCounts, R1_mAP_eval, eval_func, evaluate
+from tests.reference import exact_eval_func, published_eval_func, published_minp
+from utils import metrics
+from utils.metrics import QueryCounts, R1_mAP_eval, euclidean_distance, eval_func, evaluate
 
-from test_metrics import assert_same, loop_eval
+from test_metrics import assert_same, loop_eval, sklearn_map
 
 
 # ----------------------------------------------------------------------------- dropped queries
@@ -119,3 +121,103 @@ def test_do_inference_reports_dropped_queries_in_results_and_one_log_line(drop, 
         assert (results["num_query"], results["num_evaluated"], results["num_dropped"]) == (1, 1, 0)
         assert lines[0].levelno == logging.INFO and "all 1 queries evaluated" in lines[0].getMessage()
     assert results["num_gallery"] == 4
+
+
+# ----------------------------------------------------------------------------- hard data: ranking by counting
+def hard_problem(seed, nq=40, ng=900, n_ids=12, n_cams=3, distractor_frac=0.2, occluded=0.3, dim=16):
+    """Clustered features where a share of the images is 'occluded' (replaced by noise), so
+    that many true matches rank low and the band up to the farthest one covers most of a row."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    centres = torch.randn(n_ids + 1, dim, generator=g)
+    qp = rng.integers(0, n_ids + 1, nq)  # pid 0: distractor queries too
+    gp = np.where(rng.random(ng) < distractor_frac, 0, rng.integers(1, n_ids + 1, ng))
+    qc, gc = rng.integers(0, n_cams, nq), rng.integers(0, n_cams, ng)
+
+    def feats(p):
+        x = centres[torch.from_numpy(p)] + 0.6 * torch.randn(len(p), dim, generator=g)
+        occ = torch.rand(len(p), generator=g) < occluded
+        x[occ] = 1.5 * torch.randn(int(occ.sum()), dim, generator=g)
+        return torch.nn.functional.normalize(x, dim=1)
+    return feats(qp), feats(gp), qp, gp, qc, gc
+
+
+@pytest.fixture
+def counted_calls(monkeypatch):
+    """How many blocks went through the counting path."""
+    calls = []
+    real = metrics._ranked_matches_counted
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(metrics, "_ranked_matches_counted", spy)
+    return calls
+
+
+def check_against_references(dist, qp, gp, qc, gc, ours, max_rank=50, distinct=True):
+    """ours = (cmc, mAP, mINP) against the exact loops and, when distances are distinct (no
+    ties, which np.argsort and scikit-learn order otherwise), the published code and scikit-learn."""
+    dist = np.asarray(dist)
+    ref = exact_eval_func(dist, qp, gp, qc, gc, max_rank=max_rank)
+    np.testing.assert_allclose(ours[0][: len(ref[0])], ref[0], rtol=0, atol=1e-6)
+    assert ours[1] == pytest.approx(ref[1], abs=1e-9) and ours[2] == pytest.approx(ref[2], abs=1e-9)
+    assert_same(ours, loop_eval(dist, qp, gp, qc, gc, max_rank=max_rank))
+    if distinct:
+        assert ours[1] == pytest.approx(sklearn_map(dist, qp, gp, qc, gc), abs=1e-9)
+        p_cmc, p_map = published_eval_func(dist, qp, gp, qc, gc, max_rank=max_rank)
+        np.testing.assert_allclose(ours[0][: len(p_cmc)], p_cmc, rtol=0, atol=1e-6)
+        assert ours[1] == pytest.approx(p_map, abs=1e-9)
+        assert ours[2] == pytest.approx(published_minp(dist, qp, gp, qc, gc), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hard_features_take_the_counting_path_and_equal_the_references(seed, counted_calls):
+    qf, gf, qp, gp, qc, gc = hard_problem(seed)
+    dist = euclidean_distance(qf, gf)
+    ours = evaluate(qf, gf, qp, gp, qc, gc, max_rank=50)
+    assert counted_calls, "hard data must be ranked by counting (default DENSE_BAND_FRACTION)"
+    assert ours[2] < 0.3 < ours[1]  # hard: true matches ranked low, yet some near the top
+    check_against_references(dist.numpy(), qp, gp, qc, gc, ours)
+    for bs in (1, 7):
+        assert_same(evaluate(qf, gf, qp, gp, qc, gc, max_rank=50, block_size=bs), ours, tol=1e-12)
+    assert_same(eval_func(dist, qp, gp, qc, gc, max_rank=50), ours, tol=1e-12)
+
+
+@pytest.mark.parametrize("scratch", [1 << 20, 3000, 1])  # chunks of many rows; 1-2 rows; the 2-row minimum
+def test_counting_path_with_ties_junk_and_distractors(scratch, counted_calls, monkeypatch):
+    """Integer distances: nearly every true match ties with other entries (negatives, junk,
+    other true matches), before and after it in gallery order; infinite distances too."""
+    monkeypatch.setattr(metrics, "SELECT_SCRATCH_ELEMS", scratch)
+    rng = np.random.default_rng(11)
+    nq, ng = 50, 300
+    dist = rng.integers(0, 6, size=(nq, ng)).astype(np.float32)
+    dist[rng.random(dist.shape) < 0.05] = np.inf
+    qp, gp = rng.integers(0, 6, nq), rng.integers(0, 6, ng)  # pid 0 = distractor, on both sides
+    qc, gc = rng.integers(0, 2, nq), rng.integers(0, 2, ng)  # 2 cameras: many removed entries
+    ours = eval_func(dist, qp, gp, qc, gc, max_rank=50)
+    assert counted_calls
+    check_against_references(dist, qp, gp, qc, gc, ours, distinct=False)
+    assert_same(eval_func(torch.from_numpy(dist).double(), qp, gp, qc, gc, max_rank=50), ours, tol=1e-12)
+    for bs in (1, 13):
+        assert_same(eval_func(dist, qp, gp, qc, gc, max_rank=50, block_size=bs), ours, tol=1e-12)
+
+
+def test_counting_path_with_many_true_matches_per_query(counted_calls):
+    """Few identities over a large gallery: hundreds of true matches per query, spread over the row."""
+    qf, gf, qp, gp, qc, gc = hard_problem(5, nq=30, ng=1200, n_ids=3, n_cams=4, occluded=0.4)
+    assert min(((gp == p) & (gc != c)).sum() for p, c in zip(qp, qc) if p) > 150
+    ours = evaluate(qf, gf, qp, gp, qc, gc, max_rank=100)
+    assert counted_calls
+    check_against_references(euclidean_distance(qf, gf).numpy(), qp, gp, qc, gc, ours, max_rank=100)
+
+
+def test_counting_and_listing_paths_agree_on_any_data(monkeypatch):
+    """The same block through both paths (forced): identical metrics, easy and hard data alike."""
+    for seed, occluded in ((3, 0.0), (4, 0.5)):
+        qf, gf, qp, gp, qc, gc = hard_problem(seed, occluded=occluded)
+        out = {}
+        for name, frac in (("listed", 2.0), ("counted", -1.0)):
+            monkeypatch.setattr(metrics, "DENSE_BAND_FRACTION", frac)
+            out[name] = evaluate(qf, gf, qp, gp, qc, gc, max_rank=50)
+        assert_same(out["counted"], out["listed"], tol=1e-12)

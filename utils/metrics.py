@@ -286,37 +286,67 @@ class _GalleryIndex:
         return rows, self.order[self.starts[slot][rows] + offset]
 
 
-def _select_flat(dist: torch.Tensor, thresh: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]
-                 ) -> torch.Tensor:
-    """Ascending flat positions of the entries of ``dist`` (B, G) with ``d <= thresh[row]``.
+def _select_mask(dist: torch.Tensor, thresh: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """Fill the flat bool mask of ``buffers`` with ``d <= thresh[row]`` for ``dist`` (B, G);
+    returns the number of entries selected.
 
     ``buffers`` = (float scratch of at least one row, flat bool mask of at least B * G
     rounded up to 8 entries), reused across blocks (see ``_select_buffers``). torch's CPU
     comparison kernels are vectorised only when the result has the inputs' dtype, so the
     comparison is written as 0/1 floats into the cache-sized scratch, a few rows at a time,
-    and copied to bool from there; the bool mask is scanned as 64-bit words, 8 entries at a
-    time, and only the few non-zero words are expanded (``nonzero`` over the whole bool
-    block costs as much as the comparison).
+    counted there and copied to bool from there.
     """
     scratch, mask = buffers
     (B, G), n = dist.shape, dist.numel()
     n8 = -(-n // 8) * 8
     step = max(1, scratch.numel() // max(1, G))
+    sums = []
     for s in range(0, B, step):
         e = min(s + step, B)
         chunk = scratch[: (e - s) * G]
         torch.le(dist[s:e], thresh[s:e].unsqueeze(1), out=chunk.view(e - s, G))
+        sums.append(chunk.sum(dtype=torch.float64))
         mask[s * G:e * G].copy_(chunk)
     mask[n:n8] = False  # bytes of the last word beyond this block
+    return int(torch.stack(sums).sum()) if sums else 0
+
+
+def _selected_fraction_estimate(dist: torch.Tensor, thresh: torch.Tensor, scratch: torch.Tensor) -> float:
+    """Fraction of entries with ``d <= thresh[row]`` on an evenly spread sample of rows (as many
+    as ``scratch`` holds): decides, before any full pass, whether a block is ranked by counting."""
+    B, G = dist.shape
+    if B == 0 or G == 0:
+        return 0.0
+    every = -(-B // max(1, scratch.numel() // G))
+    sample = dist[::every]
+    out = scratch[: sample.numel()].view(sample.shape)
+    torch.le(sample, thresh[::every].unsqueeze(1), out=out)
+    return float(out.sum(dtype=torch.float64)) / out.numel()
+
+
+def _mask_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Ascending positions of the True entries among the first ``n`` of the flat ``mask``.
+
+    The mask is scanned as 64-bit words, 8 entries at a time, and only the few non-zero
+    words are expanded (``nonzero`` over the whole bool block costs as much as the comparison).
+    """
+    n8 = -(-n // 8) * 8
     words = mask[:n8].view(torch.int64).nonzero().squeeze(1)
-    cand = (words.unsqueeze(1) * 8 + torch.arange(8, device=dist.device)).reshape(-1)
+    cand = (words.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).reshape(-1)
     return cand[mask[cand]]
+
+
+def _select_flat(dist: torch.Tensor, thresh: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]
+                 ) -> torch.Tensor:
+    """Ascending flat positions of the entries of ``dist`` (B, G) with ``d <= thresh[row]``."""
+    _select_mask(dist, thresh, buffers)
+    return _mask_positions(buffers[1], dist.numel())
 
 
 def _select_buffers(rows: int, num_cols: int, dtype: torch.dtype, device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reusable buffers for ``_select_flat`` on blocks of up to ``rows`` rows."""
-    scratch = max(num_cols, min(rows * num_cols, SELECT_SCRATCH_ELEMS))
+    """Reusable buffers for ``_select_flat`` (and the counting path) on blocks of up to ``rows`` rows."""
+    scratch = max(2 * num_cols, min(rows * num_cols, SELECT_SCRATCH_ELEMS))
     n8 = -(-rows * num_cols // 8) * 8
     return (torch.empty(scratch, dtype=dtype, device=device), torch.empty(n8, dtype=torch.bool, device=device))
 
@@ -328,38 +358,128 @@ def _ordered_keys(vals: torch.Tensor) -> torch.Tensor:
     return bits.long() + (1 << 31)
 
 
+def _lex_order(rows: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Stable permutation sorting entries by (row, value): equal values keep their input order.
+
+    float32: one sort of (row, value) packed into int64; otherwise two stable sorts.
+    """
+    if vals.dtype == torch.float32:
+        return torch.sort((rows << 32) | _ordered_keys(vals), stable=True).indices
+    order = torch.sort(vals, stable=True).indices  # by value, ties in input order
+    return order[torch.sort(rows[order], stable=True).indices]  # then grouped by row
+
+
 def _ranked_matches_sparse(rows: torch.Tensor, vals: torch.Tensor, good: torch.Tensor, num_rows: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and 0-based in-band positions of the true matches, in ranked order (small bands).
 
     ``rows``/``vals``/``good`` describe the band entries in row-major order (columns
     ascending within a row); they are sorted stably by (row, value), so ties stay in
-    gallery order. float32: one sort of (row, value) packed into int64; otherwise two.
+    gallery order.
     """
-    if vals.dtype == torch.float32:
-        order = torch.sort((rows << 32) | _ordered_keys(vals), stable=True).indices
-    else:
-        order = torch.sort(vals, stable=True).indices  # by value, ties by gallery index
-        order = order[torch.sort(rows[order], stable=True).indices]  # then grouped by row
+    order = _lex_order(rows, vals)
     rows, good = rows.index_select(0, order), good.index_select(0, order)
     counts = torch.bincount(rows, minlength=num_rows)
     pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
     return rows[good], pos[good]
 
 
-def _ranked_matches_dense(dist: torch.Tensor, flat_pos: torch.Tensor, good: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as ``_ranked_matches_sparse`` by sorting whole rows (large bands, e.g. weak models).
+def _exclusive_in_row(flags: torch.Tensor, row_start: torch.Tensor) -> torch.Tensor:
+    """For entries grouped by row: how many earlier entries of the same row have ``flags`` set."""
+    f = flags.long()
+    before = torch.cumsum(f, 0) - f
+    return before - before[row_start]
 
-    Entries outside the band become NaN, which torch sorts after every number (+inf too).
+
+def _ranked_matches_counted(dist: torch.Tensor, pr: torch.Tensor, pc: torch.Tensor, is_junk: torch.Tensor,
+                            scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and 1-based ranks (among kept entries) of the true matches, in ranked order, by counting.
+
+    For wide bands (weak models, occlusion, cross-domain: the farthest true match lies deep
+    in the row): the rank of true match j with distance p is 1 + #{d_k < p} + #{k < j:
+    d_k = p} - #{removed k ordered before j}. The first term is one vectorised compare-and-sum
+    pass over the row per true match, on a few rows at a time held in the cache-sized
+    ``scratch``; a second pass with ``<=`` finds the true matches that have an exact tie, and
+    only for those the entries equal to p before column j are counted. The removed entries
+    (same pid and camera) are few and counted from the sorted same-pid pairs.
+    ``pr``/``pc``: the (row, column) of every same-pid entry, row-major; ``is_junk``: removed.
     """
-    vals = torch.full_like(dist, float("nan"))
-    vals.view(-1)[flat_pos] = dist.view(-1)[flat_pos]
-    order = torch.sort(vals, dim=1, stable=True).indices
-    del vals
-    is_good = torch.zeros(dist.shape, dtype=torch.bool, device=dist.device)
-    is_good.view(-1)[flat_pos[good]] = True
-    return is_good.gather(1, order).nonzero(as_tuple=True)
+    B, G = dist.shape
+    dev = dist.device
+    vals = dist.view(-1).index_select(0, pr * G + pc)
+    order = _lex_order(pr, vals)  # pairs come column-ascending per row: ties stay in gallery order
+    rows, cols, vals, junk = pr[order], pc[order], vals[order], is_junk[order]
+    counts = torch.bincount(rows, minlength=B)
+    row_start = (torch.cumsum(counts, 0) - counts)[rows]
+    junk_before = _exclusive_in_row(junk, row_start)
+    good = ~junk
+    rows, cols, vals, junk_before = rows[good], cols[good], vals[good], junk_before[good]
+    m = torch.bincount(rows, minlength=B)
+    slot = torch.arange(rows.numel(), device=dev) - (torch.cumsum(m, 0) - m)[rows]
+    width = int(m.max()) if B else 0
+    # sums of 0/1 values: exact in float32 below 2^24 columns, float64 otherwise
+    acc = torch.float32 if dist.dtype == torch.float32 and G < (1 << 24) else torch.float64
+    # rows with the most true matches first, so that each chunk of rows needs about as many
+    # passes as its rows have true matches (rows with fewer are left out of the later passes)
+    by_m = torch.argsort(m, descending=True, stable=True)
+    m_sorted = m[by_m].tolist()
+    place = torch.argsort(by_m)[rows]  # each true match's row, as its place in by_m
+    thr = torch.zeros((width, B), dtype=dist.dtype, device=dev)
+    thr[slot, place] = vals
+    lt = torch.zeros((width, B), dtype=acc, device=dev)
+    le = torch.zeros((width, B), dtype=acc, device=dev)
+    step = max(1, scratch.numel() // max(1, 2 * G))
+    held, cmp = scratch[: step * G].view(step, G), scratch[step * G: 2 * step * G].view(step, G)
+    for s in range(0, B, step):
+        e = min(s + step, B)
+        if m_sorted[s] == 0:
+            break
+        torch.index_select(dist, 0, by_m[s:e], out=held[: e - s])
+        for i in range(m_sorted[s]):
+            k = s + sum(1 for v in m_sorted[s:e] if v > i)  # rows s..k-1 have a match in slot i
+            t = thr[i, s:k].unsqueeze(1)
+            torch.lt(held[: k - s], t, out=cmp[: k - s])
+            torch.sum(cmp[: k - s], 1, dtype=acc, out=lt[i, s:k])
+            torch.le(held[: k - s], t, out=cmp[: k - s])
+            torch.sum(cmp[: k - s], 1, dtype=acc, out=le[i, s:k])
+    n_less = lt[slot, place].long()
+    ties = ((le[slot, place] - lt[slot, place]) > 1).nonzero().squeeze(1)  # equal to another entry
+    tied_before = torch.zeros_like(n_less)
+    col_idx = torch.arange(G, device=dev)
+    for s in range(0, ties.numel(), step):
+        t = ties[s:s + step]
+        same = dist.index_select(0, rows[t]) == vals[t].unsqueeze(1)
+        tied_before[t] = (same & (col_idx < cols[t].unsqueeze(1))).sum(1)
+    return rows, n_less + tied_before - junk_before + 1
+
+
+def _ranked_matches_listed(dist: torch.Tensor, mask: torch.Tensor, pair_pos: torch.Tensor, is_junk: torch.Tensor,
+                           lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and 1-based ranks (among kept entries) of the true matches, in ranked order, from the
+    list of selected entries (``mask``, see ``_select_mask``): narrow bands.
+
+    Selected entries closer than the row's nearest true match (``lo``) are only counted;
+    the others (the band) are sorted by (row, value, column).
+    """
+    B, G = dist.shape
+    dev = dist.device
+    flat = dist.view(-1)
+    pos = _mask_positions(mask, flat.numel())
+    rows, vals = pos // G, flat.index_select(0, pos)
+    # mark the same-pid entries in the selected list: 1 = true match, 2 = removed
+    kind = torch.zeros(pos.numel(), dtype=torch.uint8, device=dev)
+    if pos.numel():
+        slot = torch.searchsorted(pos, pair_pos).clamp_(max=pos.numel() - 1)
+        found = pos.index_select(0, slot) == pair_pos
+        kind[slot[found]] = 1 + is_junk[found].to(torch.uint8)
+    kept = kind != 2
+    below = vals < lo.index_select(0, rows)
+    n_below = torch.zeros(B, dtype=torch.long, device=dev).index_add_(0, rows, (below & kept).long())
+    band = (kept & ~below).nonzero().squeeze(1)
+    rows, vals = rows.index_select(0, band), vals.index_select(0, band)
+    good = kind.index_select(0, band) == 1
+    g_rows, g_pos = _ranked_matches_sparse(rows, vals, good, B)
+    return g_rows, n_below[g_rows] + g_pos + 1
 
 
 def _block_stats(
@@ -375,10 +495,12 @@ def _block_stats(
     The rank of a true match j among the kept gallery entries is 1 + the number of kept
     entries k ordered before it, (d_k, k) < (d_j, j). Only entries not farther than the
     query's farthest true match can precede one, so a single pass over the (contiguous)
-    block selects them (``_select_flat``, with reused ``buffers``); everything
-    after that works on this short list. Entries closer than the nearest true match are
-    only counted; the band [nearest, farthest true match] is sorted. Same-pid entries are
-    few per query and handled as sparse (row, column) pairs.
+    block marks them (``_select_mask``, with reused ``buffers``). When they are few (good
+    features), everything after that works on their list: entries closer than the nearest
+    true match are only counted, the band [nearest, farthest true match] is sorted. When
+    they are many (DENSE_BAND_FRACTION), the ranks are counted instead
+    (``_ranked_matches_counted``), which costs the same wherever the true matches fall.
+    Same-pid entries are few per query and handled as sparse (row, column) pairs.
     """
     B, G = dist.shape
     dev = dist.device
@@ -396,25 +518,11 @@ def _block_stats(
     hi = (-inf).scatter_reduce(0, gr, g_dist, "amax", include_self=True)  # -inf: row selects nothing
     if buffers is None:
         buffers = _select_buffers(B, G, dist.dtype, dev)
-    pos = _select_flat(dist, hi, buffers)
-    rows, vals = pos // G, flat.index_select(0, pos)
-    # mark the same-pid entries in the selected list: 1 = true match, 2 = removed
-    kind = torch.zeros(pos.numel(), dtype=torch.uint8, device=dev)
-    if pos.numel():
-        slot = torch.searchsorted(pos, pair_pos).clamp_(max=pos.numel() - 1)
-        found = pos.index_select(0, slot) == pair_pos
-        kind[slot[found]] = 1 + is_junk[found].to(torch.uint8)
-    kept = kind != 2
-    below = vals < lo.index_select(0, rows)
-    n_below = torch.zeros(B, dtype=torch.long, device=dev).index_add_(0, rows, (below & kept).long())
-    band = (kept & ~below).nonzero().squeeze(1)
-    pos, rows, vals = pos.index_select(0, band), rows.index_select(0, band), vals.index_select(0, band)
-    good = kind.index_select(0, band) == 1
-    if pos.numel() > DENSE_BAND_FRACTION * flat.numel():
-        g_rows, g_pos = _ranked_matches_dense(dist, pos, good)
+    if (_selected_fraction_estimate(dist, hi, buffers[0]) > DENSE_BAND_FRACTION
+            or _select_mask(dist, hi, buffers) > DENSE_BAND_FRACTION * flat.numel()):
+        g_rows, rank = _ranked_matches_counted(dist, pr, pc, is_junk, buffers[0])
     else:
-        g_rows, g_pos = _ranked_matches_sparse(rows, vals, good, B)
-    rank = n_below[g_rows] + g_pos + 1  # 1-based rank among kept entries
+        g_rows, rank = _ranked_matches_listed(dist, buffers[1], pair_pos, is_junk, lo)
     hit_no = torch.arange(g_rows.numel(), device=dev) - (torch.cumsum(n_good, 0) - n_good)[g_rows] + 1
 
     n = n_good.double()
