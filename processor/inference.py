@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from utils.dist import broadcast_object, is_main_process
-from utils.metrics import R1_mAP_eval
+from utils.metrics import QueryCounts, R1_mAP_eval
 from utils.run_dir import RunError
 
 from .common import encode_loader
@@ -46,16 +46,18 @@ def evaluate_features(cfg: Any, feats: torch.Tensor, pids: torch.Tensor, camids:
     """mAP / CMC / mINP of query-then-gallery features with the configured protocol.
 
     Non-finite features (a diverged or damaged model) are refused: they would give a
-    meaningless ranking and a number that looks like a result.
+    meaningless ranking and a number that looks like a result. The metrics average over the
+    evaluated queries only: ``num_query`` (given), ``num_evaluated``, ``num_dropped`` and
+    ``dropped_reason`` say how many were left out and why (``utils.metrics.QueryCounts``).
     """
     check_finite_features(feats, "evaluation")
     evaluator = R1_mAP_eval.from_cfg(cfg, num_query)
     evaluator.reset()
     evaluator.update((feats, pids.cpu(), camids.cpu()))
-    cmc, mAP, mINP = evaluator.compute()
+    cmc, mAP, mINP, counts = evaluator.compute(return_counts=True)
     return {"mAP": float(mAP), "cmc": [float(x) for x in cmc], "mINP": float(mINP),
             "dataset": cfg.DATASETS.NAMES, "re_ranking": bool(cfg.TEST.RE_RANKING),
-            "num_query": int(num_query), "num_gallery": int(feats.shape[0] - num_query)}
+            **counts.as_results(), "num_gallery": int(feats.shape[0] - num_query)}
 
 
 def do_inference(cfg: Any, model: nn.Module, val_loader: DataLoader, num_query: int,
@@ -79,4 +81,6 @@ def do_inference(cfg: Any, model: nn.Module, val_loader: DataLoader, num_query: 
                 100 * results["mINP"],
                 "  ".join(f"R{r} {100 * cmc[r - 1]:.1f}%" for r in (1, 5, 10) if r <= len(cmc)),
                 t_feat, feats.shape[0] / max(t_feat, 1e-9))
+    counts = QueryCounts(results["num_query"], results["num_evaluated"], **results["dropped_reason"])
+    logger.log(logging.WARNING if counts.dropped else logging.INFO, "Queries: %s", counts.describe())
     return results

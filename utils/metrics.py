@@ -26,6 +26,7 @@ full (query x gallery) matrix is never formed nor read twice.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = [
     "distance_blocks",
     "eval_func",
     "evaluate",
+    "QueryCounts",
     "R1_mAP_eval",
 ]
 
@@ -162,6 +164,49 @@ def _as_tensor(a: Any, device: torch.device | None = None) -> torch.Tensor:
     return t if device is None else t.to(device)
 
 
+@dataclass(frozen=True)
+class QueryCounts:
+    """How many queries were given and evaluated, and why the others were dropped.
+
+    A query is dropped when no gallery entry of its identity is left once the entries of
+    its identity *and* camera are removed: ``not_in_gallery`` (the gallery has no entry of
+    its identity), ``same_camera_only`` (it has some, all from the query's camera) or
+    ``distractor_or_junk`` (the query's identity is the distractor (0) or junk (-1) label
+    of the Market naming scheme, whatever the gallery holds).
+    """
+
+    given: int
+    evaluated: int
+    not_in_gallery: int = 0
+    same_camera_only: int = 0
+    distractor_or_junk: int = 0
+
+    @property
+    def dropped(self) -> int:
+        """Number of queries given but not evaluated."""
+        return self.given - self.evaluated
+
+    def reasons(self) -> dict[str, int]:
+        """{reason: number of dropped queries}, every reason listed (0 included)."""
+        return {"not_in_gallery": self.not_in_gallery, "same_camera_only": self.same_camera_only,
+                "distractor_or_junk": self.distractor_or_junk}
+
+    def as_results(self) -> dict[str, Any]:
+        """The keys ``results.json`` carries: num_query (given), num_evaluated, num_dropped, dropped_reason."""
+        return {"num_query": self.given, "num_evaluated": self.evaluated, "num_dropped": self.dropped,
+                "dropped_reason": self.reasons()}
+
+    def describe(self) -> str:
+        """One line: how many queries were evaluated and, if any was dropped, why."""
+        if not self.dropped:
+            return f"all {self.given} queries evaluated"
+        words = {"not_in_gallery": "identity not in the gallery",
+                 "same_camera_only": "identity in the gallery only under the query's camera",
+                 "distractor_or_junk": "distractor/junk identity (pid <= 0)"}
+        why = "; ".join(f"{n} {words[k]}" for k, n in self.reasons().items() if n)
+        return f"{self.evaluated} of {self.given} queries evaluated, {self.dropped} dropped ({why})"
+
+
 class _Accumulator:
     """Running sums of the per-query statistics over blocks of queries."""
 
@@ -173,10 +218,16 @@ class _Accumulator:
         self.ap_sum = 0.0
         self.inp_sum = 0.0
         self.num_valid = 0
+        self.num_given = 0
+        self.dropped = np.zeros(3, dtype=np.int64)  # not_in_gallery, same_camera_only, distractor_or_junk
 
-    def add(self, first_rank: torch.Tensor, ap: torch.Tensor, inp: torch.Tensor) -> None:
-        """Add the statistics of the valid queries of one block."""
+    def add(self, first_rank: torch.Tensor, ap: torch.Tensor, inp: torch.Tensor, num_given: int,
+            dropped: torch.Tensor) -> None:
+        """Add the statistics of the valid queries of one block of ``num_given`` queries and
+        the counts of its dropped ones by reason (see ``_dropped_reasons``)."""
         self.num_valid += int(first_rank.numel())
+        self.num_given += int(num_given)
+        self.dropped += dropped.cpu().numpy()
         if first_rank.numel():
             capped = first_rank.clamp(max=self.max_rank + 1) - 1  # 0-based, max_rank = "beyond"
             hits = torch.bincount(capped, minlength=self.max_rank + 1)[: self.max_rank]
@@ -184,14 +235,31 @@ class _Accumulator:
             self.ap_sum += float(ap.sum())
             self.inp_sum += float(inp.sum())
 
+    def counts(self) -> QueryCounts:
+        """Queries given, evaluated and dropped (by reason) so far."""
+        return QueryCounts(self.num_given, self.num_valid, *(int(n) for n in self.dropped))
+
     def result(self) -> tuple[np.ndarray, float, float]:
         if self.num_valid == 0:
             raise ValueError(
                 "no valid query: no query has a true match in the gallery after removing "
-                "same-pid same-camera gallery entries"
+                f"same-pid same-camera gallery entries ({self.counts().describe()})"
             )
         cmc = np.cumsum(self.cmc_hits) / self.num_valid
         return cmc, self.ap_sum / self.num_valid, self.inp_sum / self.num_valid
+
+
+def _dropped_reasons(q_pids: torch.Tensor, valid: torch.Tensor, same_pid_rows: torch.Tensor) -> torch.Tensor:
+    """(not_in_gallery, same_camera_only, distractor_or_junk) counts of the invalid queries.
+
+    ``same_pid_rows``: the query row of every gallery entry sharing the query's pid (junk
+    included), so a row without any has an identity the gallery does not hold.
+    """
+    dropped = ~valid
+    junk_id = dropped & (q_pids <= 0)
+    has_pid = torch.bincount(same_pid_rows, minlength=q_pids.numel()) > 0
+    rest = dropped & ~junk_id
+    return torch.stack([(rest & ~has_pid).sum(), (rest & has_pid).sum(), junk_id.sum()])
 
 
 class _GalleryIndex:
@@ -218,37 +286,67 @@ class _GalleryIndex:
         return rows, self.order[self.starts[slot][rows] + offset]
 
 
-def _select_flat(dist: torch.Tensor, thresh: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]
-                 ) -> torch.Tensor:
-    """Ascending flat positions of the entries of ``dist`` (B, G) with ``d <= thresh[row]``.
+def _select_mask(dist: torch.Tensor, thresh: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """Fill the flat bool mask of ``buffers`` with ``d <= thresh[row]`` for ``dist`` (B, G);
+    returns the number of entries selected.
 
     ``buffers`` = (float scratch of at least one row, flat bool mask of at least B * G
     rounded up to 8 entries), reused across blocks (see ``_select_buffers``). torch's CPU
     comparison kernels are vectorised only when the result has the inputs' dtype, so the
     comparison is written as 0/1 floats into the cache-sized scratch, a few rows at a time,
-    and copied to bool from there; the bool mask is scanned as 64-bit words, 8 entries at a
-    time, and only the few non-zero words are expanded (``nonzero`` over the whole bool
-    block costs as much as the comparison).
+    counted there and copied to bool from there.
     """
     scratch, mask = buffers
     (B, G), n = dist.shape, dist.numel()
     n8 = -(-n // 8) * 8
     step = max(1, scratch.numel() // max(1, G))
+    sums = []
     for s in range(0, B, step):
         e = min(s + step, B)
         chunk = scratch[: (e - s) * G]
         torch.le(dist[s:e], thresh[s:e].unsqueeze(1), out=chunk.view(e - s, G))
+        sums.append(chunk.sum(dtype=torch.float64))
         mask[s * G:e * G].copy_(chunk)
     mask[n:n8] = False  # bytes of the last word beyond this block
+    return int(torch.stack(sums).sum()) if sums else 0
+
+
+def _selected_fraction_estimate(dist: torch.Tensor, thresh: torch.Tensor, scratch: torch.Tensor) -> float:
+    """Fraction of entries with ``d <= thresh[row]`` on an evenly spread sample of rows (as many
+    as ``scratch`` holds): decides, before any full pass, whether a block is ranked by counting."""
+    B, G = dist.shape
+    if B == 0 or G == 0:
+        return 0.0
+    every = -(-B // max(1, scratch.numel() // G))
+    sample = dist[::every]
+    out = scratch[: sample.numel()].view(sample.shape)
+    torch.le(sample, thresh[::every].unsqueeze(1), out=out)
+    return float(out.sum(dtype=torch.float64)) / out.numel()
+
+
+def _mask_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Ascending positions of the True entries among the first ``n`` of the flat ``mask``.
+
+    The mask is scanned as 64-bit words, 8 entries at a time, and only the few non-zero
+    words are expanded (``nonzero`` over the whole bool block costs as much as the comparison).
+    """
+    n8 = -(-n // 8) * 8
     words = mask[:n8].view(torch.int64).nonzero().squeeze(1)
-    cand = (words.unsqueeze(1) * 8 + torch.arange(8, device=dist.device)).reshape(-1)
+    cand = (words.unsqueeze(1) * 8 + torch.arange(8, device=mask.device)).reshape(-1)
     return cand[mask[cand]]
+
+
+def _select_flat(dist: torch.Tensor, thresh: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor]
+                 ) -> torch.Tensor:
+    """Ascending flat positions of the entries of ``dist`` (B, G) with ``d <= thresh[row]``."""
+    _select_mask(dist, thresh, buffers)
+    return _mask_positions(buffers[1], dist.numel())
 
 
 def _select_buffers(rows: int, num_cols: int, dtype: torch.dtype, device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reusable buffers for ``_select_flat`` on blocks of up to ``rows`` rows."""
-    scratch = max(num_cols, min(rows * num_cols, SELECT_SCRATCH_ELEMS))
+    """Reusable buffers for ``_select_flat`` (and the counting path) on blocks of up to ``rows`` rows."""
+    scratch = max(2 * num_cols, min(rows * num_cols, SELECT_SCRATCH_ELEMS))
     n8 = -(-rows * num_cols // 8) * 8
     return (torch.empty(scratch, dtype=dtype, device=device), torch.empty(n8, dtype=torch.bool, device=device))
 
@@ -260,38 +358,128 @@ def _ordered_keys(vals: torch.Tensor) -> torch.Tensor:
     return bits.long() + (1 << 31)
 
 
+def _lex_order(rows: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Stable permutation sorting entries by (row, value): equal values keep their input order.
+
+    float32: one sort of (row, value) packed into int64; otherwise two stable sorts.
+    """
+    if vals.dtype == torch.float32:
+        return torch.sort((rows << 32) | _ordered_keys(vals), stable=True).indices
+    order = torch.sort(vals, stable=True).indices  # by value, ties in input order
+    return order[torch.sort(rows[order], stable=True).indices]  # then grouped by row
+
+
 def _ranked_matches_sparse(rows: torch.Tensor, vals: torch.Tensor, good: torch.Tensor, num_rows: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and 0-based in-band positions of the true matches, in ranked order (small bands).
 
     ``rows``/``vals``/``good`` describe the band entries in row-major order (columns
     ascending within a row); they are sorted stably by (row, value), so ties stay in
-    gallery order. float32: one sort of (row, value) packed into int64; otherwise two.
+    gallery order.
     """
-    if vals.dtype == torch.float32:
-        order = torch.sort((rows << 32) | _ordered_keys(vals), stable=True).indices
-    else:
-        order = torch.sort(vals, stable=True).indices  # by value, ties by gallery index
-        order = order[torch.sort(rows[order], stable=True).indices]  # then grouped by row
+    order = _lex_order(rows, vals)
     rows, good = rows.index_select(0, order), good.index_select(0, order)
     counts = torch.bincount(rows, minlength=num_rows)
     pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
     return rows[good], pos[good]
 
 
-def _ranked_matches_dense(dist: torch.Tensor, flat_pos: torch.Tensor, good: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as ``_ranked_matches_sparse`` by sorting whole rows (large bands, e.g. weak models).
+def _exclusive_in_row(flags: torch.Tensor, row_start: torch.Tensor) -> torch.Tensor:
+    """For entries grouped by row: how many earlier entries of the same row have ``flags`` set."""
+    f = flags.long()
+    before = torch.cumsum(f, 0) - f
+    return before - before[row_start]
 
-    Entries outside the band become NaN, which torch sorts after every number (+inf too).
+
+def _ranked_matches_counted(dist: torch.Tensor, pr: torch.Tensor, pc: torch.Tensor, is_junk: torch.Tensor,
+                            scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and 1-based ranks (among kept entries) of the true matches, in ranked order, by counting.
+
+    For wide bands (weak models, occlusion, cross-domain: the farthest true match lies deep
+    in the row): the rank of true match j with distance p is 1 + #{d_k < p} + #{k < j:
+    d_k = p} - #{removed k ordered before j}. The first term is one vectorised compare-and-sum
+    pass over the row per true match, on a few rows at a time held in the cache-sized
+    ``scratch``; a second pass with ``<=`` finds the true matches that have an exact tie, and
+    only for those the entries equal to p before column j are counted. The removed entries
+    (same pid and camera) are few and counted from the sorted same-pid pairs.
+    ``pr``/``pc``: the (row, column) of every same-pid entry, row-major; ``is_junk``: removed.
     """
-    vals = torch.full_like(dist, float("nan"))
-    vals.view(-1)[flat_pos] = dist.view(-1)[flat_pos]
-    order = torch.sort(vals, dim=1, stable=True).indices
-    del vals
-    is_good = torch.zeros(dist.shape, dtype=torch.bool, device=dist.device)
-    is_good.view(-1)[flat_pos[good]] = True
-    return is_good.gather(1, order).nonzero(as_tuple=True)
+    B, G = dist.shape
+    dev = dist.device
+    vals = dist.view(-1).index_select(0, pr * G + pc)
+    order = _lex_order(pr, vals)  # pairs come column-ascending per row: ties stay in gallery order
+    rows, cols, vals, junk = pr[order], pc[order], vals[order], is_junk[order]
+    counts = torch.bincount(rows, minlength=B)
+    row_start = (torch.cumsum(counts, 0) - counts)[rows]
+    junk_before = _exclusive_in_row(junk, row_start)
+    good = ~junk
+    rows, cols, vals, junk_before = rows[good], cols[good], vals[good], junk_before[good]
+    m = torch.bincount(rows, minlength=B)
+    slot = torch.arange(rows.numel(), device=dev) - (torch.cumsum(m, 0) - m)[rows]
+    width = int(m.max()) if B else 0
+    # sums of 0/1 values: exact in float32 below 2^24 columns, float64 otherwise
+    acc = torch.float32 if dist.dtype == torch.float32 and G < (1 << 24) else torch.float64
+    # rows with the most true matches first, so that each chunk of rows needs about as many
+    # passes as its rows have true matches (rows with fewer are left out of the later passes)
+    by_m = torch.argsort(m, descending=True, stable=True)
+    m_sorted = m[by_m].tolist()
+    place = torch.argsort(by_m)[rows]  # each true match's row, as its place in by_m
+    thr = torch.zeros((width, B), dtype=dist.dtype, device=dev)
+    thr[slot, place] = vals
+    lt = torch.zeros((width, B), dtype=acc, device=dev)
+    le = torch.zeros((width, B), dtype=acc, device=dev)
+    step = max(1, scratch.numel() // max(1, 2 * G))
+    held, cmp = scratch[: step * G].view(step, G), scratch[step * G: 2 * step * G].view(step, G)
+    for s in range(0, B, step):
+        e = min(s + step, B)
+        if m_sorted[s] == 0:
+            break
+        torch.index_select(dist, 0, by_m[s:e], out=held[: e - s])
+        for i in range(m_sorted[s]):
+            k = s + sum(1 for v in m_sorted[s:e] if v > i)  # rows s..k-1 have a match in slot i
+            t = thr[i, s:k].unsqueeze(1)
+            torch.lt(held[: k - s], t, out=cmp[: k - s])
+            torch.sum(cmp[: k - s], 1, dtype=acc, out=lt[i, s:k])
+            torch.le(held[: k - s], t, out=cmp[: k - s])
+            torch.sum(cmp[: k - s], 1, dtype=acc, out=le[i, s:k])
+    n_less = lt[slot, place].long()
+    ties = ((le[slot, place] - lt[slot, place]) > 1).nonzero().squeeze(1)  # equal to another entry
+    tied_before = torch.zeros_like(n_less)
+    col_idx = torch.arange(G, device=dev)
+    for s in range(0, ties.numel(), step):
+        t = ties[s:s + step]
+        same = dist.index_select(0, rows[t]) == vals[t].unsqueeze(1)
+        tied_before[t] = (same & (col_idx < cols[t].unsqueeze(1))).sum(1)
+    return rows, n_less + tied_before - junk_before + 1
+
+
+def _ranked_matches_listed(dist: torch.Tensor, mask: torch.Tensor, pair_pos: torch.Tensor, is_junk: torch.Tensor,
+                           lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and 1-based ranks (among kept entries) of the true matches, in ranked order, from the
+    list of selected entries (``mask``, see ``_select_mask``): narrow bands.
+
+    Selected entries closer than the row's nearest true match (``lo``) are only counted;
+    the others (the band) are sorted by (row, value, column).
+    """
+    B, G = dist.shape
+    dev = dist.device
+    flat = dist.view(-1)
+    pos = _mask_positions(mask, flat.numel())
+    rows, vals = pos // G, flat.index_select(0, pos)
+    # mark the same-pid entries in the selected list: 1 = true match, 2 = removed
+    kind = torch.zeros(pos.numel(), dtype=torch.uint8, device=dev)
+    if pos.numel():
+        slot = torch.searchsorted(pos, pair_pos).clamp_(max=pos.numel() - 1)
+        found = pos.index_select(0, slot) == pair_pos
+        kind[slot[found]] = 1 + is_junk[found].to(torch.uint8)
+    kept = kind != 2
+    below = vals < lo.index_select(0, rows)
+    n_below = torch.zeros(B, dtype=torch.long, device=dev).index_add_(0, rows, (below & kept).long())
+    band = (kept & ~below).nonzero().squeeze(1)
+    rows, vals = rows.index_select(0, band), vals.index_select(0, band)
+    good = kind.index_select(0, band) == 1
+    g_rows, g_pos = _ranked_matches_sparse(rows, vals, good, B)
+    return g_rows, n_below[g_rows] + g_pos + 1
 
 
 def _block_stats(
@@ -300,16 +488,19 @@ def _block_stats(
     q_camids: torch.Tensor,
     gallery: _GalleryIndex,
     buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-query first-match rank, AP and INP for one block of queries (valid queries only).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Per-query first-match rank, AP and INP for one block of queries (valid queries only),
+    the block's number of queries and the counts of its dropped ones by reason.
 
     The rank of a true match j among the kept gallery entries is 1 + the number of kept
     entries k ordered before it, (d_k, k) < (d_j, j). Only entries not farther than the
     query's farthest true match can precede one, so a single pass over the (contiguous)
-    block selects them (``_select_flat``, with reused ``buffers``); everything
-    after that works on this short list. Entries closer than the nearest true match are
-    only counted; the band [nearest, farthest true match] is sorted. Same-pid entries are
-    few per query and handled as sparse (row, column) pairs.
+    block marks them (``_select_mask``, with reused ``buffers``). When they are few (good
+    features), everything after that works on their list: entries closer than the nearest
+    true match are only counted, the band [nearest, farthest true match] is sorted. When
+    they are many (DENSE_BAND_FRACTION), the ranks are counted instead
+    (``_ranked_matches_counted``), which costs the same wherever the true matches fall.
+    Same-pid entries are few per query and handled as sparse (row, column) pairs.
     """
     B, G = dist.shape
     dev = dist.device
@@ -327,32 +518,19 @@ def _block_stats(
     hi = (-inf).scatter_reduce(0, gr, g_dist, "amax", include_self=True)  # -inf: row selects nothing
     if buffers is None:
         buffers = _select_buffers(B, G, dist.dtype, dev)
-    pos = _select_flat(dist, hi, buffers)
-    rows, vals = pos // G, flat.index_select(0, pos)
-    # mark the same-pid entries in the selected list: 1 = true match, 2 = removed
-    kind = torch.zeros(pos.numel(), dtype=torch.uint8, device=dev)
-    if pos.numel():
-        slot = torch.searchsorted(pos, pair_pos).clamp_(max=pos.numel() - 1)
-        found = pos.index_select(0, slot) == pair_pos
-        kind[slot[found]] = 1 + is_junk[found].to(torch.uint8)
-    kept = kind != 2
-    below = vals < lo.index_select(0, rows)
-    n_below = torch.zeros(B, dtype=torch.long, device=dev).index_add_(0, rows, (below & kept).long())
-    band = (kept & ~below).nonzero().squeeze(1)
-    pos, rows, vals = pos.index_select(0, band), rows.index_select(0, band), vals.index_select(0, band)
-    good = kind.index_select(0, band) == 1
-    if pos.numel() > DENSE_BAND_FRACTION * flat.numel():
-        g_rows, g_pos = _ranked_matches_dense(dist, pos, good)
+    if (_selected_fraction_estimate(dist, hi, buffers[0]) > DENSE_BAND_FRACTION
+            or _select_mask(dist, hi, buffers) > DENSE_BAND_FRACTION * flat.numel()):
+        g_rows, rank = _ranked_matches_counted(dist, pr, pc, is_junk, buffers[0])
     else:
-        g_rows, g_pos = _ranked_matches_sparse(rows, vals, good, B)
-    rank = n_below[g_rows] + g_pos + 1  # 1-based rank among kept entries
+        g_rows, rank = _ranked_matches_listed(dist, buffers[1], pair_pos, is_junk, lo)
     hit_no = torch.arange(g_rows.numel(), device=dev) - (torch.cumsum(n_good, 0) - n_good)[g_rows] + 1
 
     n = n_good.double()
     ap = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(0, g_rows, hit_no.double() / rank.double())
     first = torch.zeros(B, dtype=torch.long, device=dev).scatter_reduce_(0, g_rows, rank, "amin", include_self=False)
     last = torch.zeros(B, dtype=torch.long, device=dev).scatter_reduce_(0, g_rows, rank, "amax", include_self=False)
-    return first[valid], ap[valid] / n[valid], n[valid] / last[valid].double()
+    return (first[valid], ap[valid] / n[valid], n[valid] / last[valid].double(), B,
+            _dropped_reasons(q_pids, valid, pr))
 
 
 def _prepare_labels(q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any, device: torch.device,
@@ -373,10 +551,12 @@ def eval_func(
     g_camids: Any,
     max_rank: int = 50,
     block_size: int | None = None,
-) -> tuple[np.ndarray, float, float]:
+    return_counts: bool = False,
+) -> tuple[np.ndarray, float, float] | tuple[np.ndarray, float, float, QueryCounts]:
     """CMC[:max_rank], mAP and mINP of a (num_query, num_gallery) distance matrix.
 
-    Returns ``(cmc, mAP, mINP)`` with ``cmc`` a float64 array of length ``max_rank``.
+    Returns ``(cmc, mAP, mINP)`` with ``cmc`` a float64 array of length ``max_rank``, and
+    with ``return_counts`` a 4th item, the ``QueryCounts`` (queries evaluated, dropped and why).
     Raises ValueError when no query has a true match after the same-camera removal.
     """
     dist = _as_tensor(distmat)
@@ -393,7 +573,7 @@ def eval_func(
     for s in range(0, num_q, rows):
         e = min(s + rows, num_q)
         acc.add(*_block_stats(dist[s:e], qp[s:e], qc[s:e], gallery, buffers))
-    return acc.result()
+    return (*acc.result(), acc.counts()) if return_counts else acc.result()
 
 
 def evaluate(
@@ -406,7 +586,8 @@ def evaluate(
     max_rank: int = 50,
     metric: str = "euclidean",
     block_size: int | None = None,
-) -> tuple[np.ndarray, float, float]:
+    return_counts: bool = False,
+) -> tuple[np.ndarray, float, float] | tuple[np.ndarray, float, float, QueryCounts]:
     """Same as ``eval_func(distance(qf, gf), ...)`` without materialising the distance matrix.
 
     Fused: each block of query rows gets its distances (one GEMM into a reused buffer) and
@@ -423,7 +604,7 @@ def evaluate(
         e = min(s + rows, num_q)
         dist = _distance_block_into(x[s:e], y, y_sq, buf[: e - s])
         acc.add(*_block_stats(dist, qp[s:e], qc[s:e], gallery, buffers))
-    return acc.result()
+    return (*acc.result(), acc.counts()) if return_counts else acc.result()
 
 
 # ----------------------------------------------------------------------------- evaluator
@@ -489,8 +670,10 @@ class R1_mAP_eval:
             raise ValueError(f"num_query = {self.num_query} must lie in (0, {feats.shape[0]}) (rows seen)")
         return feats[: self.num_query], feats[self.num_query:]
 
-    def compute(self) -> tuple[np.ndarray, float, float]:
-        """CMC, mAP and mINP of the accumulated queries against the accumulated gallery."""
+    def compute(self, return_counts: bool = False
+                ) -> tuple[np.ndarray, float, float] | tuple[np.ndarray, float, float, QueryCounts]:
+        """CMC, mAP and mINP of the accumulated queries against the accumulated gallery
+        (and the ``QueryCounts`` with ``return_counts``)."""
         qf, gf = self.features()
         pids, camids = torch.cat(self.pids), torch.cat(self.camids)
         nq = self.num_query
@@ -499,5 +682,5 @@ class R1_mAP_eval:
             from .reranking import re_ranking
 
             distmat = re_ranking(qf, gf, k1=self.k1, k2=self.k2, lambda_value=self.lambda_value)
-            return eval_func(distmat, *labels, max_rank=self.max_rank)
-        return evaluate(qf, gf, *labels, max_rank=self.max_rank, metric=self.metric)
+            return eval_func(distmat, *labels, max_rank=self.max_rank, return_counts=return_counts)
+        return evaluate(qf, gf, *labels, max_rank=self.max_rank, metric=self.metric, return_counts=return_counts)
