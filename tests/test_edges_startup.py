@@ -368,10 +368,13 @@ def test_disk_filling_up_during_training_is_one_line_and_keeps_the_run(tiny_root
 
 # ----------------------------------------------------------------------------- the README's commands
 def _readme_commands():
-    """Every command line of README.md that runs a Python script: (line, argv after the script, script)."""
+    """Every command line of README.md and docs/*.md that runs a Python script:
+    (line, interpreter, script, argv after the script)."""
+    import glob
     import re
     import shlex
-    text = open(os.path.join(ROOT, "README.md")).read()
+    pages = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+    text = "\n".join(open(p).read() for p in pages)
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         lines += block.replace("\\\n", " ").splitlines()

@@ -221,7 +221,7 @@ def test_readme_snippet_preprocesses_like_the_test_transform_and_matches_pytorch
     from datasets.transforms import build_transforms
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
+    with open(os.path.join(root, "docs", "deploy.md")) as f:
         snippet = re.search(r"<!-- deploy-snippet -->\n```python\n(.*?)```", f.read(), re.S).group(1)
     from utils.inference_io import parse_name
     cfg, report, classes, cams, views = exported["vit_s12_sie_cam"]
@@ -234,7 +234,7 @@ def test_readme_snippet_preprocesses_like_the_test_transform_and_matches_pytorch
     shutil.copy(report.path, tmp_path / "model.onnx")
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(snippet, ns)                                     # the README's own code
+    exec(snippet, ns)                                     # the deploy page's own code
     transform = build_transforms(cfg, is_train=False)
     ref_x = torch.stack([transform(read_image(str(tmp_path / n))) for n in names])
     assert torch.equal(torch.from_numpy(ns["x"]), ref_x)  # bit-identical preprocessing
