@@ -249,7 +249,7 @@ def execute(plan: dict[str, Any], out: str, jobs: int, devices: list[str], retry
     env = dict(os.environ)
     if jobs > 1 and not devices and "OMP_NUM_THREADS" not in env:   # share the CPU cores between the jobs
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    pending, active, t_first, n_done = list(todo), {}, None, 0
+    pending, active, n_done, run_seconds = list(todo), {}, 0, 0.0
     t0 = time.time()
     try:
         while pending or active:
@@ -280,9 +280,9 @@ def execute(plan: dict[str, Any], out: str, jobs: int, devices: list[str], retry
                 if rc == 0 and os.path.isfile(os.path.join(run.folder, "results.json")):
                     entry.update(state="done", message="")
                     n_done += 1
-                    t_first = t_first or seconds
-                    left = len(pending) + len(active)
-                    eta = f"; about {t_first * math.ceil(left / jobs) / 60:.0f} min left" if left else ""
+                    run_seconds += seconds
+                    left = len(pending) + len(active)   # estimated from the mean finished run
+                    eta = f"; about {run_seconds / n_done * math.ceil(left / jobs) / 60:.0f} min left" if left else ""
                     print(f"  done   {run.key} in {seconds:.0f} s{eta}", flush=True)
                 elif rc in (130, -2):
                     raise KeyboardInterrupt
