@@ -93,8 +93,8 @@ def grid_from_args(grid: Sequence[str]) -> dict[str, dict[str, str]]:
         if not key.strip() or not vals or any(v == "" for v in vals):
             raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. MODEL.USE_SSL=True,False)")
         axes.append([(key.strip(), v) for v in vals])
-    variants = {}
-    for combo in itertools.product(*axes):
+    variants: dict[str, dict[str, str]] = {}
+    for combo in itertools.product(*axes) if axes else ():
         name = "+".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in combo)
         variants[name] = dict(combo)
     return variants
