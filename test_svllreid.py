@@ -33,7 +33,7 @@ from config import ConfigError, load_config
 from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
 from model import load_for_inference
 from processor import do_inference
-from utils.inference_io import visualize_evaluation
+from processor.folder_inference import visualize_evaluation
 from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic

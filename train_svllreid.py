@@ -38,7 +38,8 @@ from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
 from utils.record import TrainingRecord, write_curves
-from utils.run_dir import CONFIG_FILE, RunError, RunLock, prepare_output_dir, resume_config, save_run_config
+from config.resume import resume_config
+from utils.run_dir import CONFIG_FILE, RunError, RunLock, prepare_output_dir, save_run_config
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

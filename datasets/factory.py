@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from config import DATASET_NAMES
+
 from .bases import BaseImageDataset
 from .dukemtmcreid import DukeMTMCreID
 from .folder import FolderDataset
@@ -23,6 +25,8 @@ DATASETS: dict[str, type[BaseImageDataset]] = {
     "VehicleID": VehicleID,
     "folder": FolderDataset,
 }
+# config offers these names (DATASETS.NAMES); the registry implements exactly them
+assert tuple(DATASETS) == DATASET_NAMES, "datasets.factory.DATASETS and config.DATASET_NAMES differ"
 
 
 def build_dataset(name: str, root: str, **kwargs: Any) -> BaseImageDataset:

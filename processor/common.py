@@ -24,7 +24,8 @@ from utils.dist import all_gather_object, gather_strided, get_rank, get_world_si
 from utils.fileio import ctrl_c_deferred
 from utils.misc import AverageMeter, rng_state, set_rng_state
 from utils.record import TrainingRecord
-from utils.run_dir import LAST_CHECKPOINT, RunError, check_train_state
+from config.resume import check_train_state
+from utils.run_dir import LAST_CHECKPOINT, RunError
 
 logger = logging.getLogger("svllreid")
 
@@ -115,7 +116,7 @@ def load_train_state(output_dir: str, cfg: Any = None) -> dict[str, Any] | None:
     """The saved training state, or None when the run has none yet.
 
     With ``cfg`` (the run's config) the state must belong to that run
-    (:func:`utils.run_dir.check_train_state`). ``state['source']`` is the file's path.
+    (:func:`config.resume.check_train_state`). ``state['source']`` is the file's path.
     """
     path = os.path.join(output_dir, LAST_CHECKPOINT)
     if not os.path.isfile(path):
