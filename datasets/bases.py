@@ -15,11 +15,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.errors import UserError
-from utils.images import IMAGE_EXTENSIONS, list_images as _list_images, read_image
+from utils.images import IMAGE_EXTENSIONS, list_images, read_image
 
 __all__ = [
     "Sample", "DatasetError", "DatasetLayoutError", "verify_images", "BaseImageDataset", "ImageDataset", "read_image",
-    "relabel", "report_unparsed", "require_dirs", "resolve_dataset_dir", "list_images",
+    "relabel", "report_unparsed", "require_dirs", "resolve_dataset_dir", "dataset_image_names",
     "IMAGE_EXTENSIONS", "dataset_identity", "renumber_cameras", "train_test_overlap",
 ]
 
@@ -201,16 +201,16 @@ def resolve_dataset_dir(root: str, dataset_dir: str, subdirs: Iterable[str]) -> 
     return base
 
 
-def list_images(dir_path: str) -> list[str]:
+def dataset_image_names(dir_path: str) -> list[str]:
     """Sorted image file names (not paths) in the flat dataset folder ``dir_path``.
 
     The benchmark layouts are flat; a folder holding per-identity sub-folders of images
     instead is refused with a message that says so.
     """
-    images = _list_images(dir_path)
+    images = list_images(dir_path)
     if not images:
         nested = [d for d in sorted(os.listdir(dir_path)) if os.path.isdir(os.path.join(dir_path, d))
-                  and _list_images(os.path.join(dir_path, d))]
+                  and list_images(os.path.join(dir_path, d))]
         if nested:
             raise DatasetError(f"{dir_path} holds images in sub-folders ({nested[0]}/, ...) but the layout is "
                                "flat: put the images directly in the folder, named as the layout says")

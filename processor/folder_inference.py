@@ -30,7 +30,8 @@ from utils.images import INPUT_EXTENSIONS, list_images, read_image
 from utils.metrics import distance_blocks, pairwise_distance
 from utils.reranking import re_ranking
 
-from .common import autocast, progress
+from .amp import autocast
+from .progress import progress
 
 logger = logging.getLogger("svllreid")
 

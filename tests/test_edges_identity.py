@@ -12,7 +12,7 @@ import test_svllreid
 import train_svllreid
 from config import load_config
 from model import make_model
-from processor.common import restore_train_state
+from processor.train_state import restore_train_state
 from utils.checkpoint import CheckpointMismatchError, load_file
 
 from test_faults import TINY, one_line_error, snapshot, train_argv
@@ -304,7 +304,7 @@ def test_divergence_advice_is_one_that_works(tiny_root, tmp_path, monkeypatch, c
     monkeypatch.setattr(train_svllreid, "do_train_stage1", _raise(KeyboardInterrupt))
     assert train_svllreid.main(train_argv(tiny_root, out, "SOLVER.STAGE2.BASE_LR", "0.0001", "--overwrite")) == 130
     # before any state was saved the message does not promise one
-    from processor.common import POSITION, NonFiniteLossError, check_finite_loss
+    from processor.position import NonFiniteLossError, POSITION, check_finite_loss
     monkeypatch.setattr(POSITION, "saved", None)
     with pytest.raises(NonFiniteLossError) as e:
         check_finite_loss({"loss": float("nan")}, 1, 1, 1)

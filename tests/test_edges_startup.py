@@ -344,7 +344,7 @@ def test_disk_filling_up_during_training_is_one_line_and_keeps_the_run(tiny_root
     from utils.checkpoint import load_file
     from utils.record import read_metrics
     out = disk_for_a_run / "run"
-    from processor.common import POSITION
+    from processor.position import POSITION
     original = stage2_mod.stage2_forward_loss
 
     def fill_in_epoch_2(*a, **k):

@@ -8,6 +8,7 @@ Run with ``-s`` to see the figures (rooms, arrows, back-arrows, the biggest room
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 from collections import Counter
 
@@ -113,3 +114,105 @@ def test_the_check_sees_lazy_and_relative_imports():
     src = "def f():\n    from processor.common import autocast\nfrom .fileio import atomic_write\n"
     found = [name for name, _ in _imported_modules(os.path.join("utils", "x.py"), ast.parse(src))]
     assert sorted(found) == ["processor.common", "utils.fileio"]
+
+
+# ----------------------------------------------------------------------------- one name, one meaning
+def test_user_errors_are_one_family_caught_by_the_command_line():
+    """utils.cli knows only the UserError base; every room's user error derives from it."""
+    from config import ConfigError
+    from datasets.bases import DatasetError
+    from datasets.synthetic import SyntheticSpecError
+    from processor.position import NonFiniteLossError
+    from utils import cli
+    from utils.checkpoint import CheckpointError, CheckpointMismatchError
+    from utils.errors import UserError
+    from utils.run_dir import RunError
+    assert cli.USER_ERRORS == (UserError, OSError)
+    for cls in (ConfigError, DatasetError, SyntheticSpecError, CheckpointError, CheckpointMismatchError, RunError,
+                NonFiniteLossError):
+        assert issubclass(cls, cli.USER_ERRORS), cls
+    # the classes they were before stay their bases (callers catching ValueError/RuntimeError still do)
+    assert issubclass(ConfigError, ValueError) and issubclass(DatasetError, ValueError)
+    assert issubclass(CheckpointError, RuntimeError) and issubclass(RunError, RuntimeError)
+
+
+def test_one_yes_no_parser():
+    import config
+    from utils import metrics, yesno
+    assert config.is_yes is yesno.is_yes and metrics.is_yes is yesno.is_yes
+    assert not hasattr(metrics, "_is_yes")
+    words = (True, "yes", "ON", "true", False, "no", "off", "False")
+    assert [yesno.is_yes(v) for v in words] == [True] * 4 + [False] * 4
+    with pytest.raises(ValueError, match="yes/no"):
+        yesno.is_yes("maybe")
+
+
+def test_config_names_match_what_the_lower_rooms_implement():
+    import config
+    from datasets.factory import DATASETS
+    from solver import make_optimizer
+    assert tuple(DATASETS) == config.DATASET_NAMES
+    assert config.CHOICES["SOLVER.STAGE1.OPTIMIZER_NAME"] == config.OPTIMIZERS == make_optimizer.OPTIMIZERS
+    assert config.CHOICES["SOLVER.STAGE2.WARMUP_METHOD"] == config.WARMUP_METHODS
+
+
+def test_one_image_lister_behind_the_three_callers(tmp_path):
+    """The dataset folders, the folders of the tools and the ONNX check list images the same way."""
+    from datasets.bases import DatasetError, dataset_image_names
+    from processor.folder_inference import list_image_files
+    from processor.onnx_export import image_paths
+    from utils.images import INPUT_EXTENSIONS, list_images
+    (tmp_path / "sub").mkdir()
+    for name in ("b.JPG", "a.png", "notes.txt", "c.tif", "sub/d.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    assert list_images(str(tmp_path)) == ["a.png", "b.JPG"]
+    assert dataset_image_names(str(tmp_path)) == ["a.png", "b.JPG"]
+    assert image_paths([str(tmp_path)]) == [str(tmp_path / "a.png"), str(tmp_path / "b.JPG")]
+    assert list_image_files(str(tmp_path)) == list_images(str(tmp_path), recursive=True, extensions=INPUT_EXTENSIONS) \
+        == ["a.png", "b.JPG", "c.tif", os.path.join("sub", "d.jpg")]
+    nested = tmp_path / "nested"     # a nested layout is refused by name, as before
+    (nested / "0001").mkdir(parents=True)
+    (nested / "0001" / "x.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match="sub-folders"):
+        dataset_image_names(str(nested))
+
+
+def test_merged_and_renamed_names():
+    """One load_model (folder inference); distinct names for the JSON beside weights and ONNX metadata."""
+    from processor import folder_inference, onnx_export
+    from utils import checkpoint
+    for gone in ("load_model", "read_metadata", "test_dataset", "_state_dict_of", "list_images"):
+        obj = getattr(onnx_export, gone, None)      # gone, or only the shared one imported
+        assert obj is None or obj.__module__ != onnx_export.__name__, gone
+    assert callable(folder_inference.load_model) and callable(onnx_export.eval_dataset)
+    assert callable(onnx_export.read_onnx_metadata) and callable(checkpoint.read_metadata)
+
+
+def test_run_position_resets_without_re_running_init():
+    from processor.position import POSITION, RunPosition
+    saved = (POSITION.stage, POSITION.epoch, POSITION.saved)
+    try:
+        POSITION.stage, POSITION.epoch, POSITION.saved = 2, 3, (2, 2)
+        POSITION.reset()
+        assert (POSITION.stage, POSITION.epoch, POSITION.saved) == (None, None, None)
+        assert POSITION.describe() == RunPosition().describe()
+    finally:
+        POSITION.stage, POSITION.epoch, POSITION.saved = saved
+
+
+def test_evaluation_returns_its_features_instead_of_filling_a_dict(monkeypatch):
+    import torch
+
+    from config import get_default_config
+    from processor import Evaluation, do_inference, evaluate_loader, inference
+    feats = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    pids, cams = torch.tensor([1, 2, 1, 2, 3, 1]), torch.tensor([0, 0, 1, 1, 1, 0])
+    monkeypatch.setattr(inference, "extract_features", lambda *a, **k: (feats, pids, cams))
+
+    class Loader:
+        dataset = type("D", (), {"samples": [("p", 1, 0, 0)] * 6})()
+    cfg = get_default_config()
+    ev = evaluate_loader(cfg, None, Loader(), 2, torch.device("cpu"))
+    assert isinstance(ev, Evaluation) and ev.feats is feats and ev.num_query == 2 and len(ev.samples) == 6
+    assert do_inference(cfg, None, Loader(), 2, torch.device("cpu")) == ev.results
+    assert "keep" not in inspect.signature(do_inference).parameters

@@ -17,7 +17,7 @@ import test_svllreid
 from config import ConfigError
 from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
 from model import make_model
-from processor.common import progress_enabled
+from processor.progress import progress_enabled
 from processor.inference import evaluate_features, extract_features
 from utils.checkpoint import load_model_weights
 from utils.metrics import eval_func, pairwise_distance
