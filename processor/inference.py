@@ -92,7 +92,8 @@ def evaluate_loader(cfg: Any, model: nn.Module, val_loader: DataLoader, num_quer
                 t_feat, feats.shape[0] / max(t_feat, 1e-9))
     counts = QueryCounts(results["num_query"], results["num_evaluated"], **results["dropped_reason"])
     logger.log(logging.WARNING if counts.dropped else logging.INFO, "Queries: %s", counts.describe())
-    return Evaluation(results, feats, pids, camids, num_query, getattr(val_loader.dataset, "samples", None))
+    samples = getattr(getattr(val_loader, "dataset", None), "samples", None)
+    return Evaluation(results, feats, pids, camids, num_query, samples)
 
 
 def do_inference(cfg: Any, model: nn.Module, val_loader: DataLoader, num_query: int,
