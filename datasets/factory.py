@@ -25,8 +25,9 @@ DATASETS: dict[str, type[BaseImageDataset]] = {
     "VehicleID": VehicleID,
     "folder": FolderDataset,
 }
-# config offers these names (DATASETS.NAMES); the registry implements exactly them
-assert tuple(DATASETS) == DATASET_NAMES, "datasets.factory.DATASETS and config.DATASET_NAMES differ"
+# config offers these names (DATASETS.NAMES, checked when a config loads); the registry implements exactly them
+if tuple(DATASETS) != DATASET_NAMES:
+    raise ImportError(f"datasets.factory.DATASETS {tuple(DATASETS)} and config.DATASET_NAMES {DATASET_NAMES} differ")
 
 
 def build_dataset(name: str, root: str, **kwargs: Any) -> BaseImageDataset:
