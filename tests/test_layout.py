@@ -216,3 +216,17 @@ def test_evaluation_returns_its_features_instead_of_filling_a_dict(monkeypatch):
     assert isinstance(ev, Evaluation) and ev.feats is feats and ev.num_query == 2 and len(ev.samples) == 6
     assert do_inference(cfg, None, Loader(), 2, torch.device("cpu")) == ev.results
     assert "keep" not in inspect.signature(do_inference).parameters
+
+
+def test_plot_curves_starts_without_the_heavy_rooms():
+    """utils/ at the ground pays off: plotting a finished run's curves loads no torch, numpy or model
+    (its imports are too quick for a Ctrl-C to land in them, tests/test_edges_startup.py)."""
+    import subprocess
+    import sys
+    code = ("import runpy, sys\nsys.argv = ['tools/plot_curves.py', '--help']\nsys.path.insert(0, 'tools')\n"
+            "try:\n    runpy.run_path('tools/plot_curves.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'config', 'datasets', 'model',"
+            " 'processor'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
