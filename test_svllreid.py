@@ -32,8 +32,8 @@ import yaml
 from config import ConfigError, load_config
 from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
 from model import load_for_inference
-from processor import do_inference
-from utils.inference_io import visualize_evaluation
+from processor import evaluate_loader
+from processor.folder_inference import visualize_evaluation
 from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
@@ -106,12 +106,14 @@ def _evaluate(cfg: Any, out: str, moved: str | None) -> dict[str, Any]:
     model.to(device)
 
     n_trials = cfg.DATASETS.VEHICLEID_TRIALS if cfg.DATASETS.NAMES == "VehicleID" else 1
-    trials, kept = [], {}
+    trials, first = [], None
     for trial in range(n_trials):
         if trial:
             dataset = build_dataset_from_cfg(cfg, trial=trial, test_only=True)
         val_loader, num_query = make_val_loader(cfg, dataset)
-        trials.append(do_inference(cfg, model, val_loader, num_query, device, keep=kept if trial == 0 else None))
+        evaluation = evaluate_loader(cfg, model, val_loader, num_query, device)
+        first = first or evaluation
+        trials.append(evaluation.results)
     results = trials[0] if n_trials == 1 else _average_trials(trials)
     if n_trials > 1:
         logger.info("VehicleID (%d, mean of %d trials): mAP %.1f%%  R1 %.1f%%  R5 %.1f%%",
@@ -133,7 +135,7 @@ def _evaluate(cfg: Any, out: str, moved: str | None) -> dict[str, Any]:
     write_json_atomic(path, results)
     logger.info("Wrote %s", path)
     if cfg.TEST.VISUALIZE:   # beside results.json; the ranked lists of VehicleID are trial 0's
-        visualize_evaluation(cfg, kept["feats"], kept["samples"], kept["num_query"], results,
+        visualize_evaluation(cfg, first.feats, first.samples, first.num_query, results,
                              os.path.join(out, "visualize"))
     return results
 

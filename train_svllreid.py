@@ -31,14 +31,16 @@ from datasets.make_dataloader import build_dataset_from_cfg
 from loss import make_loss, make_ssl_loss
 from model import make_model
 from processor import Stage2Criteria, do_inference, do_train_stage1, do_train_stage2
-from processor.common import POSITION, load_train_state
+from processor.position import POSITION
+from processor.train_state import load_train_state
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
 from utils.dist import broadcast_object, cleanup, get_world_size, init_distributed, is_dist, is_main_process
 from utils import cli
 from utils.logger import setup_logger
 from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
 from utils.record import TrainingRecord, write_curves
-from utils.run_dir import CONFIG_FILE, RunError, RunLock, prepare_output_dir, resume_config, save_run_config
+from config.resume import resume_config
+from utils.run_dir import CONFIG_FILE, RunError, RunLock, prepare_output_dir, save_run_config
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -76,7 +78,7 @@ def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False,
     select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
     device = init_distributed(cfg.MODEL.DEVICE, cfg.MODEL.DIST_TIMEOUT) if cfg.MODEL.DIST_TRAIN \
         else resolve_device(cfg.MODEL.DEVICE)
-    POSITION.__init__()
+    POSITION.reset()
     try:
         with RunLock(cfg.OUTPUT_DIR) if is_main_process() else contextlib.nullcontext():
             notes = _claim_output_dir(cfg, resume, overwrite)

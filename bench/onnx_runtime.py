@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import onnxruntime as ort  # noqa: E402
 
 from config import load_config  # noqa: E402
-from utils.onnx_export import IMAGE_INPUT, OUTPUT_NAME, export_graph, side_inputs  # noqa: E402
+from processor.onnx_export import IMAGE_INPUT, OUTPUT_NAME, export_graph, side_inputs  # noqa: E402
 from model import make_model  # noqa: E402
 
 MODELS = {   # name: (label, config overrides)

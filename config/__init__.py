@@ -16,17 +16,18 @@ from typing import Any, Iterable, Sequence
 import yaml
 from yacs.config import CfgNode as _YacsNode
 
-from solver.lr_scheduler import WARMUP_METHODS
-from solver.make_optimizer import OPTIMIZERS
+from utils.errors import ConfigError
+from utils.yesno import BOOL_WORDS, is_yes
 
 from .defaults import _C as _DEFAULTS
 
 __all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "is_yes",
-           "CHOICES", "INERT_KEYS"]
+           "CHOICES", "INERT_KEYS", "OPTIMIZERS", "WARMUP_METHODS", "DATASET_NAMES"]
 
-
-class ConfigError(ValueError):
-    """A configuration value is not allowed."""
+# Names the config offers and the lower rooms implement (solver, datasets check that they match).
+OPTIMIZERS = ("Adam", "AdamW", "SGD")
+WARMUP_METHODS = ("constant", "linear")
+DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "occ_duke", "veri", "VehicleID", "folder")
 
 
 # key -> allowed values (compared as written; see _check_choice for case handling)
@@ -84,16 +85,6 @@ INERT_KEYS: dict[str, str] = {
     "TEST.EVAL": "evaluation always runs (stage 2 every SOLVER.STAGE2.EVAL_PERIOD epochs, and test_svllreid.py)",
 }
 
-_BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
-
-
-def is_yes(value: Any) -> bool:
-    """A yes/no switch as a bool: True/'yes'/'on'/'true' are on, False/'no'/'off'/'false' off."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[value.lower()]
-    raise ValueError(f"expected a yes/no switch, got {value!r}")
 _WORD_PAIRS = ({"yes", "no"}, {"on", "off"})
 
 
@@ -117,8 +108,8 @@ _KeepWordsLoader.add_implicit_resolver(
 
 def _coerce(default: Any, value: Any) -> Any:
     """Bridge booleans and yes/no words in both directions, as the user wrote them."""
-    if isinstance(default, bool) and isinstance(value, str) and value.lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[value.lower()]
+    if isinstance(default, bool) and isinstance(value, str) and value.lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.lower()]
     if isinstance(default, str) and isinstance(value, bool):
         for pair in _WORD_PAIRS:
             if default in pair:
@@ -245,8 +236,7 @@ def _is_number(x: Any) -> bool:
 
 def validate(cfg: _YacsNode) -> None:
     """Check choice keys, inert keys and value ranges; raise ConfigError with a one-line message."""
-    from datasets.factory import DATASETS   # the registry owns the names (imported late: it is heavy)
-    for key, allowed in {**CHOICES, "DATASETS.NAMES": tuple(DATASETS)}.items():
+    for key, allowed in {**CHOICES, "DATASETS.NAMES": DATASET_NAMES}.items():
         _check_choice(key, get_key(cfg, key), allowed)
     for key, why in INERT_KEYS.items():
         value, default = get_key(cfg, key), get_key(_DEFAULTS, key)

@@ -9,16 +9,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.errors import UserError
+from utils.images import IMAGE_EXTENSIONS, list_images, read_image
+
 __all__ = [
     "Sample", "DatasetError", "DatasetLayoutError", "verify_images", "BaseImageDataset", "ImageDataset", "read_image",
-    "relabel", "report_unparsed", "require_dirs", "resolve_dataset_dir", "list_images",
+    "relabel", "report_unparsed", "require_dirs", "resolve_dataset_dir", "dataset_image_names",
     "IMAGE_EXTENSIONS", "dataset_identity", "renumber_cameras", "train_test_overlap",
 ]
 
@@ -26,10 +27,9 @@ logger = logging.getLogger("svllreid")
 
 Sample = tuple[str, int, int, int]  # (img_path, pid, camid, viewid)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset's content cannot be used (no parsable names, an empty subset, bad ids, bad images)."""
 
 
@@ -201,65 +201,20 @@ def resolve_dataset_dir(root: str, dataset_dir: str, subdirs: Iterable[str]) -> 
     return base
 
 
-def list_images(dir_path: str) -> list[str]:
-    """Sorted image file names (not paths) in ``dir_path``.
+def dataset_image_names(dir_path: str) -> list[str]:
+    """Sorted image file names (not paths) in the flat dataset folder ``dir_path``.
 
     The benchmark layouts are flat; a folder holding per-identity sub-folders of images
     instead is refused with a message that says so.
     """
-    names = os.listdir(dir_path)
-    images = sorted(f for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
+    images = list_images(dir_path)
     if not images:
-        nested = [d for d in sorted(names) if os.path.isdir(os.path.join(dir_path, d))
-                  and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(os.path.join(dir_path, d)))]
+        nested = [d for d in sorted(os.listdir(dir_path)) if os.path.isdir(os.path.join(dir_path, d))
+                  and list_images(os.path.join(dir_path, d))]
         if nested:
             raise DatasetError(f"{dir_path} holds images in sub-folders ({nested[0]}/, ...) but the layout is "
                                "flat: put the images directly in the folder, named as the layout says")
     return images
-
-
-# ---------------------------------------------------------------------- image reading
-def to_rgb(img: Image.Image, path: str = "image") -> Image.Image:
-    """``img`` as 8-bit RGB, whatever mode Pillow opened it in.
-
-    Pillow's ``convert('RGB')`` clips 16-bit and 32-bit grey images at 255 (a 16-bit PNG
-    becomes white), so those are scaled: 16-bit by 1/257, integer images by their range,
-    float images in [0, 1] by 255. Anything else that cannot be mapped is refused by name.
-    """
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16"):
-            a = a / 257.0
-        elif a.size and (a.min() < 0 or a.max() > 65535):
-            raise OSError(f"cannot read image {path!r}: {img.mode} values outside 0..65535")
-        elif img.mode == "F" and a.size and a.max() <= 1.0:
-            a = a * 255.0
-        elif a.size and a.max() > 255:
-            a = a / 257.0
-        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-    return img.convert("RGB")
-
-
-def read_image(path: str, retries: int = 3, delay: float = 0.1) -> Image.Image:
-    """Read ``path`` as an 8-bit RGB PIL image (any mode Pillow opens, see :func:`to_rgb`).
-
-    A missing or unreadable/corrupt file is retried ``retries`` times with a short sleep
-    (transient network-filesystem errors), then an ``OSError`` naming the file is raised.
-    An image beyond Pillow's decompression-bomb limit is refused at once.
-    """
-    last: BaseException | None = None
-    for attempt in range(retries + 1):
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return to_rgb(img, path)
-        except Image.DecompressionBombError as e:
-            raise OSError(f"cannot read image {path!r}: {' '.join(str(e).split())}") from None
-        except (OSError, ValueError, SyntaxError) as e:  # PIL decode errors vary by format
-            last = e
-            if attempt < retries:
-                time.sleep(delay)
-    raise OSError(f"cannot read image {path!r} after {retries + 1} attempts: {last}") from last
 
 
 def verify_images(paths: Sequence[str], what: str) -> None:

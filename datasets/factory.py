@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from config import DATASET_NAMES
+
 from .bases import BaseImageDataset
 from .dukemtmcreid import DukeMTMCreID
 from .folder import FolderDataset
@@ -23,6 +25,9 @@ DATASETS: dict[str, type[BaseImageDataset]] = {
     "VehicleID": VehicleID,
     "folder": FolderDataset,
 }
+# config offers these names (DATASETS.NAMES, checked when a config loads); the registry implements exactly them
+if tuple(DATASETS) != DATASET_NAMES:
+    raise ImportError(f"datasets.factory.DATASETS {tuple(DATASETS)} and config.DATASET_NAMES {DATASET_NAMES} differ")
 
 
 def build_dataset(name: str, root: str, **kwargs: Any) -> BaseImageDataset:

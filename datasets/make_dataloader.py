@@ -51,7 +51,7 @@ def _loader_kwargs(cfg: Any, seed_offset: int) -> dict[str, Any]:
     return {
         "num_workers": workers,
         # not persistent: each epoch's workers are seeded afresh from the loader's generator,
-        # which the trainer re-seeds per epoch (exact resume, see processor.common.set_loader_epoch)
+        # which the trainer re-seeds per epoch (exact resume, see processor.batches.set_loader_epoch)
         "persistent_workers": False,
         "pin_memory": torch.cuda.is_available(),
         "generator": torch.Generator().manual_seed(seed),

@@ -10,7 +10,7 @@ import os
 import re
 from typing import Callable
 
-from .bases import (BaseImageDataset, list_images, report_unparsed,
+from .bases import (BaseImageDataset, dataset_image_names, report_unparsed,
                     require_dirs, resolve_dataset_dir)
 
 __all__ = ["MarketStyleDataset", "Market1501", "parse_market_name", "is_junk_name", "JUNK_PID"]
@@ -93,7 +93,7 @@ class MarketStyleDataset(BaseImageDataset):
     def _parse_dir(self, dir_path: str) -> list[tuple[str, int, int]]:
         """``(path, pid, camera number)`` of every non-junk image, in sorted name order."""
         items, bad, n_junk = [], [], 0
-        for name in list_images(dir_path):
+        for name in dataset_image_names(dir_path):
             parsed = parse_market_name(name)
             if parsed is None or (parsed[1] == 0 and not self.dense_cameras):
                 bad.append(name)

@@ -1,4 +1,5 @@
-"""The SVLL-ReID model: CLIP image encoder + BNNeck/classifiers, per-identity prompts, SSL heads.
+"""The SVLL-ReID model: CLIP image encoder + BNNeck/classifiers, per-identity prompts, SSL heads
+(the heads in :mod:`model.heads`, the prompts in :mod:`model.prompts`).
 
 One ``nn.Module`` whose ``forward`` dispatches on a ``mode`` keyword so that every
 training computation goes through ``forward`` (needed for DistributedDataParallel):
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,135 +22,12 @@ import torch
 import torch.nn as nn
 
 from . import clip
+from .heads import init_bn_neck, init_classifier, init_image_ssl_head, prediction_mlp, projection_mlp
+from .prompts import PromptLearner, TextEncoder, augment_prompts
 
 logger = logging.getLogger("svllreid")
 
-VEHICLE_DATASETS = ("veri", "VehicleID")
-N_CLS_CTX = 4        # learnable identity tokens per prompt ("X X X X")
-N_PREFIX = 5         # "<sot> a photo of a"
 FORWARD_MODES = (None, "stage1", "stage2", "image_proj", "text")   # None: training outputs or retrieval feature
-
-
-# ----------------------------------------------------------------------------- init helpers
-def _init_bn_neck(bn: nn.BatchNorm1d) -> None:
-    nn.init.constant_(bn.weight, 1.0)
-    nn.init.constant_(bn.bias, 0.0)
-    bn.bias.requires_grad_(False)  # BNNeck: bias frozen
-
-
-def _init_classifier(fc: nn.Linear) -> None:
-    nn.init.normal_(fc.weight, std=0.001)
-
-
-def init_image_ssl_head(module: nn.Module) -> None:
-    """The published initialisation of the image SSL head: Kaiming (fan-in) Linear weights and
-    BatchNorm weight and bias drawn uniformly from [0, 1). Linear biases keep PyTorch's default.
-
-    Only the image head gets it; the text head keeps PyTorch's default initialisation, as published
-    (it does not train in stage 1 by default, so its initialisation fixes the language-SSL objective).
-    """
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
-        elif isinstance(m, nn.BatchNorm1d):
-            nn.init.uniform_(m.weight)
-            nn.init.uniform_(m.bias)
-
-
-def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """SimCLR projection head: Linear-BN-ReLU, Linear-BN-ReLU, Linear.
-
-    Sub-modules carry the published names (``layer1, bn1, relu1, layer2, bn2, relu2, layer3``)
-    so that state dicts are interchangeable with the published SVLL-ReID code. PyTorch's default
-    initialisation; the model applies :func:`init_image_ssl_head` to the image head.
-    """
-    mlp = nn.Sequential(OrderedDict([
-        ("layer1", nn.Linear(in_dim, hidden_dim)), ("bn1", nn.BatchNorm1d(hidden_dim)),
-        ("relu1", nn.ReLU(inplace=True)),
-        ("layer2", nn.Linear(hidden_dim, hidden_dim)), ("bn2", nn.BatchNorm1d(hidden_dim)),
-        ("relu2", nn.ReLU(inplace=True)),
-        ("layer3", nn.Linear(hidden_dim, out_dim)),
-    ]))
-    return mlp
-
-
-def prediction_mlp(dim: int, hidden_dim: int = 512) -> nn.Sequential:
-    """SimSiam predictor: Linear-BN-ReLU-Linear (dim -> hidden -> dim), published names
-    ``linear1, bn1, relu1, layer2``; PyTorch's default initialisation until the model applies
-    :func:`init_image_ssl_head`."""
-    mlp = nn.Sequential(OrderedDict([
-        ("linear1", nn.Linear(dim, hidden_dim)), ("bn1", nn.BatchNorm1d(hidden_dim)), ("relu1", nn.ReLU(inplace=True)),
-        ("layer2", nn.Linear(hidden_dim, dim)),
-    ]))
-    return mlp
-
-
-# ----------------------------------------------------------------------------- prompts
-def augment_prompts(prompts: torch.Tensor, method: str, scale: float) -> torch.Tensor:
-    """One augmented copy of a batch of prompt embeddings (B, L, D), vectorised over the batch.
-
-    mask: each element zeroed independently with probability ``scale``;
-    swap: per prompt, ``int(scale * L)`` random positions are randomly permuted among themselves;
-    mix:  each prompt becomes ``(1 - scale) * itself + scale * another prompt of the batch``.
-    """
-    b, length, d = prompts.shape
-    if method == "mask":
-        keep = torch.rand_like(prompts, dtype=torch.float32) >= scale
-        return prompts * keep.to(prompts.dtype)
-    if method == "swap":
-        m = int(scale * length)
-        if m < 2:
-            return prompts
-        pos = torch.rand(b, length, device=prompts.device).argsort(dim=1)[:, :m]        # chosen positions
-        perm = torch.rand(b, m, device=prompts.device).argsort(dim=1)
-        src = pos.gather(1, perm)                                                        # where each gets its value
-        out = prompts.clone()
-        out.scatter_(1, pos.unsqueeze(-1).expand(-1, -1, d), prompts.gather(1, src.unsqueeze(-1).expand(-1, -1, d)))
-        return out
-    if method == "mix":
-        if b < 2:
-            return prompts
-        shift = torch.randint(1, b, (1,), device=prompts.device)
-        other = torch.roll(prompts, shifts=int(shift), dims=0)                           # another prompt, never itself
-        return (1.0 - scale) * prompts + scale * other
-    raise ValueError(f"SOLVER.STAGE1.PROMPT_AUG_METHOD = {method!r}; choose 'mask', 'swap' or 'mix'")
-
-
-class PromptLearner(nn.Module):
-    """"A photo of a X X X X person." with the four X learnable per identity (docs/method.md, section 3)."""
-
-    def __init__(self, num_classes: int, dataset_name: str, token_embedding: nn.Embedding) -> None:
-        super().__init__()
-        noun = "vehicle" if dataset_name in VEHICLE_DATASETS else "person"
-        self.template = f"A photo of a {' '.join(['X'] * N_CLS_CTX)} {noun}."
-        tokens = clip.tokenize(self.template)                                 # (1, 77)
-        with torch.no_grad():
-            embedding = token_embedding(tokens.to(token_embedding.weight.device)).float()
-        ctx_dim = embedding.shape[-1]
-        self.register_buffer("tokenized_prompts", tokens, persistent=False)
-        self.register_buffer("token_prefix", embedding[:, :N_PREFIX, :].clone())
-        self.register_buffer("token_suffix", embedding[:, N_PREFIX + N_CLS_CTX:, :].clone())
-        self.cls_ctx = nn.Parameter(torch.empty(num_classes, N_CLS_CTX, ctx_dim).normal_(std=0.02))
-
-    def forward(self, label: torch.Tensor) -> torch.Tensor:
-        """Prompt token embeddings (B, 77, D) for identity labels (B,)."""
-        b = label.shape[0]
-        return torch.cat([self.token_prefix.expand(b, -1, -1), self.cls_ctx[label],
-                          self.token_suffix.expand(b, -1, -1)], dim=1)
-
-
-class TextEncoder(clip.TextTower, nn.Module):
-    """CLIP text tower applied to prompt embeddings (frozen in both stages)."""
-
-    def __init__(self, clip_model: nn.Module) -> None:
-        super().__init__()
-        self.transformer = clip_model.transformer
-        self.positional_embedding = clip_model.positional_embedding
-        self.ln_final = clip_model.ln_final
-        self.text_projection = clip_model.text_projection
-
-    def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
-        return self.encode_token_embeddings(prompts, tokenized_prompts)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -217,12 +94,12 @@ class SVLLReID(nn.Module):
         # BNNeck + classifiers on img_feature and img_feature_proj
         self.bottleneck = nn.BatchNorm1d(self.in_planes)
         self.bottleneck_proj = nn.BatchNorm1d(self.in_planes_proj)
-        _init_bn_neck(self.bottleneck)
-        _init_bn_neck(self.bottleneck_proj)
+        init_bn_neck(self.bottleneck)
+        init_bn_neck(self.bottleneck_proj)
         self.classifier = nn.Linear(self.in_planes, num_classes, bias=False)
         self.classifier_proj = nn.Linear(self.in_planes_proj, num_classes, bias=False)
-        _init_classifier(self.classifier)
-        _init_classifier(self.classifier_proj)
+        init_classifier(self.classifier)
+        init_classifier(self.classifier_proj)
 
         # Side information embedding added to the class token (ViT only)
         self.sie_camera, self.sie_view = options.sie_camera, options.sie_view

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from utils.dist import broadcast_object, is_main_process
 from utils.metrics import QueryCounts, R1_mAP_eval
 from utils.run_dir import RunError
 
-from .common import encode_loader
+from .batches import encode_loader
 
 logger = logging.getLogger("svllreid")
 
@@ -60,18 +61,26 @@ def evaluate_features(cfg: Any, feats: torch.Tensor, pids: torch.Tensor, camids:
             **counts.as_results(), "num_gallery": int(feats.shape[0] - num_query)}
 
 
-def do_inference(cfg: Any, model: nn.Module, val_loader: DataLoader, num_query: int,
-                 device: torch.device, keep: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate on query + gallery; returns {'mAP', 'cmc' (top-MAX_RANK), 'mINP', ...} on every rank.
+@dataclass
+class Evaluation:
+    """An evaluation's results and what they were computed from (for the evaluation pictures)."""
 
-    The metrics (and re-ranking) run on rank 0 only and are broadcast. ``keep``, when given,
-    receives the 'feats', 'pids', 'camids', 'samples' and 'num_query' evaluated (for the evaluation pictures).
+    results: dict[str, Any]        # {'mAP', 'cmc' (top-MAX_RANK), 'mINP', ...}
+    feats: torch.Tensor            # query rows first, then gallery
+    pids: torch.Tensor
+    camids: torch.Tensor
+    num_query: int
+    samples: list | None           # the loader's samples, in the order of ``feats`` (None if unknown)
+
+
+def evaluate_loader(cfg: Any, model: nn.Module, val_loader: DataLoader, num_query: int,
+                    device: torch.device) -> Evaluation:
+    """Evaluate on query + gallery; the results (on every rank) with the features evaluated.
+
+    The metrics (and re-ranking) run on rank 0 only and are broadcast.
     """
     t0 = time.time()
     feats, pids, camids = extract_features(cfg, model, val_loader, device)
-    if keep is not None:
-        keep.update(feats=feats, pids=pids, camids=camids, num_query=num_query,
-                    samples=getattr(val_loader.dataset, "samples", None))
     t_feat = time.time() - t0
     results = evaluate_features(cfg, feats, pids, camids, num_query) if is_main_process() else None
     results = broadcast_object(results)
@@ -83,4 +92,12 @@ def do_inference(cfg: Any, model: nn.Module, val_loader: DataLoader, num_query: 
                 t_feat, feats.shape[0] / max(t_feat, 1e-9))
     counts = QueryCounts(results["num_query"], results["num_evaluated"], **results["dropped_reason"])
     logger.log(logging.WARNING if counts.dropped else logging.INFO, "Queries: %s", counts.describe())
-    return results
+    samples = getattr(getattr(val_loader, "dataset", None), "samples", None)
+    return Evaluation(results, feats, pids, camids, num_query, samples)
+
+
+def do_inference(cfg: Any, model: nn.Module, val_loader: DataLoader, num_query: int,
+                 device: torch.device) -> dict[str, Any]:
+    """Evaluate on query + gallery; returns {'mAP', 'cmc' (top-MAX_RANK), 'mINP', ...} on every rank
+    (:func:`evaluate_loader` without the features)."""
+    return evaluate_loader(cfg, model, val_loader, num_query, device).results

@@ -18,8 +18,12 @@ from loss import SimCLRLoss, SupConLoss
 from utils.checkpoint import unwrap
 from utils.record import NULL_RECORD, TrainingRecord
 
-from .common import (EpochMeters, autocast, check_finite_loss, encode_loader, make_scaler, optimizer_step,
-                     progress, restore_rng, resume_stage, save_epoch_weights, save_train_state)
+from .amp import autocast, make_scaler, optimizer_step
+from .batches import encode_loader
+from .meters import EpochMeters
+from .position import check_finite_loss
+from .progress import progress
+from .train_state import restore_rng, resume_stage, save_epoch_weights, save_train_state
 
 logger = logging.getLogger("svllreid")
 

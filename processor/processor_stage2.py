@@ -20,9 +20,12 @@ from utils.checkpoint import unwrap
 from utils.dist import average_gradients
 from utils.record import NULL_RECORD, TrainingRecord
 
-from .common import (EpochMeters, autocast, check_finite_loss, eval_mode, is_due, make_scaler, optimizer_step,
-                     progress, restore_rng, resume_stage, save_epoch_weights, save_train_state, set_loader_epoch,
-                     to_device)
+from .amp import autocast, make_scaler, optimizer_step
+from .batches import eval_mode, set_loader_epoch, to_device
+from .meters import EpochMeters
+from .position import check_finite_loss
+from .progress import progress
+from .train_state import is_due, restore_rng, resume_stage, save_epoch_weights, save_train_state
 from .inference import do_inference
 
 logger = logging.getLogger("svllreid")

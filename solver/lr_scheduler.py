@@ -7,9 +7,10 @@ from typing import Sequence
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from config import WARMUP_METHODS
+
 __all__ = ["WarmupMultiStepLR", "warmup_multistep_factor"]
 
-WARMUP_METHODS = ("constant", "linear")
 
 
 def warmup_multistep_factor(

@@ -7,6 +7,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from config import OPTIMIZERS
+
 __all__ = [
     "build_optimizer",
     "group_params",
@@ -15,7 +17,6 @@ __all__ = [
     "rescale_center_grad",
 ]
 
-OPTIMIZERS = ("Adam", "AdamW", "SGD")
 
 
 def group_params(

@@ -104,7 +104,7 @@ def test_worker_seeding_reproducible(root):
 
 def test_epoch_batches_depend_on_epoch_only_with_workers(root):
     """What resume needs: epoch e's augmented batch is the same whatever ran before it."""
-    from processor.common import set_loader_epoch
+    from processor.batches import set_loader_epoch
     cfg = make_cfg(root, "DATALOADER.NUM_WORKERS", "1", "INPUT.RE_PROB", "1.0")
     a, *_ = make_dataloader(cfg)
     for epoch in (1, 2):

@@ -12,7 +12,7 @@ import test_svllreid
 import train_svllreid
 from config import load_config
 from model import make_model
-from processor.common import restore_train_state
+from processor.train_state import restore_train_state
 from utils.checkpoint import CheckpointMismatchError, load_file
 
 from test_faults import TINY, one_line_error, snapshot, train_argv
@@ -193,7 +193,7 @@ def test_metadata_of_an_older_version_gets_a_logged_decision(finished_run, own_e
 
 def test_tools_and_evaluation_take_the_same_decision(finished_run, tiny_root):
     """One function decides: a config naming another dataset turns SIE off in the tools too."""
-    from utils.inference_io import load_model
+    from processor.folder_inference import load_model
     weight = str(finished_run / "ViT-B-16_2.pth")
     _, info = load_model(load_config(DEMO, [*TINY, "TEST.WEIGHT", weight]))
     assert info["use_sie"] is True and info["sie_camera"] is True
@@ -232,10 +232,10 @@ def test_checkpoint_metadata_holds_the_camera_numbering(gapped_run):
 def test_tools_number_cameras_as_the_training_set(gapped_run, tmp_path, capsys):
     """The tools gave c3 -> row 2 and c7 -> unknown where the datasets give 0 and 1."""
     import extract_features as extract_tool
-    from utils.inference_io import FeatureSet
+    from processor.folder_inference import FeatureSet
     from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
     from processor.inference import extract_features
-    from utils.inference_io import load_model
+    from processor.folder_inference import load_model
     data, out = gapped_run
     weight = str(out / "ViT-B-16_2.pth")
     cfg = load_config(DEMO, [*TINY, "DATASETS.ROOT_DIR", str(data), "TEST.WEIGHT", weight])
@@ -304,7 +304,7 @@ def test_divergence_advice_is_one_that_works(tiny_root, tmp_path, monkeypatch, c
     monkeypatch.setattr(train_svllreid, "do_train_stage1", _raise(KeyboardInterrupt))
     assert train_svllreid.main(train_argv(tiny_root, out, "SOLVER.STAGE2.BASE_LR", "0.0001", "--overwrite")) == 130
     # before any state was saved the message does not promise one
-    from processor.common import POSITION, NonFiniteLossError, check_finite_loss
+    from processor.position import NonFiniteLossError, POSITION, check_finite_loss
     monkeypatch.setattr(POSITION, "saved", None)
     with pytest.raises(NonFiniteLossError) as e:
         check_finite_loss({"loss": float("nan")}, 1, 1, 1)
@@ -336,7 +336,7 @@ def _extract(images, out, *opts):
 
 def test_tools_take_the_input_size_from_the_checkpoint(finished_run, tiny_root, tmp_path, capsys):
     """DEMO says 128x64; the run was trained at 64x32 (TINY): the tools need not be told."""
-    from utils.inference_io import FeatureSet
+    from processor.folder_inference import FeatureSet
     weight = str(finished_run / "ViT-B-16_2.pth")
     assert _extract(os.path.join(tiny_root, "query"), tmp_path / "a.npz", *TINY, "TEST.WEIGHT", weight) == 0
     assert _extract(os.path.join(tiny_root, "query"), tmp_path / "b.npz", "DATALOADER.NUM_WORKERS", "0",
@@ -385,7 +385,7 @@ def test_train_identities_in_the_test_split_are_warned(finished_run, tiny_root, 
 
 def test_onnx_metadata_carries_the_camera_numbering(gapped_run):
     from model import load_for_inference
-    from utils.onnx_export import metadata
+    from processor.onnx_export import metadata
     data, out = gapped_run
     cfg = load_config(DEMO, [*TINY, "DATASETS.ROOT_DIR", str(data), "TEST.WEIGHT", str(out / "ViT-B-16_2.pth")])
     model, info = load_for_inference(cfg)

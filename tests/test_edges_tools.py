@@ -227,7 +227,7 @@ def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, we
     import onnx
 
     from utils.logger import setup_logger
-    from utils.onnx_export import opset_of, read_metadata
+    from processor.onnx_export import opset_of, read_onnx_metadata
     setup_logger("svllreid", None, if_train=False)   # log to this test's stdout (the tool sets up no logger)
     q = os.path.join(tiny_root, "query")
     argv = ["--config_file", DEMO, *_opts(tiny_root, weight), "--images", q, "--verify_batch", "2"]
@@ -242,7 +242,7 @@ def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, we
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o644      # like checkpoints and results, not mkstemp's 0600
-    assert read_metadata(str(out))["opset"] == "17" == str(opset_of(onnx.load(str(out))))
+    assert read_onnx_metadata(str(out))["opset"] == "17" == str(opset_of(onnx.load(str(out))))
 
 
 # ----------------------------------------------------------------------------- plot_curves

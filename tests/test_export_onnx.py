@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from config import load_config
-from utils import onnx_export
-from utils.onnx_export import export, read_metadata
+from processor import onnx_export
+from processor.onnx_export import export, read_onnx_metadata
 from model import make_model
 from utils.checkpoint import load_model_weights
 
@@ -126,7 +126,7 @@ def test_graph_is_valid_with_symbolic_batch(exported):
 
 def test_metadata_props(exported):
     cfg, report, classes, cams, views = exported["vit_s12_sie_cam"]
-    meta = read_metadata(report.path)
+    meta = read_onnx_metadata(report.path)
     assert meta == report.metadata
     assert meta["model"] == "ViT-B-16"
     assert meta["input_size"] == "128,64"
@@ -140,11 +140,11 @@ def test_metadata_props(exported):
         assert meta["checkpoint_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert meta["checkpoint"] == os.path.abspath(cfg.TEST.WEIGHT)
 
-    both = read_metadata(exported["vit_s12_sie_cam_view"][1].path)
+    both = read_onnx_metadata(exported["vit_s12_sie_cam_view"][1].path)
     assert both["sie_inputs"] == "camid,viewid" and both["sie_cameras"] == "2" and both["sie_views"] == "1"
-    view = read_metadata(exported["vit_s12_256x128_sie_view"][1].path)
+    view = read_onnx_metadata(exported["vit_s12_256x128_sie_view"][1].path)
     assert view["input_size"] == "256,128" and view["sie_inputs"] == "viewid" and view["sie_views"] == "4"
-    rn = read_metadata(exported["rn50_sie_ignored"][1].path)
+    rn = read_onnx_metadata(exported["rn50_sie_ignored"][1].path)
     assert rn["model"] == "RN50" and rn["uses_sie"] == "false" and rn["sie_inputs"] == ""
     assert rn["feat_dim"] == str(8 * 32 + 64) and rn["neck_feat"] == "after"
 
@@ -223,7 +223,7 @@ def test_readme_snippet_preprocesses_like_the_test_transform_and_matches_pytorch
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "docs", "deploy.md")) as f:
         snippet = re.search(r"<!-- deploy-snippet -->\n```python\n(.*?)```", f.read(), re.S).group(1)
-    from utils.inference_io import parse_name
+    from processor.folder_inference import parse_name
     cfg, report, classes, cams, views = exported["vit_s12_sie_cam"]
     query = os.path.join(cfg.DATASETS.ROOT_DIR, "query")
     images = sorted(os.listdir(query))[:2]
@@ -258,12 +258,12 @@ def test_verification_batch_sources(tmp_path, tiny_root):
     first = os.path.join(query, sorted(os.listdir(query))[0])
     assert x.shape == (3, 3, 128, 64) and ids == {} and source.startswith("3 image(s) from")
     assert torch.equal(x[0], build_transforms(cfg, is_train=False)(read_image(first)))
-    dataset, why_not = onnx_export.test_dataset(cfg)
+    dataset, why_not = onnx_export.eval_dataset(cfg)
     assert dataset is not None and why_not == ""
     x, ids, source = onnx_export.verification_batch(cfg, 2, None, dataset)      # the dataset's query images
     assert x.shape[0] == 2 and ids["camid"].shape == (2,) and source.startswith("2 query image(s)")
     gone = _cfg(tmp_path, str(tmp_path / "nowhere"), [])
-    dataset, why_not = onnx_export.test_dataset(gone)
+    dataset, why_not = onnx_export.eval_dataset(gone)
     assert dataset is None and "nowhere" in why_not
     x, ids, source = onnx_export.verification_batch(gone, 2, None, dataset, why_not)   # said so, not hidden
     assert x.shape == (2, 3, 128, 64) and source.startswith("random normal input (no --images")

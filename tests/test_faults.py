@@ -23,7 +23,8 @@ from config import ConfigError
 from datasets.bases import read_image
 from utils.checkpoint import CheckpointError, load_file, save_atomic
 from utils.fileio import TMP_PREFIX, TMP_SUFFIX
-from utils.run_dir import RunLock, resume_config
+from config.resume import resume_config
+from utils.run_dir import RunLock
 
 from test_training import DEMO
 

@@ -8,7 +8,8 @@ import torch.nn as nn
 from config import load_config
 from model import SVLLReID, augment_prompts, make_model, model_options_from_cfg
 from model import clip
-from model.make_model import N_CLS_CTX, N_PREFIX, PromptLearner, build_clip
+from model.make_model import build_clip
+from model.prompts import N_CLS_CTX, N_PREFIX, PromptLearner
 
 DEMO = "configs/demo/vit_svllreid_demo.yml"
 
@@ -108,7 +109,8 @@ def test_unknown_augmentation_is_an_error():
 def test_text_encoder_matches_clip_encode_text():
     torch.manual_seed(0)
     cfg = tiny_cfg()
-    from model.make_model import build_clip, TextEncoder
+    from model.make_model import build_clip
+    from model.prompts import TextEncoder
     c = build_clip(cfg).eval()
     tokens = clip.tokenize(["A photo of a X X X X person."] * 2)
     enc = TextEncoder(c)

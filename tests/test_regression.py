@@ -10,7 +10,7 @@ import torch
 
 from loss import SimCLRLoss, SupConLoss, make_loss, make_ssl_loss
 from model import make_model
-from processor.common import to_device
+from processor.batches import to_device
 from processor.processor_stage1 import cache_image_features
 from processor.processor_stage2 import compute_text_features, stage2_forward_loss
 from solver import make_optimizer_1stage, make_optimizer_2stage

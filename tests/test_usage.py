@@ -17,7 +17,7 @@ import test_svllreid
 from config import ConfigError
 from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
 from model import make_model
-from processor.common import progress_enabled
+from processor.progress import progress_enabled
 from processor.inference import evaluate_features, extract_features
 from utils.checkpoint import load_model_weights
 from utils.metrics import eval_func, pairwise_distance
@@ -207,7 +207,7 @@ def test_extract_features_camera_option_and_sie_warning(trained, image_dir, tmp_
 
 
 def test_names_and_cameras_beyond_the_model(trained, image_dir, tmp_path, capsys):
-    from utils.inference_io import parse_name
+    from processor.folder_inference import parse_name
     assert parse_name("0002_c1s1_000451_03.jpg") == (2, 0) and parse_name("0001_c001_00016450_0.jpg") == (1, 0)
     assert parse_name("-1_c3s2_1.jpg") == (-1, 2) and parse_name("a/b/0007_c0_x.png") == (-1, -1)
     assert parse_name("photo.jpg") == (-1, -1)

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from config import ConfigError, get_key, load_config  # noqa: E402
 from utils.checkpoint import read_metadata  # noqa: E402
-from utils.inference_io import camera_row, load_model  # noqa: E402
+from processor.folder_inference import camera_row, load_model  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
 from utils.misc import resolve_device, set_cpu_threads  # noqa: E402
 

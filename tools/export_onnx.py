@@ -24,7 +24,7 @@ guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no tr
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))   # _common, also when imported as tools.export_onnx
 
 from _common import load_tool_config  # noqa: E402
-from utils.onnx_export import (DEFAULT_ATOL, DEFAULT_OPSET, ExportReport, ExportVerificationError,  # noqa: E402
+from processor.onnx_export import (DEFAULT_ATOL, DEFAULT_OPSET, ExportReport, ExportVerificationError,  # noqa: E402
                                 export)
 from utils import cli  # noqa: E402
 

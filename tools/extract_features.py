@@ -26,7 +26,7 @@ guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no tr
 from _common import camera_id, load_model, setup
 
 from utils import cli
-from utils.inference_io import extract_folder, list_image_files
+from processor.folder_inference import extract_folder, list_image_files
 
 logger = logging.getLogger("svllreid")
 

@@ -18,7 +18,7 @@ from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the sl
 guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
 from config import load_config  # noqa: E402
-from processor.common import POSITION  # noqa: E402
+from processor.position import POSITION  # noqa: E402
 from test_svllreid import evaluate  # noqa: E402
 from train_svllreid import train  # noqa: E402
 from utils import cli  # noqa: E402

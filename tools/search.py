@@ -41,7 +41,7 @@ from config import ConfigError
 from datasets.market1501 import is_junk_name
 from processor.inference import check_finite_features
 from utils import cli
-from utils.inference_io import (FeatureSet, camera_number, distance_matrix, distance_name, extract_folder,
+from processor.folder_inference import (FeatureSet, camera_number, distance_matrix, distance_name, extract_folder,
                                 feature_signature, list_image_files)
 from utils.misc import write_json_atomic
 from utils.run_dir import RunLock

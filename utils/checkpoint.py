@@ -10,10 +10,11 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from .errors import UserError
 from .fileio import atomic_write
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file cannot be used: damaged, not a checkpoint, or not fitting the model."""
 
 

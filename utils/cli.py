@@ -12,18 +12,15 @@ import shutil
 import sys
 from typing import Callable, Sequence
 
-from config import ConfigError
-from datasets.bases import DatasetError
-
-from .checkpoint import CheckpointError
-from .run_dir import RunError
 from .entry import one_line, run_command
+from .errors import UserError
 
 __all__ = ["USER_ERRORS", "run", "one_line", "parse_with_overrides", "python_command"]
 
 # Bad configs, checkpoints that do not fit, missing/unreadable files and dataset folders,
-# runs that cannot start or go on.
-USER_ERRORS = (ConfigError, CheckpointError, DatasetError, RunError, OSError)
+# runs that cannot start or go on: the UserError family (ConfigError, CheckpointError,
+# DatasetError, RunError, ...) and OSError.
+USER_ERRORS = (UserError, OSError)
 
 
 def run(fn: Callable[[], object], on_interrupt: Callable[[], str] | None = None) -> int:

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .yesno import is_yes
+
 __all__ = [
     "euclidean_distance",
     "cosine_distance",
@@ -608,16 +610,6 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- evaluator
-def _is_yes(value: Any) -> bool:
-    """Config switch -> bool: True/'yes'/'on'/'true' are on, False/'no'/'off'/'false' off."""
-    if isinstance(value, bool):
-        return value
-    words = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
-    if isinstance(value, str) and value.lower() in words:
-        return words[value.lower()]
-    raise ValueError(f"expected a yes/no switch, got {value!r}")
-
-
 class R1_mAP_eval:
     """Accumulates (feature, pid, camid) batches; the first ``num_query`` rows are queries.
 
@@ -641,8 +633,8 @@ class R1_mAP_eval:
     def from_cfg(cls, cfg: Any, num_query: int) -> "R1_mAP_eval":
         """Build from the TEST section of a config (FEAT_NORM, RE_RANKING*, DIST_METRIC, MAX_RANK)."""
         t = cfg.TEST
-        return cls(num_query, max_rank=int(t.MAX_RANK), feat_norm=_is_yes(t.FEAT_NORM),
-                   reranking=_is_yes(t.RE_RANKING), k1=int(t.RE_RANKING_K1), k2=int(t.RE_RANKING_K2),
+        return cls(num_query, max_rank=int(t.MAX_RANK), feat_norm=is_yes(t.FEAT_NORM),
+                   reranking=is_yes(t.RE_RANKING), k1=int(t.RE_RANKING_K1), k2=int(t.RE_RANKING_K2),
                    lambda_value=float(t.RE_RANKING_LAMBDA), metric=str(t.DIST_METRIC))
 
     def reset(self) -> None:

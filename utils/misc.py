@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import ConfigError
-
+from .errors import ConfigError
 from .fileio import atomic_write
 
 logger = logging.getLogger("svllreid")

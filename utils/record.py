@@ -17,8 +17,7 @@ import os
 import time
 from typing import Any
 
-from config import ConfigError
-
+from .errors import ConfigError
 from .fileio import append_error, save_figure
 
 logger = logging.getLogger("svllreid")

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from datasets.bases import read_image
-from utils.fileio import atomic_write, save_figure
+from .fileio import atomic_write, save_figure
+from .images import read_image
 
 MATCH, WRONG, IGNORED, UNKNOWN = "match", "wrong", "ignored", "unknown"
 COLOURS = {MATCH: "#1a9850", WRONG: "#d73027", IGNORED: "#8c8c8c", UNKNOWN: "#bdbdbd", "query": "#2166ac"}

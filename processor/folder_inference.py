@@ -21,20 +21,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from config import ConfigError, is_yes
-from datasets.bases import IMAGE_EXTENSIONS, read_image
 from datasets.market1501 import parse_market_name
 from datasets.transforms import build_transforms
 from model import load_for_inference
 from model.loading import camera_numbers
 from utils.fileio import atomic_write
+from utils.images import INPUT_EXTENSIONS, list_images, read_image
 from utils.metrics import distance_blocks, pairwise_distance
 from utils.reranking import re_ranking
 
+from .amp import autocast
+from .progress import progress
+
 logger = logging.getLogger("svllreid")
-
-# Files looked at in a folder: the dataset extensions plus other formats Pillow reads.
-INPUT_EXTENSIONS = tuple(sorted(set(IMAGE_EXTENSIONS) | {".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}))
-
 
 # ----------------------------------------------------------------------------- model
 def load_model(cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -93,13 +92,10 @@ def list_image_files(root: str) -> list[str]:
         raise FileNotFoundError(f"no such folder: {root}")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"not a folder: {root}")
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs.sort()
-        out += [os.path.relpath(os.path.join(d, f), root) for f in files if f.lower().endswith(INPUT_EXTENSIONS)]
+    out = list_images(root, recursive=True, extensions=INPUT_EXTENSIONS)
     if not out:
         raise FileNotFoundError(f"no images ({', '.join(INPUT_EXTENSIONS)}) under {root}")
-    return sorted(out)
+    return out
 
 
 class _Files(Dataset):
@@ -206,7 +202,6 @@ class FeatureSet:
 @torch.no_grad()
 def encode_batch(model: nn.Module, info: dict[str, Any], imgs: torch.Tensor, camids: torch.Tensor) -> torch.Tensor:
     """The evaluation features of a batch; a camera label is used where known (>= 0) and SIE is trained."""
-    from processor.common import autocast
     device = imgs.device
     if not info["sie_camera"]:
         with autocast(device):
@@ -228,7 +223,6 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
     ``camera`` (0-based id) is the label of images whose name does not give one. Unreadable
     files are skipped and listed in ``failed``. Batched (TEST.IMS_PER_BATCH) with a progress bar.
     """
-    from processor.common import progress
     rel = list(files) if files is not None else list_image_files(root)
     numbers = info.get("camera_numbers") or {}
     labels = [parse_name(p, numbers) for p in rel]

@@ -30,12 +30,11 @@ import torch
 import torch.nn as nn
 
 from config import ConfigError
-from datasets.bases import IMAGE_EXTENSIONS, read_image
 from datasets.transforms import TEST_INTERPOLATION, build_transforms
 from model import SVLLReID, load_for_inference
 from model.loading import camera_numbers
-from utils.checkpoint import load_file
 from utils.fileio import follow_umask
+from utils.images import IMAGE_EXTENSIONS, list_images, read_image
 
 logger = logging.getLogger("svllreid")
 
@@ -50,16 +49,7 @@ class ExportVerificationError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- loading
-def _state_dict_of(path: str) -> Mapping[str, torch.Tensor]:
-    sd = load_file(path)
-    if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
-        sd = sd["model"]
-    if not isinstance(sd, Mapping):
-        return {}
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-
-
-def test_dataset(cfg: Any) -> tuple[Any, str]:
+def eval_dataset(cfg: Any) -> tuple[Any, str]:
     """The configured dataset (its query images serve the check), or None and why it could not be read."""
     from datasets.make_dataloader import build_dataset_from_cfg
     try:
@@ -67,13 +57,6 @@ def test_dataset(cfg: Any) -> tuple[Any, str]:
     except (OSError, ValueError) as e:
         note = " ".join(str(e).split())
         return None, note if len(note) <= 100 else note[:100] + "..."
-
-
-def load_model(cfg: Any, dataset: Any = None) -> tuple[SVLLReID, dict[str, Any]]:
-    """The model of TEST.WEIGHT as evaluation loads it (``model.load_for_inference``): sized from
-    the checkpoint, retrieval keys strict, eval mode, CPU; ``info['use_sie']`` follows
-    TEST.USE_SIE for ``dataset``. A checkpoint that does not fit fails exactly as in evaluation."""
-    return load_for_inference(cfg, dataset)
 
 
 # ----------------------------------------------------------------------------- graph
@@ -198,12 +181,12 @@ def opset_of(proto: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- verification
-def list_images(paths: Sequence[str]) -> list[str]:
-    """Image files among ``paths`` (folders are listed, sorted)."""
+def image_paths(paths: Sequence[str]) -> list[str]:
+    """Image files among ``paths`` (each folder's images, sorted; files as given)."""
     files = []
     for p in paths:
         if os.path.isdir(p):
-            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files += [os.path.join(p, f) for f in list_images(p)]
         elif os.path.isfile(p):
             files.append(p)
         else:
@@ -223,7 +206,7 @@ def verification_batch(cfg: Any, n: int, images: Sequence[str] | None = None, da
     transform = build_transforms(cfg, is_train=False)
     ids: dict[str, torch.Tensor] = {}
     if images:
-        files = list_images(images)[:n]
+        files = image_paths(images)[:n]
         source = f"{len(files)} image(s) from {', '.join(images)}"
     elif dataset is not None:
         samples = dataset.query[:n]
@@ -289,8 +272,8 @@ def export(cfg: Any, out: str, batch: int = 2, verify_batch: int = 5, opset: int
     """
     import onnx
     t0 = time.perf_counter()
-    dataset, why_not = test_dataset(cfg)
-    model, info = load_model(cfg, dataset)
+    dataset, why_not = eval_dataset(cfg)
+    model, info = load_for_inference(cfg, dataset)
     x, ids, source = verification_batch(cfg, verify_batch, images, dataset, why_not)
     try:
         side = side_inputs(info)
@@ -323,7 +306,7 @@ def export(cfg: Any, out: str, batch: int = 2, verify_batch: int = 5, opset: int
                         size_bytes=os.path.getsize(out), info=dict(info))
 
 
-def read_metadata(path: str) -> dict[str, str]:
+def read_onnx_metadata(path: str) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file."""
     import onnx
     return {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}

@@ -1,0 +1,130 @@
+"""Training state and weights on disk: ``last.pth`` (resume), the weights files and their metadata."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from config.resume import check_train_state
+from model.loading import checkpoint_metadata
+from utils.checkpoint import (load_file, load_model_weights, model_state, non_finite_keys, save_atomic, unwrap,
+                              write_metadata)
+from utils.dist import all_gather_object, get_rank, get_world_size, is_main_process
+from utils.fileio import ctrl_c_deferred
+from utils.misc import rng_state, set_rng_state
+from utils.run_dir import LAST_CHECKPOINT, RunError
+
+from .position import POSITION
+
+__all__ = ["save_train_state", "restore_rng", "load_train_state", "restore_train_state", "save_weights",
+           "resume_stage", "is_due", "save_epoch_weights"]
+
+logger = logging.getLogger("svllreid")
+
+
+def save_train_state(output_dir: str, stage: int, epoch: int, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+                     config: str, extra: dict[str, Any] | None = None) -> None:
+    """Write ``OUTPUT_DIR/last.pth`` atomically (called on every rank; rank 0 writes).
+
+    The RNG states of all ranks are kept so that each rank resumes its own streams;
+    ``config`` (the run's YAML dump) records what produced the state. Non-finite weights
+    are never written.
+    """
+    rngs = all_gather_object(rng_state())
+    if not is_main_process():
+        return
+    weights = model_state(model)
+    state = {"stage": stage, "epoch": epoch, "model": weights, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+             "config": config, "extra": extra or {}}
+    with ctrl_c_deferred():   # a Ctrl-C here stops the run after the save, with POSITION telling so
+        save_atomic(state, os.path.join(output_dir, LAST_CHECKPOINT), check_finite=weights)
+        POSITION.saved = (stage, epoch)
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """This rank's RNG streams from a saved state (rank 0's when the world size changed)."""
+    rngs = state["rng"]
+    set_rng_state(rngs[get_rank()] if len(rngs) == get_world_size() else rngs[0])
+
+
+def load_train_state(output_dir: str, cfg: Any = None) -> dict[str, Any] | None:
+    """The saved training state, or None when the run has none yet.
+
+    With ``cfg`` (the run's config) the state must belong to that run
+    (:func:`config.resume.check_train_state`). ``state['source']`` is the file's path.
+    """
+    path = os.path.join(output_dir, LAST_CHECKPOINT)
+    if not os.path.isfile(path):
+        return None
+    state = load_file(path, weights_only=True)
+    if not (isinstance(state, dict) and {"stage", "epoch", "model", "optimizer"} <= set(state)):
+        raise RunError(f"{path} is not a training state written by train_svllreid.py (a weights-only "
+                       "checkpoint?); --resume needs the last.pth of a run")
+    if cfg is not None:
+        check_train_state(state, cfg, path)
+    state["source"] = path
+    return state
+
+
+def restore_train_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, scaler: torch.amp.GradScaler) -> None:
+    """Put model, optimiser, scheduler and scaler back to a saved state.
+
+    The RNG states are restored separately, with :func:`restore_rng`,
+    right before the first resumed epoch: work done in between (feature caching,
+    loader start-up) draws random numbers too.
+    """
+    load_model_weights(model, state["model"], state.get("source", LAST_CHECKPOINT))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+
+
+def save_weights(output_dir: str, name: str, model: nn.Module, cfg: Any = None,
+                 stage: int | None = None, epoch: int | None = None) -> str:
+    """Model weights only, written atomically: a plain state dict with the published key names
+    and shapes (the published ``load_param`` accepts it), and, when ``cfg`` is given, the
+    metadata (config, dataset, sizes, stage, epoch, commit) in a JSON file beside it."""
+    path = os.path.join(output_dir, name)
+    if is_main_process():
+        net = unwrap(model)
+        state = net.published_state_dict() if hasattr(net, "published_state_dict") else net.state_dict()
+        # metadata first, so that a weights file never appears without it (none for weights refused as non-finite)
+        if cfg is not None and not non_finite_keys(state):
+            write_metadata(path, checkpoint_metadata(cfg, net, stage, epoch))
+        save_atomic(state, path, check_finite=state)
+        logger.info("Saved %s", path)
+    return path
+
+
+def resume_stage(stage: int, resume_state: dict[str, Any] | None, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler) -> int:
+    """The first epoch a stage runs: 1, or the one after ``resume_state`` (whose model, optimiser,
+    scheduler and scaler are restored here). The RNG streams are not: see :func:`restore_train_state`."""
+    if resume_state is None:
+        return 1
+    restore_train_state(resume_state, model, optimizer, scheduler, scaler)
+    start_epoch = resume_state["epoch"] + 1
+    logger.info("Stage %d: resuming at epoch %d", stage, start_epoch)
+    return start_epoch
+
+
+def is_due(epoch: int, period: int, max_epochs: int) -> bool:
+    """Whether a periodic action (checkpoint, evaluation) runs after ``epoch``: every ``period``
+    epochs and after the last."""
+    return epoch % period == 0 or epoch == max_epochs
+
+
+def save_epoch_weights(cfg: Any, model: nn.Module, stage: int, epoch: int) -> None:
+    """The weights file of ``epoch`` when SOLVER.STAGE<stage>.CHECKPOINT_PERIOD says so (and after
+    the last epoch): ``<MODEL.NAME>_stage1_<epoch>.pth`` in stage 1, ``<MODEL.NAME>_<epoch>.pth`` in
+    stage 2, the published names."""
+    solver = cfg.SOLVER.STAGE1 if stage == 1 else cfg.SOLVER.STAGE2
+    if is_due(epoch, solver.CHECKPOINT_PERIOD, solver.MAX_EPOCHS):
+        name = f"{cfg.MODEL.NAME}_stage1_{epoch}.pth" if stage == 1 else f"{cfg.MODEL.NAME}_{epoch}.pth"
+        save_weights(cfg.OUTPUT_DIR, name, model, cfg, stage=stage, epoch=epoch)
