@@ -15,8 +15,7 @@ import scipy.stats
 
 from utils.stats import summarize, welch_interval
 
-from test_faults import TINY, one_line_error
-from test_training import DEMO
+from tests.helpers import DEMO, TINY, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))

@@ -15,8 +15,7 @@ from model import make_model
 from processor.common import restore_train_state
 from utils.checkpoint import CheckpointMismatchError, load_file
 
-from test_faults import TINY, one_line_error, snapshot, train_argv
-from test_training import DEMO
+from tests.helpers import DEMO, TINY, one_line_error, snapshot, synthetic_set, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNN_DEMO = os.path.join(ROOT, "configs/demo/cnn_svllreid_demo.yml")
@@ -165,11 +164,8 @@ def test_moved_project_keeps_the_camera_embedding(finished_run, own_eval, tiny_r
 
 
 def test_another_folder_dataset_is_cross_dataset(finished_run, tmp_path):
-    from datasets.synthetic import SyntheticSpec, generate_synthetic
     other = tmp_path / "other"
-    generate_synthetic(str(other), SyntheticSpec(num_train_ids=8, num_test_ids=4, num_cams=2, images_per_cam=2,
-                                                 query_cams=1, num_distractors=2, num_junk=1, height=64, width=32,
-                                                 seed=11))
+    synthetic_set(other, seed=11)
     assert _eval(other, finished_run / "ViT-B-16_2.pth", tmp_path / "e") == 0
     res = _results(tmp_path / "e")
     assert res["use_sie"] is False and "fingerprint" in res["sie_reason"]

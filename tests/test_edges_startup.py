@@ -9,8 +9,7 @@ import pytest
 
 import train_svllreid
 
-from test_faults import one_line_error
-from test_training import DEMO
+from tests.helpers import DEMO, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +132,7 @@ def test_demo_ends_with_its_results_table_and_runnable_hints(tiny_root, tmp_path
     import shlex
     import subprocess
 
-    from test_faults import TINY
+    from tests.helpers import TINY
     monkeypatch.chdir(ROOT)           # make demo runs in the repository root; the hints are relative to it
     out = tmp_path / "demo"
     assert _tool("run_demo").main(["--config_file", DEMO, "DATASETS.ROOT_DIR", str(tiny_root),
@@ -225,7 +224,7 @@ def test_sigterm_during_the_imports_is_one_line():
 def _train_cmd(script, root, out, *opts):
     import sys
 
-    from test_faults import train_argv
+    from tests.helpers import train_argv
     return [sys.executable, script, *train_argv(root, out, "SOLVER.STAGE2.MAX_EPOCHS", "50", *opts)]
 
 
@@ -340,7 +339,7 @@ def test_disk_filling_up_during_training_is_one_line_and_keeps_the_run(tiny_root
     import logging
 
     import processor.processor_stage2 as stage2_mod
-    from test_faults import train_argv
+    from tests.helpers import train_argv
     from utils.checkpoint import load_file
     from utils.record import read_metrics
     out = disk_for_a_run / "run"

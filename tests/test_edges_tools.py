@@ -13,8 +13,7 @@ import train_svllreid
 from config import load_config
 from model import make_model
 
-from test_faults import one_line_error
-from test_training import DEMO
+from tests.helpers import DEMO, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))

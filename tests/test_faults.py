@@ -25,35 +25,9 @@ from utils.checkpoint import CheckpointError, load_file, save_atomic
 from utils.fileio import TMP_PREFIX, TMP_SUFFIX
 from utils.run_dir import RunLock, resume_config
 
-from test_training import DEMO
+from tests.helpers import DEMO, TINY, one_line_error, snapshot, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "2",
-        "DATALOADER.NUM_WORKERS", "0", "SOLVER.STAGE1.MAX_EPOCHS", "1", "SOLVER.STAGE1.IMS_PER_BATCH", "12",
-        "SOLVER.STAGE2.MAX_EPOCHS", "2", "SOLVER.STAGE2.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2",
-        "SOLVER.STAGE2.EVAL_PERIOD", "2", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "1",
-        "SOLVER.STAGE1.CHECKPOINT_PERIOD", "1", "SOLVER.STAGE2.STEPS", "[1, 2]", "TEST.IMS_PER_BATCH", "16"]
-
-
-def train_argv(root, out, *opts):
-    return ["--config_file", DEMO, "DATASETS.ROOT_DIR", str(root), "OUTPUT_DIR", str(out), *TINY, *opts]
-
-
-def one_line_error(capsys, *names):
-    """The captured stderr is one `error: ...` line naming every item of ``names``."""
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: "), err
-    for n in names:
-        assert str(n) in err, (n, err)
-    assert "Traceback" not in err and "weights_only=False" not in err
-    return err
-
-
-def snapshot(folder):
-    """{name: bytes} of every file directly in ``folder`` (what a fault must not change)."""
-    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, n)) and n != ".lock"}
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,17 @@
 """Learning actually happens: the full two-stage pipeline lifts mAP well above the untrained model."""
-import os
 
 import pytest
 
 import train_svllreid
 from config import load_config
-from datasets.synthetic import SyntheticSpec, generate_synthetic
 
-DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/demo/vit_svllreid_demo.yml")
+from tests.helpers import DEMO, synthetic_set
 
 
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("small_synthetic"))
-    generate_synthetic(root, SyntheticSpec(num_train_ids=24, num_test_ids=12, num_cams=3, images_per_cam=3,
-                                           query_cams=2, num_distractors=4, num_junk=2, height=64, width=32,
-                                           seed=11))
-    return root
+    return synthetic_set(tmp_path_factory.mktemp("small_synthetic"), num_train_ids=24, num_test_ids=12, num_cams=3,
+                         images_per_cam=3, query_cams=2, num_distractors=4, num_junk=2, seed=11)
 
 
 def test_two_stage_training_beats_untrained(small_root, tmp_path):

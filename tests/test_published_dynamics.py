@@ -27,7 +27,7 @@ from processor.processor_stage1 import _set_stage1_modes
 from solver import make_optimizer_1stage
 from utils.misc import set_seed
 
-from test_training import tiny_cfg
+from tests.helpers import tiny_cfg
 
 make_model_mod = importlib.import_module("model.make_model")   # the module (the package re-exports the function)
 

@@ -19,18 +19,7 @@ from loss import make_loss, make_ssl_loss
 from utils.checkpoint import CheckpointMismatchError, load_model_weights
 from utils.misc import set_seed
 
-DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/demo/vit_svllreid_demo.yml")
-
-
-def tiny_cfg(root, out, *opts):
-    return load_config(DEMO, [
-        "DATASETS.ROOT_DIR", root, "OUTPUT_DIR", str(out), "INPUT.SIZE_TRAIN", "[64, 32]",
-        "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "2", "DATALOADER.NUM_WORKERS", "0",
-        "SOLVER.STAGE1.MAX_EPOCHS", "2", "SOLVER.STAGE1.IMS_PER_BATCH", "12",
-        "SOLVER.STAGE2.MAX_EPOCHS", "2", "SOLVER.STAGE2.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2",
-        "SOLVER.STAGE2.EVAL_PERIOD", "2", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "2",
-        "SOLVER.STAGE1.CHECKPOINT_PERIOD", "2", "SOLVER.STAGE2.STEPS", "[1, 2]", "TEST.IMS_PER_BATCH", "16",
-        *opts])
+from tests.helpers import DEMO, fake_vehicleid, opts_of, synthetic_set, tiny_cfg
 
 
 def snapshot(model):
@@ -128,7 +117,7 @@ def test_test_script_reproduces_trained_map(straight_run):
         saved = json.load(f)
     assert saved["mAP"] == result["trained"]["mAP"] and len(saved["cmc"]) == 50
     weight = os.path.join(out, "ViT-B-16_2.pth")
-    code = test_svllreid.main(["--config_file", DEMO, *_opts_of(cfg), "TEST.WEIGHT", weight,
+    code = test_svllreid.main(["--config_file", DEMO, *opts_of(cfg), "TEST.WEIGHT", weight,
                                "OUTPUT_DIR", str(out / "eval")])
     assert code == 0
     with open(os.path.join(out, "eval", "results.json")) as f:
@@ -139,18 +128,6 @@ def test_test_script_reproduces_trained_map(straight_run):
     assert evaluated["use_sie"] is True and evaluated["checkpoint"]["dataset"] == "folder"
     assert evaluated["weight"] == os.path.abspath(weight) and evaluated["re_ranking"] is False
     assert evaluated["config"]["TEST"]["WEIGHT"] == weight and evaluated["checkpoint"]["epoch"] == 2
-
-
-def _opts_of(cfg):
-    keys = ["DATASETS.ROOT_DIR", "INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "DATALOADER.NUM_WORKERS",
-            "DATALOADER.NUM_INSTANCE", "SOLVER.STAGE2.IMS_PER_BATCH"]
-    opts = []
-    for k in keys:
-        node = cfg
-        for part in k.split("."):
-            node = node[part]
-        opts += [k, str(list(node)) if isinstance(node, (list, tuple)) else str(node)]
-    return opts
 
 
 def test_mismatched_checkpoint_lists_keys(straight_run, tiny_root, tmp_path, capsys):
@@ -197,31 +174,9 @@ def test_missing_dataset_fails_clearly(tmp_path, capsys):
     assert code == 2 and "nope" in err and "bounding_box_train" in err
 
 
-def _fake_vehicleid(root, train_ids=6, test_ids=4, per_id=3):
-    """A VehicleID_V1.0 tree with tiny colour-coded JPEGs (one colour family per identity)."""
-    from PIL import Image
-    base = os.path.join(root, "VehicleID_V1.0")
-    os.makedirs(os.path.join(base, "image"))
-    os.makedirs(os.path.join(base, "train_test_split"))
-    g = torch.Generator().manual_seed(0)
-    lines = {"train_list.txt": [], "test_list_800.txt": []}
-    splits = (("train_list.txt", range(100, 100 + train_ids)), ("test_list_800.txt", range(500, 500 + test_ids)))
-    for split, pids in splits:
-        for pid in pids:
-            colour = torch.rand(3, generator=g)
-            for k in range(per_id):
-                name = f"{pid:07d}{k}"
-                arr = (colour.view(1, 1, 3) * 40 + 200 * torch.rand(64, 32, 3, generator=g)).clamp(0, 255)
-                Image.fromarray(arr.to(torch.uint8).numpy()).save(os.path.join(base, "image", name + ".jpg"))
-                lines[split].append(f"{name} {pid}")
-    for split, ls in lines.items():
-        with open(os.path.join(base, "train_test_split", split), "w") as f:
-            f.write("\n".join(ls) + "\n")
-
-
 def test_vehicleid_test_script_averages_trials(tmp_path):
     """VehicleID: evaluation over random query/gallery trials, averaged (published code crashed here)."""
-    _fake_vehicleid(str(tmp_path / "data"))
+    fake_vehicleid(str(tmp_path / "data"))
     opts = ["DATASETS.NAMES", "VehicleID", "DATASETS.ROOT_DIR", str(tmp_path / "data"), "INPUT.SIZE_TRAIN", "[64, 32]",
             "INPUT.SIZE_TEST", "[64, 32]", "DATALOADER.NUM_WORKERS", "0", "MODEL.SIE_CAMERA", "False",
             "DATASETS.VEHICLEID_TRIALS", "3", "OUTPUT_DIR", str(tmp_path / "out")]
@@ -278,11 +233,8 @@ def other_root(tmp_path_factory):
     """Another synthetic set (5 test ids, 3 cameras; the training set has 4 and 2) with only
     query and gallery on disk."""
     import shutil
-    from datasets.synthetic import SyntheticSpec, generate_synthetic
-    root = str(tmp_path_factory.mktemp("other"))
-    generate_synthetic(root, SyntheticSpec(num_train_ids=2, num_test_ids=5, num_cams=3, images_per_cam=2,
-                                           query_cams=1, num_distractors=2, num_junk=0, height=64, width=32,
-                                           seed=11))
+    root = synthetic_set(tmp_path_factory.mktemp("other"), num_train_ids=2, num_test_ids=5, num_cams=3, num_junk=0,
+                         seed=11)
     shutil.rmtree(os.path.join(root, "bounding_box_train"))
     return root
 

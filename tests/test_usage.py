@@ -23,7 +23,7 @@ from utils.checkpoint import load_model_weights
 from utils.metrics import eval_func, pairwise_distance
 from utils.record import read_metrics
 
-from test_training import DEMO, _opts_of, tiny_cfg
+from tests.helpers import DEMO, opts_of, tiny_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -45,7 +45,7 @@ def trained(tiny_root, tmp_path_factory):
     """A tiny 2+2-epoch run through the CLI, stdout and stderr redirected to files (not a terminal)."""
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_cfg(tiny_root, out, *LOG_OPTS)
-    opts = [kv for k in ("OUTPUT_DIR",) for kv in (k, str(out))] + _opts_of(cfg) + [
+    opts = [kv for k in ("OUTPUT_DIR",) for kv in (k, str(out))] + opts_of(cfg) + [
         "INPUT.PADDING", "2", "SOLVER.STAGE1.MAX_EPOCHS", "2", "SOLVER.STAGE1.IMS_PER_BATCH", "12",
         "SOLVER.STAGE2.MAX_EPOCHS", "2", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "2", "SOLVER.STAGE1.CHECKPOINT_PERIOD", "2",
         "SOLVER.STAGE2.STEPS", "[1, 2]", "TEST.IMS_PER_BATCH", "16", *LOG_OPTS]
