@@ -105,11 +105,13 @@ def test_do_inference_reports_dropped_queries_in_results_and_one_log_line(drop, 
     handler = _Records()
     log = logging.getLogger("svllreid")
     log.addHandler(handler)
-    monkeypatch.setattr(log, "level", logging.INFO)
+    level = log.level
+    log.setLevel(logging.INFO)   # setLevel, not the attribute: it clears the logger's cached level checks
     try:
         results = inference.do_inference(cfg, None, None, len(qp), torch.device("cpu"))
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
     lines = [r for r in handler.records if "quer" in r.getMessage().lower() and "Queries" in r.getMessage()]
     assert len(lines) == 1
     if drop:
