@@ -37,6 +37,7 @@ def _results(folder):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_grid_resumes_after_a_kill_and_reports_what_the_runs_hold(tiny_root, tmp_path):
     out = tmp_path / "abl"
     env = dict(os.environ, SVLLREID_NO_TQDM="1")

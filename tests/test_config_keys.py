@@ -88,6 +88,7 @@ READ_ELSEWHERE = {"DATASETS.VEHICLEID_TRIALS": "test_svllreid.py",
                   "TEST.VISUALIZE_TOPK": "utils/inference_io.py"}
 
 
+@pytest.mark.slow
 def test_every_key_is_read_or_refused(tiny_root, tmp_path):
     with recording_reads() as seen:
         train_svllreid.train(tiny_cfg(tiny_root, tmp_path / "run"))

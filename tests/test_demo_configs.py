@@ -42,6 +42,7 @@ def test_rn50_demo_differs_from_vit_demo_only_in_the_backbone():
     assert cnn["MODEL.NAME"] == "RN50" and cnn["OUTPUT_DIR"] != vit["OUTPUT_DIR"]
 
 
+@pytest.mark.slow
 def test_rn50_demo_is_a_tiny_rn50_of_the_same_architecture():
     cfg = load_config(CNN_DEMO)
     model = make_model(cfg, num_class=64, camera_num=4, view_num=1)
@@ -63,6 +64,7 @@ def test_rn50_demo_is_a_tiny_rn50_of_the_same_architecture():
     assert feat.shape == (2, 32 * 8 + cfg.MODEL.CLIP_ARCH.EMBED_DIM) and torch.isfinite(feat).all()
 
 
+@pytest.mark.slow
 def test_rn50_demo_trains_both_stages(tiny_root, tmp_path):
     """One stage-1 and one stage-2 epoch on the tiny synthetic set, through train_svllreid.train."""
     out = tmp_path / "run"

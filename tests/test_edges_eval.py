@@ -173,6 +173,7 @@ def check_against_references(dist, qp, gp, qc, gc, ours, max_rank=50, distinct=T
         assert ours[2] == pytest.approx(published_minp(dist, qp, gp, qc, gc), abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_hard_features_take_the_counting_path_and_equal_the_references(seed, counted_calls):
     qf, gf, qp, gp, qc, gc = hard_problem(seed)

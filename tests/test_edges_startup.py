@@ -52,6 +52,7 @@ def test_seed_and_steps_at_their_limits_load():
 
 
 # ----------------------------------------------------------------------------- make clean
+@pytest.mark.slow
 def test_make_clean_removes_only_what_the_demo_and_tests_create(tmp_path):
     import glob
     import shutil
@@ -127,6 +128,7 @@ def test_run_demo_zero_epochs(key, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_demo_ends_with_its_results_table_and_runnable_hints(tiny_root, tmp_path, monkeypatch, capsys):
     import json
     import shlex
@@ -196,6 +198,7 @@ def _one_line(err, start):
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to see the imports under way")
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_ctrl_c_during_the_imports_is_one_line(script):
@@ -209,6 +212,7 @@ def test_ctrl_c_during_the_imports_is_one_line(script):
     _one_line(err, "interrupted")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to see the imports under way")
 def test_sigterm_during_the_imports_is_one_line():
     import signal
@@ -228,6 +232,7 @@ def _train_cmd(script, root, out, *opts):
     return [sys.executable, script, *train_argv(root, out, "SOLVER.STAGE2.MAX_EPOCHS", "50", *opts)]
 
 
+@pytest.mark.slow
 def test_sigterm_during_training_says_where_and_how_to_resume(tiny_root, tmp_path):
     import re
     import signal
@@ -247,6 +252,7 @@ def test_sigterm_during_training_says_where_and_how_to_resume(tiny_root, tmp_pat
     assert held and (state["stage"], state["epoch"]) == (int(held.group(1)), int(held.group(2))), last
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_demo_says_how_to_go_on(tiny_root, tmp_path):
     import signal
     import subprocess
@@ -334,6 +340,7 @@ def test_full_disk_in_train_log_is_one_error_not_a_traceback_per_line(small_disk
     assert "first line" in (small_disk / "train_log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_disk_filling_up_during_training_is_one_line_and_keeps_the_run(tiny_root, disk_for_a_run, monkeypatch,
                                                                        capsys):
     import logging
@@ -406,6 +413,7 @@ def _script_main(script):
     return importlib.import_module(os.path.splitext(script)[0]).main
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,python,script,args", README_COMMANDS, ids=[c[0][:60] for c in README_COMMANDS])
 def test_readme_command_runs_as_written(line, python, script, args, monkeypatch, capsys):
     """The interpreter is the one `make` installs, the script and config exist, its flags parse,

@@ -53,6 +53,7 @@ def data_copy(tiny_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- one run per folder
+@pytest.mark.slow
 def test_second_run_on_a_locked_folder_fails_at_once(tiny_root, tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c",
@@ -72,6 +73,7 @@ def test_second_run_on_a_locked_folder_fails_at_once(tiny_root, tmp_path, capsys
         pass
 
 
+@pytest.mark.slow
 def test_new_run_refuses_a_folder_holding_a_run(tiny_root, run_copy, capsys):
     before = snapshot(run_copy)
     assert train_svllreid.main(train_argv(tiny_root, run_copy)) == 2
@@ -79,6 +81,7 @@ def test_new_run_refuses_a_folder_holding_a_run(tiny_root, run_copy, capsys):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_overwrite_moves_the_previous_run_aside(tiny_root, run_copy, monkeypatch):
     before = snapshot(run_copy)
     # start over, but stop at the first saved state (no need to train the whole run)
@@ -96,6 +99,7 @@ def _raise(exc):
     return f
 
 
+@pytest.mark.slow
 def test_resume_uses_the_saved_config_and_refuses_conflicts(tiny_root, run_copy, capsys):
     # the run was made with STAGE2.MAX_EPOCHS 2; resuming without a config file reads it back
     cfg = resume_config("", ["OUTPUT_DIR", str(run_copy)])
@@ -110,6 +114,7 @@ def test_resume_uses_the_saved_config_and_refuses_conflicts(tiny_root, run_copy,
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_with_only_the_folder(run_copy):
     import json
     with open(run_copy / "results.json") as f:
@@ -122,6 +127,7 @@ def test_resume_of_a_finished_run_with_only_the_folder(run_copy):
     assert not stale.exists()     # leftovers of an interrupted write are removed at the next start
 
 
+@pytest.mark.slow
 def test_files_follow_the_umask(run_copy):
     mode = 0o666 & ~_umask()
     for name in ("last.pth", "ViT-B-16_2.pth", "results.json", "config.yaml", "train_log.txt"):
@@ -135,6 +141,7 @@ def _umask():
 
 
 # ----------------------------------------------------------------------------- divergence
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_finite_state(tiny_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     original = stage2_mod.stage2_forward_loss
@@ -161,6 +168,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_finite_state(tiny_root, tmp_p
         assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_is_caught(tiny_root, tmp_path, capsys):
     """A real divergence (no patching): SGD at an absurd learning rate."""
     out = tmp_path / "out"
@@ -181,6 +189,7 @@ def test_checkpoint_with_non_finite_values_is_never_written(tmp_path):
     assert path.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_evaluation_refuses_non_finite_features(finished_run, tiny_root, tmp_path, capsys):
     sd = load_file(str(finished_run / "ViT-B-16_2.pth"))
     sd["bottleneck.running_mean"][0] = float("nan")
@@ -331,6 +340,7 @@ def _damaged_files(tmp_path, good):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated", "empty", "text", "garbage", "pickle", "object pickle", "torch list"])
 def test_damaged_test_weight(finished_run, tiny_root, tmp_path, kind, capsys):
     weight = _damaged_files(tmp_path, finished_run / "ViT-B-16_2.pth")[kind]
@@ -341,6 +351,7 @@ def test_damaged_test_weight(finished_run, tiny_root, tmp_path, kind, capsys):
         assert "damaged" in err and "weights_only" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated", "empty", "text", "pickle", "torch list"])
 def test_damaged_last_pth(run_copy, kind, capsys):
     src = _damaged_files(run_copy.parent, run_copy / "last.pth")[kind]
@@ -373,6 +384,7 @@ def test_full_disk_names_the_file_and_keeps_the_previous_one(small_disk):
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_resumable(tiny_root, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SVLLREID_NO_TQDM": "1", "OMP_NUM_THREADS": "1"}

@@ -58,6 +58,7 @@ def test_distances_match_float64_reference_and_blocking():
 
 
 # ----------------------------------------------------------------------------- eval_func
+@pytest.mark.slow
 @pytest.mark.parametrize("seed,nq,ng,n_ids,n_cams,distractors", [
     (0, 1, 1, 1, 2, 0),
     (1, 5, 7, 3, 2, 0),
