@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYNTH  := data/synthetic
 
-.PHONY: all venv demo test lint bench data clean
+.PHONY: all venv demo test test-all lint bench data clean
 
 all: test
 
@@ -24,7 +24,12 @@ data: $(STAMP)
 demo: $(STAMP) data
 	$(PY) tools/run_demo.py --config_file configs/demo/vit_svllreid_demo.yml
 
+# Fast tier: every test module's quick tests (about a minute). test-all adds the tests marked
+# `slow` (end-to-end trainings, subprocesses, ONNX export, the demo); CI runs test-all.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

@@ -1,6 +1,14 @@
-"""Test set-up: the repo root on sys.path, quiet progress bars, few threads."""
+"""Test set-up: the repo root on sys.path, quiet progress bars, few threads, the ``slow``
+marker, and the session's tiny synthetic set.
+
+Two tiers: ``make test`` runs ``pytest -m "not slow"`` (every module's quick tests, about a
+minute); ``make test-all`` (what CI runs) adds the tests marked ``slow``: end-to-end
+trainings, subprocesses, ONNX export and the demo. Shared helpers live in tests/helpers.py.
+"""
+import logging
 import os
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -10,12 +18,28 @@ if ROOT not in sys.path:
 os.environ.setdefault("SVLLREID_NO_TQDM", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``slow`` marker (so ``--strict-markers`` accepts it)."""
+    config.addinivalue_line("markers", "slow: trains end to end, starts subprocesses, exports ONNX or runs the "
+                                       "demo; left out of `make test`, run by `make test-all`")
+
+
 @pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny synthetic Market-format set (8 train ids, 4 test ids, 64x32 images)."""
-    from datasets.synthetic import SyntheticSpec, generate_synthetic
-    root = str(tmp_path_factory.mktemp("synthetic"))
-    generate_synthetic(root, SyntheticSpec(num_train_ids=8, num_test_ids=4, num_cams=2, images_per_cam=2,
-                                           query_cams=1, num_distractors=2, num_junk=1, height=64, width=32,
-                                           seed=3))
-    return root
+    from tests.helpers import synthetic_set
+    return synthetic_set(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_project_logger() -> Iterator[None]:
+    """After each test, the ``svllreid`` logger is as a new process has it: the handlers that
+    ``setup_logger`` bound to that test's captured output are removed (a later test logging
+    before its own set-up would write to a closed stream), whichever tests the tier selects."""
+    yield
+    log = logging.getLogger("svllreid")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    log.setLevel(logging.NOTSET)
+    log.propagate = True

@@ -15,8 +15,7 @@ import scipy.stats
 
 from utils.stats import summarize, welch_interval
 
-from test_faults import TINY, one_line_error
-from test_training import DEMO
+from tests.helpers import DEMO, TINY, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -38,6 +37,7 @@ def _results(folder):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_grid_resumes_after_a_kill_and_reports_what_the_runs_hold(tiny_root, tmp_path):
     out = tmp_path / "abl"
     env = dict(os.environ, SVLLREID_NO_TQDM="1")

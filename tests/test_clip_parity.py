@@ -77,6 +77,7 @@ def tiny_vit():
 
 
 # ------------------------------------------------------------------------------- ViT-B-16
+@pytest.mark.slow
 def test_vit_b16_image_parity(vit_pair):
     ref, ours = vit_pair
     x = torch.randn(1, 3, 224, 224)
@@ -99,6 +100,7 @@ def test_vit_b16_image_parity(vit_pair):
     assert (ours.embed_dim, ours.vision_width, ours.dtype) == (512, 768, torch.float32)
 
 
+@pytest.mark.slow
 def test_vit_b16_text_parity(vit_pair):
     ref, ours = vit_pair
     tokens = clip.tokenize(TEXTS)
@@ -148,6 +150,7 @@ def _attnpool_reference(pool: nn.Module, fmap: torch.Tensor, posemb: torch.Tenso
     return out.transpose(0, 1)
 
 
+@pytest.mark.slow
 def test_rn50_parity_layer_by_layer(rn_pair):
     """Our stride-1 layer4 = open_clip's layer4 without its anti-aliasing pools; the attention
     pool (unresized 7x7 positional embedding) matches torch's reference MHA on every token."""
@@ -168,6 +171,7 @@ def test_rn50_parity_layer_by_layer(rn_pair):
     assert ours.image_feature_dims == (1024, 2048, 1024) and ours.embed_dim == 1024
 
 
+@pytest.mark.slow
 def test_rn50_attnpool_parity_on_open_clip_map(rn_pair):
     """Our attention pool on open_clip's own (stride-2) layer4 map gives its encode_image."""
     ref, ours = rn_pair
@@ -178,6 +182,7 @@ def test_rn50_attnpool_parity_on_open_clip_map(rn_pair):
         _assert_close(ours.visual.attnpool(ref4)[:, 0], ref.encode_image(x))
 
 
+@pytest.mark.slow
 def test_rn50_text_parity(rn_pair):
     ref, ours = rn_pair
     tokens = clip.tokenize(TEXTS[:2])
@@ -322,6 +327,7 @@ def test_mismatched_state_dict_lists_bad_keys(tiny_vit):
 
 
 # ------------------------------------------------------------------------------- misc
+@pytest.mark.slow
 def test_build_random_clip_arch_overrides(vit_pair):
     ref, _ = vit_pair
     full = clip.build_random_clip("ViT-B-16", 14, 14, 16)

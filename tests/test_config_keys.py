@@ -17,16 +17,12 @@ from model import make_model
 from solver import make_optimizer_2stage
 from loss import make_loss
 
-from test_training import DEMO, _fake_vehicleid, tiny_cfg
+from tests.helpers import DEMO, fake_vehicleid, flat_config, tiny_cfg
 
 
-def all_keys(node=None, prefix=""):
-    node = get_default_config() if node is None else node
-    for k, v in node.items():
-        if isinstance(v, dict):
-            yield from all_keys(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}"
+def all_keys():
+    """Every key of the default config, dotted."""
+    return flat_config(get_default_config()).keys()
 
 
 @contextlib.contextmanager
@@ -67,7 +63,7 @@ def _read_conditional_keys(tiny_root, tmp_path):
     from model import load_for_inference
     load_for_inference(tiny_cfg(tiny_root, tmp_path / "e", "TEST.WEIGHT",
                                 str(tmp_path / "run" / "ViT-B-16_2.pth")))     # TEST.USE_SIE (a model with SIE)
-    _fake_vehicleid(str(tmp_path / "vid"))
+    fake_vehicleid(str(tmp_path / "vid"))
     from datasets.make_dataloader import build_dataset_from_cfg
     build_dataset_from_cfg(load_config(DEMO, ["DATASETS.NAMES", "VehicleID", "DATASETS.ROOT_DIR",
                                               str(tmp_path / "vid")]))           # VEHICLEID_TEST_SIZE
@@ -92,6 +88,7 @@ READ_ELSEWHERE = {"DATASETS.VEHICLEID_TRIALS": "test_svllreid.py",
                   "TEST.VISUALIZE_TOPK": "processor/folder_inference.py"}
 
 
+@pytest.mark.slow
 def test_every_key_is_read_or_refused(tiny_root, tmp_path):
     with recording_reads() as seen:
         train_svllreid.train(tiny_cfg(tiny_root, tmp_path / "run"))

@@ -10,18 +10,16 @@ import torch.distributed as dist
 from config import load_config
 from datasets import (RandomIdentitySampler, RandomIdentitySamplerDDP, ShuffleSampler,
                       build_dataset, make_dataloader)
-from datasets.synthetic import SyntheticSpec, generate_synthetic
+
+from tests.helpers import synthetic_set
 
 H, W = 32, 16
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("synthetic"))
-    generate_synthetic(out, SyntheticSpec(num_train_ids=6, num_test_ids=4, num_cams=3,
-                                          images_per_cam=2, num_distractors=2, num_junk=1,
-                                          height=H, width=W, seed=1))
-    return out
+    return synthetic_set(tmp_path_factory.mktemp("synthetic"), num_train_ids=6, num_cams=3, query_cams=2,
+                         height=H, width=W, seed=1)
 
 
 def make_cfg(root: str, *opts: str):

@@ -13,6 +13,8 @@ from model import make_model
 from model.clip import build_random_clip
 from model.clip.model import ModifiedResNet
 
+from tests.helpers import flat_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT_DEMO = os.path.join(ROOT, "configs/demo/vit_svllreid_demo.yml")
 CNN_DEMO = os.path.join(ROOT, "configs/demo/cnn_svllreid_demo.yml")
@@ -20,16 +22,6 @@ CNN_DEMO = os.path.join(ROOT, "configs/demo/cnn_svllreid_demo.yml")
 # Keys the RN50 demo may set differently from the ViT demo: the backbone and where it writes.
 BACKBONE_KEYS = {"MODEL.NAME", "MODEL.CLIP_ARCH.VISION_WIDTH", "MODEL.CLIP_ARCH.VISION_LAYERS",
                  "MODEL.STRIDE_SIZE", "MODEL.SIE_CAMERA", "MODEL.SIE_COE", "OUTPUT_DIR"}
-
-
-def _flat(node, prefix=""):
-    out = {}
-    for k, v in node.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _num_params(module: torch.nn.Module) -> int:
@@ -44,12 +36,13 @@ def test_demo_configs_are_random_init_cpu_runs(path):
 
 
 def test_rn50_demo_differs_from_vit_demo_only_in_the_backbone():
-    vit, cnn = _flat(load_config(VIT_DEMO)), _flat(load_config(CNN_DEMO))
+    vit, cnn = flat_config(load_config(VIT_DEMO)), flat_config(load_config(CNN_DEMO))
     differing = {k for k in vit if vit[k] != cnn[k]}
     assert differing <= BACKBONE_KEYS, f"RN50 demo drifted from the ViT demo: {sorted(differing - BACKBONE_KEYS)}"
     assert cnn["MODEL.NAME"] == "RN50" and cnn["OUTPUT_DIR"] != vit["OUTPUT_DIR"]
 
 
+@pytest.mark.slow
 def test_rn50_demo_is_a_tiny_rn50_of_the_same_architecture():
     cfg = load_config(CNN_DEMO)
     model = make_model(cfg, num_class=64, camera_num=4, view_num=1)
@@ -71,6 +64,7 @@ def test_rn50_demo_is_a_tiny_rn50_of_the_same_architecture():
     assert feat.shape == (2, 32 * 8 + cfg.MODEL.CLIP_ARCH.EMBED_DIM) and torch.isfinite(feat).all()
 
 
+@pytest.mark.slow
 def test_rn50_demo_trains_both_stages(tiny_root, tmp_path):
     """One stage-1 and one stage-2 epoch on the tiny synthetic set, through train_svllreid.train."""
     out = tmp_path / "run"

@@ -24,6 +24,7 @@ TINY = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PA
         "DATALOADER.NUM_INSTANCE", "2", "TEST.IMS_PER_BATCH", "16"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_write_results(tiny_root, tmp_path):
     """1 epoch of each stage on 2 gloo processes; the gathered evaluation equals a 1-process one."""
     out = tmp_path / "ddp"

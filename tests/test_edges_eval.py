@@ -15,7 +15,7 @@ from tests.reference import exact_eval_func, published_eval_func, published_minp
 from utils import metrics
 from utils.metrics import QueryCounts, R1_mAP_eval, euclidean_distance, eval_func, evaluate
 
-from test_metrics import assert_same, loop_eval, sklearn_map
+from tests.helpers import assert_same, loop_eval, sklearn_map
 
 
 # ----------------------------------------------------------------------------- dropped queries
@@ -105,11 +105,13 @@ def test_do_inference_reports_dropped_queries_in_results_and_one_log_line(drop, 
     handler = _Records()
     log = logging.getLogger("svllreid")
     log.addHandler(handler)
-    monkeypatch.setattr(log, "level", logging.INFO)
+    level = log.level
+    log.setLevel(logging.INFO)   # setLevel, not the attribute: it clears the logger's cached level checks
     try:
         results = inference.do_inference(cfg, None, None, len(qp), torch.device("cpu"))
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
     lines = [r for r in handler.records if "quer" in r.getMessage().lower() and "Queries" in r.getMessage()]
     assert len(lines) == 1
     if drop:
@@ -171,6 +173,7 @@ def check_against_references(dist, qp, gp, qc, gc, ours, max_rank=50, distinct=T
         assert ours[2] == pytest.approx(published_minp(dist, qp, gp, qc, gc), abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_hard_features_take_the_counting_path_and_equal_the_references(seed, counted_calls):
     qf, gf, qp, gp, qc, gc = hard_problem(seed)

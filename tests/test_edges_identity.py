@@ -15,8 +15,7 @@ from model import make_model
 from processor.train_state import restore_train_state
 from utils.checkpoint import CheckpointMismatchError, load_file
 
-from test_faults import TINY, one_line_error, snapshot, train_argv
-from test_training import DEMO
+from tests.helpers import DEMO, TINY, one_line_error, snapshot, synthetic_set, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNN_DEMO = os.path.join(ROOT, "configs/demo/cnn_svllreid_demo.yml")
@@ -44,6 +43,7 @@ def _eval(root, weight, out, *extra):
 
 
 # ----------------------------------------------------------------------------- --resume checks last.pth
+@pytest.mark.slow
 def test_resume_refuses_a_last_pth_of_another_run(run_copy, capsys):
     """A last.pth copied from a longer run (epoch 6 of MAX_EPOCHS 6) into this one (MAX_EPOCHS 2)."""
     state = load_file(str(run_copy / "last.pth"))
@@ -61,6 +61,7 @@ def test_resume_refuses_a_last_pth_of_another_run(run_copy, capsys):
     one_line_error(capsys, run_copy / "last.pth", "epoch 6", "SOLVER.STAGE2.MAX_EPOCHS 2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key,old,new", [("MAX_EPOCHS: 2", "SOLVER.STAGE2.MAX_EPOCHS", "MAX_EPOCHS: 3"),
                                          ("BASE_LR: 0.0005", "SOLVER.STAGE2.BASE_LR", "BASE_LR: 0.0001")])
 def test_resume_refuses_a_hand_edited_config_yaml(run_copy, key, old, new, capsys):
@@ -87,6 +88,7 @@ def test_resume_of_a_missing_folder_fails_at_once(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- files that do not fit
+@pytest.mark.slow
 def test_cut_files_are_named(finished_run, run_copy, tiny_root, tmp_path, capsys):
     """A checkpoint cut to 5 kB gave '[Errno 22] Invalid argument' without the file."""
     cut = tmp_path / "cut.pth"
@@ -103,6 +105,7 @@ def _rn50_model():
     return cfg, make_model(cfg, num_class=8, camera_num=2, view_num=1)
 
 
+@pytest.mark.slow
 def test_rn50_last_pth_in_a_vit_run_is_named(run_copy, capsys):
     cfg, model = _rn50_model()
     capsys.readouterr()
@@ -120,6 +123,7 @@ def test_rn50_last_pth_in_a_vit_run_is_named(run_copy, capsys):
         restore_train_state({"model": model.state_dict(), "source": "/x/last.pth"}, vit, None, None, None)
 
 
+@pytest.mark.slow
 def test_rn50_metadata_beside_vit_weights_is_named(finished_run, tiny_root, tmp_path, capsys):
     weight = tmp_path / "ViT-B-16_2.pth"
     shutil.copy(finished_run / "ViT-B-16_2.pth", weight)
@@ -142,6 +146,7 @@ def own_eval(finished_run, tiny_root, tmp_path_factory):
     return _results(out)
 
 
+@pytest.mark.slow
 def test_moved_data_keeps_the_camera_embedding(finished_run, own_eval, tiny_root, tmp_path, capsys):
     """A byte-identical copy of the data elsewhere is the same dataset: same SIE decision, same mAP."""
     assert own_eval["use_sie"] is True
@@ -153,6 +158,7 @@ def test_moved_data_keeps_the_camera_embedding(finished_run, own_eval, tiny_root
     assert res["mAP"] == pytest.approx(own_eval["mAP"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_moved_project_keeps_the_camera_embedding(finished_run, own_eval, tiny_root, tmp_path):
     """A moved clone: the checkpoint (with its metadata) is somewhere else, the data too."""
     run = tmp_path / "clone" / "output"
@@ -164,17 +170,16 @@ def test_moved_project_keeps_the_camera_embedding(finished_run, own_eval, tiny_r
     assert _results(tmp_path / "e")["mAP"] == pytest.approx(own_eval["mAP"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_another_folder_dataset_is_cross_dataset(finished_run, tmp_path):
-    from datasets.synthetic import SyntheticSpec, generate_synthetic
     other = tmp_path / "other"
-    generate_synthetic(str(other), SyntheticSpec(num_train_ids=8, num_test_ids=4, num_cams=2, images_per_cam=2,
-                                                 query_cams=1, num_distractors=2, num_junk=1, height=64, width=32,
-                                                 seed=11))
+    synthetic_set(other, seed=11)
     assert _eval(other, finished_run / "ViT-B-16_2.pth", tmp_path / "e") == 0
     res = _results(tmp_path / "e")
     assert res["use_sie"] is False and "fingerprint" in res["sie_reason"]
 
 
+@pytest.mark.slow
 def test_metadata_of_an_older_version_gets_a_logged_decision(finished_run, own_eval, tiny_root, tmp_path, capsys):
     weight = tmp_path / "ViT-B-16_2.pth"
     shutil.copy(finished_run / "ViT-B-16_2.pth", weight)
@@ -191,6 +196,7 @@ def test_metadata_of_an_older_version_gets_a_logged_decision(finished_run, own_e
     assert "older version" in capsys.readouterr().out           # the decision is in the log
 
 
+@pytest.mark.slow
 def test_tools_and_evaluation_take_the_same_decision(finished_run, tiny_root):
     """One function decides: a config naming another dataset turns SIE off in the tools too."""
     from processor.folder_inference import load_model
@@ -222,6 +228,7 @@ def gapped_run(tiny_root, tmp_path_factory):
     return data, out
 
 
+@pytest.mark.slow
 def test_checkpoint_metadata_holds_the_camera_numbering(gapped_run):
     data, out = gapped_run
     ident = json.loads((out / "ViT-B-16_2.json").read_text())["dataset_identity"]
@@ -229,6 +236,7 @@ def test_checkpoint_metadata_holds_the_camera_numbering(gapped_run):
     assert len(ident["train_pids"]) == 8 and ident["fingerprint"]
 
 
+@pytest.mark.slow
 def test_tools_number_cameras_as_the_training_set(gapped_run, tmp_path, capsys):
     """The tools gave c3 -> row 2 and c7 -> unknown where the datasets give 0 and 1."""
     import extract_features as extract_tool
@@ -269,6 +277,7 @@ def test_tools_number_cameras_as_the_training_set(gapped_run, tmp_path, capsys):
     one_line_error(capsys, "--camera 5", "c3, c7")
 
 
+@pytest.mark.slow
 def test_test_only_folder_is_numbered_as_training(gapped_run, tmp_path):
     """Query/gallery alone (no training split) with cameras c7 and c9 of a training set c3, c7, c9."""
     from datasets.bases import renumber_cameras
@@ -287,6 +296,7 @@ def test_test_only_folder_is_numbered_as_training(gapped_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- newcomer friction
+@pytest.mark.slow
 def test_divergence_advice_is_one_that_works(tiny_root, tmp_path, monkeypatch, capsys):
     import processor.processor_stage2 as stage2_mod
     out = tmp_path / "out"
@@ -334,6 +344,7 @@ def _extract(images, out, *opts):
     return extract_tool.main(["--config_file", DEMO, "--images", str(images), "--out", str(out), *opts])
 
 
+@pytest.mark.slow
 def test_tools_take_the_input_size_from_the_checkpoint(finished_run, tiny_root, tmp_path, capsys):
     """DEMO says 128x64; the run was trained at 64x32 (TINY): the tools need not be told."""
     from processor.folder_inference import FeatureSet
@@ -352,6 +363,7 @@ def test_tools_take_the_input_size_from_the_checkpoint(finished_run, tiny_root, 
     assert abs(FeatureSet.load(str(tmp_path / "c.npz")).features - a.features).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_extract_features_log_says_what_it_knows_once(finished_run, tmp_path, capsys):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -365,6 +377,7 @@ def test_extract_features_log_says_what_it_knows_once(finished_run, tmp_path, ca
     assert "SIE at test time: used (images named by camera number" in text
 
 
+@pytest.mark.slow
 def test_train_identities_in_the_test_split_are_warned(finished_run, tiny_root, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiny_root, data)
@@ -383,6 +396,7 @@ def test_train_identities_in_the_test_split_are_warned(finished_run, tiny_root, 
     assert "are training identities" not in capsys.readouterr().out       # distractors / junk are not counted
 
 
+@pytest.mark.slow
 def test_onnx_metadata_carries_the_camera_numbering(gapped_run):
     from model import load_for_inference
     from processor.onnx_export import metadata

@@ -9,8 +9,7 @@ import pytest
 
 import train_svllreid
 
-from test_faults import one_line_error
-from test_training import DEMO
+from tests.helpers import DEMO, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,6 +52,7 @@ def test_seed_and_steps_at_their_limits_load():
 
 
 # ----------------------------------------------------------------------------- make clean
+@pytest.mark.slow
 def test_make_clean_removes_only_what_the_demo_and_tests_create(tmp_path):
     import glob
     import shutil
@@ -128,12 +128,13 @@ def test_run_demo_zero_epochs(key, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_demo_ends_with_its_results_table_and_runnable_hints(tiny_root, tmp_path, monkeypatch, capsys):
     import json
     import shlex
     import subprocess
 
-    from test_faults import TINY
+    from tests.helpers import TINY
     monkeypatch.chdir(ROOT)           # make demo runs in the repository root; the hints are relative to it
     out = tmp_path / "demo"
     assert _tool("run_demo").main(["--config_file", DEMO, "DATASETS.ROOT_DIR", str(tiny_root),
@@ -200,6 +201,7 @@ def _one_line(err, start):
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to see the imports under way")
 @pytest.mark.parametrize("script", [s for s in ENTRY_POINTS if s not in LIGHT_ENTRY_POINTS])
 def test_ctrl_c_during_the_imports_is_one_line(script):
@@ -213,6 +215,7 @@ def test_ctrl_c_during_the_imports_is_one_line(script):
     _one_line(err, "interrupted")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to see the imports under way")
 def test_sigterm_during_the_imports_is_one_line():
     import signal
@@ -228,10 +231,11 @@ def test_sigterm_during_the_imports_is_one_line():
 def _train_cmd(script, root, out, *opts):
     import sys
 
-    from test_faults import train_argv
+    from tests.helpers import train_argv
     return [sys.executable, script, *train_argv(root, out, "SOLVER.STAGE2.MAX_EPOCHS", "50", *opts)]
 
 
+@pytest.mark.slow
 def test_sigterm_during_training_says_where_and_how_to_resume(tiny_root, tmp_path):
     import re
     import signal
@@ -251,6 +255,7 @@ def test_sigterm_during_training_says_where_and_how_to_resume(tiny_root, tmp_pat
     assert held and (state["stage"], state["epoch"]) == (int(held.group(1)), int(held.group(2))), last
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_demo_says_how_to_go_on(tiny_root, tmp_path):
     import signal
     import subprocess
@@ -338,12 +343,13 @@ def test_full_disk_in_train_log_is_one_error_not_a_traceback_per_line(small_disk
     assert "first line" in (small_disk / "train_log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_disk_filling_up_during_training_is_one_line_and_keeps_the_run(tiny_root, disk_for_a_run, monkeypatch,
                                                                        capsys):
     import logging
 
     import processor.processor_stage2 as stage2_mod
-    from test_faults import train_argv
+    from tests.helpers import train_argv
     from utils.checkpoint import load_file
     from utils.record import read_metrics
     out = disk_for_a_run / "run"
@@ -413,6 +419,7 @@ def _script_main(script):
     return importlib.import_module(os.path.splitext(script)[0]).main
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line,python,script,args", README_COMMANDS, ids=[c[0][:60] for c in README_COMMANDS])
 def test_readme_command_runs_as_written(line, python, script, args, monkeypatch, capsys):
     """The interpreter is the one `make` installs, the script and config exist, its flags parse,

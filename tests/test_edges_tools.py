@@ -13,8 +13,7 @@ import train_svllreid
 from config import load_config
 from model import make_model
 
-from test_faults import one_line_error
-from test_training import DEMO
+from tests.helpers import DEMO, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -143,6 +142,7 @@ def test_search_leaves_junk_out_as_evaluation_does(tiny_root, weight, gallery_np
             assert {os.path.basename(h["path"]) for h in q["results"]} == evaluated
 
 
+@pytest.mark.slow
 def test_search_folder_is_locked_and_a_rerun_replaces_the_pictures(tiny_root, weight, gallery_npz, tmp_path, capsys):
     import subprocess
     out = tmp_path / "out"
@@ -194,6 +194,7 @@ def test_search_on_a_feature_file_whose_images_are_gone(tiny_root, weight, tmp_p
 
 
 # ----------------------------------------------------------------------------- evaluating twice
+@pytest.mark.slow
 def test_second_evaluation_moves_the_first_aside_and_leaves_no_stale_picture(tiny_root, weight, tmp_path, capsys):
     import shutil
     w = tmp_path / "model.pth"
@@ -220,6 +221,7 @@ def test_second_evaluation_moves_the_first_aside_and_leaves_no_stale_picture(tin
 
 
 # ----------------------------------------------------------------------------- ONNX export
+@pytest.mark.slow
 def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, weight, tmp_path, capsys):
     import stat
 

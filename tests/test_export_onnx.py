@@ -71,6 +71,7 @@ def exported(tmp_path_factory, tiny_root):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_onnxruntime_equals_pytorch_eval_features(exported, name):
     cfg, report, classes, cams, views = exported[name]
@@ -111,6 +112,7 @@ def test_onnxruntime_equals_pytorch_eval_features(exported, name):
     assert all(c["max_abs_diff"] <= 1e-4 for c in report.checks)
 
 
+@pytest.mark.slow
 def test_graph_is_valid_with_symbolic_batch(exported):
     for name, (_, report, *_rest) in exported.items():
         m = onnx.load(report.path)
@@ -124,6 +126,7 @@ def test_graph_is_valid_with_symbolic_batch(exported):
         assert set(types.values()) <= {onnx.TensorProto.INT64}
 
 
+@pytest.mark.slow
 def test_metadata_props(exported):
     cfg, report, classes, cams, views = exported["vit_s12_sie_cam"]
     meta = read_onnx_metadata(report.path)
@@ -183,6 +186,7 @@ def test_missing_checkpoint_and_empty_weight_are_one_line_errors(tmp_path, tiny_
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: TEST.WEIGHT is empty")
 
 
+@pytest.mark.slow
 def test_mismatch_above_tolerance_is_an_error_and_writes_nothing(tmp_path, tiny_root, capsys, monkeypatch):
     cfg = _cfg(tmp_path, tiny_root, NO_SIE)
     weight = _checkpoint(cfg, str(tmp_path / "model.pth"), 8, 2, 1)
@@ -198,6 +202,7 @@ def test_mismatch_above_tolerance_is_an_error_and_writes_nothing(tmp_path, tiny_
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_tool_prints_what_a_deployer_needs(exported, tmp_path, capsys):
     cfg, *_ = exported["vit_s12_sie_cam"]
     out = tmp_path / "deep" / "folder" / "m.onnx"            # missing folders are created
@@ -213,6 +218,7 @@ def test_tool_prints_what_a_deployer_needs(exported, tmp_path, capsys):
         assert line in text
 
 
+@pytest.mark.slow
 def test_readme_snippet_preprocesses_like_the_test_transform_and_matches_pytorch(exported, tmp_path, monkeypatch):
     import re
     import shutil

@@ -26,35 +26,9 @@ from utils.fileio import TMP_PREFIX, TMP_SUFFIX
 from config.resume import resume_config
 from utils.run_dir import RunLock
 
-from test_training import DEMO
+from tests.helpers import DEMO, TINY, one_line_error, snapshot, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "2",
-        "DATALOADER.NUM_WORKERS", "0", "SOLVER.STAGE1.MAX_EPOCHS", "1", "SOLVER.STAGE1.IMS_PER_BATCH", "12",
-        "SOLVER.STAGE2.MAX_EPOCHS", "2", "SOLVER.STAGE2.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2",
-        "SOLVER.STAGE2.EVAL_PERIOD", "2", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "1",
-        "SOLVER.STAGE1.CHECKPOINT_PERIOD", "1", "SOLVER.STAGE2.STEPS", "[1, 2]", "TEST.IMS_PER_BATCH", "16"]
-
-
-def train_argv(root, out, *opts):
-    return ["--config_file", DEMO, "DATASETS.ROOT_DIR", str(root), "OUTPUT_DIR", str(out), *TINY, *opts]
-
-
-def one_line_error(capsys, *names):
-    """The captured stderr is one `error: ...` line naming every item of ``names``."""
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: "), err
-    for n in names:
-        assert str(n) in err, (n, err)
-    assert "Traceback" not in err and "weights_only=False" not in err
-    return err
-
-
-def snapshot(folder):
-    """{name: bytes} of every file directly in ``folder`` (what a fault must not change)."""
-    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, n)) and n != ".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +54,7 @@ def data_copy(tiny_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- one run per folder
+@pytest.mark.slow
 def test_second_run_on_a_locked_folder_fails_at_once(tiny_root, tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c",
@@ -99,6 +74,7 @@ def test_second_run_on_a_locked_folder_fails_at_once(tiny_root, tmp_path, capsys
         pass
 
 
+@pytest.mark.slow
 def test_new_run_refuses_a_folder_holding_a_run(tiny_root, run_copy, capsys):
     before = snapshot(run_copy)
     assert train_svllreid.main(train_argv(tiny_root, run_copy)) == 2
@@ -106,6 +82,7 @@ def test_new_run_refuses_a_folder_holding_a_run(tiny_root, run_copy, capsys):
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_overwrite_moves_the_previous_run_aside(tiny_root, run_copy, monkeypatch):
     before = snapshot(run_copy)
     # start over, but stop at the first saved state (no need to train the whole run)
@@ -123,6 +100,7 @@ def _raise(exc):
     return f
 
 
+@pytest.mark.slow
 def test_resume_uses_the_saved_config_and_refuses_conflicts(tiny_root, run_copy, capsys):
     # the run was made with STAGE2.MAX_EPOCHS 2; resuming without a config file reads it back
     cfg = resume_config("", ["OUTPUT_DIR", str(run_copy)])
@@ -137,6 +115,7 @@ def test_resume_uses_the_saved_config_and_refuses_conflicts(tiny_root, run_copy,
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_with_only_the_folder(run_copy):
     import json
     with open(run_copy / "results.json") as f:
@@ -149,6 +128,7 @@ def test_resume_of_a_finished_run_with_only_the_folder(run_copy):
     assert not stale.exists()     # leftovers of an interrupted write are removed at the next start
 
 
+@pytest.mark.slow
 def test_files_follow_the_umask(run_copy):
     mode = 0o666 & ~_umask()
     for name in ("last.pth", "ViT-B-16_2.pth", "results.json", "config.yaml", "train_log.txt"):
@@ -162,6 +142,7 @@ def _umask():
 
 
 # ----------------------------------------------------------------------------- divergence
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_finite_state(tiny_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     original = stage2_mod.stage2_forward_loss
@@ -188,6 +169,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_finite_state(tiny_root, tmp_p
         assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_is_caught(tiny_root, tmp_path, capsys):
     """A real divergence (no patching): SGD at an absurd learning rate."""
     out = tmp_path / "out"
@@ -208,6 +190,7 @@ def test_checkpoint_with_non_finite_values_is_never_written(tmp_path):
     assert path.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_evaluation_refuses_non_finite_features(finished_run, tiny_root, tmp_path, capsys):
     sd = load_file(str(finished_run / "ViT-B-16_2.pth"))
     sd["bottleneck.running_mean"][0] = float("nan")
@@ -358,6 +341,7 @@ def _damaged_files(tmp_path, good):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated", "empty", "text", "garbage", "pickle", "object pickle", "torch list"])
 def test_damaged_test_weight(finished_run, tiny_root, tmp_path, kind, capsys):
     weight = _damaged_files(tmp_path, finished_run / "ViT-B-16_2.pth")[kind]
@@ -368,6 +352,7 @@ def test_damaged_test_weight(finished_run, tiny_root, tmp_path, kind, capsys):
         assert "damaged" in err and "weights_only" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated", "empty", "text", "pickle", "torch list"])
 def test_damaged_last_pth(run_copy, kind, capsys):
     src = _damaged_files(run_copy.parent, run_copy / "last.pth")[kind]
@@ -400,6 +385,7 @@ def test_full_disk_names_the_file_and_keeps_the_previous_one(small_disk):
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_resumable(tiny_root, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SVLLREID_NO_TQDM": "1", "OMP_NUM_THREADS": "1"}

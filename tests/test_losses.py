@@ -220,6 +220,7 @@ def _simclr_ddp_worker(rank: int, world: int, init_file: str, n: int, out: str):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_simclr_under_ddp_matches_single_process(tmp_path):
     world, n = 2, 3
     a, b = _simclr_views(world, n)

@@ -4,44 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score
 
 from config import get_default_config
 from utils import metrics
 from utils.metrics import (R1_mAP_eval, cosine_distance, distance_blocks, euclidean_distance, eval_func,
                            evaluate)
 
+from tests.helpers import assert_same, loop_eval, sklearn_map
+
 
 # ----------------------------------------------------------------------------- references
-def loop_eval(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """Plain per-query Market protocol (stable argsort; CMC padded with its last value)."""
-    cmcs, aps, inps = [], [], []
-    for i in range(distmat.shape[0]):
-        order = np.argsort(distmat[i], kind="stable")
-        keep = ~((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i]))
-        hits = (g_pids[order][keep] == q_pids[i]).astype(np.float64)
-        if not hits.any():
-            continue
-        cmc = np.minimum(np.cumsum(hits), 1.0)
-        cmc = np.concatenate([cmc, np.full(max(0, max_rank - len(cmc)), cmc[-1])])[:max_rank]
-        cmcs.append(cmc)
-        ranks = np.flatnonzero(hits) + 1
-        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
-        inps.append(len(ranks) / ranks[-1])
-    return np.mean(cmcs, axis=0), float(np.mean(aps)), float(np.mean(inps))
-
-
-def sklearn_map(distmat, q_pids, g_pids, q_camids, g_camids):
-    """mAP via sklearn average_precision_score on the negated distances per query."""
-    aps = []
-    for i in range(distmat.shape[0]):
-        keep = ~((g_pids == q_pids[i]) & (g_camids == q_camids[i]))
-        y = g_pids[keep] == q_pids[i]
-        if y.any():
-            aps.append(average_precision_score(y, -distmat[i][keep].astype(np.float64)))
-    return float(np.mean(aps))
-
-
 def has_valid_query(dist, q_pids, g_pids, q_cams, g_cams):
     return any(((g_pids == q_pids[i]) & (g_cams != q_cams[i])).any() for i in range(len(q_pids)))
 
@@ -60,15 +32,6 @@ def random_problem(rng, nq, ng, n_ids, n_cams, distractors=0, dim=None):
     gf = centers[g_pids] + rng.normal(scale=1.0, size=(ng, dim))
     return (torch.tensor(qf, dtype=torch.float32), torch.tensor(gf, dtype=torch.float32),
             q_pids, g_pids, q_cams, g_cams)
-
-
-def assert_same(ours, ref, tol=1e-9):
-    cmc, m_ap, m_inp = ours
-    rcmc, rmap, rinp = ref
-    assert cmc.shape == rcmc.shape
-    np.testing.assert_allclose(cmc, rcmc, rtol=0, atol=tol)
-    assert m_ap == pytest.approx(rmap, abs=tol)
-    assert m_inp == pytest.approx(rinp, abs=tol)
 
 
 @pytest.fixture(params=["sparse_band", "dense_band"])
@@ -95,6 +58,7 @@ def test_distances_match_float64_reference_and_blocking():
 
 
 # ----------------------------------------------------------------------------- eval_func
+@pytest.mark.slow
 @pytest.mark.parametrize("seed,nq,ng,n_ids,n_cams,distractors", [
     (0, 1, 1, 1, 2, 0),
     (1, 5, 7, 3, 2, 0),

@@ -153,6 +153,7 @@ def test_sie_camera_and_view_index():
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ssl_type", ["SIMCLR", "SIMSIAM"])
 def test_rn50_with_vision_ssl(ssl_type):
     """RN50 + vision SSL works (the published code crashed: MLP width taken from the stem)."""
@@ -179,6 +180,7 @@ def test_forward_refuses_an_unknown_mode(vit_model, mode):
         vit_model(torch.randn(2, 3, 128, 64), mode=mode)
 
 
+@pytest.mark.slow
 def test_retrieval_features_with_and_without_camera_labels():
     """One retrieval entry point: camera labels select the SIE row; without them the SIE is dropped
     and that warns once; sie_at_test False leaves SIE out on purpose, silently."""
@@ -213,6 +215,7 @@ def test_retrieval_features_with_and_without_camera_labels():
     assert not none and not plain.has_sie
 
 
+@pytest.mark.slow
 def test_evaluation_features_are_retrieval_features(tiny_root):
     """processor.extract_features (what evaluation ranks) == retrieval_features with the labels."""
     from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader

@@ -27,7 +27,7 @@ from processor.processor_stage1 import _set_stage1_modes
 from solver import make_optimizer_1stage
 from utils.misc import set_seed
 
-from test_training import tiny_cfg
+from tests.helpers import tiny_cfg
 
 make_model_mod = importlib.import_module("model.make_model")   # the module (the package re-exports the function)
 
@@ -66,6 +66,7 @@ def _reference_stage1_step(model, labels, img_f, masks, ssl_weight, temperature)
     return loss + ssl_weight * ssl, ssl
 
 
+@pytest.mark.slow
 def test_text_ssl_head_sees_each_view_alone(tiny_root, tmp_path, monkeypatch):
     cfg = tiny_cfg(tiny_root, tmp_path)
     set_seed(cfg.SOLVER.SEED)
@@ -207,6 +208,7 @@ def test_test_and_stage1_transforms_resize_bilinearly(tiny_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- SSL erasing area
+@pytest.mark.slow
 def test_ssl_views_erase_33_percent(tiny_root, tmp_path):
     cfg = tiny_cfg(tiny_root, tmp_path, "INPUT.RE_PROB", "1.0")
     erase = build_ssl_transform(cfg).transforms[-1]

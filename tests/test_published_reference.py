@@ -72,6 +72,7 @@ def test_published_eval_shrinks_max_rank_to_the_gallery():
     assert m_ap == pytest.approx(p_map, abs=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed,nq,ng,k1,k2,lam", [
     (0, 10, 50, 20, 6, 0.3),
     (1, 40, 300, 20, 6, 0.3),

@@ -17,7 +17,7 @@ from solver import make_optimizer_1stage, make_optimizer_2stage
 from utils.misc import set_seed
 from datasets import make_dataloader
 
-from test_training import tiny_cfg
+from tests.helpers import tiny_cfg
 
 PINNED = {
     "stage1": {"i2t": 2.881927490234375, "t2i": 4.325069904327393, "ssl": 0.4812147319316864},

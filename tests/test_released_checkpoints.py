@@ -129,6 +129,7 @@ def test_our_checkpoints_load_into_the_published_code(name):
         assert not not_written, f"{name}: published keys we do not write: {sorted(not_written)[:5]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_published_checkpoints_load_for_evaluation(name, caplog):
     """A state dict with exactly the published layout (all five) loads into our model sized from it

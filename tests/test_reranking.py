@@ -49,6 +49,7 @@ def test_matches_published_loop(seed, nq, ng, k1, k2, lam, block):
     assert_matches_reference(qf, gf, k1, k2, lam, block_size=block)
 
 
+@pytest.mark.slow
 def test_small_work_budgets_give_the_same_result(monkeypatch):
     """Chunked sparse steps (expansion sets, query expansion, jaccard join) agree when the
     chunks are forced down to a handful of rows/pairs."""

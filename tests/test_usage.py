@@ -23,7 +23,7 @@ from utils.checkpoint import load_model_weights
 from utils.metrics import eval_func, pairwise_distance
 from utils.record import read_metrics
 
-from test_training import DEMO, _opts_of, tiny_cfg
+from tests.helpers import DEMO, opts_of, tiny_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -45,7 +45,7 @@ def trained(tiny_root, tmp_path_factory):
     """A tiny 2+2-epoch run through the CLI, stdout and stderr redirected to files (not a terminal)."""
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_cfg(tiny_root, out, *LOG_OPTS)
-    opts = [kv for k in ("OUTPUT_DIR",) for kv in (k, str(out))] + _opts_of(cfg) + [
+    opts = [kv for k in ("OUTPUT_DIR",) for kv in (k, str(out))] + opts_of(cfg) + [
         "INPUT.PADDING", "2", "SOLVER.STAGE1.MAX_EPOCHS", "2", "SOLVER.STAGE1.IMS_PER_BATCH", "12",
         "SOLVER.STAGE2.MAX_EPOCHS", "2", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "2", "SOLVER.STAGE1.CHECKPOINT_PERIOD", "2",
         "SOLVER.STAGE2.STEPS", "[1, 2]", "TEST.IMS_PER_BATCH", "16", *LOG_OPTS]
@@ -59,6 +59,7 @@ def trained(tiny_root, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- training record
+@pytest.mark.slow
 def test_metrics_jsonl_has_a_line_per_log_period(trained):
     cfg, out, _ = trained
     recs = read_metrics(str(out / "metrics.jsonl"))
@@ -80,6 +81,7 @@ def test_metrics_jsonl_has_a_line_per_log_period(trained):
     assert evals[-1]["R1"] == final["cmc"][0] and evals[-1]["mINP"] == final["mINP"]
 
 
+@pytest.mark.slow
 def test_tensorboard_has_the_same_scalars(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     _, out, _ = trained
@@ -94,6 +96,7 @@ def test_tensorboard_has_the_same_scalars(trained):
         [r["mAP"] for r in recs if r["kind"] == "eval"])
 
 
+@pytest.mark.slow
 def test_curves_png_written(trained, tmp_path, capsys):
     _, out, _ = trained
     assert _is_png(out / "curves.png", min_w=1000, min_h=300)
@@ -104,6 +107,7 @@ def test_curves_png_written(trained, tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_redirected_output_has_no_progress_bars(trained):
     _, out, _ = trained
     stdout, stderr = (out / "stdout.txt").read_text(), (out / "stderr.txt").read_text()
@@ -165,6 +169,7 @@ def _run_extract(cfg, opts, weight, images, out, *extra):
                               "TEST.WEIGHT", weight])
 
 
+@pytest.mark.slow
 def test_extract_features_equals_evaluation(trained, image_dir, tmp_path, capsys):
     cfg, run, opts = trained
     weight = str(run / "ViT-B-16_2.pth")
@@ -192,6 +197,7 @@ def test_extract_features_equals_evaluation(trained, image_dir, tmp_path, capsys
     assert "broken.jpg" in capsys.readouterr().out   # listed at the end of the run
 
 
+@pytest.mark.slow
 def test_extract_features_camera_option_and_sie_warning(trained, image_dir, tmp_path, capsys):
     cfg, run, opts = trained
     weight = str(run / "ViT-B-16_2.pth")
@@ -206,6 +212,7 @@ def test_extract_features_camera_option_and_sie_warning(trained, image_dir, tmp_
     assert not np.allclose(za["features"][gray], zb["features"][gray])   # SIE is used with the label
 
 
+@pytest.mark.slow
 def test_names_and_cameras_beyond_the_model(trained, image_dir, tmp_path, capsys):
     from processor.folder_inference import parse_name
     assert parse_name("0002_c1s1_000451_03.jpg") == (2, 0) and parse_name("0001_c001_00016450_0.jpg") == (1, 0)
@@ -221,6 +228,7 @@ def test_names_and_cameras_beyond_the_model(trained, image_dir, tmp_path, capsys
     assert "camera beyond the model's 2" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_extract_features_bad_input(trained, image_dir, tmp_path, capsys):
     cfg, run, opts = trained
     weight = str(run / "ViT-B-16_2.pth")
@@ -246,6 +254,7 @@ def _extract_query_and_gallery(cfg, opts, weight, image_dir, tmp_path):
     return np.load(tmp_path / "q.npz"), np.load(tmp_path / "g.npz")
 
 
+@pytest.mark.slow
 def test_search_topk_equals_independent_argsort(trained, image_dir, tmp_path, capsys):
     cfg, run, opts = trained
     weight = str(run / "ViT-B-16_2.pth")
@@ -282,6 +291,7 @@ def test_search_topk_equals_independent_argsort(trained, image_dir, tmp_path, ca
         [g["paths"][j] for j in np.argsort(dist[0], kind="stable")[:3]]
 
 
+@pytest.mark.slow
 def test_search_rerank_and_cosine_follow_the_config(trained, image_dir, tmp_path):
     cfg, run, opts = trained
     weight = str(run / "ViT-B-16_2.pth")
@@ -303,6 +313,7 @@ def test_search_rerank_and_cosine_follow_the_config(trained, image_dir, tmp_path
             assert "picture" not in entry
 
 
+@pytest.mark.slow
 def test_search_bad_input(trained, image_dir, tmp_path, capsys):
     cfg, run, opts = trained
     weight = str(run / "ViT-B-16_2.pth")
@@ -324,6 +335,7 @@ def test_search_bad_input(trained, image_dir, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- evaluation pictures
+@pytest.mark.slow
 def test_per_query_ap_matches_the_evaluation(trained):
     from utils.visualize import per_query_ap
     cfg, run, _ = trained
@@ -341,6 +353,7 @@ def test_per_query_ap_matches_the_evaluation(trained):
     assert evaluate_features(cfg, feats, pids, camids, nq)["mAP"] == pytest.approx(mAP, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_test_visualize_writes_cmc_and_ranked_lists(trained, tmp_path):
     cfg, run, opts = trained
     out = tmp_path / "eval"

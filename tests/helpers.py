@@ -1,0 +1,161 @@
+"""Helpers shared by the test modules: the tiny synthetic set and training options, the
+one-line error check, the config flattener, and the plain ranking references.
+
+Test modules import from here (or from ``tests.reference``), never from one another, so
+that each module can be moved, marked or run on its own.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs/demo/vit_svllreid_demo.yml")
+
+# ----------------------------------------------------------------------------- the tiny synthetic set
+#: The spec of the session's ``tiny_root`` set: 8 train ids, 4 test ids, 2 cameras, 64x32 images.
+TINY_SPEC: dict[str, int] = dict(num_train_ids=8, num_test_ids=4, num_cams=2, images_per_cam=2, query_cams=1,
+                                 num_distractors=2, num_junk=1, height=64, width=32, seed=3)
+
+
+def synthetic_set(out: Any, **changes: int) -> str:
+    """Write the tiny synthetic Market-format set (:data:`TINY_SPEC`, fields in ``changes``
+    replaced) under ``out`` and return its path; the one way tests build a synthetic set."""
+    from datasets.synthetic import SyntheticSpec, generate_synthetic
+    generate_synthetic(str(out), SyntheticSpec(**{**TINY_SPEC, **changes}))
+    return str(out)
+
+
+# ----------------------------------------------------------------------------- tiny trainings
+#: Overrides that make the demo config a training of seconds (1 + 2 epochs, 64x32 images).
+TINY = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "2",
+        "DATALOADER.NUM_WORKERS", "0", "SOLVER.STAGE1.MAX_EPOCHS", "1", "SOLVER.STAGE1.IMS_PER_BATCH", "12",
+        "SOLVER.STAGE2.MAX_EPOCHS", "2", "SOLVER.STAGE2.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2",
+        "SOLVER.STAGE2.EVAL_PERIOD", "2", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "1",
+        "SOLVER.STAGE1.CHECKPOINT_PERIOD", "1", "SOLVER.STAGE2.STEPS", "[1, 2]", "TEST.IMS_PER_BATCH", "16"]
+
+
+def train_argv(root: Any, out: Any, *opts: str) -> list[str]:
+    """Command line of ``train_svllreid.py`` for a tiny run of the demo config on ``root``."""
+    return ["--config_file", DEMO, "DATASETS.ROOT_DIR", str(root), "OUTPUT_DIR", str(out), *TINY, *opts]
+
+
+def tiny_cfg(root: Any, out: Any, *opts: str) -> Any:
+    """The demo config for a tiny 2 + 2 epoch training on ``root``, written to ``out``."""
+    from config import load_config
+    return load_config(DEMO, [
+        "DATASETS.ROOT_DIR", root, "OUTPUT_DIR", str(out), "INPUT.SIZE_TRAIN", "[64, 32]",
+        "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PADDING", "2", "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.STAGE1.MAX_EPOCHS", "2", "SOLVER.STAGE1.IMS_PER_BATCH", "12",
+        "SOLVER.STAGE2.MAX_EPOCHS", "2", "SOLVER.STAGE2.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2",
+        "SOLVER.STAGE2.EVAL_PERIOD", "2", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "2",
+        "SOLVER.STAGE1.CHECKPOINT_PERIOD", "2", "SOLVER.STAGE2.STEPS", "[1, 2]", "TEST.IMS_PER_BATCH", "16",
+        *opts])
+
+
+def opts_of(cfg: Any) -> list[str]:
+    """The command-line overrides that give the test script the data and input size of ``cfg``."""
+    keys = ["DATASETS.ROOT_DIR", "INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "DATALOADER.NUM_WORKERS",
+            "DATALOADER.NUM_INSTANCE", "SOLVER.STAGE2.IMS_PER_BATCH"]
+    opts = []
+    for k in keys:
+        node = cfg
+        for part in k.split("."):
+            node = node[part]
+        opts += [k, str(list(node)) if isinstance(node, (list, tuple)) else str(node)]
+    return opts
+
+
+def fake_vehicleid(root: str, train_ids: int = 6, test_ids: int = 4, per_id: int = 3) -> None:
+    """A VehicleID_V1.0 tree with tiny colour-coded JPEGs (one colour family per identity)."""
+    from PIL import Image
+    base = os.path.join(root, "VehicleID_V1.0")
+    os.makedirs(os.path.join(base, "image"))
+    os.makedirs(os.path.join(base, "train_test_split"))
+    g = torch.Generator().manual_seed(0)
+    lines = {"train_list.txt": [], "test_list_800.txt": []}
+    splits = (("train_list.txt", range(100, 100 + train_ids)), ("test_list_800.txt", range(500, 500 + test_ids)))
+    for split, pids in splits:
+        for pid in pids:
+            colour = torch.rand(3, generator=g)
+            for k in range(per_id):
+                name = f"{pid:07d}{k}"
+                arr = (colour.view(1, 1, 3) * 40 + 200 * torch.rand(64, 32, 3, generator=g)).clamp(0, 255)
+                Image.fromarray(arr.to(torch.uint8).numpy()).save(os.path.join(base, "image", name + ".jpg"))
+                lines[split].append(f"{name} {pid}")
+    for split, ls in lines.items():
+        with open(os.path.join(base, "train_test_split", split), "w") as f:
+            f.write("\n".join(ls) + "\n")
+
+
+# ----------------------------------------------------------------------------- faults
+def one_line_error(capsys: Any, *names: Any) -> str:
+    """The captured stderr is one `error: ...` line naming every item of ``names``."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: "), err
+    for n in names:
+        assert str(n) in err, (n, err)
+    assert "Traceback" not in err and "weights_only=False" not in err
+    return err
+
+
+def snapshot(folder: Any) -> dict[str, bytes]:
+    """{name: bytes} of every file directly in ``folder`` (what a fault must not change)."""
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, n)) and n != ".lock"}
+
+
+# ----------------------------------------------------------------------------- configs
+def flat_config(node: Any) -> dict[str, Any]:
+    """``{"A.B.C": value}`` of a config node, as the resume-config rules compare configs
+    (tuples read as lists); the project's own flattener, so tests and code agree."""
+    from utils.run_dir import _flatten
+    return _flatten(node)
+
+
+# ----------------------------------------------------------------------------- ranking references
+def loop_eval(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
+              g_camids: np.ndarray, max_rank: int = 50) -> tuple[np.ndarray, float, float]:
+    """Plain per-query Market protocol (stable argsort; CMC padded with its last value)."""
+    cmcs, aps, inps = [], [], []
+    for i in range(distmat.shape[0]):
+        order = np.argsort(distmat[i], kind="stable")
+        keep = ~((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i]))
+        hits = (g_pids[order][keep] == q_pids[i]).astype(np.float64)
+        if not hits.any():
+            continue
+        cmc = np.minimum(np.cumsum(hits), 1.0)
+        cmc = np.concatenate([cmc, np.full(max(0, max_rank - len(cmc)), cmc[-1])])[:max_rank]
+        cmcs.append(cmc)
+        ranks = np.flatnonzero(hits) + 1
+        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+        inps.append(len(ranks) / ranks[-1])
+    return np.mean(cmcs, axis=0), float(np.mean(aps)), float(np.mean(inps))
+
+
+def sklearn_map(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
+                g_camids: np.ndarray) -> float:
+    """mAP via sklearn average_precision_score on the negated distances per query."""
+    from sklearn.metrics import average_precision_score
+    aps = []
+    for i in range(distmat.shape[0]):
+        keep = ~((g_pids == q_pids[i]) & (g_camids == q_camids[i]))
+        y = g_pids[keep] == q_pids[i]
+        if y.any():
+            aps.append(average_precision_score(y, -distmat[i][keep].astype(np.float64)))
+    return float(np.mean(aps))
+
+
+def assert_same(ours: tuple, ref: tuple, tol: float = 1e-9) -> None:
+    """``(cmc, mAP, mINP)`` of ours equal the reference's within ``tol``."""
+    cmc, m_ap, m_inp = ours
+    rcmc, rmap, rinp = ref
+    assert cmc.shape == rcmc.shape
+    np.testing.assert_allclose(cmc, rcmc, rtol=0, atol=tol)
+    assert m_ap == pytest.approx(rmap, abs=tol)
+    assert m_inp == pytest.approx(rinp, abs=tol)
