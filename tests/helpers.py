@@ -114,7 +114,7 @@ def snapshot(folder: Any) -> dict[str, bytes]:
 def flat_config(node: Any) -> dict[str, Any]:
     """``{"A.B.C": value}`` of a config node, as the resume-config rules compare configs
     (tuples read as lists); the project's own flattener, so tests and code agree."""
-    from utils.run_dir import _flatten
+    from config.resume import _flatten
     return _flatten(node)
 
 
