@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import scipy.stats
 
@@ -57,8 +58,13 @@ def test_grid_resumes_after_a_kill_and_reports_what_the_runs_hold(tiny_root, tmp
         assert time.time() < deadline
         time.sleep(0.2)
     time.sleep(1.0)                      # the second run gets going
+    trainings = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the training in flight gets a Ctrl-C when the tool dies (it runs in a session of its own):
+    # it stops by itself and frees its folder
+    gone, alive = psutil.wait_procs(trainings, timeout=300)
+    assert not alive, alive
     kept = (first / "results.json").read_bytes(), (first / "results.json").stat().st_mtime_ns
 
     # the same command again: the finished run is skipped, the rest run, the report is written

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ import yaml  # noqa: E402
 
 from config import ConfigError, load_config  # noqa: E402
 from utils import cli  # noqa: E402
+from utils.entry import Terminated  # noqa: E402
 from utils.fileio import atomic_write, save_figure  # noqa: E402
 from utils.misc import write_json_atomic  # noqa: E402
 from utils.record import METRICS_FILE, read_metrics  # noqa: E402
@@ -228,6 +230,16 @@ def _last_error(log_path: str) -> str:
     return lines[-1] if lines else ""
 
 
+def _interrupt_when_parent_dies() -> None:
+    """In a training's process (Linux): a Ctrl-C when this tool dies, even by ``kill -9``, so the
+    training stops as after a Ctrl-C (its last.pth complete) instead of running on unattended."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def execute(plan: dict[str, Any], out: str, jobs: int, devices: list[str], retry_failed: bool) -> None:
     """Run every unfinished run, ``jobs`` at a time; status.json records how each ended."""
     status_path = os.path.join(out, STATUS_FILE)
@@ -262,8 +274,11 @@ def execute(plan: dict[str, Any], out: str, jobs: int, devices: list[str], retry
                 with open(log, "a") as lf:
                     lf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {run.key} ({states[run.key]})\n")
                     lf.flush()
+                    # own session: a Ctrl-C on the terminal reaches this process only, which
+                    # passes exactly one signal on to each training (below)
                     proc = subprocess.Popen(command(plan, run, states[run.key], device), stdout=lf,
-                                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                            stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+                                            preexec_fn=_interrupt_when_parent_dies)
                 print(f"  start  {run.key}{' (resume)' if states[run.key] == 'partial' else ''}"
                       f"{' on ' + device if device else ''}", flush=True)
                 active[proc.pid] = (proc, run, time.time(), slot, log)
@@ -284,15 +299,20 @@ def execute(plan: dict[str, Any], out: str, jobs: int, devices: list[str], retry
                     left = len(pending) + len(active)   # estimated from the mean finished run
                     eta = f"; about {run_seconds / n_done * math.ceil(left / jobs) / 60:.0f} min left" if left else ""
                     print(f"  done   {run.key} in {seconds:.0f} s{eta}", flush=True)
-                elif rc in (130, -2):
+                elif rc in (130, 143, -signal.SIGINT, -signal.SIGTERM):   # stopped by a signal of its own
                     raise KeyboardInterrupt
                 else:
                     entry.update(state="failed", message=_last_error(log))
                     print(f"  FAILED {run.key} (exit {rc}): {entry['message']} (log: {log})", flush=True)
                 status[run.key] = entry
                 write_json_atomic(status_path, status)
-    except KeyboardInterrupt:
-        for proc, *_ in active.values():   # the children got the Ctrl-C too: let them write last.pth
+    except KeyboardInterrupt as e:
+        # pass the Ctrl-C / SIGTERM on to each training and let it finish its last.pth
+        sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        for proc, *_ in active.values():
+            if proc.poll() is None:
+                proc.send_signal(sig)
+        for proc, *_ in active.values():
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
