@@ -9,11 +9,13 @@ SYNTH  := data/synthetic
 
 all: test
 
-# (Re)install when the requirement files change.
-$(STAMP): requirements.txt requirements-dev.txt
+# (Re)install when the requirement files or the package definition change: the pinned
+# dependencies with every extra, the test tools, then the project itself as an editable package.
+$(STAMP): pyproject.toml requirements.txt requirements-export.txt requirements-record.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=compat
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -24,7 +26,7 @@ data: $(STAMP)
 demo: $(STAMP) data
 	$(PY) tools/run_demo.py --config_file configs/demo/vit_svllreid_demo.yml
 
-# Fast tier: every test module's quick tests (about a minute). test-all adds the tests marked
+# Fast tier: every test module's quick tests (about a minute after installation). test-all adds the tests marked
 # `slow` (end-to-end trainings, subprocesses, ONNX export, the demo); CI runs test-all.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

@@ -21,9 +21,11 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from utils.entry import guard_startup  # stdlib only: imported before the slow imports
+
 guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
 import numpy as np

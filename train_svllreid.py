@@ -15,9 +15,11 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from utils.entry import guard_startup  # stdlib only: imported before the slow imports
+
 guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
 import torch
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from config import load_config
+from config.resume import resume_config
 from datasets import make_dataloader
 from datasets.bases import dataset_identity
 from datasets.make_dataloader import build_dataset_from_cfg
@@ -34,12 +37,11 @@ from processor import Stage2Criteria, do_inference, do_train_stage1, do_train_st
 from processor.position import POSITION
 from processor.train_state import load_train_state
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
-from utils.dist import broadcast_object, cleanup, get_world_size, init_distributed, is_dist, is_main_process
 from utils import cli
+from utils.dist import broadcast_object, cleanup, get_world_size, init_distributed, is_dist, is_main_process
 from utils.logger import setup_logger
 from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
 from utils.record import TrainingRecord, write_curves
-from config.resume import resume_config
 from utils.run_dir import CONFIG_FILE, RunError, RunLock, prepare_output_dir, save_run_config
 
 

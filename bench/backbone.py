@@ -20,13 +20,10 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Tuple
-
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from collections.abc import Callable
 
 import open_clip  # noqa: E402
+import torch
 
 from model.clip import build_model  # noqa: E402
 
@@ -38,7 +35,7 @@ class PeakMemory:
         self.device = device
         self.peak = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -68,7 +65,7 @@ class PeakMemory:
             self.peak = self._max - self._base
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> Tuple[float, int]:
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, int]:
     with PeakMemory(device) as mem:
         start = time.perf_counter()
         fn()
@@ -78,13 +75,13 @@ def timed(fn: Callable[[], None], device: torch.device) -> Tuple[float, int]:
     return elapsed, mem.peak
 
 
-def compare(cases: Dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> Dict[str, dict]:
+def compare(cases: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int) -> dict[str, dict]:
     """Run the cases round-robin (warm-up first); return per-case timing and memory stats."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
-    times: Dict[str, List[float]] = {k: [] for k in cases}
-    peaks: Dict[str, int] = {k: 0 for k in cases}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    peaks: dict[str, int] = {k: 0 for k in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
             t, peak = timed(fn, device)
@@ -93,7 +90,7 @@ def compare(cases: Dict[str, Callable[[], None]], device: torch.device, warmup: 
     return {k: {"median": statistics.median(v), "min": min(v), "peak": peaks[k]} for k, v in times.items()}
 
 
-def report(title: str, stats: Dict[str, dict], batch: int, baselines: Dict[str, str]) -> None:
+def report(title: str, stats: dict[str, dict], batch: int, baselines: dict[str, str]) -> None:
     """Print the table; ``baselines`` maps a row to the open_clip row on the same input."""
     print(f"\n{title}")
     print(f"  {'model':<34} {'median s':>9} {'min s':>8} {'img/s':>7} {'peak MiB':>9}  "

@@ -49,8 +49,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MARKET = dict(num_query=3368, num_gallery=15913, ids=750, cams=6)
 HARD_OCCLUDED = 0.22  # share of occluded images in the metrics-hard problem

@@ -16,21 +16,17 @@ import argparse
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
+import onnxruntime as ort  # noqa: E402
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import onnxruntime as ort  # noqa: E402
-
 from config import load_config  # noqa: E402
-from processor.onnx_export import IMAGE_INPUT, OUTPUT_NAME, export_graph, side_inputs  # noqa: E402
 from model import make_model  # noqa: E402
+from processor.onnx_export import IMAGE_INPUT, OUTPUT_NAME, export_graph, side_inputs  # noqa: E402
 
 MODELS = {   # name: (label, config overrides)
     "vit12": ("ViT-B-16 stride 12 (21x10), camera SIE",

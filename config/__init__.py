@@ -11,7 +11,8 @@ from __future__ import annotations
 import ast
 import copy
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import yaml
 from yacs.config import CfgNode as _YacsNode
@@ -148,12 +149,12 @@ class CfgNode(_YacsNode):
     """yacs CfgNode with yes/no-preserving YAML, word/bool coercion and validation on freeze."""
 
     @classmethod
-    def _load_cfg_from_yaml_str(cls, str_obj: str) -> "CfgNode":
+    def _load_cfg_from_yaml_str(cls, str_obj: str) -> CfgNode:
         return cls(yaml.load(str_obj, Loader=_KeepWordsLoader))
 
     def merge_from_file(self, cfg_filename: str) -> None:
         try:
-            with open(cfg_filename, "r") as f:
+            with open(cfg_filename) as f:
                 loaded = yaml.load(f, Loader=_KeepWordsLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {cfg_filename}") from None

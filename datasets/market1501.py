@@ -8,10 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
-from .bases import (BaseImageDataset, dataset_image_names, report_unparsed,
-                    require_dirs, resolve_dataset_dir)
+from .bases import BaseImageDataset, dataset_image_names, report_unparsed, require_dirs, resolve_dataset_dir
 
 __all__ = ["MarketStyleDataset", "Market1501", "parse_market_name", "is_junk_name", "JUNK_PID"]
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .bases import (BaseImageDataset, DatasetLayoutError, Sample, report_unparsed,
-                    require_dirs, resolve_dataset_dir)
+from .bases import BaseImageDataset, DatasetLayoutError, Sample, report_unparsed, require_dirs, resolve_dataset_dir
 
 __all__ = ["MSMT17"]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

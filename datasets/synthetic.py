@@ -435,7 +435,7 @@ def pixel_baseline(root: str, size: tuple[int, int] = (16, 8)) -> dict[str, floa
     """
     import torch
 
-    from utils.metrics import eval_func, euclidean_distance
+    from utils.metrics import euclidean_distance, eval_func
 
     from .folder import FolderDataset
 

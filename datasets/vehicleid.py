@@ -11,8 +11,15 @@ from collections import defaultdict
 
 import numpy as np
 
-from .bases import (BaseImageDataset, DatasetError, DatasetLayoutError, Sample, report_unparsed,
-                    require_dirs, resolve_dataset_dir)
+from .bases import (
+    BaseImageDataset,
+    DatasetError,
+    DatasetLayoutError,
+    Sample,
+    report_unparsed,
+    require_dirs,
+    resolve_dataset_dir,
+)
 
 __all__ = ["VehicleID"]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from .bases import DatasetLayoutError, report_unparsed
 from .market1501 import MarketStyleDataset

@@ -1,7 +1,7 @@
 """Stage-2 ReID objective assembled from the config, plus the SSL loss factory."""
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ from .triplet_loss import TripletLoss
 
 __all__ = ["make_loss", "make_id_loss", "make_ssl_loss", "LossFunc"]
 
-TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+TensorOrList = torch.Tensor | Sequence[torch.Tensor]
 # loss_func(score, feat, target, target_cam=None, i2tscore=None) -> (total, parts)
 LossFunc = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 

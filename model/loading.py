@@ -20,14 +20,14 @@ import functools
 import logging
 import os
 import subprocess
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from config import ConfigError
-from utils.checkpoint import CheckpointMismatchError, metadata_path, read_metadata, read_state_dict
-from utils.checkpoint import METADATA_FORMAT
+from utils.checkpoint import METADATA_FORMAT, CheckpointMismatchError, metadata_path, read_metadata, read_state_dict
 
 from . import clip
 from .make_model import SVLLReID, SVLLReIDOptions, feature_grid, model_options_from_cfg

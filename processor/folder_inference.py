@@ -11,8 +11,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,7 +144,7 @@ class FeatureSet:
         atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
-    def load(cls, path: str) -> "FeatureSet":
+    def load(cls, path: str) -> FeatureSet:
         """Read a file written by :meth:`save` (clear errors for anything else)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such feature file: {path}")

@@ -22,8 +22,9 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from config import ConfigError
 from datasets.transforms import TEST_INTERPOLATION, build_transforms
 from model import SVLLReID, load_for_inference
 from model.loading import camera_numbers
+from utils.errors import import_extra
 from utils.fileio import follow_umask
 from utils.images import IMAGE_EXTENSIONS, list_images, read_image
 
@@ -135,7 +137,7 @@ def _side_values(info: Mapping[str, Any], side: Sequence[str], n: int,
 def export_graph(model: SVLLReID, info: Mapping[str, Any], path: str, meta: Mapping[str, str],
                  input_size: Sequence[int], batch: int = 2, opset: int = DEFAULT_OPSET) -> None:
     """Export the retrieval graph (dynamic batch) to one self-contained ``.onnx`` file with ``meta``."""
-    import onnx
+    onnx = import_extra("onnx", "export")
     side = side_inputs(info)
     graph = RetrievalGraph(model, side).eval()
     h, w = (int(v) for v in input_size)
@@ -230,7 +232,7 @@ def _torch_features(model: SVLLReID, side: Sequence[str], x: torch.Tensor,
 def compare(path: str, model: SVLLReID, info: Mapping[str, Any], images: torch.Tensor,
             ids: Mapping[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """Max abs difference onnxruntime vs PyTorch eval features, for the whole batch and image 0 alone."""
-    import onnxruntime as ort
+    ort = import_extra("onnxruntime", "export")
     side = side_inputs(info)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     values = _side_values(info, side, images.shape[0], ids)
@@ -270,7 +272,7 @@ def export(cfg: Any, out: str, batch: int = 2, verify_batch: int = 5, opset: int
     Raises ``ExportVerificationError`` (and leaves no file at ``out``) when onnxruntime differs
     from PyTorch by more than ``atol`` on the verification batch or on a single image.
     """
-    import onnx
+    onnx = import_extra("onnx", "export")
     t0 = time.perf_counter()
     dataset, why_not = eval_dataset(cfg)
     model, info = load_for_inference(cfg, dataset)
@@ -308,5 +310,5 @@ def export(cfg: Any, out: str, batch: int = 2, verify_batch: int = 5, opset: int
 
 def read_onnx_metadata(path: str) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file."""
-    import onnx
+    onnx = import_extra("onnx", "export")
     return {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,11 +23,11 @@ from utils.record import NULL_RECORD, TrainingRecord
 
 from .amp import autocast, make_scaler, optimizer_step
 from .batches import eval_mode, set_loader_epoch, to_device
+from .inference import do_inference
 from .meters import EpochMeters
 from .position import check_finite_loss
 from .progress import progress
 from .train_state import is_due, restore_rng, resume_stage, save_epoch_weights, save_train_state
-from .inference import do_inference
 
 logger = logging.getLogger("svllreid")
 

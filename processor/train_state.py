@@ -10,8 +10,15 @@ import torch.nn as nn
 
 from config.resume import check_train_state
 from model.loading import checkpoint_metadata
-from utils.checkpoint import (load_file, load_model_weights, model_state, non_finite_keys, save_atomic, unwrap,
-                              write_metadata)
+from utils.checkpoint import (
+    load_file,
+    load_model_weights,
+    model_state,
+    non_finite_keys,
+    save_atomic,
+    unwrap,
+    write_metadata,
+)
 from utils.dist import all_gather_object, get_rank, get_world_size, is_main_process
 from utils.fileio import ctrl_c_deferred
 from utils.misc import rng_state, set_rng_state

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,7 @@ def group_params(
     Groups keep first-seen order and carry the parameter names under ``'param_names'``
     (used only for inspection/logging).
     """
-    groups: "OrderedDict[tuple[float, float], dict]" = OrderedDict()
+    groups: OrderedDict[tuple[float, float], dict] = OrderedDict()
     for name, param, lr, wd in named:
         group = groups.setdefault((lr, wd), {"params": [], "param_names": [], "lr": lr, "weight_decay": wd})
         group["params"].append(param)

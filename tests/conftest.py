@@ -1,4 +1,4 @@
-"""Test set-up: the repo root on sys.path, quiet progress bars, few threads, the ``slow``
+"""Test set-up: quiet progress bars, few threads, the ``slow``
 marker, and the session's tiny synthetic set.
 
 Two tiers: ``make test`` runs ``pytest -m "not slow"`` (every module's quick tests, about a
@@ -7,21 +7,11 @@ trainings, subprocesses, ONNX export and the demo. Shared helpers live in tests/
 """
 import logging
 import os
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 os.environ.setdefault("SVLLREID_NO_TQDM", "1")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Register the ``slow`` marker (so ``--strict-markers`` accepts it)."""
-    config.addinivalue_line("markers", "slow: trains end to end, starts subprocesses, exports ONNX or runs the "
-                                       "demo; left out of `make test`, run by `make test-all`")
 
 
 @pytest.fixture(scope="session")

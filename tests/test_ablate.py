@@ -14,13 +14,11 @@ import psutil
 import pytest
 import scipy.stats
 
+from tests.helpers import DEMO, TINY, one_line_error
+from tools import ablate
 from utils.stats import summarize, welch_interval
 
-from tests.helpers import DEMO, TINY, one_line_error
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import ablate  # noqa: E402
 
 # 1 + 1 epochs, evaluation at the end, no pictures, the report only.
 QUICK = [*TINY, "SOLVER.STAGE2.MAX_EPOCHS", "1", "SOLVER.STAGE2.EVAL_PERIOD", "1",

@@ -13,10 +13,9 @@ import yacs.config
 import test_svllreid
 import train_svllreid
 from config import INERT_KEYS, ConfigError, get_default_config, get_key, load_config
+from loss import make_loss
 from model import make_model
 from solver import make_optimizer_2stage
-from loss import make_loss
-
 from tests.helpers import DEMO, fake_vehicleid, flat_config, tiny_cfg
 
 

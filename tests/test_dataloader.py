@@ -8,9 +8,7 @@ import torch
 import torch.distributed as dist
 
 from config import load_config
-from datasets import (RandomIdentitySampler, RandomIdentitySamplerDDP, ShuffleSampler,
-                      build_dataset, make_dataloader)
-
+from datasets import RandomIdentitySampler, RandomIdentitySamplerDDP, ShuffleSampler, build_dataset, make_dataloader
 from tests.helpers import synthetic_set
 
 H, W = 32, 16

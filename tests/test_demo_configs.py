@@ -12,7 +12,6 @@ from config import get_default_config, load_config
 from model import make_model
 from model.clip import build_random_clip
 from model.clip.model import ModifiedResNet
-
 from tests.helpers import flat_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

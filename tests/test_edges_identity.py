@@ -3,7 +3,6 @@ they were trained on, and the one-line errors when a file does not belong where 
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
@@ -13,13 +12,12 @@ import train_svllreid
 from config import load_config
 from model import make_model
 from processor.train_state import restore_train_state
-from utils.checkpoint import CheckpointMismatchError, load_file
-
 from tests.helpers import DEMO, TINY, one_line_error, snapshot, synthetic_set, train_argv
+from utils.checkpoint import CheckpointMismatchError, load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNN_DEMO = os.path.join(ROOT, "configs/demo/cnn_svllreid_demo.yml")
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+
 
 
 @pytest.fixture(scope="module")
@@ -239,11 +237,10 @@ def test_checkpoint_metadata_holds_the_camera_numbering(gapped_run):
 @pytest.mark.slow
 def test_tools_number_cameras_as_the_training_set(gapped_run, tmp_path, capsys):
     """The tools gave c3 -> row 2 and c7 -> unknown where the datasets give 0 and 1."""
-    import extract_features as extract_tool
-    from processor.folder_inference import FeatureSet
     from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
+    from processor.folder_inference import FeatureSet, load_model
     from processor.inference import extract_features
-    from processor.folder_inference import load_model
+    from tools import extract_features as extract_tool
     data, out = gapped_run
     weight = str(out / "ViT-B-16_2.pth")
     cfg = load_config(DEMO, [*TINY, "DATASETS.ROOT_DIR", str(data), "TEST.WEIGHT", weight])
@@ -314,7 +311,7 @@ def test_divergence_advice_is_one_that_works(tiny_root, tmp_path, monkeypatch, c
     monkeypatch.setattr(train_svllreid, "do_train_stage1", _raise(KeyboardInterrupt))
     assert train_svllreid.main(train_argv(tiny_root, out, "SOLVER.STAGE2.BASE_LR", "0.0001", "--overwrite")) == 130
     # before any state was saved the message does not promise one
-    from processor.position import NonFiniteLossError, POSITION, check_finite_loss
+    from processor.position import POSITION, NonFiniteLossError, check_finite_loss
     monkeypatch.setattr(POSITION, "saved", None)
     with pytest.raises(NonFiniteLossError) as e:
         check_finite_loss({"loss": float("nan")}, 1, 1, 1)
@@ -340,7 +337,7 @@ def test_a_run_that_failed_before_training_does_not_block_the_rerun(tiny_root, t
 
 
 def _extract(images, out, *opts):
-    import extract_features as extract_tool
+    from tools import extract_features as extract_tool
     return extract_tool.main(["--config_file", DEMO, "--images", str(images), "--out", str(out), *opts])
 
 

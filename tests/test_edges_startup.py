@@ -8,7 +8,6 @@ import os
 import pytest
 
 import train_svllreid
-
 from tests.helpers import DEMO, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,12 +80,7 @@ def test_make_clean_removes_only_what_the_demo_and_tests_create(tmp_path):
 # ----------------------------------------------------------------------------- tools: bad arguments
 def _tool(name):
     import importlib
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
+    return importlib.import_module(f"tools.{name}")
 
 
 @pytest.mark.parametrize("args,names", [
@@ -501,6 +495,7 @@ def test_sigterm_during_a_write_completes_the_file_first(tmp_path):
 def test_startup_guard_acts_only_in_the_program_itself():
     """Importing an entry point (as the tests do) leaves the signal handlers alone."""
     import signal
+
     from utils.entry import _exit_during_startup
     _tool("run_demo")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -12,13 +12,11 @@ import test_svllreid
 import train_svllreid
 from config import load_config
 from model import make_model
-
 from tests.helpers import DEMO, one_line_error
+from tools import extract_features as extract_tool
+from tools import search as search_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import extract_features as extract_tool  # noqa: E402
-import search as search_tool  # noqa: E402
 
 SIZE = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "DATALOADER.NUM_WORKERS", "0",
         "TEST.IMS_PER_BATCH", "16"]
@@ -228,8 +226,8 @@ def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, we
     import export_onnx
     import onnx
 
-    from utils.logger import setup_logger
     from processor.onnx_export import opset_of, read_onnx_metadata
+    from utils.logger import setup_logger
     setup_logger("svllreid", None, if_train=False)   # log to this test's stdout (the tool sets up no logger)
     q = os.path.join(tiny_root, "query")
     argv = ["--config_file", DEMO, *_opts(tiny_root, weight), "--images", q, "--verify_batch", "2"]

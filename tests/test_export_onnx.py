@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from config import load_config
+from model import make_model
 from processor import onnx_export
 from processor.onnx_export import export, read_onnx_metadata
-from model import make_model
 from utils.checkpoint import load_model_weights
 
 DEMO = "configs/demo/vit_svllreid_demo.yml"

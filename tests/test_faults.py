@@ -20,13 +20,12 @@ import processor.processor_stage2 as stage2_mod
 import test_svllreid
 import train_svllreid
 from config import ConfigError
+from config.resume import resume_config
 from datasets.bases import read_image
+from tests.helpers import DEMO, TINY, one_line_error, snapshot, train_argv
 from utils.checkpoint import CheckpointError, load_file, save_atomic
 from utils.fileio import TMP_PREFIX, TMP_SUFFIX
-from config.resume import resume_config
 from utils.run_dir import RunLock
-
-from tests.helpers import DEMO, TINY, one_line_error, snapshot, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

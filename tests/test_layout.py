@@ -223,7 +223,7 @@ def test_plot_curves_starts_without_the_heavy_rooms():
     (its imports are too quick for a Ctrl-C to land in them, tests/test_edges_startup.py)."""
     import subprocess
     import sys
-    code = ("import runpy, sys\nsys.argv = ['tools/plot_curves.py', '--help']\nsys.path.insert(0, 'tools')\n"
+    code = ("import runpy, sys\nsys.argv = ['tools/plot_curves.py', '--help']\n"
             "try:\n    runpy.run_path('tools/plot_curves.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'config', 'datasets', 'model',"
             " 'processor'}))\n")

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from config import get_default_config
-from utils import metrics
-from utils.metrics import (R1_mAP_eval, cosine_distance, distance_blocks, euclidean_distance, eval_func,
-                           evaluate)
-
 from tests.helpers import assert_same, loop_eval, sklearn_map
+from utils import metrics
+from utils.metrics import R1_mAP_eval, cosine_distance, distance_blocks, euclidean_distance, eval_func, evaluate
 
 
 # ----------------------------------------------------------------------------- references

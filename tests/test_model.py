@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 
 from config import load_config
-from model import SVLLReID, augment_prompts, make_model, model_options_from_cfg
-from model import clip
+from model import SVLLReID, augment_prompts, clip, make_model, model_options_from_cfg
 from model.make_model import build_clip
 from model.prompts import N_CLS_CTX, N_PREFIX, PromptLearner
 

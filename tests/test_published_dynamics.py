@@ -25,9 +25,8 @@ from loss import SimCLRLoss, SupConLoss
 from model import make_model
 from processor.processor_stage1 import _set_stage1_modes
 from solver import make_optimizer_1stage
-from utils.misc import set_seed
-
 from tests.helpers import tiny_cfg
+from utils.misc import set_seed
 
 make_model_mod = importlib.import_module("model.make_model")   # the module (the package re-exports the function)
 

@@ -8,16 +8,15 @@ commit message.
 import pytest
 import torch
 
+from datasets import make_dataloader
 from loss import SimCLRLoss, SupConLoss, make_loss, make_ssl_loss
 from model import make_model
 from processor.batches import to_device
 from processor.processor_stage1 import cache_image_features
 from processor.processor_stage2 import compute_text_features, stage2_forward_loss
 from solver import make_optimizer_1stage, make_optimizer_2stage
-from utils.misc import set_seed
-from datasets import make_dataloader
-
 from tests.helpers import tiny_cfg
+from utils.misc import set_seed
 
 PINNED = {
     "stage1": {"i2t": 2.881927490234375, "t2i": 4.325069904327393, "ssl": 0.4812147319316864},

@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model.make_model import SVLLReID
-
 from config import load_config
+from model.make_model import SVLLReID
 from solver import (
     WarmupMultiStepLR,
     create_scheduler,

@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
 from datasets import build_dataset
-from datasets.synthetic import (SyntheticSpec, ensure_synthetic, generate_synthetic,
-                                make_camera, make_identity, pixel_baseline, render, _rng)
+from datasets.synthetic import (
+    SyntheticSpec,
+    _rng,
+    ensure_synthetic,
+    generate_synthetic,
+    make_camera,
+    make_identity,
+    pixel_baseline,
+    render,
+)
 
 SMALL = dict(num_train_ids=5, num_test_ids=4, num_cams=3, images_per_cam=2,
              num_distractors=3, num_junk=2, height=48, width=24)
@@ -94,11 +101,7 @@ def test_refuses_to_overwrite_and_ensure_reuses(tmp_path):
 
 
 def test_cli_writes_a_set(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-    try:
-        import make_synthetic
-    finally:
-        sys.path.pop(0)
+    from tools import make_synthetic
     out = str(tmp_path / "cli")
     rc = make_synthetic.main(["--out", out, "--num-ids", "3", "--num-test-ids", "2",
                               "--num-cams", "2", "--images-per-cam", "2", "--height", "32",

@@ -13,14 +13,13 @@ import test_svllreid
 import train_svllreid
 from config import load_config
 from datasets import make_dataloader
+from loss import make_loss, make_ssl_loss
 from model import make_model
 from processor import Stage2Criteria, do_train_stage1, do_train_stage2
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
-from loss import make_loss, make_ssl_loss
+from tests.helpers import DEMO, fake_vehicleid, opts_of, synthetic_set, tiny_cfg
 from utils.checkpoint import CheckpointMismatchError, load_model_weights
 from utils.misc import set_seed
-
-from tests.helpers import DEMO, fake_vehicleid, opts_of, synthetic_set, tiny_cfg
 
 
 def snapshot(model):

@@ -17,18 +17,17 @@ import test_svllreid
 from config import ConfigError
 from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
 from model import make_model
-from processor.progress import progress_enabled
 from processor.inference import evaluate_features, extract_features
+from processor.progress import progress_enabled
+from tests.helpers import DEMO, opts_of, tiny_cfg
+from tools import extract_features as extract_tool
+from tools import search as search_tool
 from utils.checkpoint import load_model_weights
 from utils.metrics import eval_func, pairwise_distance
 from utils.record import read_metrics
 
-from tests.helpers import DEMO, opts_of, tiny_cfg
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import extract_features as extract_tool  # noqa: E402
-import search as search_tool  # noqa: E402
+
 
 LOG_OPTS = ["SOLVER.STAGE1.LOG_PERIOD", "2", "SOLVER.STAGE2.LOG_PERIOD", "1", "SOLVER.STAGE2.EVAL_PERIOD", "1"]
 
@@ -371,7 +370,9 @@ def test_log_lines_lift_the_progress_bar_on_a_terminal():
     """A log line written while a bar is drawn starts at column 0 of its own line (the bar is cleared first)."""
     import io
     import logging
+
     from tqdm import tqdm
+
     from utils.logger import _BarSafeHandler
     buf = io.StringIO()
     log = logging.getLogger("svllreid.test_bar")

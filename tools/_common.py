@@ -3,21 +3,16 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-from typing import Any, Sequence
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from collections.abc import Sequence
+from typing import Any
 
 import torch  # noqa: E402
 
 from config import ConfigError, get_key, load_config  # noqa: E402
-from utils.checkpoint import read_metadata  # noqa: E402
 from processor.folder_inference import camera_row, load_model  # noqa: E402
+from utils.checkpoint import read_metadata  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
 from utils.misc import resolve_device, set_cpu_threads  # noqa: E402
-
 
 # The model's input, which the checkpoint's metadata records: the tools take it from there.
 INPUT_KEYS = ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD")

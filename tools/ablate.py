@@ -27,11 +27,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the slow imports)
+
 guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
 import yaml  # noqa: E402
@@ -39,6 +40,7 @@ import yaml  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.entry import Terminated  # noqa: E402
+from utils.errors import import_extra  # noqa: E402
 from utils.fileio import atomic_write, save_figure  # noqa: E402
 from utils.misc import write_json_atomic  # noqa: E402
 from utils.record import METRICS_FILE, read_metrics  # noqa: E402
@@ -428,9 +430,8 @@ def write_report(out: str) -> list[str]:
 
 def _plot(out: str, plan: dict[str, Any], rows: list[dict[str, Any]], path: str) -> None:
     """Bars (mean, std error bars) with each seed as a point for mAP and R1, and every run's mAP per epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_extra("matplotlib", "record").use("Agg")
+    plt = import_extra("matplotlib.pyplot", "record")
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     x = range(len(rows))

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the slow imports)
-guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
-sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))   # _common, also when imported as tools.export_onnx
 
-from _common import load_tool_config  # noqa: E402
-from processor.onnx_export import (DEFAULT_ATOL, DEFAULT_OPSET, ExportReport, ExportVerificationError,  # noqa: E402
-                                export)
+guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
+
+from processor.onnx_export import DEFAULT_ATOL, DEFAULT_OPSET, ExportReport, ExportVerificationError, export  # noqa: E402
+from tools._common import load_tool_config  # noqa: E402
 from utils import cli  # noqa: E402
 
 

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the slow imports)
+
 guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
-from _common import camera_id, load_model, setup
-
-from utils import cli
 from processor.folder_inference import extract_folder, list_image_files
+from tools._common import camera_id, load_model, setup
+from utils import cli
 
 logger = logging.getLogger("svllreid")
 

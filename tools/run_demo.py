@@ -13,8 +13,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the slow imports)
+
 guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
 from config import load_config  # noqa: E402

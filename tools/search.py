@@ -27,22 +27,29 @@ import logging
 import os
 import shutil
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the slow imports)
-guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
-from _common import camera_id, load_model, setup
+guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
 import numpy as np
 
 from config import ConfigError
 from datasets.market1501 import is_junk_name
+from processor.folder_inference import (
+    FeatureSet,
+    camera_number,
+    distance_matrix,
+    distance_name,
+    extract_folder,
+    feature_signature,
+    list_image_files,
+)
 from processor.inference import check_finite_features
+from tools._common import camera_id, load_model, setup
 from utils import cli
-from processor.folder_inference import (FeatureSet, camera_number, distance_matrix, distance_name, extract_folder,
-                                feature_signature, list_image_files)
 from utils.misc import write_json_atomic
 from utils.run_dir import RunLock
 from utils.visualize import Ranked, draw_ranked_list, match_status, ranked_indices

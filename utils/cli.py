@@ -10,7 +10,7 @@ import argparse
 import os
 import shutil
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .entry import one_line, run_command
 from .errors import UserError

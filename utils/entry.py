@@ -20,8 +20,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

@@ -7,7 +7,10 @@ the training record) refuse config values too; ``config`` re-exports it.
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError"]
+import importlib
+from types import ModuleType
+
+__all__ = ["UserError", "ConfigError", "import_extra"]
 
 
 class UserError(Exception):
@@ -16,3 +19,16 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration value is not allowed."""
+
+
+# The optional parts of the package and what they bring (pyproject.toml, optional-dependencies).
+EXTRAS = {"export": "ONNX export and its onnxruntime check", "record": "pictures (curves, CMC, ranked lists)"}
+
+
+def import_extra(module: str, extra: str) -> ModuleType:
+    """Import ``module`` of an optional extra, or refuse in one line saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{module} is not installed; {EXTRAS[extra]} need it: "
+                        f"pip install -e '.[{extra}]' (make installs every extra)") from None

@@ -15,7 +15,8 @@ import glob
 import os
 import shutil
 import tempfile
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from .entry import signals_deferred
 

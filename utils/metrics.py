@@ -26,8 +26,9 @@ full (query x gallery) matrix is never formed nor read twice.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -630,7 +631,7 @@ class R1_mAP_eval:
         self.reset()
 
     @classmethod
-    def from_cfg(cls, cfg: Any, num_query: int) -> "R1_mAP_eval":
+    def from_cfg(cls, cfg: Any, num_query: int) -> R1_mAP_eval:
         """Build from the TEST section of a config (FEAT_NORM, RE_RANKING*, DIST_METRIC, MAX_RANK)."""
         t = cfg.TEST
         return cls(num_query, max_rank=int(t.MAX_RANK), feat_norm=is_yes(t.FEAT_NORM),

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError, import_extra
 from .fileio import append_error, save_figure
 
 logger = logging.getLogger("svllreid")
@@ -117,7 +117,7 @@ class TrainingRecord:
                 if not self._failed:
                     raise append_error(os.path.join(self.output_dir, TENSORBOARD_DIR), e) from None
 
-    def __enter__(self) -> "TrainingRecord":
+    def __enter__(self) -> TrainingRecord:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -195,9 +195,8 @@ def plot_curves(metrics_jsonl: str, out_png: str, title: str | None = None) -> s
     and the ``eval`` records; when a resumed run repeats an epoch the last record wins.
     Written atomically; returns ``out_png``.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_extra("matplotlib", "record").use("Agg")
+    plt = import_extra("matplotlib.pyplot", "record")
 
     recs, bad = _read_records(metrics_jsonl)
     if not recs:
@@ -273,7 +272,11 @@ def write_curves(output_dir: str, enabled: bool = True) -> str | None:
     path = os.path.join(output_dir, METRICS_FILE)
     if not enabled or not os.path.isfile(path) or os.path.getsize(path) == 0:
         return None
-    out = plot_curves(path, os.path.join(output_dir, CURVES_FILE), title=f"Training record of {output_dir}")
+    try:
+        out = plot_curves(path, os.path.join(output_dir, CURVES_FILE), title=f"Training record of {output_dir}")
+    except UserError as e:   # matplotlib missing: the run itself is complete
+        logger.warning("%s not drawn: %s", CURVES_FILE, e)
+        return None
     logger.info("Training record: %s, %s (TensorBoard: tensorboard --logdir %s), %s", path,
                 os.path.join(output_dir, TENSORBOARD_DIR), output_dir, out)
     return out

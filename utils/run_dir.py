@@ -46,7 +46,7 @@ class RunLock:
         self.path = os.path.join(output_dir, LOCK_FILE)
         self._f: IO[str] | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         os.makedirs(self.output_dir, exist_ok=True)
         f = open(self.path, "a+")
         try:

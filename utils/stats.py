@@ -3,8 +3,8 @@ for a difference of means (used by the ablation report)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats as _scipy_stats

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .errors import import_extra
 from .fileio import atomic_write, save_figure
 from .images import read_image
 
@@ -25,10 +27,8 @@ COLOURS = {MATCH: "#1a9850", WRONG: "#d73027", IGNORED: "#8c8c8c", UNKNOWN: "#bd
 
 
 def _plt() -> Any:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    import_extra("matplotlib", "record").use("Agg")
+    return import_extra("matplotlib.pyplot", "record")
 
 
 @dataclass

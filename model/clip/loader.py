@@ -11,7 +11,6 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Dict, Union
 
 import torch
 
@@ -24,7 +23,7 @@ CLIP_CACHE_DIR = Path("~/.cache/clip")
 _OPENAI_FILE_NAMES = {"ViT-B-16": "ViT-B-16.pt", "ViT-B/16": "ViT-B-16.pt", "RN50": "RN50.pt"}
 
 
-def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> Path:
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """Map a file path or a model name to an existing file, or raise FileNotFoundError."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
@@ -52,7 +51,7 @@ def _is_torchscript_archive(path: Path) -> bool:
         return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
-def load_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read an OpenAI-format CLIP state dict (float tensors on CPU) from any accepted file."""
     path = Path(path)
     if _is_torchscript_archive(path):
@@ -71,7 +70,7 @@ def load_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
 
 
 def load_clip(
-    name_or_path: Union[str, os.PathLike],
+    name_or_path: str | os.PathLike,
     h_resolution: int,
     w_resolution: int,
     vision_stride_size: int,

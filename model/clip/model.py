@@ -24,16 +24,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 # the blocks, re-exported where they were (model.clip.model.ModifiedResNet, ...)
 from .modified_resnet import AttentionPool2d, Bottleneck, ModifiedResNet  # noqa: F401
-from .transformer import LayerNorm, MultiheadSelfAttention, QuickGELU, ResidualAttentionBlock  # noqa: F401
-from .transformer import Transformer, VisionTransformer, resize_pos_embed  # noqa: F401
+from .transformer import (  # noqa: F401  # noqa: F401
+    LayerNorm,
+    MultiheadSelfAttention,
+    QuickGELU,
+    ResidualAttentionBlock,
+    Transformer,
+    VisionTransformer,
+    resize_pos_embed,
+)
 
 __all__ = [
     "CLIP", "CLIPArch", "ARCHITECTURES", "VisionTransformer", "ModifiedResNet", "Transformer",
@@ -62,7 +69,7 @@ class CLIPArch:
     """
 
     embed_dim: int
-    vision_layers: Union[int, Tuple[int, int, int, int]]
+    vision_layers: int | tuple[int, int, int, int]
     vision_width: int
     vision_patch_size: int
     vision_heads: int
@@ -77,7 +84,7 @@ class CLIPArch:
         return isinstance(self.vision_layers, int)
 
 
-ARCHITECTURES: Dict[str, CLIPArch] = {
+ARCHITECTURES: dict[str, CLIPArch] = {
     "ViT-B-16": CLIPArch(embed_dim=512, vision_layers=12, vision_width=768, vision_patch_size=16,
                          vision_heads=12, text_width=512, text_heads=8, text_layers=12),
     "RN50": CLIPArch(embed_dim=1024, vision_layers=(3, 4, 6, 3), vision_width=64, vision_patch_size=0,
@@ -123,7 +130,7 @@ class CLIP(TextTower, nn.Module):
         self.embed_dim = arch.embed_dim
         self.vision_width = arch.vision_width
         self.context_length = arch.context_length
-        self.visual: Union[VisionTransformer, ModifiedResNet]
+        self.visual: VisionTransformer | ModifiedResNet
         if arch.is_vit:
             self.visual = VisionTransformer(
                 h_resolution, w_resolution, arch.vision_patch_size, vision_stride_size, arch.vision_width,
@@ -160,7 +167,7 @@ class CLIP(TextTower, nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def encode_image(self, image: torch.Tensor, cv_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def encode_image(self, image: torch.Tensor, cv_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Projected image embedding (N, embed_dim): CLIP's ``encode_image`` (ViT: projected
         class token; ResNet: attention-pooled token), on this model's grid / stride."""
         return self.visual(image, cv_emb)[2][:, 0]
@@ -174,7 +181,7 @@ class CLIP(TextTower, nn.Module):
 # Construction
 # ---------------------------------------------------------------------------------------
 def vision_tower_arch(state_dict: Mapping[str, torch.Tensor], prefix: str
-                      ) -> tuple[int, Union[int, Tuple[int, ...]], int, int]:
+                      ) -> tuple[int, int | tuple[int, ...], int, int]:
     """(width, layers, patch size, heads) of the image tower whose keys start with ``prefix``
     (OpenAI names under it): a ViT when it has a class embedding, else a ModifiedResNet
     (width = stem width, layers = blocks per stage, patch size 0)."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample: Optional[nn.Module] = None
+        self.downsample: nn.Module | None = None
         if stride > 1 or inplanes != planes * self.expansion:
             # Keys "0"/"1" as in OpenAI's checkpoints; the pool ("-1") has no weights.
             self.downsample = nn.Sequential(OrderedDict([
@@ -48,7 +47,7 @@ class Bottleneck(nn.Module):
 class AttentionPool2d(nn.Module):
     """QKV attention over [mean token, grid tokens] of a feature map; returns all output tokens."""
 
-    def __init__(self, grid: Tuple[int, int], embed_dim: int, heads: int, output_dim: int, init_grid: int):
+    def __init__(self, grid: tuple[int, int], embed_dim: int, heads: int, output_dim: int, init_grid: int):
         super().__init__()
         self.grid_size = tuple(grid)
         self.heads = heads
@@ -85,7 +84,7 @@ class ModifiedResNet(nn.Module):
 
     def __init__(
         self,
-        layers: Tuple[int, int, int, int],
+        layers: tuple[int, int, int, int],
         output_dim: int,
         heads: int,
         width: int,
@@ -132,8 +131,8 @@ class ModifiedResNet(nn.Module):
         return self.avgpool(x)
 
     def forward(
-        self, x: torch.Tensor, cv_emb: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, cv_emb: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.stem(x.to(self.conv1.weight.dtype))
         x3 = self.layer3(self.layer2(self.layer1(x)))
         x4 = self.layer4(x3)

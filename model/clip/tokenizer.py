@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
 import ftfy
 import regex
@@ -32,8 +32,8 @@ def default_bpe_path() -> Path:
     return Path(__file__).resolve().with_name("bpe_simple_vocab_16e6.txt.gz")
 
 
-@functools.lru_cache(maxsize=None)
-def bytes_to_unicode() -> Dict[int, str]:
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
     """Reversible map of the 256 byte values to printable unicode characters.
 
     Printable latin-1 bytes map to themselves; the others (control characters,
@@ -59,31 +59,31 @@ def clean_text(text: str) -> str:
 class SimpleTokenizer:
     """CLIP BPE tokenizer: ``encode``/``decode`` single strings, ``__call__`` to batch-tokenize."""
 
-    def __init__(self, bpe_path: Union[str, Path, None] = None, context_length: int = CONTEXT_LENGTH):
+    def __init__(self, bpe_path: str | Path | None = None, context_length: int = CONTEXT_LENGTH):
         self.context_length = context_length
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
 
         with gzip.open(bpe_path or default_bpe_path(), "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1:_NUM_MERGES + 1]  # first line is a version header
-        merges: List[Tuple[str, str]] = [tuple(line.split()) for line in lines]  # type: ignore[misc]
+        merges: list[tuple[str, str]] = [tuple(line.split()) for line in lines]  # type: ignore[misc]
 
         symbols = list(self.byte_encoder.values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
-        self.encoder: Dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
-        self.decoder: Dict[int, str] = {i: tok for tok, i in self.encoder.items()}
-        self.bpe_ranks: Dict[Tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
+        self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
+        self.decoder: dict[int, str] = {i: tok for tok, i in self.encoder.items()}
+        self.bpe_ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
         self.vocab_size = len(self.encoder)
         self.sot_token_id = self.encoder[SOT_TOKEN]
         self.eot_token_id = self.encoder[EOT_TOKEN]
         # Special tokens typed literally in the text stay whole (as in CLIP).
-        self._cache: Dict[str, Tuple[str, ...]] = {SOT_TOKEN: (SOT_TOKEN,), EOT_TOKEN: (EOT_TOKEN,)}
+        self._cache: dict[str, tuple[str, ...]] = {SOT_TOKEN: (SOT_TOKEN,), EOT_TOKEN: (EOT_TOKEN,)}
         self._pattern = regex.compile(
             rf"{SOT_TOKEN}|{EOT_TOKEN}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
             regex.IGNORECASE,
         )
 
-    def bpe(self, token: str) -> Tuple[str, ...]:
+    def bpe(self, token: str) -> tuple[str, ...]:
         """Split one pre-token (byte-encoded) into BPE symbols by applying merges in rank order."""
         cached = self._cache.get(token)
         if cached is not None:
@@ -95,7 +95,7 @@ class SimpleTokenizer:
             if best not in ranks:
                 break
             first, second = best
-            merged: List[str] = []
+            merged: list[str] = []
             i = 0
             while i < len(word):  # merge every non-overlapping occurrence, left to right
                 if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
@@ -109,9 +109,9 @@ class SimpleTokenizer:
         self._cache[token] = result
         return result
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without start/end tokens."""
-        ids: List[int] = []
+        ids: list[int] = []
         for piece in self._pattern.findall(clean_text(text)):
             piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[sym] for sym in self.bpe(piece))
@@ -123,7 +123,7 @@ class SimpleTokenizer:
         raw = bytearray(self.byte_decoder[c] for c in text)
         return raw.decode("utf-8", errors="replace").replace("</w>", " ")
 
-    def __call__(self, texts: Union[str, Sequence[str]], context_length: int | None = None) -> torch.LongTensor:
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.LongTensor:
         """Tokenize to a zero-padded (N, context_length) LongTensor.
 
         Each row is ``<start_of_text> ids <end_of_text>``; a row that does not fit is
@@ -147,6 +147,6 @@ def _default_tokenizer() -> SimpleTokenizer:
     return SimpleTokenizer()
 
 
-def tokenize(texts: Union[str, Sequence[str]], context_length: int = CONTEXT_LENGTH) -> torch.LongTensor:
+def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> torch.LongTensor:
     """Tokenize with the shared default tokenizer (loaded on first use)."""
     return _default_tokenizer()(texts, context_length=context_length)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +94,8 @@ class Transformer(nn.Module):
 
 def resize_pos_embed(
     posemb: torch.Tensor,
-    grid: Tuple[int, int],
-    src_grid: Optional[Tuple[int, int]] = None,
+    grid: tuple[int, int],
+    src_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Resize a (1 + Hs*Ws, C) positional embedding to (1 + H*W, C).
 
@@ -163,8 +162,8 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(
-        self, x: torch.Tensor, cv_emb: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, cv_emb: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.conv1(x.to(self.conv1.weight.dtype))  # (N, C, h, w)
         if tuple(x.shape[-2:]) != self.grid_size:
             raise ValueError(

@@ -1,0 +1,1 @@
+"""Command-line tools (run as scripts: .venv/bin/python tools/NAME.py ...; importable as tools.NAME)."""
