@@ -46,7 +46,7 @@ def _search(tiny_root, weight, query, gallery, out, *flags):
 
 # ----------------------------------------------------------------------------- flags anywhere
 def test_flags_are_accepted_after_the_overrides_by_every_script():
-    import export_onnx
+    from tools import export_onnx
     argv = ["--query", "q", "--gallery", "g", "TEST.WEIGHT", "w", "--out", "o", "SOLVER.STAGE2.BASE_LR", "-0.5",
             "--no_pictures", "--topk", "3"]
     a = search_tool.parse_args(argv)
@@ -223,10 +223,10 @@ def test_second_evaluation_moves_the_first_aside_and_leaves_no_stale_picture(tin
 def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, weight, tmp_path, capsys):
     import stat
 
-    import export_onnx
     import onnx
 
     from processor.onnx_export import opset_of, read_onnx_metadata
+    from tools import export_onnx
     from utils.logger import setup_logger
     setup_logger("svllreid", None, if_train=False)   # log to this test's stdout (the tool sets up no logger)
     q = os.path.join(tiny_root, "query")
@@ -247,7 +247,7 @@ def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, we
 
 # ----------------------------------------------------------------------------- plot_curves
 def _plot(tmp_path, lines):
-    import plot_curves
+    from tools import plot_curves
     (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
     return plot_curves.main([str(tmp_path)])
 

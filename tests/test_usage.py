@@ -99,7 +99,7 @@ def test_tensorboard_has_the_same_scalars(trained):
 def test_curves_png_written(trained, tmp_path, capsys):
     _, out, _ = trained
     assert _is_png(out / "curves.png", min_w=1000, min_h=300)
-    import plot_curves
+    from tools import plot_curves
     assert plot_curves.main([str(out), "--out", str(tmp_path / "c.png")]) == 0
     assert _is_png(tmp_path / "c.png", min_w=1000, min_h=300)
     assert plot_curves.main([str(tmp_path / "nope")]) == 2
