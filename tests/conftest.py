@@ -1,7 +1,7 @@
-"""Test set-up: quiet progress bars, few threads, the ``slow``
-marker, and the session's tiny synthetic set.
+"""Test set-up: quiet progress bars, few threads, the session's tiny synthetic set (the ``slow``
+marker is registered in pyproject.toml).
 
-Two tiers: ``make test`` runs ``pytest -m "not slow"`` (every module's quick tests, about a
+Two tiers: ``make test`` runs ``pytest -m "not slow"`` (every module's quick tests, about half a
 minute); ``make test-all`` (what CI runs) adds the tests marked ``slow``: end-to-end
 trainings, subprocesses, ONNX export and the demo. Shared helpers live in tests/helpers.py.
 """
