@@ -7,7 +7,9 @@ trainings, subprocesses, ONNX export and the demo. Shared helpers live in tests/
 """
 import logging
 import os
+import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -33,3 +35,21 @@ def fresh_project_logger() -> Iterator[None]:
         h.close()
     log.setLevel(logging.NOTSET)
     log.propagate = True
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_root: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A complete tiny run (1 + 2 epochs), once per module; tests copy it before touching it."""
+    import train_svllreid
+    from tests.helpers import train_argv
+    out = tmp_path_factory.mktemp("finished")
+    assert train_svllreid.main(train_argv(tiny_root, out)) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run: Any, tmp_path: Any) -> Any:
+    """A copy of :func:`finished_run` to damage or resume."""
+    dst = tmp_path / "run"
+    shutil.copytree(finished_run, dst)
+    return dst

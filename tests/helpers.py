@@ -6,7 +6,11 @@ that each module can be moved, marked or run on its own.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -159,3 +163,18 @@ def assert_same(ours: tuple, ref: tuple, tol: float = 1e-9) -> None:
     np.testing.assert_allclose(cmc, rcmc, rtol=0, atol=tol)
     assert m_ap == pytest.approx(rmap, abs=tol)
     assert m_inp == pytest.approx(rinp, abs=tol)
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Any) -> Iterator[subprocess.Popen]:
+    """Another process holds ``folder``'s run lock for the block (yields it; killed at the end)."""
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from utils.run_dir import RunLock\n"
+                               f"with RunLock({str(folder)!r}):\n print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -20,20 +20,6 @@ CNN_DEMO = os.path.join(ROOT, "configs/demo/cnn_svllreid_demo.yml")
 
 
 
-@pytest.fixture(scope="module")
-def finished_run(tiny_root, tmp_path_factory):
-    """A complete tiny run (1 + 2 epochs); tests copy it before touching it."""
-    out = tmp_path_factory.mktemp("finished")
-    assert train_svllreid.main(train_argv(tiny_root, out)) == 0
-    return out
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(finished_run, dst)
-    return dst
-
 
 def _eval(root, weight, out, *extra):
     return test_svllreid.main(["--config_file", DEMO, "DATASETS.ROOT_DIR", str(root), *TINY,

@@ -2,7 +2,6 @@
 line naming the culprit, or gives the right result; nothing stale or mixed is left behind."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import test_svllreid
 import train_svllreid
 from config import load_config
 from model import make_model
-from tests.helpers import DEMO, one_line_error
+from tests.helpers import DEMO, lock_held_elsewhere, one_line_error
 from tools import extract_features as extract_tool
 from tools import search as search_tool
 
@@ -142,7 +141,6 @@ def test_search_leaves_junk_out_as_evaluation_does(tiny_root, weight, gallery_np
 
 @pytest.mark.slow
 def test_search_folder_is_locked_and_a_rerun_replaces_the_pictures(tiny_root, weight, gallery_npz, tmp_path, capsys):
-    import subprocess
     out = tmp_path / "out"
     qdir = os.path.join(tiny_root, "query")
     assert _search(tiny_root, weight, qdir, gallery_npz, out, "--topk", "3") == 0
@@ -150,17 +148,9 @@ def test_search_folder_is_locked_and_a_rerun_replaces_the_pictures(tiny_root, we
     assert sorted(os.listdir(out / "ranked")) == sorted(os.path.basename(q["picture"]) for q in first["queries"])
     assert len(first["queries"]) > 1
     # a second search on the same folder while one runs: refused at once, the first run's files untouched
-    holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from utils.run_dir import RunLock\n"
-                               f"with RunLock({str(out)!r}):\n print('locked', flush=True); time.sleep(60)"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as holder:
         assert _search(tiny_root, weight, qdir, gallery_npz, out, "--topk", "2") == 2
         one_line_error(capsys, "--out", out, f"pid {holder.pid}", "in use")
-    finally:
-        holder.kill()
-        holder.wait()
     assert json.loads((out / "results.json").read_text()) == first
     # a re-run with one query: ranked/ holds exactly this run's picture, none of the previous run's
     one = os.path.join(qdir, sorted(os.listdir(qdir))[0])

@@ -22,27 +22,13 @@ import train_svllreid
 from config import ConfigError
 from config.resume import resume_config
 from datasets.bases import read_image
-from tests.helpers import DEMO, TINY, one_line_error, snapshot, train_argv
+from tests.helpers import DEMO, TINY, lock_held_elsewhere, one_line_error, snapshot, train_argv
 from utils.checkpoint import CheckpointError, load_file, save_atomic
 from utils.fileio import TMP_PREFIX, TMP_SUFFIX
 from utils.run_dir import RunLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_root, tmp_path_factory):
-    """A complete tiny run (1 + 2 epochs); tests copy it before touching it."""
-    out = tmp_path_factory.mktemp("finished")
-    assert train_svllreid.main(train_argv(tiny_root, out)) == 0
-    return out
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(finished_run, dst)
-    return dst
 
 
 @pytest.fixture
@@ -56,19 +42,11 @@ def data_copy(tiny_root, tmp_path):
 @pytest.mark.slow
 def test_second_run_on_a_locked_folder_fails_at_once(tiny_root, tmp_path, capsys):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from utils.run_dir import RunLock\n"
-                               f"with RunLock({str(out)!r}):\n print('locked', flush=True); time.sleep(60)"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as holder:
         t0 = time.time()
         assert train_svllreid.main(train_argv(tiny_root, out)) == 2
         one_line_error(capsys, out, f"pid {holder.pid}", "in use")
         assert time.time() - t0 < 10
-    finally:
-        holder.kill()
-        holder.wait()
     with RunLock(str(out)):      # released with the holder's death: no stale lock
         pass
 
