@@ -181,3 +181,19 @@ def test_the_paper_grid_file_loads_on_every_dataset_config():
         assert plan["baseline"] == "clipreid" and set(plan["variants"]) == set(variants)
     assert ablate.differing_keys(variants) == ["MODEL.SSL_TYPE", "MODEL.USE_SSL", "MODEL.USE_SSL_STAGE1",
                                                "SOLVER.STAGE1.PROMPT_AUG_METHOD"]
+
+
+@pytest.mark.slow
+def test_a_grid_whose_first_run_fails_stops_and_exits_2(tmp_path, capsys):
+    out = tmp_path / "abl"
+    rc = ablate.main(["--config_file", DEMO, "--grid", "MODEL.USE_SSL=True,False", "--out", str(out),
+                      "DATASETS.ROOT_DIR", str(tmp_path / "no_data"), *QUICK])
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert "not starting the other 1 run(s)" in captured.out
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "1 run(s) failed and 1 did not run" in err, err
+    status = json.loads((out / "status.json").read_text())
+    assert list(status) == ["USE_SSL=True/seed_1234"] and status["USE_SSL=True/seed_1234"]["state"] == "failed"
+    assert "no_data" in status["USE_SSL=True/seed_1234"]["message"]     # the training's own one-line error
+    assert "1 FAILED" in (out / "results.md").read_text()

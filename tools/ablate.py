@@ -243,7 +243,10 @@ def _interrupt_when_parent_dies() -> None:
 
 
 def execute(plan: dict[str, Any], out: str, jobs: int, devices: list[str], retry_failed: bool) -> None:
-    """Run every unfinished run, ``jobs`` at a time; status.json records how each ended."""
+    """Run every unfinished run, ``jobs`` at a time; status.json records how each ended.
+
+    When the first run to end fails and no run of the grid has finished before, the runs not
+    yet started are not started (their cause is most likely shared)."""
     status_path = os.path.join(out, STATUS_FILE)
     status: dict[str, Any] = _read_json(status_path) or {}
     runs = runs_of(plan, out)
@@ -306,6 +309,12 @@ def execute(plan: dict[str, Any], out: str, jobs: int, devices: list[str], retry
                 else:
                     entry.update(state="failed", message=_last_error(log))
                     print(f"  FAILED {run.key} (exit {rc}): {entry['message']} (log: {log})", flush=True)
+                    if pending and n_done == 0 and counts["done"] == 0:
+                        # no run of the grid has ever finished: the cause (data, device, disk) is
+                        # most likely shared, so do not start the others
+                        print(f"  not starting the other {len(pending)} run(s): no run of this grid has "
+                              "finished yet; fix the cause and run the same command again", flush=True)
+                        pending.clear()
                 status[run.key] = entry
                 write_json_atomic(status_path, status)
     except KeyboardInterrupt as e:
@@ -509,6 +518,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("report: " + ", ".join(paths))
         with open(paths[0]) as f:
             print(f.read())
+        rows = build_report(args.out)
+        failed, missing = sum(len(r["failed"]) for r in rows), sum(len(r["missing"]) for r in rows)
+        if failed or missing:
+            raise RunError(f"{failed} run(s) failed and {missing} did not run (see {paths[0]} and the "
+                           f"runs' logs); fix the cause and run the same command again "
+                           f"({'--retry_failed repeats the failed ones' if failed else 'it continues'})")
 
     def interrupted() -> str:
         return (f"the finished runs are kept and interrupted ones keep their last.pth; "
