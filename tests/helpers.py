@@ -7,6 +7,7 @@ that each module can be moved, marked or run on its own.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import subprocess
 import sys
@@ -19,6 +20,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs/demo/vit_svllreid_demo.yml")
+# Every config YAML under configs/ (configs/ablations/ holds grid files of tools/ablate.py, not configs).
+CONFIG_YAMLS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yml"), recursive=True)
+                      if os.path.basename(os.path.dirname(p)) != "ablations")
 
 # ----------------------------------------------------------------------------- the tiny synthetic set
 #: The spec of the session's ``tiny_root`` set: 8 train ids, 4 test ids, 2 cameras, 64x32 images.

@@ -1,15 +1,13 @@
 """Configuration: every YAML loads, overrides apply, bad values fail naming the key."""
-import glob
 import os
 
 import pytest
 
 from config import ConfigError, get_default_config, load_config
+from tests.helpers import CONFIG_YAMLS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# every config YAML (configs/ablations/ holds grid files for tools/ablate.py, tested in test_ablate.py)
-YAMLS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yml"), recursive=True)
-               if os.sep + "ablations" + os.sep not in p)
+YAMLS = CONFIG_YAMLS   # the grid files under configs/ablations/ are tested in test_ablate.py
 
 
 def test_all_flavours_exist():
