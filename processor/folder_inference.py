@@ -144,8 +144,9 @@ class FeatureSet:
         atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
-    def load(cls, path: str) -> FeatureSet:
-        """Read a file written by :meth:`save` (clear errors for anything else)."""
+    def load(cls, path: str, allow_empty: bool = False) -> FeatureSet:
+        """Read a file written by :meth:`save` (clear errors for anything else). A file of no
+        features is refused unless ``allow_empty`` (a part of a sharded extraction may hold none)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such feature file: {path}")
         try:
@@ -164,7 +165,7 @@ class FeatureSet:
         if not np.issubdtype(feats.dtype, np.number):
             raise ConfigError(f"{path}: features are {feats.dtype}, not numbers; {again}")
         n = feats.shape[0]
-        if n == 0:
+        if n == 0 and not allow_empty:
             raise ConfigError(f"{path} holds no features (0 images): nothing to search; {again} from a folder "
                               "with images")
 
