@@ -8,6 +8,7 @@ line, anything that would mix features that are not comparable (another width or
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -20,7 +21,8 @@ from utils.errors import UserError
 from .folder_inference import FeatureSet
 
 __all__ = ["PART_RE", "SHARD_KEY", "part_name", "parse_part_name", "scan_parts", "part_paths", "model_meta",
-           "meta_difference", "concat", "load_features"]
+           "meta_difference", "concat", "load_features", "shard_bounds", "list_digest", "shard_meta", "part_problem",
+           "merge_parts"]
 
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.npz$")
 # The meta key of a part that says which share of the image list it holds; not part of the model's meta.
@@ -183,3 +185,56 @@ def load_features(paths: Sequence[str]) -> FeatureSet:
         shown = ", ".join(paths[:4]) + (" ..." if len(paths) > 4 else "")
         raise UserError(f"{shown}: no features (0 images) in all; extract them from a folder with readable images")
     return out
+
+
+# ----------------------------------------------------------------------------- writing parts
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank ``rank``'s contiguous share of ``n`` files: the shares are disjoint, cover
+    every file and follow each other in rank order (``files[r*n//W:(r+1)*n//W]``)."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def list_digest(files: Sequence[str]) -> str:
+    """A hash of an image list (the names, in order): parts of one extraction share it."""
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
+
+
+def shard_meta(files: Sequence[str], rank: int, world: int, digest: str | None = None) -> dict[str, Any]:
+    """The place of rank ``rank``'s part in the sorted image list ``files`` (:data:`SHARD_KEY` of its meta)."""
+    start, stop = shard_bounds(len(files), rank, world)
+    return {"rank": rank, "world": world, "start": start, "stop": stop, "total": len(files),
+            "list_sha1": digest or list_digest(files)}
+
+
+def part_problem(path: str, meta: dict[str, Any], files: Sequence[str]) -> str | None:
+    """Why the finished part ``path`` is not the part that ``meta`` (model meta with
+    :data:`SHARD_KEY`) and this shard's ``files`` would give now, or None when it is."""
+    fs = FeatureSet.load(path, allow_empty=True)
+    want, have = meta[SHARD_KEY], fs.meta.get(SHARD_KEY)
+    if not isinstance(have, dict):
+        return "it does not say which images it holds"
+    if have.get("total") != want["total"] or have.get("list_sha1") != want["list_sha1"]:
+        return (f"it was extracted from another image list ({have.get('total')} files then, {want['total']} "
+                "now)")
+    if (have.get("rank"), have.get("world"), have.get("start"), have.get("stop")) != \
+            (want["rank"], want["world"], want["start"], want["stop"]):
+        return f"it holds files {have.get('start')}..{have.get('stop')}, not {want['start']}..{want['stop']}"
+    if fs.features.ndim != 2 or fs.features.shape[1] != meta.get("feat_dim", fs.features.shape[1]):
+        return f"its features are {fs.features.shape[1]} wide, the model's {meta.get('feat_dim')}"
+    diff = meta_difference(fs.meta, meta)
+    if diff is not None:
+        return f"it was extracted differently ({diff})"
+    if sorted(fs.paths + [p for p, _ in fs.failed]) != sorted(files):
+        return "its images are not this shard's"
+    return None
+
+
+def merge_parts(directory: str, out: str) -> FeatureSet:
+    """Write the complete parts of ``directory`` as one ``.npz`` at ``out`` (atomically): the
+    file one process would have written. Returns the merged set."""
+    fs = load_features([directory])
+    fs.save(out)
+    return fs

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,18 +218,30 @@ def encode_batch(model: nn.Module, info: dict[str, Any], imgs: torch.Tensor, cam
     return out
 
 
+def feature_meta(cfg: Any, info: dict[str, Any], camera: int | None) -> dict[str, Any]:
+    """What the features of :func:`extract_folder` depend on besides the images (the file's
+    ``meta``): known before any image is encoded, so that a finished part can be checked."""
+    numbers = info.get("camera_numbers") or {}
+    return {"weight": os.path.abspath(info["weight"]), "feat_dim": int(info["feat_dim"]),
+            "size_test": list(cfg.INPUT.SIZE_TEST), "sie_camera": info["sie_camera"],
+            "camera": camera, "camera_numbers": {str(n): i for n, i in sorted(numbers.items())}}
+
+
 def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, device: torch.device,
-                   camera: int | None = None, files: Sequence[str] | None = None) -> FeatureSet:
+                   camera: int | None = None, files: Sequence[str] | None = None, allow_empty: bool = False,
+                   report: Callable[[int, int], None] | None = None) -> FeatureSet:
     """Features of every image under ``root`` (or of ``files``, relative to it) in sorted order.
 
     ``camera`` (0-based id) is the label of images whose name does not give one. Unreadable
-    files are skipped and listed in ``failed``. Batched (TEST.IMS_PER_BATCH) with a progress bar.
+    files are skipped and listed in ``failed``. Batched (TEST.IMS_PER_BATCH) with a progress bar;
+    ``report(done, total)`` is called after every batch. No readable image is an error unless
+    ``allow_empty`` (a shard of a sharded extraction: it gives 0 rows).
     """
     rel = list(files) if files is not None else list_image_files(root)
     numbers = info.get("camera_numbers") or {}
     labels = [parse_name(p, numbers) for p in rel]
     parsed = [parse_market_name(os.path.basename(p)) for p in rel]
-    named = np.array([x is not None and (bool(numbers) or x[1] > 0) for x in parsed])   # a camera number to map
+    named = np.array([x is not None and (bool(numbers) or x[1] > 0) for x in parsed], dtype=bool)  # a camera to map
     cams = np.array([c if c >= 0 or n else (-1 if camera is None else camera) for (_, c), n in zip(labels, named)],
                     dtype=np.int64)
     if info["sie_camera"]:
@@ -251,22 +263,26 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
                         num_workers=int(cfg.DATALOADER.NUM_WORKERS), collate_fn=_collate)
     model = model.to(device).eval()
     feats, kept, failed = [], [], []
+    done = 0
     for batch in progress(loader, len(loader), f"extracting features ({len(rel)} images)"):
         failed += [(rel[i], err) for i, err in batch["failed"]]
-        if batch["img"] is None:
-            continue
-        idx = batch["i"]
-        feats.append(encode_batch(model, info, batch["img"].to(device), torch.from_numpy(cams[idx.numpy()])).cpu())
-        kept += idx.tolist()
-    if not kept:
+        done += len(batch["failed"])
+        if batch["img"] is not None:
+            idx = batch["i"]
+            feats.append(encode_batch(model, info, batch["img"].to(device),
+                                      torch.from_numpy(cams[idx.numpy()])).cpu())
+            kept += idx.tolist()
+            done += len(idx)
+        if report is not None:
+            report(done, len(rel))
+    if not kept and not allow_empty:
         raise OSError(f"none of the {len(rel)} images under {root} could be read; first: {failed[0][1]}")
-    feat = torch.cat(feats).numpy().astype(np.float32)
-    kept_a = np.array(kept)
+    feat = (torch.cat(feats).numpy() if feats else np.zeros((0, int(info["feat_dim"])))).astype(np.float32)
+    kept_a = np.array(kept, dtype=np.int64)
+    meta = feature_meta(cfg, info, camera)
+    meta["feat_dim"] = int(feat.shape[1])
     return FeatureSet(feat, [rel[i] for i in kept], np.array([labels[i][0] for i in kept], dtype=np.int64),
-                      cams[kept_a], os.path.abspath(root), failed,
-                      {"weight": os.path.abspath(info["weight"]), "feat_dim": int(feat.shape[1]),
-                       "size_test": list(cfg.INPUT.SIZE_TEST), "sie_camera": info["sie_camera"],
-                       "camera": camera, "camera_numbers": {str(n): i for n, i in sorted(numbers.items())}})
+                      cams[kept_a], os.path.abspath(root), failed, meta)
 
 
 def feature_signature(cfg: Any, root: str, files: Sequence[str], camera: int | None) -> str:

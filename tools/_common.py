@@ -11,8 +11,9 @@ import torch  # noqa: E402
 from config import ConfigError, get_key, load_config  # noqa: E402
 from processor.folder_inference import camera_row, load_model  # noqa: E402
 from utils.checkpoint import read_metadata  # noqa: E402
+from utils.dist import init_distributed  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
-from utils.misc import resolve_device, set_cpu_threads  # noqa: E402
+from utils.misc import resolve_device, select_gpus, set_cpu_threads  # noqa: E402
 
 # The model's input, which the checkpoint's metadata records: the tools take it from there.
 INPUT_KEYS = ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD")
@@ -47,16 +48,29 @@ def load_tool_config(config_file: str, opts: Sequence[str]) -> Any:
     return cfg
 
 
-def setup(config_file: str, opts: Sequence[str]) -> tuple[Any, torch.device]:
+def setup(config_file: str, opts: Sequence[str], dist_timeout_minutes: float | None = None) -> tuple[Any, torch.device]:
     """(frozen config, device) with console logging; TEST.WEIGHT is required. The input size and
-    normalisation default to the checkpoint's (:func:`load_tool_config`)."""
+    normalisation default to the checkpoint's (:func:`load_tool_config`).
+
+    With ``dist_timeout_minutes`` the tool may run under ``torchrun``: GPUs are chosen as for
+    training (MODEL.DEVICE_ID, one per local process), the process group is joined when there
+    are several processes (collectives wait up to that long), and CPU threads are shared
+    between the processes of a machine.
+    """
     setup_logger("svllreid", None, if_train=False)
     cfg = load_tool_config(config_file, opts)
     if not cfg.TEST.WEIGHT:
         raise ConfigError("TEST.WEIGHT is empty: add TEST.WEIGHT path/to/checkpoint.pth after the options")
-    device = resolve_device(cfg.MODEL.DEVICE)
+    procs = 1
+    if dist_timeout_minutes is not None:
+        procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
+    if dist_timeout_minutes is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        device = init_distributed(cfg.MODEL.DEVICE, dist_timeout_minutes)
+    else:
+        device = resolve_device(cfg.MODEL.DEVICE)
     if device.type == "cpu":
-        set_cpu_threads(cfg.DATALOADER.NUM_WORKERS)
+        set_cpu_threads(cfg.DATALOADER.NUM_WORKERS, procs)
     return cfg, device
 
 

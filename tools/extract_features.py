@@ -1,4 +1,4 @@
-"""Features of every image under a folder, as the evaluation computes them, into one .npz.
+"""Features of every image under a folder, as the evaluation computes them, into one .npz (or parts).
 
     python tools/extract_features.py --config_file configs/demo/vit_svllreid_demo.yml \\
         --images DIR --out feats.npz TEST.WEIGHT output/demo/ViT-B-16_40.pth [KEY VALUE ...]
@@ -10,40 +10,102 @@ DIR), ``pids`` / ``camids`` from names such as ``0002_c1s1_000451_03.jpg`` (else
 ``failed`` (unreadable files, also listed at the end), ``root`` and ``meta`` (JSON).
 A model trained with camera side information (MODEL.SIE_CAMERA) uses the camera of the name,
 else ``--camera N``, else none (with a warning: such features are less comparable).
+
+Several processes (``torchrun --nproc_per_node N``, several machines as for training; one GPU
+per process from MODEL.DEVICE_ID) share the work: ``--out`` is then a folder, and rank r of W
+writes ``part-RRRRR-of-WWWWW.npz`` for its contiguous share of the sorted image list. Run again,
+the finished parts are checked (same image list, same model) and kept; only missing parts are
+extracted. ``--merge feats.npz`` writes the parts as the one file a single process writes
+(after the last part, on rank 0; alone, without ``--images``, it merges the parts of ``--out``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the slow imports)
 
 guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
-from processor.folder_inference import extract_folder, list_image_files
+import torch
+
+from processor.feature_parts import (
+    SHARD_KEY,
+    list_digest,
+    merge_parts,
+    part_name,
+    part_problem,
+    scan_parts,
+    shard_bounds,
+    shard_meta,
+)
+from processor.folder_inference import extract_folder, feature_meta, list_image_files
 from tools._common import camera_id, load_model, setup
 from utils import cli
+from utils.dist import all_gather_object, cleanup, get_rank, get_world_size
+from utils.errors import UserError
+from utils.fileio import remove_stale_temporaries
+from utils.logger import setup_logger
 
 logger = logging.getLogger("svllreid")
+
+# Collectives wait for the slowest process (a resumed rank waits for the whole extraction of
+# the others); a process that fails still ends the job, since torchrun stops the others.
+DIST_TIMEOUT_MINUTES = 7 * 24 * 60.0
+PROGRESS_SECONDS = 60.0       # a progress line per process at most this often
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config_file", default="", help="the YAML config the model was trained with")
-    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument("--images", default=None, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True,
+                   help="output .npz file; a folder of parts with several processes (or an existing folder)")
+    p.add_argument("--merge", default=None, metavar="FILE",
+                   help="also write the parts of --out as one .npz FILE; without --images only merge them")
     p.add_argument("--camera", type=int, default=None,
                    help="camera number (c1 = 1) for images whose name has none; used by SIE models")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ... (TEST.WEIGHT required)")
     return cli.parse_with_overrides(p, argv)
 
 
+def _world() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def writes_parts(out: str, world: int) -> bool:
+    """Whether ``--out`` is a folder of parts: several processes, or a folder given by the user."""
+    return world > 1 or os.path.isdir(out) or out.endswith(("/", os.sep))
+
+
 def run(args: argparse.Namespace) -> None:
+    world = _world()
+    if args.images is None:
+        if not args.merge:
+            raise UserError("--images is required (or --merge FILE without --images, to join the parts in --out)")
+        if world > 1:
+            raise UserError("--merge without --images joins finished parts: run it as one process, not under torchrun")
+        setup_logger("svllreid", None, if_train=False)
+        _merge(args.out, args.merge)
+        return
+    parts = writes_parts(args.out, world)
+    if parts and (args.out.endswith(".npz") or os.path.isfile(args.out)):
+        raise UserError(f"--out {args.out}: {world} processes write one part each into a folder; give a folder "
+                        f"(e.g. --out {args.out.removesuffix('.npz')}_parts/) and --merge FILE.npz for one file")
+    if args.merge and not parts:
+        raise UserError(f"--merge joins the parts of a folder, and --out {args.out} is one file already")
     camera_id(args.camera)                         # a bad number fails before the model is built
     files = list_image_files(args.images)          # so does a bad folder
+    if parts:
+        run_sharded(args, files)
+        return
     cfg, device = setup(args.config_file, args.opts)
     model, info = load_model(cfg)
     cam = camera_id(args.camera, info)
@@ -52,14 +114,138 @@ def run(args: argparse.Namespace) -> None:
     n_lab = int((fs.pids >= 0).sum())
     logger.info("%d images -> %s: features %s, identity and camera parsed from %d names", len(fs.paths), args.out,
                 "x".join(map(str, fs.features.shape)), n_lab)
-    if fs.failed:
-        logger.warning("%d unreadable file(s) skipped (also in the file's 'failed'):\n%s", len(fs.failed),
-                       "\n".join(f"  {p}: {r}" for p, r in fs.failed))
+    _warn_failed(fs.failed)
+
+
+def _warn_failed(failed: Sequence[tuple[str, str]], who: str = "") -> None:
+    if failed:
+        logger.warning("%s%d unreadable file(s) skipped (also in the file's 'failed'):\n%s", who, len(failed),
+                       "\n".join(f"  {p}: {r}" for p, r in failed))
+
+
+def _merge(folder: str, out: str) -> None:
+    fs = merge_parts(folder, out)
+    logger.info("%d images from the parts in %s -> %s: features %s", len(fs.paths), folder, out,
+                "x".join(map(str, fs.features.shape)))
+
+
+def _every_rank(record: logging.LogRecord) -> bool:
+    """On ranks other than 0: warnings, and the lines meant for every process."""
+    return record.levelno >= logging.WARNING or bool(getattr(record, "every_rank", False))
+
+
+class _Progress:
+    """``report`` callback of :func:`extract_folder`: a line with the rate every PROGRESS_SECONDS."""
+
+    def __init__(self, who: str) -> None:
+        self.who, self.t0 = who, time.monotonic()
+        self.last = self.t0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS and done < total:
+            self.last = now
+            logger.info("%s%d/%d images, %.1f images/s", self.who, done, total, done / max(now - self.t0, 1e-9),
+                        extra={"every_rank": True})
+
+
+def _check_start(out: str, path: str, world: int, meta: dict, shard: Sequence[str]) -> tuple[str | None, bool]:
+    """(why this rank cannot start, whether its part is still to be extracted)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            remove_stale_temporaries(out)          # what a killed write left: never a part
+        others = {w: len(r) for w, r in scan_parts(out).items() if w != world}
+        if others:
+            w, n = sorted(others.items())[0]
+            return (f"{out} holds {n} part(s) of an extraction by {w} processes, and this one runs {world}: "
+                    f"run it with {w} processes to finish those, or give another --out folder"), False
+        if os.path.isfile(path):
+            problem = part_problem(path, meta, shard)
+            if problem is not None:
+                return (f"{path} is not this extraction's part: {problem}; remove it (or the folder) to extract "
+                        "it again, or give another --out folder"), False
+            return None, False
+        return None, True
+    except (UserError, OSError) as e:
+        return f"{cli.one_line(e)}", False
+
+
+def run_sharded(args: argparse.Namespace, files: list[str]) -> None:
+    """This process's part of the sorted image list into ``--out``; the parts merged with ``--merge``."""
+    cfg, device = setup(args.config_file, args.opts, dist_timeout_minutes=DIST_TIMEOUT_MINUTES)
+    rank, world = get_rank(), get_world_size()
+    if rank > 0:
+        logger.addFilter(_every_rank)
+    try:
+        _run_rank(args, files, cfg, device, rank, world)
+    finally:
+        logger.removeFilter(_every_rank)
+        cleanup()
+
+
+def _run_rank(args: argparse.Namespace, files: list[str], cfg: Any, device: torch.device, rank: int,
+              world: int) -> None:
+    digest = list_digest(files)
+    seen = all_gather_object((len(files), digest))
+    if len(set(seen)) > 1:
+        counts = ", ".join(f"rank {r}: {n}" for r, (n, _) in enumerate(seen))
+        raise UserError(f"the processes see different image lists under {args.images} ({counts} files): every "
+                        "machine needs the same folder")
+    model, info = load_model(cfg)
+    cam = camera_id(args.camera, info)
+    meta = feature_meta(cfg, info, cam)
+    meta[SHARD_KEY] = shard_meta(files, rank, world, digest)
+    start, stop = shard_bounds(len(files), rank, world)
+    shard = files[start:stop]
+    path = os.path.join(args.out, part_name(rank, world))
+    who = f"rank {rank}/{world}: " if world > 1 else ""
+    error, todo = _check_start(args.out, path, world, meta, shard)
+    errors = [e for e in all_gather_object(error) if e]
+    if errors:
+        raise UserError(errors[0])
+    t0 = time.monotonic()
+    n_done = 0
+    if todo:
+        logger.info("%sextracting files %d..%d of %d (%d images) into %s", who, start, stop, len(files), len(shard),
+                    path, extra={"every_rank": True})
+        fs = extract_folder(cfg, model, info, args.images, device, camera=cam, files=shard, allow_empty=True,
+                            report=_Progress(who))
+        fs.meta[SHARD_KEY] = meta[SHARD_KEY]
+        fs.save(path)
+        n_done = len(shard)
+        dt = time.monotonic() - t0
+        logger.info("%s%d images in %.1f s (%.1f images/s) -> %s", who, n_done, dt, n_done / max(dt, 1e-9), path,
+                    extra={"every_rank": True})
+        _warn_failed(fs.failed, who)
+    else:
+        logger.info("%skept the finished part %s (files %d..%d)", who, path, start, stop, extra={"every_rank": True})
+    dt = time.monotonic() - t0
+    stats = all_gather_object((todo, n_done, dt))        # also waits for every part
+    if rank != 0:
+        return
+    total = sum(n for _, n, _ in stats)
+    wall = max(t for _, _, t in stats)
+    redone = sum(1 for did, _, _ in stats if did)
+    if redone:
+        logger.info("%d part(s) in %s: %d extracted now (%d images in %.1f s by %d process(es), %.1f images/s in "
+                    "all), %d kept from before", world, args.out, redone, total, wall, redone,
+                    total / max(wall, 1e-9), world - redone)
+    else:
+        logger.info("%d part(s) in %s: all finished before, nothing to extract", world, args.out)
+    if args.merge:
+        _merge(args.out, args.merge)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return cli.run(lambda: run(args))
+
+    def where() -> str:
+        if args.images is None or not writes_parts(args.out, _world()):
+            return ""
+        return (f"the finished parts in {args.out} are kept (never a half-written one): run the same command "
+                "again to extract the others")
+    return cli.run(lambda: run(args), on_interrupt=where)
 
 
 if __name__ == "__main__":
