@@ -26,7 +26,8 @@ from datasets.market1501 import parse_market_name
 from datasets.transforms import build_transforms
 from model import load_for_inference
 from model.loading import camera_numbers
-from utils.fileio import atomic_write
+from utils.checkpoint import file_sha256
+from utils.fileio import atomic_write, open_npz_array
 from utils.images import INPUT_EXTENSIONS, list_images, read_image
 from utils.metrics import distance_blocks, pairwise_distance
 from utils.reranking import re_ranking
@@ -144,8 +145,10 @@ class FeatureSet:
         atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
-    def load(cls, path: str) -> FeatureSet:
-        """Read a file written by :meth:`save` (clear errors for anything else)."""
+    def load(cls, path: str, mmap: bool = False) -> FeatureSet:
+        """Read a file written by :meth:`save` (clear errors for anything else). ``mmap``: the
+        features stay on disk, memory-mapped read-only in their stored dtype (for galleries larger
+        than memory; ``np.savez`` stores them uncompressed), instead of being read as float32."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such feature file: {path}")
         try:
@@ -158,7 +161,7 @@ class FeatureSet:
         if missing:
             raise ConfigError(f"{path} has no {' / '.join(missing)}: write it with tools/extract_features.py")
         again = "write it again with tools/extract_features.py"
-        feats, paths = z["features"], z["paths"]
+        feats, paths = open_npz_array(path, "features") if mmap else z["features"], z["paths"]
         if feats.ndim != 2 or paths.ndim != 1 or feats.shape[0] != len(paths):
             raise ConfigError(f"{path}: features {feats.shape} do not match {len(paths)} paths")
         if not np.issubdtype(feats.dtype, np.number):
@@ -195,8 +198,8 @@ class FeatureSet:
         if "root" in z.files and z["root"].shape != ():
             raise ConfigError(f"{path}: 'root' is {z['root'].shape}, expected one folder name; {again}")
         root = str(z["root"]) if "root" in z.files else ""
-        return cls(feats.astype(np.float32), [str(p) for p in paths], labels("pids"), labels("camids"), root,
-                   failed, meta)
+        return cls(feats if mmap else feats.astype(np.float32), [str(p) for p in paths], labels("pids"),
+                   labels("camids"), root, failed, meta)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -263,7 +266,9 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
     kept_a = np.array(kept)
     return FeatureSet(feat, [rel[i] for i in kept], np.array([labels[i][0] for i in kept], dtype=np.int64),
                       cams[kept_a], os.path.abspath(root), failed,
-                      {"weight": os.path.abspath(info["weight"]), "feat_dim": int(feat.shape[1]),
+                      {"weight": os.path.abspath(info["weight"]), "sha256": file_sha256(info["weight"]),
+                       "model_name": str(info.get("model_name") or cfg.MODEL.NAME), "feat_dim": int(feat.shape[1]),
+                       "feat_norm": str(cfg.TEST.FEAT_NORM), "neck_feat": str(cfg.TEST.NECK_FEAT),
                        "size_test": list(cfg.INPUT.SIZE_TEST), "sie_camera": info["sie_camera"],
                        "camera": camera, "camera_numbers": {str(n): i for n, i in sorted(numbers.items())}})
 

@@ -54,8 +54,8 @@ logger = logging.getLogger("svllreid")
 
 __all__ = ["KINDS", "Metric", "metric_from_config", "choose_params", "default_kind", "Items", "GalleryIndex",
            "prepare", "build_index", "write_index", "save_index", "load_index", "search", "exact_search",
-           "recall_at_k", "measure_recall", "check_index_target", "INDEX_FILE", "VECTORS_FILE", "ITEMS_FILE",
-           "INFO_FILE"]
+           "recall_at_k", "measure_recall", "check_index_target", "check_compatible", "INDEX_FILE",
+           "VECTORS_FILE", "ITEMS_FILE", "INFO_FILE"]
 
 KINDS = ("flat", "ivf-pq")
 INDEX_FILE, VECTORS_FILE, ITEMS_FILE, INFO_FILE = "index.faiss", "vectors.f16.npy", "items.npz", "index.json"
@@ -507,6 +507,48 @@ def measure_recall(gi: GalleryIndex, features: np.ndarray | Sequence[np.ndarray]
         return np.stack([row[row != i][:kmax] for row, i in zip(lists, ids)])
     approx, exact = others(approx), others(exact)
     return {"queries": int(nq), **{f"recall@{k}": recall_at_k(approx, exact, min(k, kmax)) for k in ks}}
+
+
+# ----------------------------------------------------------------------------- compatibility
+def check_compatible(gi: GalleryIndex, cfg: Any, info: dict[str, Any] | None = None) -> None:
+    """Refuse in one line a search whose query features would not be comparable with the index's:
+    another metric (TEST.DIST_METRIC, TEST.FEAT_NORM), TEST.NECK_FEAT, checkpoint (sha256 of
+    TEST.WEIGHT), input size, and, given the loaded model's ``info``, model or feature width."""
+    where = f"the index {gi.path or '(in memory)'}"
+    metric = metric_from_config(cfg)
+    if metric.dist_metric != gi.metric.dist_metric:
+        raise ConfigError(f"TEST.DIST_METRIC {metric.dist_metric}: {where} was built for {gi.metric.dist_metric} "
+                          f"({gi.metric.name}); give TEST.DIST_METRIC {gi.metric.dist_metric} or build another index")
+    if metric.feat_norm != gi.metric.feat_norm:
+        want = "yes" if gi.metric.feat_norm else "no"
+        raise ConfigError(f"TEST.FEAT_NORM {cfg.TEST.FEAT_NORM}: {where} was built with TEST.FEAT_NORM {want}; "
+                          f"give TEST.FEAT_NORM {want} or build another index")
+    model = gi.model
+    neck = model.get("neck_feat")
+    if neck and str(neck) != str(cfg.TEST.NECK_FEAT):
+        raise ConfigError(f"TEST.NECK_FEAT {cfg.TEST.NECK_FEAT}: the features of {where} are taken {neck} the "
+                          f"BNNeck; give TEST.NECK_FEAT {neck} or build another index")
+    weight = str(cfg.TEST.WEIGHT or "")
+    if model.get("sha256") and weight and os.path.isfile(weight):
+        from utils.checkpoint import file_sha256
+        digest = file_sha256(weight)
+        if digest != model["sha256"]:
+            raise ConfigError(f"TEST.WEIGHT {weight} (sha256 {digest[:12]}...) is not the checkpoint of {where} "
+                              f"({model.get('weight', '?')}, sha256 {str(model['sha256'])[:12]}...): the query "
+                              "features would not be comparable; give that checkpoint or build another index")
+    size = model.get("size_test")
+    if size and [int(v) for v in size] != [int(v) for v in cfg.INPUT.SIZE_TEST]:
+        raise ConfigError(f"INPUT.SIZE_TEST {list(cfg.INPUT.SIZE_TEST)}: the features of {where} were computed at "
+                          f"{list(size)}; give INPUT.SIZE_TEST {list(size)} or build another index")
+    if info is None:
+        return
+    name = model.get("model_name")
+    if name and info.get("model_name") and str(name) != str(info["model_name"]):
+        raise ConfigError(f"the model {info['model_name']} of {info.get('weight')} is not the {name} of {where}; "
+                          "give the index's checkpoint or build another index")
+    if int(info["feat_dim"]) != gi.d:
+        raise ConfigError(f"{info.get('weight')} gives {info['feat_dim']}-d features, {where} holds {gi.d}-d ones; "
+                          "give the index's checkpoint or build another index")
 
 
 # ----------------------------------------------------------------------------- files
