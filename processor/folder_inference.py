@@ -145,10 +145,11 @@ class FeatureSet:
         atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
-    def load(cls, path: str, mmap: bool = False) -> FeatureSet:
-        """Read a file written by :meth:`save` (clear errors for anything else). ``mmap``: the
-        features stay on disk, memory-mapped read-only in their stored dtype (for galleries larger
-        than memory; ``np.savez`` stores them uncompressed), instead of being read as float32."""
+    def load(cls, path: str, allow_empty: bool = False, mmap: bool = False) -> FeatureSet:
+        """Read a file written by :meth:`save` (clear errors for anything else). A file of no
+        features is refused unless ``allow_empty`` (a part of a sharded extraction may hold none).
+        ``mmap``: the features stay on disk, memory-mapped read-only in their stored dtype (for
+        galleries larger than memory; ``np.savez`` stores them uncompressed), not read as float32."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such feature file: {path}")
         try:
@@ -167,7 +168,7 @@ class FeatureSet:
         if not np.issubdtype(feats.dtype, np.number):
             raise ConfigError(f"{path}: features are {feats.dtype}, not numbers; {again}")
         n = feats.shape[0]
-        if n == 0:
+        if n == 0 and not allow_empty:
             raise ConfigError(f"{path} holds no features (0 images): nothing to search; {again} from a folder "
                               "with images")
 
