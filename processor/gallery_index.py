@@ -54,8 +54,8 @@ logger = logging.getLogger("svllreid")
 
 __all__ = ["KINDS", "Metric", "metric_from_config", "choose_params", "default_kind", "Items", "GalleryIndex",
            "prepare", "build_index", "write_index", "save_index", "load_index", "search", "exact_search",
-           "recall_at_k", "measure_recall", "check_index_target", "check_compatible", "INDEX_FILE",
-           "VECTORS_FILE", "ITEMS_FILE", "INFO_FILE"]
+           "ExactTopK", "gather_rows", "recall_at_k", "recall_against", "measure_recall", "check_index_target",
+           "check_compatible", "INDEX_FILE", "VECTORS_FILE", "ITEMS_FILE", "INFO_FILE"]
 
 KINDS = ("flat", "ivf-pq")
 INDEX_FILE, VECTORS_FILE, ITEMS_FILE, INFO_FILE = "index.faiss", "vectors.f16.npy", "items.npz", "index.json"
@@ -316,8 +316,9 @@ def _new_index(d: int, metric: Metric, params: dict[str, Any]) -> Any:
     quantizer = faiss.IndexFlatL2(d)
     index = faiss.IndexIVFPQ(quantizer, d, int(params["nlist"]), int(params["m"]), int(params["nbits"]),
                              faiss.METRIC_L2)
-    index.cp.seed = int(params.get("seed", 0))
-    index.pq.cp.seed = int(params.get("seed", 0))
+    for cp in (index.cp, index.pq.cp):     # the sizes are chosen (and stated) knowingly: no faiss warnings
+        cp.seed = int(params.get("seed", 0))
+        cp.min_points_per_centroid = 1
     index.nprobe = int(params["nprobe"])
     return index
 
@@ -327,13 +328,16 @@ def _stores_vectors(params: dict[str, Any]) -> bool:
 
 
 def build_index(features: np.ndarray | Sequence[np.ndarray], metric: Metric, params: dict[str, Any], *,
-                vectors_path: str | None = None) -> GalleryIndex:
+                vectors_path: str | None = None,
+                on_chunk: Callable[[int, np.ndarray], None] | None = None) -> GalleryIndex:
     """Build an index of ``features`` (raw features, as extracted: one (n, d) array or parts of one,
     memory-mapped arrays welcome) in chunks: ivf-pq is trained on a random sample of ``train_size``
     rows, then every kind gets the vectors ``add_batch`` rows at a time.
 
     ivf-pq with refine keeps the prepared vectors as float16: in the ``.npy`` file ``vectors_path``
-    (memory-mapped), or in memory without it. Progress bar; NaN/Inf features are refused.
+    (memory-mapped), or in memory without it. ``on_chunk(first row, prepared rows)`` sees every
+    chunk as it is added (an exact search riding on the same pass). Progress bar; NaN/Inf features
+    are refused.
     """
     rows = _Rows(features)
     if rows.n == 0:
@@ -349,6 +353,10 @@ def build_index(features: np.ndarray | Sequence[np.ndarray], metric: Metric, par
         _check_finite(x, 0)
         logger.info("Training ivf-pq (%d lists, %d x %d-bit codes) on %d random gallery vectors", params["nlist"],
                     params["m"], params["nbits"], size)
+        few = max(int(params["nlist"]), 2 ** int(params["nbits"]))
+        if size < MIN_POINTS * few:
+            logger.warning("%d training vectors for %d centroids: fewer than the %d per centroid k-means wants; the "
+                           "lists and codes are coarse (a smaller --nlist helps)", size, few, MIN_POINTS)
         index.train(prepare(x, metric))
         del x
     vectors: np.ndarray | None = None
@@ -363,6 +371,8 @@ def build_index(features: np.ndarray | Sequence[np.ndarray], metric: Metric, par
         _check_finite(chunk, start)
         x = prepare(chunk, metric)
         index.add(x)
+        if on_chunk is not None:
+            on_chunk(start, x)
         if vectors is not None:
             vectors[start:start + len(x)] = x.astype(np.float16)
     if isinstance(vectors, np.memmap):
@@ -457,27 +467,49 @@ def search(gi: GalleryIndex, queries: np.ndarray | torch.Tensor, k: int, *, npro
     return _top_k_sorted(dist, cand, k)
 
 
+class ExactTopK:
+    """The exact top-``k`` of prepared ``queries`` over gallery rows given chunk by chunk, in order
+    (:meth:`add`), in bounded memory; ties keep gallery order."""
+
+    def __init__(self, queries: np.ndarray, metric: Metric, k: int) -> None:
+        self.q, self.metric, self.k = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)), metric, k
+        self.q_sq = self.q.pow(2).sum(1).unsqueeze(1)
+        self.best_d = torch.full((len(self.q), 0), float("inf"))
+        self.best_i = torch.zeros((len(self.q), 0), dtype=torch.int64)
+
+    def add(self, start: int, chunk: np.ndarray) -> None:
+        """Gallery rows ``start ..`` (prepared), in blocks of bounded size."""
+        step = max(self.k, BLOCK_ELEMS // max(1, len(self.q)))
+        for s in range(0, len(chunk), step):
+            g = torch.from_numpy(np.ascontiguousarray(chunk[s:s + step], dtype=np.float32))
+            if self.metric.dist_metric == "cosine":
+                dist = (self.q @ g.t()).neg_().add_(1.0)
+            else:
+                dist = torch.add(self.q_sq, g.pow(2).sum(1)).addmm_(self.q, g.t(), beta=1, alpha=-2)
+            ids = torch.arange(start + s, start + s + len(g)).expand(len(self.q), -1)
+            all_d, all_i = torch.cat([self.best_d, dist], 1), torch.cat([self.best_i, ids], 1)
+            order = torch.sort(all_d, dim=1, stable=True).indices[:, :self.k]   # ties keep gallery order
+            self.best_d, self.best_i = all_d.gather(1, order), all_i.gather(1, order)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, gallery indices) of the rows added so far."""
+        return self.best_d.numpy(), self.best_i.numpy()
+
+
+def gather_rows(features: np.ndarray | Sequence[np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` (sorted ascending) of an array or of parts of one, as float32."""
+    return _Rows(features).take(np.asarray(ids, dtype=np.int64))
+
+
 def exact_search(features: np.ndarray | Sequence[np.ndarray], metric: Metric, queries: np.ndarray | torch.Tensor,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-``k`` of raw ``queries`` over raw ``features`` (an array or parts; memory-mapped
     welcome), block by block in bounded memory: the reference an approximate index is measured against."""
     rows = _Rows(features)
-    k = min(k, rows.n)
-    q = torch.from_numpy(prepare(queries, metric))
-    best_d = torch.full((len(q), 0), float("inf"))
-    best_i = torch.zeros((len(q), 0), dtype=torch.int64)
-    step = max(k, BLOCK_ELEMS // max(1, len(q)))
-    for start, chunk in rows.chunks(step):
-        g = torch.from_numpy(prepare(chunk, metric))
-        if metric.dist_metric == "cosine":
-            dist = (q @ g.t()).neg_().add_(1.0)
-        else:
-            dist = torch.add(q.pow(2).sum(1).unsqueeze(1), g.pow(2).sum(1)).addmm_(q, g.t(), beta=1, alpha=-2)
-        ids = torch.arange(start, start + len(g)).expand(len(q), -1)
-        all_d, all_i = torch.cat([best_d, dist], 1), torch.cat([best_i, ids], 1)
-        order = torch.sort(all_d, dim=1, stable=True).indices[:, :k]   # ties keep gallery order
-        best_d, best_i = all_d.gather(1, order), all_i.gather(1, order)
-    return best_d.numpy(), best_i.numpy()
+    acc = ExactTopK(prepare(queries, metric), metric, min(k, rows.n))
+    for start, chunk in rows.chunks(max(1, BLOCK_ELEMS // max(1, rows.d))):
+        acc.add(start, prepare(chunk, metric))
+    return acc.result()
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
@@ -488,25 +520,32 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / max(1, len(y)) for x, y in zip(a, e)]))
 
 
+def recall_against(gi: GalleryIndex, query_ids: np.ndarray, queries: np.ndarray, exact_ids: np.ndarray,
+                   ks: Sequence[int] = (1, 10)) -> dict[str, Any]:
+    """Recall@k of ``gi`` for gallery rows ``query_ids`` (raw ``queries``) used as queries, against
+    their exact lists ``exact_ids`` (at least max(ks) + 1 long): each query's own entry is left out
+    of both lists (it would be an easy first hit)."""
+    kmax = min(max(ks), gi.n - 1, exact_ids.shape[1] - 1)
+    if kmax < 1 or len(query_ids) == 0:
+        return {"queries": 0}
+    _, approx = search(gi, queries, kmax + 1)
+
+    def others(lists: np.ndarray) -> np.ndarray:
+        return np.stack([row[row != i][:kmax] for row, i in zip(lists[:, :kmax + 1], query_ids)])
+    a, e = others(approx), others(exact_ids)
+    return {"queries": int(len(query_ids)), **{f"recall@{k}": recall_at_k(a, e, min(k, kmax)) for k in ks}}
+
+
 def measure_recall(gi: GalleryIndex, features: np.ndarray | Sequence[np.ndarray], num_queries: int,
                    ks: Sequence[int] = (1, 10), seed: int = 0) -> dict[str, Any]:
-    """Recall@k of ``gi`` against exact search over ``features`` (the same raw features it was built
-    from), with ``num_queries`` random gallery vectors as queries; each query's own entry is left out
-    of both lists (it would be an easy first hit)."""
+    """Recall@k of ``gi`` against exact search over ``features`` (the raw features it was built
+    from), with ``num_queries`` random gallery rows as queries (:func:`recall_against`)."""
     rows = _Rows(features)
-    kmax = min(max(ks), rows.n - 1)
-    if kmax < 1:
-        return {"queries": 0}
     nq = min(num_queries, rows.n)
     ids = np.sort(np.random.default_rng(seed).choice(rows.n, size=nq, replace=False))
     q = rows.take(ids)
-    _, approx = search(gi, q, kmax + 1)
-    _, exact = exact_search(rows.parts, gi.metric, q, kmax + 1)
-
-    def others(lists: np.ndarray) -> np.ndarray:
-        return np.stack([row[row != i][:kmax] for row, i in zip(lists, ids)])
-    approx, exact = others(approx), others(exact)
-    return {"queries": int(nq), **{f"recall@{k}": recall_at_k(approx, exact, min(k, kmax)) for k in ks}}
+    _, exact = exact_search(rows.parts, gi.metric, q, min(max(ks) + 1, rows.n))
+    return recall_against(gi, ids, q, exact, ks)
 
 
 # ----------------------------------------------------------------------------- compatibility
@@ -670,12 +709,13 @@ class _Staging:
 
 def write_index(out_dir: str, features: np.ndarray | Sequence[np.ndarray], metric: Metric, params: dict[str, Any],
                 items: Items, model: dict[str, Any], junk_left_out: int = 0,
-                measure: Callable[[GalleryIndex], dict[str, Any]] | None = None) -> GalleryIndex:
+                measure: Callable[[GalleryIndex], dict[str, Any]] | None = None,
+                on_chunk: Callable[[int, np.ndarray], None] | None = None) -> GalleryIndex:
     """Build (:func:`build_index`) straight into a hidden sibling of ``out_dir`` (the float16 vectors
     are written there as they are added), write the folder's files, then rename it to ``out_dir``.
     ``measure(index)``, run before the rename, returns entries stored in index.json (recall)."""
     with _Staging(out_dir) as st:
-        gi = build_index(features, metric, params,
+        gi = build_index(features, metric, params, on_chunk=on_chunk,
                          vectors_path=os.path.join(st.path, VECTORS_FILE) if _stores_vectors(params) else None)
         gi.items, gi.model, gi.junk_left_out = items, dict(model), int(junk_left_out)
         extra = measure(gi) if measure is not None else {}

@@ -95,7 +95,7 @@ def test_ivf_pq_with_refine_finds_the_exact_neighbours():
     g = _clustered(4000, 64, 300, seed=3)
     q = _clustered(200, 64, 300, seed=4)
     metric = gx.Metric(True, "cosine")
-    params = gx.choose_params(len(g), 64, "ivf-pq")
+    params = gx.choose_params(len(g), 64, "ivf-pq", threads=1)
     gi = gx.build_index(g, metric, params)
     assert gi.vectors is not None and gi.vectors.dtype == np.float16
     _, exact = gx.exact_search(g, metric, q, 10)
@@ -177,7 +177,8 @@ def _items(n):
 def ivf_dir(tmp_path_factory):
     g = _clustered(2000, 32, 150, seed=5)
     out = str(tmp_path_factory.mktemp("idx") / "index")
-    gi = gx.write_index(out, g, gx.Metric(True, "euclidean"), gx.choose_params(len(g), 32, "ivf-pq"), _items(len(g)),
+    params = gx.choose_params(len(g), 32, "ivf-pq", threads=1)
+    gi = gx.write_index(out, g, gx.Metric(True, "euclidean"), params, _items(len(g)),
                         {"sha256": "ab" * 32, "model_name": "ViT-B-16", "feat_dim": 32},
                         measure=lambda built: {"recall": gx.measure_recall(built, g, 50)})
     return out, g, gi
@@ -291,3 +292,190 @@ def test_out_that_is_not_an_index_is_refused(tmp_path):
         gx.write_index(str(tmp_path / "notes"), g, gx.Metric(True, "cosine"), gx.choose_params(3, 4, "flat"),
                        _items(3), {})
     assert (tmp_path / "notes" / "a.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- the tools
+SIZE = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "DATALOADER.NUM_WORKERS", "0",
+        "TEST.IMS_PER_BATCH", "16"]
+
+
+@pytest.fixture(scope="module")
+def weight(tiny_root, tmp_path_factory):
+    """A random-weights checkpoint of the tiny demo model (8 identities, 2 cameras): no training needed."""
+    import torch
+
+    from model import make_model
+    from tests.helpers import DEMO
+    cfg = load_config(DEMO, ["DATASETS.ROOT_DIR", tiny_root, *SIZE])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    torch.save(make_model(cfg, num_class=8, camera_num=2, view_num=1).state_dict(), path)
+    return str(path)
+
+
+def _opts(tiny_root, weight, *extra):
+    return ["DATASETS.ROOT_DIR", str(tiny_root), *SIZE, "TEST.WEIGHT", weight, *extra]
+
+
+@pytest.fixture(scope="module")
+def gallery_npz(tiny_root, weight, tmp_path_factory):
+    """Features of the tiny gallery (junk included) written by tools/extract_features.py."""
+    from tests.helpers import DEMO
+    from tools import extract_features
+    out = tmp_path_factory.mktemp("feats") / "g.npz"
+    assert extract_features.main(["--config_file", DEMO, "--images", os.path.join(tiny_root, "bounding_box_test"),
+                                  "--out", str(out), *_opts(tiny_root, weight)]) == 0
+    return out
+
+
+def _build(tiny_root, weight, features, out, *flags):
+    from tests.helpers import DEMO
+    from tools import build_index
+    return build_index.main(["--config_file", DEMO, "--features", *map(str, features), "--out", str(out),
+                             *_opts(tiny_root, weight), *flags])
+
+
+def _search(tiny_root, weight, where, gallery, out, *flags):
+    from tests.helpers import DEMO
+    from tools import search
+    return search.main(["--config_file", DEMO, "--query", os.path.join(tiny_root, "query"), where, str(gallery),
+                        "--out", str(out), *_opts(tiny_root, weight), *flags])
+
+
+def _rewrite(src, dst, meta=None, **changes):
+    """A copy of the .npz ``src`` with some arrays (or meta entries) replaced."""
+    z = dict(np.load(src))
+    if meta is not None:
+        z["meta"] = np.array(json.dumps({**json.loads(str(z["meta"])), **meta}))
+    z.update(changes)
+    np.savez(dst, **z)
+    return dst
+
+
+def test_features_option_takes_several_paths_before_the_overrides():
+    from tools import build_index
+    a = build_index.parse_args(["--features", "a.npz", "parts", "TEST.FEAT_NORM", "no", "--out", "i", "--kind",
+                                "ivf-pq", "OUTPUT_DIR", "x", "--features", "c.npz"])
+    assert (a.features, a.out, a.kind) == (["a.npz", "parts", "c.npz"], "i", "ivf-pq")
+    assert a.opts == ["TEST.FEAT_NORM", "no", "OUTPUT_DIR", "x"]
+    a = build_index.parse_args(["--out", "i", "--features", "a.npz", "b.npz", "--m", "8"])
+    assert (a.features, a.m) == (["a.npz", "b.npz"], 8)
+
+
+def test_feature_files_record_the_checkpoint(gallery_npz, weight):
+    import hashlib
+    meta = json.loads(str(np.load(gallery_npz)["meta"]))
+    with open(weight, "rb") as f:
+        assert meta["sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert (meta["model_name"], meta["feat_norm"], meta["neck_feat"], meta["feat_dim"]) == \
+        ("ViT-B-16", "yes", "before", 128)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings,kind", [((), "flat"), (("TEST.DIST_METRIC", "cosine"), "flat"),
+                                           (("TEST.FEAT_NORM", "no"), "ivf-pq")])
+def test_search_index_gives_the_results_of_search_gallery(tiny_root, weight, gallery_npz, tmp_path, settings, kind):
+    """The same results.json (paths, ranks, labels; distances within 1e-5) and pictures. ivf-pq
+    re-ranks 10 x k candidates of a 14-image gallery exactly: every image, so its ranking is exact
+    too; its distances are of the float16 vectors it keeps (within float16 rounding, 2**-11)."""
+    assert _build(tiny_root, weight, [gallery_npz], tmp_path / "index", "--kind", kind, *settings) == 0
+    res = {}
+    for where, gallery in (("--index", tmp_path / "index"), ("--gallery", gallery_npz)):
+        out = tmp_path / where.strip("-")
+        assert _search(tiny_root, weight, where, gallery, out, "--topk", "6", *settings) == 0
+        with open(out / "results.json") as f:
+            res[where] = json.load(f)
+    a, b = res["--index"], res["--gallery"]
+    assert a["index"]["kind"] == kind and a["gallery"] == str(tmp_path / "index")
+    for key in ("checkpoint", "distance", "topk", "num_gallery", "junk_left_out"):
+        assert a[key] == b[key], key
+    assert a["junk_left_out"] == 1 and a["num_gallery"] == 14
+    assert [q["query"] for q in a["queries"]] == [q["query"] for q in b["queries"]]
+    for qa, qb in zip(a["queries"], b["queries"]):
+        strip = [{k: v for k, v in h.items() if k != "distance"} for h in qa["results"]]
+        assert strip == [{k: v for k, v in h.items() if k != "distance"} for h in qb["results"]]
+        tol = dict(abs=1e-5) if kind == "flat" else dict(rel=2e-3, abs=1e-3)
+        assert [h["distance"] for h in qa["results"]] == pytest.approx([h["distance"] for h in qb["results"]], **tol)
+        assert os.path.isfile(qa["picture"]) and os.path.basename(qa["picture"]) == os.path.basename(qb["picture"])
+
+
+def test_build_index_refusals_are_one_line(tiny_root, weight, gallery_npz, tmp_path, capsys):
+    from tests.helpers import one_line_error
+    z = np.load(gallery_npz)
+    n = len(z["paths"])
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    _rewrite(gallery_npz, parts / "part-00000-of-00002.npz")
+    narrow = _rewrite(gallery_npz, tmp_path / "narrow.npz", meta={"feat_dim": 64}, features=z["features"][:, :64])
+    other = _rewrite(gallery_npz, tmp_path / "other.npz", meta={"sha256": "0" * 64})
+    empty = _rewrite(gallery_npz, tmp_path / "empty.npz", features=np.zeros((0, 128), np.float32),
+                     paths=np.array([], dtype=str), pids=np.zeros(0, np.int64), camids=np.zeros(0, np.int64))
+    junk_only = _rewrite(gallery_npz, tmp_path / "junk.npz", paths=np.array([f"-1_c1s1_{i:06d}_00.jpg"
+                                                                            for i in range(n)]))
+    no_sha = {k: v for k, v in json.loads(str(z["meta"])).items() if k != "sha256"}
+    gone = tmp_path / "gone.npz"
+    np.savez(gone, **{**dict(z), "meta": np.array(json.dumps({**no_sha, "weight": str(tmp_path / "nope.pth")}))})
+    (tmp_path / "afile").write_text("x")
+    cases = [([parts], [], [str(parts), "1 of 2 parts missing", "part-00001-of-00002.npz"]),
+             ([tmp_path / "nope.npz"], [], ["no such feature file", "nope.npz"]),
+             ([gallery_npz, narrow], [], ["different widths", "128 vs 64"]),
+             ([gallery_npz, other], [], ["extracted differently", "sha256"]),
+             ([empty], [], ["empty.npz", "no features (0 images)", "nothing to index"]),
+             ([junk_only], [], [f"all {n} images are junk", "nothing to index"]),
+             ([gone], [], ["records no checkpoint sha256", "nope.pth"]),
+             ([gallery_npz], ["TEST.RE_RANKING", "True"], ["TEST.RE_RANKING True"]),
+             ([gallery_npz], ["--kind", "ivf-pq", "--m", "7"], ["--m 7", "divide", "128"]),
+             ([gallery_npz], ["--kind", "flat", "--nprobe", "3"], ["--nprobe", "ivf-pq only"])]
+    for features, flags, needles in cases:
+        assert _build(tiny_root, weight, features, tmp_path / "index", *flags) == 2, needles
+        one_line_error(capsys, *needles)
+        assert not os.path.exists(tmp_path / "index")
+    assert _build(tiny_root, weight, [gallery_npz], tmp_path / "afile") == 2
+    one_line_error(capsys, "afile", "is a file")
+    # a file written before the sha256 was recorded: computed from its checkpoint when that still exists
+    np.savez(tmp_path / "old.npz", **{**dict(z), "meta": np.array(json.dumps(no_sha))})
+    assert _build(tiny_root, weight, [tmp_path / "old.npz"], tmp_path / "index") == 0
+    assert gx.load_index(str(tmp_path / "index")).model["sha256"] == json.loads(str(z["meta"]))["sha256"]
+
+
+def test_search_index_refusals_are_one_line(tiny_root, weight, gallery_npz, tmp_path, capsys):
+    from tests.helpers import one_line_error
+    z = np.load(gallery_npz)
+    index = tmp_path / "index"
+    assert _build(tiny_root, weight, [gallery_npz], index) == 0
+    other = tmp_path / "other"
+    assert _build(tiny_root, weight, [_rewrite(gallery_npz, tmp_path / "o.npz", meta={"sha256": "f" * 64})],
+                  other) == 0
+    narrow = tmp_path / "narrow"
+    assert _build(tiny_root, weight, [_rewrite(gallery_npz, tmp_path / "n.npz", meta={"feat_dim": 64},
+                                               features=z["features"][:, :64])], narrow) == 0
+    rn50 = tmp_path / "rn50"
+    assert _build(tiny_root, weight, [_rewrite(gallery_npz, tmp_path / "r.npz", meta={"model_name": "RN50"})],
+                  rn50) == 0
+    broken = tmp_path / "broken"
+    import shutil
+    shutil.copytree(index, broken)
+    (broken / gx.INFO_FILE).write_text("{ not json")
+    capsys.readouterr()
+    cases = [(other, [], ["model.pth", "is not the checkpoint of", str(other), "ffffffffffff"]),
+             (index, ["TEST.DIST_METRIC", "cosine"], ["TEST.DIST_METRIC cosine", "built for euclidean"]),
+             (index, ["TEST.FEAT_NORM", "no"], ["TEST.FEAT_NORM no", "TEST.FEAT_NORM yes"]),
+             (index, ["TEST.NECK_FEAT", "after"], ["TEST.NECK_FEAT after", "before the BNNeck"]),
+             (index, ["TEST.RE_RANKING", "True"], ["TEST.RE_RANKING True"]),
+             (index, ["--topk", "15"], ["--topk 15 is more than the 14 images", str(index)]),
+             (narrow, [], ["128-d features", "holds 64-d"]),
+             (rn50, [], ["ViT-B-16", "is not the RN50"]),
+             (broken, [], [f"{broken / gx.INFO_FILE} is damaged", "build_index.py"]),
+             (tmp_path / "none", [], ["no such index folder"])]
+    for where, flags, needles in cases:
+        assert _search(tiny_root, weight, "--index", where, tmp_path / "out", "--no_pictures", *flags) == 2, needles
+        one_line_error(capsys, *needles)
+        assert not os.path.exists(tmp_path / "out" / "results.json")
+
+
+def test_interrupted_build_index_leaves_no_index(tiny_root, weight, gallery_npz, tmp_path, monkeypatch, capsys):
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gx.faiss.IndexFlatL2, "add", interrupted)
+    assert _build(tiny_root, weight, [gallery_npz], tmp_path / "index", "--kind", "flat") == 130
+    assert os.listdir(tmp_path) == []
