@@ -26,7 +26,8 @@ from datasets.market1501 import parse_market_name
 from datasets.transforms import build_transforms
 from model import load_for_inference
 from model.loading import camera_numbers
-from utils.fileio import atomic_write
+from utils.checkpoint import file_sha256
+from utils.fileio import atomic_write, open_npz_array
 from utils.images import INPUT_EXTENSIONS, list_images, read_image
 from utils.metrics import distance_blocks, pairwise_distance
 from utils.reranking import re_ranking
@@ -144,9 +145,11 @@ class FeatureSet:
         atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
-    def load(cls, path: str, allow_empty: bool = False) -> FeatureSet:
+    def load(cls, path: str, allow_empty: bool = False, mmap: bool = False) -> FeatureSet:
         """Read a file written by :meth:`save` (clear errors for anything else). A file of no
-        features is refused unless ``allow_empty`` (a part of a sharded extraction may hold none)."""
+        features is refused unless ``allow_empty`` (a part of a sharded extraction may hold none).
+        ``mmap``: the features stay on disk, memory-mapped read-only in their stored dtype (for
+        galleries larger than memory; ``np.savez`` stores them uncompressed), not read as float32."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such feature file: {path}")
         try:
@@ -159,7 +162,7 @@ class FeatureSet:
         if missing:
             raise ConfigError(f"{path} has no {' / '.join(missing)}: write it with tools/extract_features.py")
         again = "write it again with tools/extract_features.py"
-        feats, paths = z["features"], z["paths"]
+        feats, paths = open_npz_array(path, "features") if mmap else z["features"], z["paths"]
         if feats.ndim != 2 or paths.ndim != 1 or feats.shape[0] != len(paths):
             raise ConfigError(f"{path}: features {feats.shape} do not match {len(paths)} paths")
         if not np.issubdtype(feats.dtype, np.number):
@@ -196,8 +199,8 @@ class FeatureSet:
         if "root" in z.files and z["root"].shape != ():
             raise ConfigError(f"{path}: 'root' is {z['root'].shape}, expected one folder name; {again}")
         root = str(z["root"]) if "root" in z.files else ""
-        return cls(feats.astype(np.float32), [str(p) for p in paths], labels("pids"), labels("camids"), root,
-                   failed, meta)
+        return cls(feats if mmap else feats.astype(np.float32), [str(p) for p in paths], labels("pids"),
+                   labels("camids"), root, failed, meta)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -222,7 +225,9 @@ def feature_meta(cfg: Any, info: dict[str, Any], camera: int | None) -> dict[str
     """What the features of :func:`extract_folder` depend on besides the images (the file's
     ``meta``): known before any image is encoded, so that a finished part can be checked."""
     numbers = info.get("camera_numbers") or {}
-    return {"weight": os.path.abspath(info["weight"]), "feat_dim": int(info["feat_dim"]),
+    return {"weight": os.path.abspath(info["weight"]), "sha256": file_sha256(info["weight"]),
+            "model_name": str(info.get("model_name") or cfg.MODEL.NAME), "feat_dim": int(info["feat_dim"]),
+            "feat_norm": str(cfg.TEST.FEAT_NORM), "neck_feat": str(cfg.TEST.NECK_FEAT),
             "size_test": list(cfg.INPUT.SIZE_TEST), "sie_camera": info["sie_camera"],
             "camera": camera, "camera_numbers": {str(n): i for n, i in sorted(numbers.items())}}
 

@@ -219,11 +219,18 @@ def test_a_part_of_another_run_is_refused(tiny_root, weight, images, tmp_path, m
     # another number of processes over the folder
     assert _run_ranks(monkeypatch, _argv(tiny_root, weight, images, parts), 3, ranks=[0]) == [2]
     one_line_error(capsys, parts, "2 processes", "runs 3")
-    # another checkpoint (the same weights at another path: the meta names another file)
-    other = tmp_path / "other.pth"
-    shutil.copy(weight, other)
-    assert _run_ranks(monkeypatch, _argv(tiny_root, other, images, parts), 2, ranks=[0]) == [2]
-    one_line_error(capsys, part_name(0, 2), "weight", "other.pth")
+    # the same weights at another path are the same model (the part is kept) ...
+    moved = tmp_path / "moved.pth"
+    shutil.copy(weight, moved)
+    assert _run_ranks(monkeypatch, _argv(tiny_root, moved, images, parts), 2, ranks=[0]) == [0]
+    assert "kept the finished part" in capsys.readouterr().out
+    # ... other weights are not
+    sd = torch.load(weight)
+    key = next(k for k in sd if sd[k].is_floating_point())
+    sd[key] = sd[key] + 1
+    torch.save(sd, tmp_path / "other.pth")
+    assert _run_ranks(monkeypatch, _argv(tiny_root, tmp_path / "other.pth", images, parts), 2, ranks=[0]) == [2]
+    one_line_error(capsys, part_name(0, 2), "sha256")
     # another image list (one image more)
     more = tmp_path / "more"
     shutil.copytree(images, more)

@@ -2,18 +2,26 @@
 
     python tools/search.py --config_file configs/demo/vit_svllreid_demo.yml \\
         --query IMAGE_OR_DIR --gallery DIR_OR_NPZ --topk 10 --out DIR TEST.WEIGHT ckpt.pth [KEY VALUE ...]
+    python tools/search.py --config_file configs/demo/vit_svllreid_demo.yml \\
+        --query IMAGE_OR_DIR --index INDEX_DIR --topk 10 --out DIR TEST.WEIGHT ckpt.pth [KEY VALUE ...]
 
 The gallery is a folder (its features are extracted and cached in DIR/gallery_features.npz,
 reused while the checkpoint, the test input settings and the files are unchanged) or a
 file written by tools/extract_features.py. Distances are the evaluation's: TEST.FEAT_NORM,
 TEST.DIST_METRIC, and k-reciprocal re-ranking with TEST.RE_RANKING True.
 
+--index INDEX_DIR searches an index of tools/build_index.py instead (no re-ranking): the same
+results.json and pictures. It is refused in one line when the config's checkpoint (sha256),
+model, feature width, TEST.FEAT_NORM, TEST.NECK_FEAT, TEST.DIST_METRIC or input size differ
+from the index's, and when --topk exceeds the images it holds.
+
 Writes DIR/results.json (per query: its path, then the top-k gallery paths with distances)
 and DIR/ranked/<NNNN>_<query name>.png: the query, then the top-k thumbnails with rank and
 distance; frames are green (same identity), red (another identity), grey dashed (same
 identity, same camera) when names such as 0002_c1s1_000451_03.jpg give identities.
 
-Junk gallery images (``-1_*`` names) are left out, as the evaluation leaves them out. Features
+Junk gallery images (``-1_*`` names) are left out, as the evaluation leaves them out (an
+index leaves them out when it is built). Features
 holding NaN/Inf and damaged or empty feature files are refused. DIR is locked while a search
 runs (a second one on it fails at once); a new search replaces the previous results.json and
 ranked/ (pictures are drawn aside and moved in at the end), so they always come from one run.
@@ -38,6 +46,7 @@ import numpy as np
 
 from config import ConfigError
 from datasets.market1501 import is_junk_name
+from processor import gallery_index as gx
 from processor.folder_inference import (
     FeatureSet,
     camera_number,
@@ -66,7 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config_file", default="", help="the YAML config the model was trained with")
     p.add_argument("--query", required=True, help="a query image or a folder of query images")
-    p.add_argument("--gallery", required=True, help="a gallery folder or a .npz from tools/extract_features.py")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gallery", help="a gallery folder or a .npz from tools/extract_features.py")
+    where.add_argument("--index", help="an index folder written by tools/build_index.py")
     p.add_argument("--topk", type=int, default=10, help="gallery entries per query (default 10)")
     p.add_argument("--out", required=True, help="output folder (results.json, ranked/*.png, feature cache)")
     p.add_argument("--camera", type=int, default=None,
@@ -143,7 +154,7 @@ def _without_junk(gs: FeatureSet, gallery: str) -> tuple[FeatureSet, int]:
                       gs.root, gs.failed, gs.meta), n_junk
 
 
-def _check_gallery_root(gs: FeatureSet, gallery: str, pictures: bool) -> None:
+def _check_gallery_root(gs: FeatureSet | gx.Items, gallery: str, pictures: bool) -> None:
     """A feature file whose images are gone: refused when pictures are asked for, else a warning."""
     if os.path.isdir(gs.root):
         return
@@ -181,19 +192,32 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--topk {args.topk}: give a positive number of gallery entries")
     if not os.path.exists(args.query):
         raise FileNotFoundError(f"no such query image or folder: {args.query}")
-    if not os.path.exists(args.gallery):
-        raise FileNotFoundError(f"no such gallery folder or feature file: {args.gallery}")
-    loaded = _feature_file(args.gallery) if os.path.isfile(args.gallery) else None   # bad files fail before
-    if loaded is not None and not args.no_pictures:                                     # the model is built
-        _check_gallery_root(loaded, args.gallery, pictures=True)
+    index = loaded = None
+    if args.index is not None:            # a damaged index, a --topk beyond it: refused before the model is built
+        index = gx.load_index(args.index)
+        if args.topk > index.n:
+            raise ConfigError(f"--topk {args.topk} is more than the {index.n} images of the index {args.index}; "
+                              f"give --topk {index.n} or less")
+        if not args.no_pictures:
+            _check_gallery_root(index.items, args.index, pictures=True)
+    else:
+        if not os.path.exists(args.gallery):
+            raise FileNotFoundError(f"no such gallery folder or feature file: {args.gallery}")
+        loaded = _feature_file(args.gallery) if os.path.isfile(args.gallery) else None   # bad files fail before
+        if loaded is not None and not args.no_pictures:                                     # the model is built
+            _check_gallery_root(loaded, args.gallery, pictures=True)
     cfg, device = setup(args.config_file, args.opts)
     camera_id(args.camera)
+    if index is not None:
+        gx.check_compatible(index, cfg)          # metric, neck, checkpoint, input size: before the model
     model, info = load_model(cfg)
+    if index is not None:
+        gx.check_compatible(index, cfg, info)    # model and feature width
     cam = camera_id(args.camera, info)
     with RunLock(args.out, "--out"):    # one search per folder: its results.json and pictures stay one run's
         _remove_staging(args.out)        # of a killed run
         try:
-            return _search(args, cfg, device, cam, model, info, loaded)
+            return _search(args, cfg, device, cam, model, info, loaded, index)
         finally:
             _remove_staging(args.out)    # pictures of a search that failed or was interrupted
 
@@ -204,20 +228,34 @@ def _remove_staging(out_dir: str) -> None:
 
 
 def _search(args: argparse.Namespace, cfg: Any, device: Any, cam: int | None, model: Any, info: dict,
-            loaded: FeatureSet | None) -> dict[str, Any]:
-    gs = _gallery_set(cfg, model, info, args.gallery, args.out, device, cam, loaded)
-    check_finite_features(gs.features, f"gallery {args.gallery}", outcome="nothing searched")
-    gs, n_junk = _without_junk(gs, args.gallery)
-    _check_gallery_root(gs, args.gallery, not args.no_pictures)
-    qs = _query_set(cfg, model, info, args.query, device, cam)
-    check_finite_features(qs.features, f"query {args.query}", outcome="nothing searched")
-    k = min(args.topk, len(gs.paths))
-    if k < args.topk:
-        logger.warning("--topk %d: the gallery has only %d images", args.topk, k)
-    dist = distance_matrix(cfg, qs.features, gs.features)
-    order = ranked_indices(dist)[:, :k]
-    d = dist.cpu().numpy()
-    dname = distance_name(cfg)
+            loaded: FeatureSet | None, index: gx.GalleryIndex | None = None) -> dict[str, Any]:
+    gs: FeatureSet | gx.Items
+    if index is not None:
+        gallery, gs, n_junk, gallery_failed = args.index, index.items, index.junk_left_out, []
+        logger.info("Gallery: the %s index %s of %d images", index.kind, args.index, index.n)
+        _check_gallery_root(gs, gallery, not args.no_pictures)
+        qs = _query_set(cfg, model, info, args.query, device, cam)
+        check_finite_features(qs.features, f"query {args.query}", outcome="nothing searched")
+        k = args.topk
+        d, order = gx.search(index, qs.features, k)           # (nq, k), ranked
+        dname = index.metric.name
+    else:
+        gallery = args.gallery
+        fs = _gallery_set(cfg, model, info, gallery, args.out, device, cam, loaded)
+        check_finite_features(fs.features, f"gallery {gallery}", outcome="nothing searched")
+        fs, n_junk = _without_junk(fs, gallery)
+        gs, gallery_failed = fs, fs.failed
+        _check_gallery_root(gs, gallery, not args.no_pictures)
+        qs = _query_set(cfg, model, info, args.query, device, cam)
+        check_finite_features(qs.features, f"query {args.query}", outcome="nothing searched")
+        k = min(args.topk, len(gs.paths))
+        if k < args.topk:
+            logger.warning("--topk %d: the gallery has only %d images", args.topk, k)
+        dist = distance_matrix(cfg, qs.features, fs.features)
+        order = ranked_indices(dist)[:, :k]
+        d = np.take_along_axis(dist.cpu().numpy(), order, 1)
+        dname = distance_name(cfg)
+    num_gallery = len(gs.paths)
     queries = []
 
     def cam_name(camid: int) -> str:   # the camera as its names write it
@@ -232,7 +270,7 @@ def _search(args: argparse.Namespace, cfg: Any, device: Any, cam: int | None, mo
         for r, g in enumerate(order[i], start=1):
             gpid, gcam = int(gs.pids[g]), int(gs.camids[g])
             status = match_status(qpid, qcam, gpid, gcam)
-            hits.append({"rank": r, "path": os.path.join(gs.root, gs.paths[g]), "distance": float(d[i, g]),
+            hits.append({"rank": r, "path": os.path.join(gs.root, str(gs.paths[g])), "distance": float(d[i, r - 1]),
                          "pid": gpid, "camid": gcam,
                          "same_identity": None if "unknown" == status else status != "wrong"})
         entry: dict[str, Any] = {"query": qpath, "pid": qpid, "camid": qcam, "results": hits}
@@ -245,20 +283,22 @@ def _search(args: argparse.Namespace, cfg: Any, device: Any, cam: int | None, mo
                       for h in hits]
             draw_ranked_list(qpath, ranked, os.path.join(staged, name), size_hw=cfg.INPUT.SIZE_TEST,
                              query_caption=f"id {qpid}  {cam_name(qcam)}" if qpid >= 0 else os.path.basename(rel),
-                             title=f"{os.path.basename(rel)}: top {k} of {len(gs.paths)} gallery images "
+                             title=f"{os.path.basename(rel)}: top {k} of {num_gallery} gallery images "
                                    f"({dname})")
             entry["picture"] = os.path.join(pic_dir, name)
         queries.append(entry)
-    out = {"checkpoint": os.path.abspath(cfg.TEST.WEIGHT), "gallery": os.path.abspath(args.gallery),
-           "distance": dname, "topk": k, "num_gallery": len(gs.paths), "junk_left_out": n_junk,
-           "queries": queries, "unreadable": [{"path": p, "error": e} for p, e in qs.failed + gs.failed]}
+    out = {"checkpoint": os.path.abspath(cfg.TEST.WEIGHT), "gallery": os.path.abspath(gallery),
+           "distance": dname, "topk": k, "num_gallery": num_gallery, "junk_left_out": n_junk,
+           "queries": queries, "unreadable": [{"path": p, "error": e} for p, e in qs.failed + gallery_failed]}
+    if index is not None:
+        out["index"] = {"kind": index.kind, "params": index.params}
     if staged is not None:
         os.makedirs(staged, exist_ok=True)      # even for no query picture, so ranked/ is this run's
     _replace_outputs(args.out, staged, out)
     path = os.path.join(args.out, "results.json")
-    logger.info("%d queries x %d gallery images -> %s%s", len(queries), len(gs.paths), path,
+    logger.info("%d queries x %d gallery images -> %s%s", len(queries), num_gallery, path,
                 "" if args.no_pictures else f" and {len(queries)} pictures in {pic_dir}")
-    failed = qs.failed + gs.failed
+    failed = qs.failed + gallery_failed
     if failed:
         logger.warning("%d unreadable file(s) skipped:\n%s", len(failed),
                        "\n".join(f"  {p}: {r}" for p, r in failed))

@@ -165,3 +165,19 @@ def read_metadata(weights_path: str) -> dict[str, Any] | None:
 
 
 METADATA_FORMAT = "svllreid-weights-metadata"
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 (hex) of a file, such as a checkpoint: what identifies the weights behind features
+    wherever the file is moved. Remembered per (path, size, mtime) within the process."""
+    import hashlib
+    full = os.path.abspath(path)
+    st = os.stat(full)
+    key = (full, st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        with open(full, "rb") as f:
+            _SHA256[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _SHA256[key]

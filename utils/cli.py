@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -32,11 +33,15 @@ def run(fn: Callable[[], object], on_interrupt: Callable[[], str] | None = None)
     return run_command(fn, USER_ERRORS, on_interrupt)
 
 
+_CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*")   # a config key such as TEST.WEIGHT or OUTPUT_DIR
+
+
 def _flags_first(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
     """``argv`` with every option moved before the trailing ``KEY VALUE`` overrides.
 
     Tokens are read in order: a known option (``--flag``, ``--opt VALUE`` or ``--opt=VALUE``)
-    is taken with its arguments wherever it stands; anything else starts a ``KEY VALUE``
+    is taken with its arguments wherever it stands (an option of several values, ``nargs='+'``,
+    takes them up to the next option or config ``KEY``); anything else starts a ``KEY VALUE``
     pair, whose value is never read as an option (values such as ``-0.5`` stay values).
     A token that looks like an option where a key is expected goes to argparse, which
     rejects an unknown one.
@@ -44,6 +49,7 @@ def _flags_first(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[s
     options = parser._option_string_actions
     flags: list[str] = []
     overrides: list[str] = []
+    multi_last = False      # the last option takes several values: "--" ends them before the overrides
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -55,12 +61,18 @@ def _flags_first(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[s
                 action = hits.pop() if len(hits) == 1 else None
             n = 0 if action is None or "=" in tok or action.nargs == 0 else \
                 action.nargs if isinstance(action.nargs, int) else 1
+            multi_last = action is not None and "=" not in tok and action.nargs in ("+", "*")
+            if multi_last:
+                n = 0       # every value up to the next option or config KEY
+                while i + 1 + n < len(argv) and not argv[i + 1 + n].startswith("-") and \
+                        not _CONFIG_KEY.fullmatch(argv[i + 1 + n]):
+                    n += 1
             flags += argv[i:i + 1 + n]
             i += 1 + n
         else:
             overrides += argv[i:i + 2]
             i += 2
-    return flags + overrides
+    return flags + (["--"] if multi_last and overrides else []) + overrides
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -71,7 +83,10 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | 
     written after the first ``KEY`` as a config key).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    return parser.parse_args(_flags_first(parser, args))
+    ns = parser.parse_args(_flags_first(parser, args))
+    if getattr(ns, "opts", None) and ns.opts[0] == "--":    # the end of a several-value option, not a key
+        ns.opts = ns.opts[1:]
+    return ns
 
 
 def python_command() -> str:

@@ -112,3 +112,39 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     for p in found:
         _remove(p)
     return [os.path.basename(p) for p in found]
+
+
+def open_npz_array(path: str, key: str) -> Any:
+    """The array ``key`` of the ``.npz`` file ``path``, memory-mapped read-only when the archive stores
+    it uncompressed (``np.savez``), so a member larger than memory can be read in slices; a compressed
+    member is read into memory. ``KeyError`` when the archive has no such member."""
+    import zipfile
+
+    import numpy as np
+    member = key + ".npy"
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if not stored:
+            with zf.open(member) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)     # the local file header: its name and extra field lengths end it
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: member {member} has no local header")
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
+            int.from_bytes(local[28:30], "little")
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return np.load(path, allow_pickle=False)[key]
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: member {member} holds Python objects")
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")

@@ -1,0 +1,801 @@
+"""A gallery index built once and searched many times (faiss): build, save, load, search, recall.
+
+Distances are the project's (``processor.folder_inference.distance_matrix`` without re-ranking):
+
+* ``TEST.DIST_METRIC cosine``: 1 - cos of L2-normalised features;
+* ``TEST.DIST_METRIC euclidean``: the SQUARED euclidean distance, of L2-normalised features when
+  ``TEST.FEAT_NORM`` is yes, else of the raw features.
+
+Kinds:
+
+* ``flat``: exact. ``IndexFlatIP`` on normalised features (cosine) or ``IndexFlatL2`` (euclidean);
+  the float32 gallery is held in memory.
+* ``ivf-pq``: approximate, for galleries that do not fit in memory. An inverted file of ``nlist``
+  lists over product-quantised codes (``m`` sub-quantisers of ``nbits`` bits; L2 on the prepared
+  vectors, which ranks as the inner product does when they are normalised); ``nprobe`` lists are
+  scanned per query. With ``refine`` R > 0 the R x k best candidates are re-ranked exactly from
+  the prepared vectors, kept on disk as a float16 ``.npy`` (memory-mapped, never loaded whole).
+
+Every kind reports distances computed by the project's formula from the stored vectors (flat:
+float32, exact; ivf-pq with refine: float16-rounded; ivf-pq without refine: the PQ estimate),
+sorted ascending with ties in gallery order, as ``utils.visualize.ranked_indices`` orders them.
+Re-ranking (``TEST.RE_RANKING``) needs the whole query x gallery matrix and is refused.
+
+An index folder holds ``index.faiss``, ``vectors.f16.npy`` (ivf-pq with refine), ``items.npz``
+(root, paths relative to it, pids, camids) and ``index.json`` (kind, params, metric, n, d, the
+model's metadata). It is written into a hidden sibling folder and renamed into place once complete.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from config import ConfigError, is_yes
+from utils.entry import signals_deferred
+from utils.errors import UserError
+from utils.fileio import follow_umask, open_npz_array
+
+from .progress import progress
+
+logger = logging.getLogger("svllreid")
+
+__all__ = ["KINDS", "Metric", "metric_from_config", "choose_params", "default_kind", "Items", "GalleryIndex",
+           "prepare", "build_index", "write_index", "save_index", "load_index", "search", "exact_search",
+           "ExactTopK", "gather_rows", "recall_at_k", "recall_against", "measure_recall", "check_index_target",
+           "check_compatible", "INDEX_FILE", "VECTORS_FILE", "ITEMS_FILE", "INFO_FILE"]
+
+KINDS = ("flat", "ivf-pq")
+INDEX_FILE, VECTORS_FILE, ITEMS_FILE, INFO_FILE = "index.faiss", "vectors.f16.npy", "items.npz", "index.json"
+FORMAT, VERSION = "svllreid-gallery-index", 1
+STAGING_PREFIX, OLD_PREFIX = ".svllreid-partial-index-", ".svllreid-old-index-"
+
+TRAIN_CAP = 1_000_000      # training vectors at most (float32: 4 GB at 1024-d)
+MIN_POINTS = 39            # faiss's k-means wants at least 39 training points per centroid
+MAX_NLIST = 65536
+SUB_DIM = 20               # target dimensions per PQ sub-quantiser (1280 -> m 64)
+BLOCK_ELEMS = 1 << 24      # float32 elements per working block (64 MB)
+REBUILD = "build it again with tools/build_index.py"
+
+
+# ----------------------------------------------------------------------------- metric
+@dataclass(frozen=True)
+class Metric:
+    """How distances are computed: TEST.FEAT_NORM and TEST.DIST_METRIC ('cosine' or 'euclidean')."""
+
+    feat_norm: bool
+    dist_metric: str
+
+    def __post_init__(self) -> None:
+        if self.dist_metric not in ("cosine", "euclidean"):
+            raise ConfigError(f"TEST.DIST_METRIC {self.dist_metric!r}: expected 'cosine' or 'euclidean'")
+
+    @property
+    def normalise(self) -> bool:
+        """Whether vectors are L2-normalised before indexing (cosine always, euclidean with FEAT_NORM)."""
+        return self.feat_norm or self.dist_metric == "cosine"
+
+    @property
+    def name(self) -> str:
+        """The distance as ``distance_name`` calls it (captions, results.json)."""
+        return "cosine distance" if self.dist_metric == "cosine" else "squared euclidean"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"feat_norm": self.feat_norm, "dist_metric": self.dist_metric, "distance": self.name}
+
+
+def metric_from_config(cfg: Any) -> Metric:
+    """The index metric of a config; TEST.RE_RANKING is refused (it needs the full distance matrix)."""
+    if is_yes(cfg.TEST.RE_RANKING):
+        raise ConfigError("TEST.RE_RANKING True: k-reciprocal re-ranking needs the whole query x gallery distance "
+                          "matrix, which an index does not compute; set TEST.RE_RANKING False, or search the "
+                          "features with --gallery")
+    return Metric(is_yes(cfg.TEST.FEAT_NORM), str(cfg.TEST.DIST_METRIC))
+
+
+def prepare(x: np.ndarray | torch.Tensor, metric: Metric) -> np.ndarray:
+    """Float32 C-contiguous vectors as the project compares them: normalised as ``distance_matrix``
+    normalises (FEAT_NORM, then cosine's own normalisation), so the index holds the same numbers."""
+    if isinstance(x, np.ndarray):    # a read-only (memory-mapped) array is copied: torch wants writable memory
+        x = np.ascontiguousarray(x, dtype=np.float32) if x.flags.writeable else np.array(x, dtype=np.float32)
+    t = torch.as_tensor(x).float()
+    if metric.feat_norm:
+        t = F.normalize(t, dim=1)
+    if metric.dist_metric == "cosine":
+        t = F.normalize(t, dim=1)
+    return np.ascontiguousarray(t.cpu().numpy(), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- parameters
+def _threads() -> int:
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _divisors(d: int) -> list[int]:
+    return [m for m in range(1, d + 1) if d % m == 0]
+
+
+def _pq_m(d: int) -> int:
+    """The number of PQ sub-quantisers: a divisor of ``d`` giving about SUB_DIM dimensions each."""
+    return min(_divisors(d), key=lambda m: (abs(d / m - SUB_DIM), -m))
+
+
+def choose_params(n: int, d: int, kind: str, *, nlist: int | None = None, m: int | None = None,
+                  nbits: int | None = None, nprobe: int | None = None, refine: int | None = None,
+                  train_size: int | None = None, threads: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Build and search parameters for ``n`` vectors of width ``d``, from the size unless given.
+
+    ivf-pq: nlist ~ 4 sqrt(n) (at most n / 39, so k-means has 39 points per list, and 65536);
+    train_size 64 x nlist (at least 9984 for the 256-centroid PQ codebooks, at most n and 1M);
+    m: the divisor of d nearest d / 20 (1280 -> 64); nbits 8 (fewer when the training sample
+    cannot fill 256 centroids); nprobe ~ sqrt(nlist) (at least 8); refine 10 (re-rank 10 x k
+    candidates exactly; 0: none). threads: OMP_NUM_THREADS, else the usable cores.
+    A given value out of range is refused in one line naming it.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if n < 1:
+        raise UserError("the gallery is empty (0 features): nothing to index")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads {threads}: expected a positive number")
+    base: dict[str, Any] = {"kind": kind, "add_batch": max(1, BLOCK_ELEMS // max(1, d)),
+                            "threads": int(threads or _threads())}
+    if kind == "flat":
+        given = {k: v for k, v in dict(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe, refine=refine,
+                                       train_size=train_size).items() if v is not None}
+        if given:
+            raise ConfigError(f"--{next(iter(given))} applies to --kind ivf-pq only (flat is exact and has no "
+                              "parameters)")
+        return base
+    cap = min(n, TRAIN_CAP)
+    if nlist is None:
+        nlist = int(min(max(1, round(4 * math.sqrt(n))), max(1, cap // MIN_POINTS), MAX_NLIST))
+    elif not 1 <= nlist <= n:
+        raise ConfigError(f"--nlist {nlist}: expected 1 to the gallery size {n}")
+    if train_size is None:
+        train_size = int(min(cap, max(64 * nlist, MIN_POINTS * 256)))
+    elif not nlist <= train_size <= n:
+        raise ConfigError(f"train_size {train_size}: expected nlist {nlist} to the gallery size {n}")
+    train_size = max(train_size, nlist)
+    if m is None:
+        m = _pq_m(d)
+    elif m < 1 or d % m:
+        near = sorted(_divisors(d), key=lambda x: abs(x - m))[:3]
+        raise ConfigError(f"--m {m}: the number of PQ sub-quantisers must divide the feature width {d} "
+                          f"(e.g. {', '.join(map(str, sorted(near)))})")
+    if nbits is None:
+        nbits = int(min(8, max(1, math.floor(math.log2(max(2, train_size // MIN_POINTS))))))
+    elif not 1 <= nbits <= 16 or 2 ** nbits > train_size:
+        raise ConfigError(f"nbits {nbits}: expected 1 to 16 with 2**nbits <= the training sample {train_size}")
+    if nprobe is None:
+        nprobe = int(min(nlist, max(8, round(math.sqrt(nlist)))))
+    elif not 1 <= nprobe <= nlist:
+        raise ConfigError(f"--nprobe {nprobe}: expected 1 to nlist {nlist}")
+    if refine is None:
+        refine = 10
+    elif refine < 0:
+        raise ConfigError(f"--refine {refine}: expected 0 (no exact re-ranking) or a positive factor")
+    return {**base, "nlist": int(nlist), "m": int(m), "nbits": int(nbits), "nprobe": int(nprobe),
+            "refine": int(refine), "train_size": int(train_size), "seed": int(seed)}
+
+
+def _memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _size(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if b < 1024 or unit == "TB":
+            return f"{b:.1f} {unit}" if unit != "B" else f"{int(b)} B"
+        b /= 1024
+    return f"{b:.1f} TB"
+
+
+def default_kind(n: int, d: int, memory_bytes: int | None = None) -> tuple[str, str]:
+    """(kind, reason): flat when the float32 gallery takes at most a quarter of the memory, else ivf-pq."""
+    mem = _memory_bytes() if memory_bytes is None else int(memory_bytes)
+    need = 4 * n * d
+    if mem and need > mem // 4:
+        return "ivf-pq", (f"the float32 gallery ({_size(need)}) is more than a quarter of this machine's memory "
+                          f"({_size(mem)}): approximate ivf-pq")
+    return "flat", (f"the float32 gallery ({_size(need)}) fits comfortably in this machine's memory "
+                    f"({_size(mem) if mem else 'unknown'}): exact flat")
+
+
+# ----------------------------------------------------------------------------- vectors in parts
+class _Rows:
+    """(n, d) vectors held as one array or a sequence of parts (memory-mapped arrays welcome),
+    read in row slices: nothing is concatenated."""
+
+    def __init__(self, features: np.ndarray | Sequence[np.ndarray]) -> None:
+        parts = [features] if isinstance(features, (np.ndarray, torch.Tensor)) else list(features)
+        parts = [p.numpy() if isinstance(p, torch.Tensor) else p for p in parts]
+        if not parts:
+            raise UserError("the gallery is empty (no feature parts): nothing to index")
+        widths = {p.shape[1] if p.ndim == 2 else -1 for p in parts}
+        if len(widths) != 1 or -1 in widths:
+            raise UserError(f"feature parts of different widths or not 2-D: "
+                            f"{', '.join(str(tuple(p.shape)) for p in parts)}")
+        self.parts = parts
+        self.d = widths.pop()
+        self.offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+        self.n = int(self.offsets[-1])
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows as float32) in order, at most ``rows`` at a time."""
+        for p, off in zip(self.parts, self.offsets):
+            for s in range(0, p.shape[0], rows):
+                yield int(off) + s, np.asarray(p[s:s + rows], dtype=np.float32)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (sorted ascending) as float32."""
+        out = np.empty((len(idx), self.d), dtype=np.float32)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        for j in np.unique(which):
+            sel = which == j
+            out[sel] = self.parts[j][idx[sel] - self.offsets[j]]
+        return out
+
+
+def _check_finite(x: np.ndarray, start: int) -> None:
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise UserError(f"gallery feature {start + int(np.flatnonzero(bad)[0])} (and {int(bad.sum()) - 1} more in "
+                        "its block) holds NaN/Inf: the model that wrote it was not finite; nothing indexed")
+
+
+# ----------------------------------------------------------------------------- the index
+@dataclass
+class Items:
+    """What each indexed vector is: its image (``root`` + relative path) and labels (-1 = unknown)."""
+
+    paths: np.ndarray | Sequence[str]
+    pids: np.ndarray
+    camids: np.ndarray
+    root: str = ""
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+    def path(self, i: int) -> str:
+        """The full path of item ``i``."""
+        return os.path.join(self.root, str(self.paths[i]))
+
+
+@dataclass
+class GalleryIndex:
+    """A built or loaded index: the faiss index, how it compares, what it holds."""
+
+    index: Any                                   # faiss.Index
+    metric: Metric
+    params: dict[str, Any]
+    vectors: np.ndarray | None = None            # (n, d) float16 prepared vectors (ivf-pq with refine)
+    items: Items | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    junk_left_out: int = 0
+    info: dict[str, Any] = field(default_factory=dict)   # index.json as read (empty for a fresh build)
+    path: str = ""
+
+    @property
+    def kind(self) -> str:
+        return str(self.params["kind"])
+
+    @property
+    def n(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def d(self) -> int:
+        return int(self.index.d)
+
+
+def _new_index(d: int, metric: Metric, params: dict[str, Any]) -> Any:
+    if params["kind"] == "flat":
+        return faiss.IndexFlatIP(d) if metric.dist_metric == "cosine" else faiss.IndexFlatL2(d)
+    quantizer = faiss.IndexFlatL2(d)
+    index = faiss.IndexIVFPQ(quantizer, d, int(params["nlist"]), int(params["m"]), int(params["nbits"]),
+                             faiss.METRIC_L2)
+    for cp in (index.cp, index.pq.cp):     # the sizes are chosen (and stated) knowingly: no faiss warnings
+        cp.seed = int(params.get("seed", 0))
+        cp.min_points_per_centroid = 1
+    index.nprobe = int(params["nprobe"])
+    return index
+
+
+def _stores_vectors(params: dict[str, Any]) -> bool:
+    return params["kind"] == "ivf-pq" and int(params.get("refine", 0)) > 0
+
+
+def build_index(features: np.ndarray | Sequence[np.ndarray], metric: Metric, params: dict[str, Any], *,
+                vectors_path: str | None = None,
+                on_chunk: Callable[[int, np.ndarray], None] | None = None) -> GalleryIndex:
+    """Build an index of ``features`` (raw features, as extracted: one (n, d) array or parts of one,
+    memory-mapped arrays welcome) in chunks: ivf-pq is trained on a random sample of ``train_size``
+    rows, then every kind gets the vectors ``add_batch`` rows at a time.
+
+    ivf-pq with refine keeps the prepared vectors as float16: in the ``.npy`` file ``vectors_path``
+    (memory-mapped), or in memory without it. ``on_chunk(first row, prepared rows)`` sees every
+    chunk as it is added (an exact search riding on the same pass). Progress bar; NaN/Inf features
+    are refused.
+    """
+    rows = _Rows(features)
+    if rows.n == 0:
+        raise UserError("the gallery is empty (0 features): nothing to index")
+    d = rows.d
+    faiss.omp_set_num_threads(int(params.get("threads") or _threads()))
+    index = _new_index(d, metric, params)
+    if params["kind"] == "ivf-pq":
+        size = min(int(params["train_size"]), rows.n)
+        rng = np.random.default_rng(int(params.get("seed", 0)))
+        sample = np.sort(rng.choice(rows.n, size=size, replace=False))
+        x = rows.take(sample)
+        _check_finite(x, 0)
+        logger.info("Training ivf-pq (%d lists, %d x %d-bit codes) on %d random gallery vectors", params["nlist"],
+                    params["m"], params["nbits"], size)
+        few = max(int(params["nlist"]), 2 ** int(params["nbits"]))
+        if size < MIN_POINTS * few:
+            logger.warning("%d training vectors for %d centroids: fewer than the %d per centroid k-means wants; the "
+                           "lists and codes are coarse (a smaller --nlist helps)", size, few, MIN_POINTS)
+        index.train(prepare(x, metric))
+        del x
+    vectors: np.ndarray | None = None
+    if _stores_vectors(params):
+        if vectors_path:
+            vectors = np.lib.format.open_memmap(vectors_path, mode="w+", dtype=np.float16, shape=(rows.n, d))
+        else:
+            vectors = np.empty((rows.n, d), dtype=np.float16)
+    batch = int(params.get("add_batch") or max(1, BLOCK_ELEMS // d))
+    total = sum(-(-p.shape[0] // batch) for p in rows.parts)
+    for start, chunk in progress(rows.chunks(batch), total, f"adding {rows.n} vectors ({params['kind']})"):
+        _check_finite(chunk, start)
+        x = prepare(chunk, metric)
+        index.add(x)
+        if on_chunk is not None:
+            on_chunk(start, x)
+        if vectors is not None:
+            vectors[start:start + len(x)] = x.astype(np.float16)
+    if isinstance(vectors, np.memmap):
+        vectors.flush()
+        vectors = np.load(vectors_path, mmap_mode="r")
+    return GalleryIndex(index, metric, dict(params), vectors)
+
+
+# ----------------------------------------------------------------------------- search
+def _scores(q: np.ndarray, g: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """Distances (b, c) of prepared queries ``q`` (b, d) to their candidates ``g`` (b, c, d), by the
+    formula of ``utils.metrics.pairwise_distance``: 1 - q.g, or |q|^2 + |g|^2 - 2 q.g (not clamped)."""
+    qt = torch.from_numpy(q)
+    dot = torch.bmm(g, qt.unsqueeze(2)).squeeze(2)
+    if metric.dist_metric == "cosine":
+        return dot.neg_().add_(1.0)
+    return (qt.pow(2).sum(dim=1).unsqueeze(1) + g.pow(2).sum(dim=2)).add_(dot, alpha=-2)
+
+
+def _top_k_sorted(dist: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` smallest per row, ascending, ties by gallery index (ids < 0 are absent entries)."""
+    dist = np.where(ids < 0, np.inf, dist)
+    big = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((big, dist), axis=1)[:, :k]
+    return np.take_along_axis(dist, order, 1).astype(np.float32), np.take_along_axis(ids, order, 1)
+
+
+def _flat_vectors(gi: GalleryIndex) -> np.ndarray:
+    """The float32 vectors an IndexFlat holds (a view, no copy)."""
+    index = faiss.downcast_index(gi.index)
+    return faiss.rev_swig_ptr(index.get_xb(), gi.n * gi.d).reshape(gi.n, gi.d)
+
+
+def _rescore(gi: GalleryIndex, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact distances of the candidates (from the stored vectors), the best ``k`` kept."""
+    source = _flat_vectors(gi) if gi.kind == "flat" else gi.vectors
+    assert source is not None
+    c = cand.shape[1]
+    step = max(1, BLOCK_ELEMS // max(1, c * gi.d))
+    dists, ids = [], []
+    for s in range(0, len(q), step):
+        cb = cand[s:s + step]
+        valid = np.where(cb < 0, 0, cb)
+        uniq, inv = np.unique(valid, return_inverse=True)
+        g = torch.from_numpy(np.asarray(source[uniq], dtype=np.float32))[torch.from_numpy(inv.reshape(-1))]
+        dist = _scores(q[s:s + step], g.view(len(cb), c, gi.d), gi.metric).numpy()
+        d_k, i_k = _top_k_sorted(dist, cb, k)
+        dists.append(d_k)
+        ids.append(i_k)
+    return np.concatenate(dists), np.concatenate(ids)
+
+
+def search(gi: GalleryIndex, queries: np.ndarray | torch.Tensor, k: int, *, nprobe: int | None = None,
+           refine: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(distances (nq, k) float32, gallery indices (nq, k) int64) of raw query features, ascending by
+    distance, ties in gallery order. ``nprobe`` / ``refine`` override the index's (ivf-pq)."""
+    n = gi.n
+    if k < 1:
+        raise ConfigError(f"--topk {k}: give a positive number of gallery entries")
+    if k > n:
+        raise ConfigError(f"--topk {k} is more than the {n} images of the index {gi.path or ''}".rstrip() +
+                          f"; give --topk {n} or less")
+    q = prepare(queries, gi.metric)
+    if q.ndim != 2 or q.shape[1] != gi.d:
+        raise ConfigError(f"queries of shape {tuple(q.shape)}: the index holds {gi.d}-d vectors")
+    if len(q) == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    faiss.omp_set_num_threads(int(gi.params.get("threads") or _threads()))
+    if gi.kind == "flat":
+        c = min(n, 2 * k + 8)
+        _, cand = gi.index.search(q, c)
+        return _rescore(gi, q, cand, k)
+    ivf = faiss.extract_index_ivf(gi.index)
+    nlist = int(ivf.nlist)
+    probe = int(nprobe if nprobe is not None else gi.params["nprobe"])
+    if not 1 <= probe <= nlist:
+        raise ConfigError(f"--nprobe {probe}: expected 1 to nlist {nlist}")
+    factor = int(refine if refine is not None else gi.params.get("refine", 0))
+    if factor > 0 and gi.vectors is None:
+        raise ConfigError(f"refine {factor}: the index {gi.path} keeps no vectors to re-rank with (built with "
+                          "--refine 0)")
+    c = min(n, max(k, factor * k)) if factor > 0 else k
+    dist, cand = gi.index.search(q, c, params=faiss.SearchParametersIVF(nprobe=probe))
+    short = (cand < 0).any(axis=1)
+    if short.any():    # too few vectors in the probed lists: those queries scan every list
+        d2, c2 = gi.index.search(q[short], c, params=faiss.SearchParametersIVF(nprobe=nlist))
+        dist[short], cand[short] = d2, c2
+    if factor > 0:
+        return _rescore(gi, q, cand, k)
+    if gi.metric.dist_metric == "cosine":    # unit vectors: |q - g|^2 = 2 - 2 cos
+        dist = dist / 2
+    return _top_k_sorted(dist, cand, k)
+
+
+class ExactTopK:
+    """The exact top-``k`` of prepared ``queries`` over gallery rows given chunk by chunk, in order
+    (:meth:`add`), in bounded memory; ties keep gallery order."""
+
+    def __init__(self, queries: np.ndarray, metric: Metric, k: int) -> None:
+        self.q, self.metric, self.k = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)), metric, k
+        self.q_sq = self.q.pow(2).sum(1).unsqueeze(1)
+        self.best_d = torch.full((len(self.q), 0), float("inf"))
+        self.best_i = torch.zeros((len(self.q), 0), dtype=torch.int64)
+
+    def add(self, start: int, chunk: np.ndarray) -> None:
+        """Gallery rows ``start ..`` (prepared), in blocks of bounded size."""
+        step = max(self.k, BLOCK_ELEMS // max(1, len(self.q)))
+        for s in range(0, len(chunk), step):
+            g = torch.from_numpy(np.ascontiguousarray(chunk[s:s + step], dtype=np.float32))
+            if self.metric.dist_metric == "cosine":
+                dist = (self.q @ g.t()).neg_().add_(1.0)
+            else:
+                dist = torch.add(self.q_sq, g.pow(2).sum(1)).addmm_(self.q, g.t(), beta=1, alpha=-2)
+            ids = torch.arange(start + s, start + s + len(g)).expand(len(self.q), -1)
+            all_d, all_i = torch.cat([self.best_d, dist], 1), torch.cat([self.best_i, ids], 1)
+            order = torch.sort(all_d, dim=1, stable=True).indices[:, :self.k]   # ties keep gallery order
+            self.best_d, self.best_i = all_d.gather(1, order), all_i.gather(1, order)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, gallery indices) of the rows added so far."""
+        return self.best_d.numpy(), self.best_i.numpy()
+
+
+def gather_rows(features: np.ndarray | Sequence[np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` (sorted ascending) of an array or of parts of one, as float32."""
+    return _Rows(features).take(np.asarray(ids, dtype=np.int64))
+
+
+def exact_search(features: np.ndarray | Sequence[np.ndarray], metric: Metric, queries: np.ndarray | torch.Tensor,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-``k`` of raw ``queries`` over raw ``features`` (an array or parts; memory-mapped
+    welcome), block by block in bounded memory: the reference an approximate index is measured against."""
+    rows = _Rows(features)
+    acc = ExactTopK(prepare(queries, metric), metric, min(k, rows.n))
+    for start, chunk in rows.chunks(max(1, BLOCK_ELEMS // max(1, rows.d))):
+        acc.add(start, prepare(chunk, metric))
+    return acc.result()
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """The fraction of the exact top-``k`` found in the approximate top-``k`` (mean over queries)."""
+    a, e = np.asarray(approx_ids)[:, :k], np.asarray(exact_ids)[:, :k]
+    if len(e) == 0:
+        return float("nan")
+    return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / max(1, len(y)) for x, y in zip(a, e)]))
+
+
+def recall_against(gi: GalleryIndex, query_ids: np.ndarray, queries: np.ndarray, exact_ids: np.ndarray,
+                   ks: Sequence[int] = (1, 10)) -> dict[str, Any]:
+    """Recall@k of ``gi`` for gallery rows ``query_ids`` (raw ``queries``) used as queries, against
+    their exact lists ``exact_ids`` (at least max(ks) + 1 long): each query's own entry is left out
+    of both lists (it would be an easy first hit)."""
+    kmax = min(max(ks), gi.n - 1, exact_ids.shape[1] - 1)
+    if kmax < 1 or len(query_ids) == 0:
+        return {"queries": 0}
+    _, approx = search(gi, queries, kmax + 1)
+
+    def others(lists: np.ndarray) -> np.ndarray:
+        return np.stack([row[row != i][:kmax] for row, i in zip(lists[:, :kmax + 1], query_ids)])
+    a, e = others(approx), others(exact_ids)
+    return {"queries": int(len(query_ids)), **{f"recall@{k}": recall_at_k(a, e, min(k, kmax)) for k in ks}}
+
+
+def measure_recall(gi: GalleryIndex, features: np.ndarray | Sequence[np.ndarray], num_queries: int,
+                   ks: Sequence[int] = (1, 10), seed: int = 0) -> dict[str, Any]:
+    """Recall@k of ``gi`` against exact search over ``features`` (the raw features it was built
+    from), with ``num_queries`` random gallery rows as queries (:func:`recall_against`)."""
+    rows = _Rows(features)
+    nq = min(num_queries, rows.n)
+    ids = np.sort(np.random.default_rng(seed).choice(rows.n, size=nq, replace=False))
+    q = rows.take(ids)
+    _, exact = exact_search(rows.parts, gi.metric, q, min(max(ks) + 1, rows.n))
+    return recall_against(gi, ids, q, exact, ks)
+
+
+# ----------------------------------------------------------------------------- compatibility
+def check_compatible(gi: GalleryIndex, cfg: Any, info: dict[str, Any] | None = None) -> None:
+    """Refuse in one line a search whose query features would not be comparable with the index's:
+    another metric (TEST.DIST_METRIC, TEST.FEAT_NORM), TEST.NECK_FEAT, checkpoint (sha256 of
+    TEST.WEIGHT), input size, and, given the loaded model's ``info``, model or feature width."""
+    where = f"the index {gi.path or '(in memory)'}"
+    metric = metric_from_config(cfg)
+    if metric.dist_metric != gi.metric.dist_metric:
+        raise ConfigError(f"TEST.DIST_METRIC {metric.dist_metric}: {where} was built for {gi.metric.dist_metric} "
+                          f"({gi.metric.name}); give TEST.DIST_METRIC {gi.metric.dist_metric} or build another index")
+    if metric.feat_norm != gi.metric.feat_norm:
+        want = "yes" if gi.metric.feat_norm else "no"
+        raise ConfigError(f"TEST.FEAT_NORM {cfg.TEST.FEAT_NORM}: {where} was built with TEST.FEAT_NORM {want}; "
+                          f"give TEST.FEAT_NORM {want} or build another index")
+    model = gi.model
+    neck = model.get("neck_feat")
+    if neck and str(neck) != str(cfg.TEST.NECK_FEAT):
+        raise ConfigError(f"TEST.NECK_FEAT {cfg.TEST.NECK_FEAT}: the features of {where} are taken {neck} the "
+                          f"BNNeck; give TEST.NECK_FEAT {neck} or build another index")
+    weight = str(cfg.TEST.WEIGHT or "")
+    if model.get("sha256") and weight and os.path.isfile(weight):
+        from utils.checkpoint import file_sha256
+        digest = file_sha256(weight)
+        if digest != model["sha256"]:
+            raise ConfigError(f"TEST.WEIGHT {weight} (sha256 {digest[:12]}...) is not the checkpoint of {where} "
+                              f"({model.get('weight', '?')}, sha256 {str(model['sha256'])[:12]}...): the query "
+                              "features would not be comparable; give that checkpoint or build another index")
+    size = model.get("size_test")
+    if size and [int(v) for v in size] != [int(v) for v in cfg.INPUT.SIZE_TEST]:
+        raise ConfigError(f"INPUT.SIZE_TEST {list(cfg.INPUT.SIZE_TEST)}: the features of {where} were computed at "
+                          f"{list(size)}; give INPUT.SIZE_TEST {list(size)} or build another index")
+    if info is None:
+        return
+    name = model.get("model_name")
+    if name and info.get("model_name") and str(name) != str(info["model_name"]):
+        raise ConfigError(f"the model {info['model_name']} of {info.get('weight')} is not the {name} of {where}; "
+                          "give the index's checkpoint or build another index")
+    if int(info["feat_dim"]) != gi.d:
+        raise ConfigError(f"{info.get('weight')} gives {info['feat_dim']}-d features, {where} holds {gi.d}-d ones; "
+                          "give the index's checkpoint or build another index")
+
+
+# ----------------------------------------------------------------------------- files
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _siblings(out_dir: str, prefix: str) -> list[tuple[str, int]]:
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    found = []
+    if not os.path.isdir(parent):
+        return found
+    for entry in os.listdir(parent):
+        head = f"{prefix}{name}-"
+        if entry.startswith(head) and entry[len(head):].isdigit():
+            found.append((os.path.join(parent, entry), int(entry[len(head):])))
+    return found
+
+
+def _recover(out_dir: str) -> None:
+    """Tidy after a killed build: its staging folder goes; an old index moved aside but not replaced
+    comes back."""
+    for path, pid in _siblings(out_dir, STAGING_PREFIX):
+        if not _pid_alive(pid) or pid == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
+    for path, pid in _siblings(out_dir, OLD_PREFIX):
+        if not _pid_alive(pid) or pid == os.getpid():
+            if not os.path.exists(out_dir):
+                os.replace(path, out_dir)
+                logger.warning("%s: restored the previous index that an interrupted build had moved aside", out_dir)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def check_index_target(out_dir: str) -> None:
+    """Refuse an ``--out`` that exists and is not an index folder (it would be replaced)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file, not an index folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, INFO_FILE)):
+        raise UserError(f"--out {out_dir} exists and is not an index folder (no {INFO_FILE}): choose another "
+                        "folder or remove it")
+
+
+def _write_files(folder: str, gi: GalleryIndex, extra: dict[str, Any]) -> None:
+    """index.faiss, items.npz, vectors (unless already in ``folder``) and index.json into ``folder``."""
+    items = gi.items or Items(np.array([""] * gi.n), np.full(gi.n, -1, np.int64), np.full(gi.n, -1, np.int64))
+    if len(items) != gi.n or len(items.paths) != gi.n or len(items.camids) != gi.n:
+        raise ValueError(f"items ({len(items.paths)} paths, {len(items)} pids) do not match the index's {gi.n}")
+    faiss.write_index(gi.index, os.path.join(folder, INDEX_FILE))
+    with open(os.path.join(folder, ITEMS_FILE), "wb") as f:
+        np.savez(f, paths=np.asarray(items.paths, dtype=str), pids=np.asarray(items.pids, dtype=np.int64),
+                 camids=np.asarray(items.camids, dtype=np.int64), root=np.array(items.root))
+    vec = os.path.join(folder, VECTORS_FILE)
+    if gi.vectors is not None and not os.path.exists(vec):
+        out = np.lib.format.open_memmap(vec, mode="w+", dtype=np.float16, shape=gi.vectors.shape)
+        step = max(1, BLOCK_ELEMS // max(1, gi.d))
+        for s in range(0, gi.n, step):
+            out[s:s + step] = gi.vectors[s:s + step]
+        out.flush()
+        del out
+    info = {"format": FORMAT, "version": VERSION, "kind": gi.kind, "params": gi.params,
+            "metric": gi.metric.as_dict(), "n": gi.n, "d": gi.d, "model": gi.model,
+            "junk_left_out": int(gi.junk_left_out), "vectors": VECTORS_FILE if gi.vectors is not None else None,
+            "faiss": faiss.__version__, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            **extra}
+    with open(os.path.join(folder, INFO_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+    for name in os.listdir(folder):
+        follow_umask(os.path.join(folder, name))
+        _fsync(os.path.join(folder, name))
+
+
+class _Staging:
+    """A hidden sibling folder of ``out_dir`` to build in; :meth:`commit` renames it into place (the old
+    index is replaced only then); a failure or interruption removes it."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out = os.path.abspath(out_dir)
+        parent, name = os.path.split(self.out)
+        self.path = os.path.join(parent, f"{STAGING_PREFIX}{name}-{os.getpid()}")
+
+    def __enter__(self) -> _Staging:
+        check_index_target(self.out)
+        _recover(self.out)
+        os.makedirs(self.path)
+        return self
+
+    def commit(self) -> None:
+        parent, name = os.path.split(self.out)
+        old = os.path.join(parent, f"{OLD_PREFIX}{name}-{os.getpid()}")
+        with signals_deferred():
+            if os.path.exists(self.out):
+                os.replace(self.out, old)
+            os.replace(self.path, self.out)
+            dfd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_index(out_dir: str, features: np.ndarray | Sequence[np.ndarray], metric: Metric, params: dict[str, Any],
+                items: Items, model: dict[str, Any], junk_left_out: int = 0,
+                measure: Callable[[GalleryIndex], dict[str, Any]] | None = None,
+                on_chunk: Callable[[int, np.ndarray], None] | None = None) -> GalleryIndex:
+    """Build (:func:`build_index`) straight into a hidden sibling of ``out_dir`` (the float16 vectors
+    are written there as they are added), write the folder's files, then rename it to ``out_dir``.
+    ``measure(index)``, run before the rename, returns entries stored in index.json (recall)."""
+    with _Staging(out_dir) as st:
+        gi = build_index(features, metric, params, on_chunk=on_chunk,
+                         vectors_path=os.path.join(st.path, VECTORS_FILE) if _stores_vectors(params) else None)
+        gi.items, gi.model, gi.junk_left_out = items, dict(model), int(junk_left_out)
+        extra = measure(gi) if measure is not None else {}
+        _write_files(st.path, gi, extra)
+        st.commit()
+    return load_index(out_dir)
+
+
+def save_index(out_dir: str, gi: GalleryIndex, extra: dict[str, Any] | None = None) -> None:
+    """Write an index built in memory to ``out_dir`` atomically (a hidden sibling, then a rename)."""
+    with _Staging(out_dir) as st:
+        _write_files(st.path, gi, dict(extra or {}))
+        st.commit()
+
+
+def _damaged(folder: str, name: str, why: str) -> UserError:
+    return UserError(f"{os.path.join(folder, name)} is damaged ({' '.join(why.split())[:200]}); {REBUILD}")
+
+
+def load_index(folder: str) -> GalleryIndex:
+    """Read an index folder; a missing or damaged part is refused in one line naming the file."""
+    if not os.path.isdir(folder):
+        raise UserError(f"no such index folder: {folder} ({REBUILD.replace('build it again', 'build it')})")
+    info_path = os.path.join(folder, INFO_FILE)
+    if not os.path.isfile(info_path):
+        raise UserError(f"{folder} is not an index folder (no {INFO_FILE}); {REBUILD}")
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _damaged(folder, INFO_FILE, f"not JSON: {e}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise _damaged(folder, INFO_FILE, f"not a {FORMAT} description")
+    if info.get("version") != VERSION:
+        raise UserError(f"{info_path}: index format version {info.get('version')}, this code reads {VERSION}; "
+                        f"{REBUILD}")
+    try:
+        kind, params, n, d = info["kind"], dict(info["params"]), int(info["n"]), int(info["d"])
+        m = info["metric"]
+        metric = Metric(bool(m["feat_norm"]), str(m["dist_metric"]))
+        model = dict(info.get("model") or {})
+        if kind not in KINDS or params.get("kind") != kind:
+            raise ValueError(f"kind {kind!r}")
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise _damaged(folder, INFO_FILE, f"bad or missing entry: {e}") from None
+    index_path = os.path.join(folder, INDEX_FILE)
+    if not os.path.isfile(index_path):
+        raise UserError(f"{index_path} is missing; {REBUILD}")
+    try:
+        index = faiss.read_index(index_path)
+    except RuntimeError as e:
+        raise _damaged(folder, INDEX_FILE, str(e).splitlines()[0] if str(e) else "unreadable") from None
+    expected = faiss.IndexFlat if kind == "flat" else faiss.IndexIVFPQ
+    if not isinstance(faiss.downcast_index(index), expected) or index.ntotal != n or index.d != d:
+        raise _damaged(folder, INDEX_FILE, f"a {type(faiss.downcast_index(index)).__name__} of {index.ntotal} x "
+                       f"{index.d}-d vectors where {INFO_FILE} says {kind} of {n} x {d}")
+    items_path = os.path.join(folder, ITEMS_FILE)
+    try:
+        z = np.load(items_path, allow_pickle=False)
+        paths = open_npz_array(items_path, "paths")
+        items = Items(paths, np.asarray(z["pids"], np.int64), np.asarray(z["camids"], np.int64), str(z["root"]))
+    except FileNotFoundError:
+        raise UserError(f"{items_path} is missing; {REBUILD}") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise _damaged(folder, ITEMS_FILE, str(e)) from None
+    if not (len(items.paths) == len(items.pids) == len(items.camids) == n):
+        raise _damaged(folder, ITEMS_FILE, f"{len(items.paths)} paths, {len(items.pids)} pids, "
+                       f"{len(items.camids)} camids for {n} vectors")
+    vectors = None
+    if info.get("vectors"):
+        vec_path = os.path.join(folder, VECTORS_FILE)
+        try:
+            vectors = np.load(vec_path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise UserError(f"{vec_path} is missing; {REBUILD}") from None
+        except (OSError, ValueError) as e:
+            raise _damaged(folder, VECTORS_FILE, str(e)) from None
+        if vectors.shape != (n, d) or vectors.dtype != np.float16:
+            raise _damaged(folder, VECTORS_FILE, f"{vectors.dtype} {vectors.shape}, expected float16 ({n}, {d})")
+    if kind == "ivf-pq":
+        faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", 1))
+    return GalleryIndex(index, metric, params, vectors, items, model, int(info.get("junk_left_out", 0)), info,
+                        os.path.abspath(folder))
