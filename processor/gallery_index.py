@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, is_yes
+from utils.checkpoint import file_sha256
 from utils.entry import signals_deferred
 from utils.errors import UserError
 from utils.fileio import follow_umask, open_npz_array
@@ -573,7 +574,6 @@ def check_compatible(gi: GalleryIndex, cfg: Any, info: dict[str, Any] | None = N
                           f"BNNeck; give TEST.NECK_FEAT {neck} or build another index")
     weight = str(cfg.TEST.WEIGHT or "")
     if model.get("sha256") and weight and os.path.isfile(weight):
-        from utils.checkpoint import file_sha256
         digest = file_sha256(weight)
         if digest != model["sha256"]:
             raise ConfigError(f"TEST.WEIGHT {weight} (sha256 {digest[:12]}...) is not the checkpoint of {where} "
