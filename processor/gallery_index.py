@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, is_yes
+from utils.checkpoint import file_sha256
 from utils.entry import signals_deferred
 from utils.errors import UserError
 from utils.fileio import follow_umask, open_npz_array
@@ -147,7 +148,8 @@ def choose_params(n: int, d: int, kind: str, *, nlist: int | None = None, m: int
     train_size 64 x nlist (at least 9984 for the 256-centroid PQ codebooks, at most n and 1M);
     m: the divisor of d nearest d / 20 (1280 -> 64); nbits 8 (fewer when the training sample
     cannot fill 256 centroids); nprobe ~ sqrt(nlist) (at least 8); refine 10 (re-rank 10 x k
-    candidates exactly; 0: none). threads: OMP_NUM_THREADS, else the usable cores.
+    candidates exactly; 0: none). threads (of the build; a search uses its machine's): OMP_NUM_THREADS,
+    else the usable cores.
     A given value out of range is refused in one line naming it.
     """
     if kind not in KINDS:
@@ -165,6 +167,9 @@ def choose_params(n: int, d: int, kind: str, *, nlist: int | None = None, m: int
             raise ConfigError(f"--{next(iter(given))} applies to --kind ivf-pq only (flat is exact and has no "
                               "parameters)")
         return base
+    if n < 2:
+        raise ConfigError(f"--kind ivf-pq needs at least 2 gallery images to train on (the gallery has {n}); "
+                          "use --kind flat")
     cap = min(n, TRAIN_CAP)
     if nlist is None:
         nlist = int(min(max(1, round(4 * math.sqrt(n))), max(1, cap // MIN_POINTS), MAX_NLIST))
@@ -440,7 +445,7 @@ def search(gi: GalleryIndex, queries: np.ndarray | torch.Tensor, k: int, *, npro
         raise ConfigError(f"queries of shape {tuple(q.shape)}: the index holds {gi.d}-d vectors")
     if len(q) == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    faiss.omp_set_num_threads(int(gi.params.get("threads") or _threads()))
+    faiss.omp_set_num_threads(_threads())     # this machine's cores, not those of the machine that built it
     if gi.kind == "flat":
         c = min(n, 2 * k + 8)
         _, cand = gi.index.search(q, c)
@@ -569,7 +574,6 @@ def check_compatible(gi: GalleryIndex, cfg: Any, info: dict[str, Any] | None = N
                           f"BNNeck; give TEST.NECK_FEAT {neck} or build another index")
     weight = str(cfg.TEST.WEIGHT or "")
     if model.get("sha256") and weight and os.path.isfile(weight):
-        from utils.checkpoint import file_sha256
         digest = file_sha256(weight)
         if digest != model["sha256"]:
             raise ConfigError(f"TEST.WEIGHT {weight} (sha256 {digest[:12]}...) is not the checkpoint of {where} "
@@ -721,6 +725,7 @@ def write_index(out_dir: str, features: np.ndarray | Sequence[np.ndarray], metri
         extra = measure(gi) if measure is not None else {}
         _write_files(st.path, gi, extra)
         st.commit()
+    del gi                       # freed before the folder is read back: never two indexes in memory
     return load_index(out_dir)
 
 

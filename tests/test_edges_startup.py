@@ -157,7 +157,7 @@ def test_demo_ends_with_its_results_table_and_runnable_hints(tiny_root, tmp_path
 # ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
 ENTRY_POINTS = ["train_svllreid.py", "test_svllreid.py", "tools/extract_features.py", "tools/search.py",
                 "tools/plot_curves.py", "tools/export_onnx.py", "tools/run_demo.py", "tools/make_synthetic.py",
-                "tools/ablate.py"]
+                "tools/ablate.py", "tools/build_index.py"]
 # Entry points whose start-up loads neither torch nor numpy (nothing slow to interrupt; checked
 # in tests/test_layout.py): the Ctrl-C-during-the-imports test has no window there.
 LIGHT_ENTRY_POINTS = ["tools/plot_curves.py"]

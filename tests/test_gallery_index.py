@@ -113,6 +113,20 @@ def test_ivf_pq_with_refine_finds_the_exact_neighbours():
     assert m["queries"] == 100 and m["recall@1"] >= 0.95 and m["recall@10"] >= 0.95
 
 
+def test_lists_too_short_for_k_are_completed_by_scanning_every_list():
+    """nprobe 1 of 50 lists holds about 4 of 200 vectors, fewer than k = 20: those queries scan all
+    lists, and with 10 x k >= n candidates re-ranked the result is the exact ranking of the float16
+    vectors the index keeps."""
+    g = _clustered(200, 16, 50, seed=8)
+    q = _clustered(10, 16, 50, seed=9)
+    metric = gx.Metric(True, "euclidean")
+    gi = gx.build_index(g, metric, gx.choose_params(200, 16, "ivf-pq", nlist=50, nprobe=1, threads=1))
+    d, i = gx.search(gi, q, 20)
+    assert (i >= 0).all() and all(len(set(row)) == 20 for row in i.tolist())
+    g16 = gx.prepare(g, metric).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(i, gx.exact_search(g16, gx.Metric(False, "euclidean"), gx.prepare(q, metric), 20)[1])
+
+
 def test_chosen_parameters_follow_the_size():
     p = gx.choose_params(1_000_000, 1280, "ivf-pq")
     assert (p["nlist"], p["m"], p["nbits"], p["refine"]) == (4000, 64, 8, 10)
@@ -158,6 +172,8 @@ def test_refusals_are_one_line():
         gx.build_index(np.zeros((0, 8), np.float32), gx.Metric(True, "cosine"), {"kind": "flat"})
     with pytest.raises(UserError, match="empty"):
         gx.choose_params(0, 8, "flat")
+    with pytest.raises(ConfigError, match="ivf-pq needs at least 2 gallery images"):
+        gx.choose_params(1, 8, "ivf-pq")
     g = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
     gi = gx.build_index(g, gx.Metric(True, "cosine"), gx.choose_params(5, 8, "flat"))
     with pytest.raises(ConfigError, match=r"--topk 6 is more than the 5 images"):

@@ -150,7 +150,9 @@ def model_of(meta: dict[str, Any], cfg: Any, name: str) -> dict[str, Any]:
         saved = ((read_metadata(model["weight"]) or {}).get("config") or {}).get("MODEL") or {} \
             if model.get("weight") and os.path.isfile(model["weight"]) else {}
         model["model_name"] = str(saved.get("NAME") or cfg.MODEL.NAME)
-    model.setdefault("neck_feat", str(cfg.TEST.NECK_FEAT))
+    if not model.get("neck_feat"):
+        logger.info("%s does not record TEST.NECK_FEAT: taken as the config's, %s", name, cfg.TEST.NECK_FEAT)
+        model["neck_feat"] = str(cfg.TEST.NECK_FEAT)
     return model
 
 

@@ -21,10 +21,10 @@ distance; frames are green (same identity), red (another identity), grey dashed 
 identity, same camera) when names such as 0002_c1s1_000451_03.jpg give identities.
 
 Junk gallery images (``-1_*`` names) are left out, as the evaluation leaves them out (an
-index leaves them out when it is built). Features
-holding NaN/Inf and damaged or empty feature files are refused. DIR is locked while a search
-runs (a second one on it fails at once); a new search replaces the previous results.json and
-ranked/ (pictures are drawn aside and moved in at the end), so they always come from one run.
+index leaves them out when it is built). Features holding NaN/Inf and damaged or empty
+feature files are refused. DIR is locked while a search runs (a second one on it fails at
+once); a new search replaces the previous results.json and ranked/ (pictures are drawn aside
+and moved in at the end), so they always come from one run.
 Options may also follow the KEY VALUE overrides.
 """
 from __future__ import annotations
