@@ -335,12 +335,6 @@ def main() -> None:
             configs.append(("ivf-pq", "ivf-pq + refine " + _params_label(bench_params), bench_params))
             if n <= args.module_defaults:
                 configs.append(("ivf-pq", "ivf-pq + refine, module defaults", {}))
-            else:
-                from processor.gallery_index import choose_params
-                p = choose_params(n, args.dim, "ivf-pq")
-                rows.append(_row("ivf-pq + refine, module defaults " + _params_label(p), n, None, exact, args.queries,
-                                 f"not run: its k-means ({p['train_size']:,} x {p['nlist']:,} lists) and {p['m']}-code "
-                                 f"encoding take too long on small machines; --module-defaults {n} runs it"))
             for kind, label, params in configs:
                 ipaths = {**paths, "index": str(workdir / f"index_{n}_{len(rows)}")}
                 rec = spawn("index", ipaths, {**opts, "kind": kind, "params": params, "sweep": True}, workdir)
@@ -354,8 +348,15 @@ def main() -> None:
                 if kind == "ivf-pq" and n == max(args.sizes):
                     goals.append((label, n, rec, _recall(rec["ids"], exact, 10), float(np.median(rec["single_s"]))))
                 print(f"  {label}: done ({time.perf_counter() - t:.0f} s so far)", flush=True)
-            for p in (gpath, qpath):
-                p.unlink()
+            if n > args.module_defaults:
+                from processor.gallery_index import choose_params
+                p = choose_params(n, args.dim, "ivf-pq")
+                rows.append(_row("ivf-pq + refine, module defaults " + _params_label(p), n, None, exact, args.queries,
+                                 f"not run (sizes up to --module-defaults {args.module_defaults:,}): its k-means "
+                                 f"({p['train_size']:,} x {p['nlist']:,} lists) and {p['m']}-code encoding are slow "
+                                 f"on small machines; --module-defaults {n} runs it"))
+            for f in (gpath, qpath):
+                f.unlink()
 
     head = ["gallery", "contender", "build + write (s)", "on disk (GB)", "single p50 (ms)", "single p99 (ms)",
             f"batch of {args.queries:,}: s (ms/query)", "recall@1 / @10", "peak anon / RSS (GB)", "singles", "note"]
