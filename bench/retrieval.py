@@ -19,9 +19,9 @@ sampled every 50 ms from /proc):
   + top-k, as ``tools/search.py`` ranks a ``--gallery``; run where it fits in memory.
 * ``flat``: ``gallery_index`` kind flat (exact), built in memory, written with ``save_index``.
 * ``ivf-pq``: kind ivf-pq with exact float16 re-ranking (refine), built and written with
-  ``write_index`` (the vectors go straight to the index folder). The parameters are the
-  bench's (``--nlist`` etc.; see ``ivf_params``); ``--module-defaults`` adds a row with
-  ``choose_params``' own defaults up to a size (their k-means is too slow here beyond it).
+  ``write_index`` (the vectors go straight to the index folder). The parameters are
+  ``choose_params``' defaults for the size, as tools/build_index.py chooses them (``--nlist``
+  etc. override them).
 
 Per contender: build time (build + write), index size on disk, single-query latency p50/p99,
 the batch of all queries (seconds and ms per query), recall@1/10 against the exact top-10,
@@ -55,7 +55,6 @@ K = 10                      # recall@10 needs the exact top-10
 CHUNK = 65536               # gallery rows per generated / scanned chunk
 LATENT, PER_ID, MEMBER_NOISE, ISO_NOISE = 64, 20, 0.5, 0.15
 GOAL_RECALL10, GOAL_MS = 0.95, 20.0
-DEFAULTS_UP_TO = 100_000    # --module-defaults: sizes up to this get a row with choose_params' defaults
 FLOOR_SINGLES = 20          # single-query products timed by the floor (each one pass over the gallery)
 
 
@@ -86,16 +85,14 @@ def make_data(workdir: Path, n: int, d: int, num_queries: int, seed: int = 0) ->
     return gpath, qpath
 
 
-def ivf_params(n: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The bench's ivf-pq parameters: nlist ~ sqrt(n), 32 sub-quantisers (40 dimensions each at 1280),
-    nprobe ~ nlist / 8 (at least 16), refine 10, training on 64 x nlist vectors; each can be given."""
-    nlist = args.nlist or int(min(max(1, round(math.sqrt(n))), max(1, n // 39)))
-    return {"nlist": nlist, "m": args.m or 32, "nprobe": args.nprobe or int(min(nlist, max(16, nlist // 8))),
-            "refine": args.refine if args.refine is not None else 10,
-            "train_size": args.train_size or int(min(n, max(64 * nlist, 39 * 256)))}
+def ivf_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """The ivf-pq parameters given on the command line; the others are ``choose_params``' defaults
+    for the size, as tools/build_index.py chooses them."""
+    given = {"nlist": args.nlist, "m": args.m, "nprobe": args.nprobe, "refine": args.refine,
+             "train_size": args.train_size}
+    return {k: v for k, v in given.items() if v is not None}
 
 
-# ----------------------------------------------------------------------------- workers
 def _load(paths: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
     return np.load(paths["gallery"], mmap_mode="r"), np.load(paths["queries"])
 
@@ -280,12 +277,10 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=200, help="single queries timed per contender at most")
     ap.add_argument("--single-budget", type=float, default=10.0, help="seconds of single queries per contender")
     ap.add_argument("--nlist", type=int, help="ivf-pq lists (default ~ sqrt(n))")
-    ap.add_argument("--m", type=int, help="ivf-pq sub-quantisers (default 32)")
+    ap.add_argument("--m", type=int, help="ivf-pq sub-quantisers (default: d / 40, 32 at 1280)")
     ap.add_argument("--nprobe", type=int, help="ivf-pq lists scanned per query (default ~ nlist / 8, >= 16)")
     ap.add_argument("--refine", type=int, help="ivf-pq exact re-ranking factor (default 10)")
     ap.add_argument("--train-size", type=int, help="ivf-pq training vectors (default 64 x nlist)")
-    ap.add_argument("--module-defaults", type=int, default=DEFAULTS_UP_TO, metavar="N",
-                    help="add an ivf-pq row with choose_params' defaults for sizes up to N (0: none)")
     ap.add_argument("--search-max-gb", type=float, default=None,
                     help="run today's brute force when it needs at most this (default: half the available memory)")
     ap.add_argument("--workdir", help="folder for the generated data and indexes (default: a temporary one)")
@@ -331,16 +326,14 @@ def main() -> None:
                                  f"not run: needs ~{need / GB:.0f} GB (> {search_cap / GB:.0f} GB)"))
             print(f"  floor and exact top-10: done ({time.perf_counter() - t:.0f} s so far)", flush=True)
             configs = [("flat", "flat (exact)", {})]
-            bench_params = ivf_params(n, args)
-            configs.append(("ivf-pq", "ivf-pq + refine " + _params_label(bench_params), bench_params))
-            if n <= args.module_defaults:
-                configs.append(("ivf-pq", "ivf-pq + refine, module defaults", {}))
+            from processor.gallery_index import choose_params
+            given = ivf_overrides(args)
+            label = "ivf-pq + refine " + _params_label(choose_params(n, args.dim, "ivf-pq", **given))
+            configs.append(("ivf-pq", label, given))
             for kind, label, params in configs:
                 ipaths = {**paths, "index": str(workdir / f"index_{n}_{len(rows)}")}
                 rec = spawn("index", ipaths, {**opts, "kind": kind, "params": params, "sweep": True}, workdir)
                 shutil.rmtree(ipaths["index"], ignore_errors=True)
-                if label.endswith("defaults"):
-                    label += " " + _params_label(rec["params"])
                 rows.append(_row(label, n, rec, exact, args.queries))
                 for s in rec.get("sweep", []):
                     sweeps.append([f"{n:,}", label, str(s["nprobe"]), f"{_recall(s['ids'], exact, 10):.3f}",
@@ -348,13 +341,6 @@ def main() -> None:
                 if kind == "ivf-pq" and n == max(args.sizes):
                     goals.append((label, n, rec, _recall(rec["ids"], exact, 10), float(np.median(rec["single_s"]))))
                 print(f"  {label}: done ({time.perf_counter() - t:.0f} s so far)", flush=True)
-            if n > args.module_defaults:
-                from processor.gallery_index import choose_params
-                p = choose_params(n, args.dim, "ivf-pq")
-                rows.append(_row("ivf-pq + refine, module defaults " + _params_label(p), n, None, exact, args.queries,
-                                 f"not run (sizes up to --module-defaults {args.module_defaults:,}): its k-means "
-                                 f"({p['train_size']:,} x {p['nlist']:,} lists) and {p['m']}-code encoding are slow "
-                                 f"on small machines; --module-defaults {n} runs it"))
             for f in (gpath, qpath):
                 f.unlink()
 

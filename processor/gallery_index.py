@@ -66,7 +66,7 @@ STAGING_PREFIX, OLD_PREFIX = ".svllreid-partial-index-", ".svllreid-old-index-"
 TRAIN_CAP = 1_000_000      # training vectors at most (float32: 4 GB at 1024-d)
 MIN_POINTS = 39            # faiss's k-means wants at least 39 training points per centroid
 MAX_NLIST = 65536
-SUB_DIM = 20               # target dimensions per PQ sub-quantiser (1280 -> m 64)
+SUB_DIM = 40               # target dimensions per PQ sub-quantiser (1280 -> m 32)
 BLOCK_ELEMS = 1 << 24      # float32 elements per working block (64 MB)
 REBUILD = "build it again with tools/build_index.py"
 
@@ -135,8 +135,9 @@ def _divisors(d: int) -> list[int]:
 
 
 def _pq_m(d: int) -> int:
-    """The number of PQ sub-quantisers: a divisor of ``d`` giving about SUB_DIM dimensions each."""
-    return min(_divisors(d), key=lambda m: (abs(d / m - SUB_DIM), -m))
+    """The number of PQ sub-quantisers: a divisor of ``d`` giving about SUB_DIM dimensions each, and
+    at least 8 where ``d`` allows (narrow features would otherwise get one or two coarse codes)."""
+    return min((m for m in _divisors(d) if m >= min(8, d)), key=lambda m: (abs(d / m - SUB_DIM), -m))
 
 
 def choose_params(n: int, d: int, kind: str, *, nlist: int | None = None, m: int | None = None,
@@ -144,11 +145,14 @@ def choose_params(n: int, d: int, kind: str, *, nlist: int | None = None, m: int
                   train_size: int | None = None, threads: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Build and search parameters for ``n`` vectors of width ``d``, from the size unless given.
 
-    ivf-pq: nlist ~ 4 sqrt(n) (at most n / 39, so k-means has 39 points per list, and 65536);
+    ivf-pq: nlist ~ sqrt(n) (at most n / 39, so k-means has 39 points per list, and 65536);
     train_size 64 x nlist (at least 9984 for the 256-centroid PQ codebooks, at most n and 1M);
-    m: the divisor of d nearest d / 20 (1280 -> 64); nbits 8 (fewer when the training sample
-    cannot fill 256 centroids); nprobe ~ sqrt(nlist) (at least 8); refine 10 (re-rank 10 x k
-    candidates exactly; 0: none). threads (of the build; a search uses its machine's): OMP_NUM_THREADS,
+    m: the divisor of d nearest d / 40, at least 8 (1280 -> 32); nbits 8 (fewer when the training sample
+    cannot fill 256 centroids); nprobe ~ nlist / 8 (at least 16); refine 10 (re-rank 10 x k
+    candidates exactly; 0: none). bench/retrieval.py measures these at 100k and 1M (recall@10
+    0.99 at 1M); the denser 4 sqrt(n) lists and 64 codes cost minutes more k-means and encoding
+    on a small machine for no recall the re-ranking does not already give.
+    threads (of the build; a search uses its machine's): OMP_NUM_THREADS,
     else the usable cores.
     A given value out of range is refused in one line naming it.
     """
@@ -172,7 +176,7 @@ def choose_params(n: int, d: int, kind: str, *, nlist: int | None = None, m: int
                           "use --kind flat")
     cap = min(n, TRAIN_CAP)
     if nlist is None:
-        nlist = int(min(max(1, round(4 * math.sqrt(n))), max(1, cap // MIN_POINTS), MAX_NLIST))
+        nlist = int(min(max(1, round(math.sqrt(n))), max(1, cap // MIN_POINTS), MAX_NLIST))
     elif not 1 <= nlist <= n:
         raise ConfigError(f"--nlist {nlist}: expected 1 to the gallery size {n}")
     if train_size is None:
@@ -191,7 +195,7 @@ def choose_params(n: int, d: int, kind: str, *, nlist: int | None = None, m: int
     elif not 1 <= nbits <= 16 or 2 ** nbits > train_size:
         raise ConfigError(f"nbits {nbits}: expected 1 to 16 with 2**nbits <= the training sample {train_size}")
     if nprobe is None:
-        nprobe = int(min(nlist, max(8, round(math.sqrt(nlist)))))
+        nprobe = int(min(nlist, max(16, nlist // 8)))
     elif not 1 <= nprobe <= nlist:
         raise ConfigError(f"--nprobe {nprobe}: expected 1 to nlist {nlist}")
     if refine is None:

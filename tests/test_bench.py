@@ -23,7 +23,7 @@ def test_make_bench_runs_every_benchmark():
 @pytest.mark.slow
 def test_retrieval_bench_small_size_prints_its_table():
     cmd = [sys.executable, os.path.join(ROOT, "bench", "retrieval.py"), "--sizes", "3000", "--queries", "40",
-           "--single", "5", "--single-budget", "1", "--module-defaults", "3000"]
+           "--single", "5", "--single-budget", "1"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -32,8 +32,7 @@ def test_retrieval_bench_small_size_prints_its_table():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| 3,000 |") and len(cells) == 11:
             rows[cells[1].split(" (")[0]] = cells
-    assert set(rows) == {"floor: q @ g.T", "search.py: distance_matrix + sort", "flat", "ivf-pq + refine",
-                         "ivf-pq + refine, module defaults"}, rows
+    assert set(rows) == {"floor: q @ g.T", "search.py: distance_matrix + sort", "flat", "ivf-pq + refine"}, rows
     # the exact contenders find the exact top-10 (computed independently, by the floor's products)
     assert rows["flat"][7] == "1.000 / 1.000" and rows["search.py: distance_matrix + sort"][7] == "1.000 / 1.000"
     for name in ("flat", "ivf-pq + refine"):

@@ -129,9 +129,9 @@ def test_lists_too_short_for_k_are_completed_by_scanning_every_list():
 
 def test_chosen_parameters_follow_the_size():
     p = gx.choose_params(1_000_000, 1280, "ivf-pq")
-    assert (p["nlist"], p["m"], p["nbits"], p["refine"]) == (4000, 64, 8, 10)
+    assert (p["nlist"], p["m"], p["nbits"], p["nprobe"], p["refine"]) == (1000, 32, 8, 125, 10)
     assert 40 * p["nlist"] <= p["train_size"] <= 100 * p["nlist"] and 1 <= p["nprobe"] <= p["nlist"]
-    assert gx.choose_params(100_000_000, 1280, "ivf-pq")["train_size"] == gx.TRAIN_CAP
+    assert gx.choose_params(400_000_000, 1280, "ivf-pq")["train_size"] == gx.TRAIN_CAP
     assert gx.choose_params(100_000_000, 1280, "ivf-pq")["nlist"] <= gx.TRAIN_CAP // 39
     small = gx.choose_params(2000, 512, "ivf-pq")
     assert small["nlist"] <= 2000 // 39 and 2 ** small["nbits"] <= small["train_size"] <= 2000

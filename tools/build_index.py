@@ -63,9 +63,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kind", choices=gx.KINDS, default=None,
                    help="flat (exact) or ivf-pq (approximate); default: flat when the gallery fits comfortably "
                         "in memory")
-    p.add_argument("--nlist", type=int, default=None, help="ivf-pq: inverted lists (default ~ 4 sqrt(n))")
+    p.add_argument("--nlist", type=int, default=None, help="ivf-pq: inverted lists (default ~ sqrt(n))")
     p.add_argument("--m", type=int, default=None, help="ivf-pq: PQ sub-quantisers, a divisor of the feature width")
-    p.add_argument("--nprobe", type=int, default=None, help="ivf-pq: lists scanned per query (default ~ sqrt(nlist))")
+    p.add_argument("--nprobe", type=int, default=None, help="ivf-pq: lists scanned per query (default ~ nlist / 8)")
     p.add_argument("--refine", type=int, default=None,
                    help="ivf-pq: re-rank R x k candidates exactly from float16 vectors on disk (default 10; 0: none)")
     p.add_argument("--recall_queries", type=int, default=None,
