@@ -84,27 +84,29 @@ def random_erase(x: torch.Tensor, prob: float, area: tuple[float, float], genera
     """timm ``RandomErasing(probability=prob, min_area, max_area=area, mode='pixel', max_count=1)``
     applied to every image of the normalised float batch ``x`` (B, C, H, W), in place; returns ``x``.
 
-    The erased pixels get N(0, 1) values from ``generator``: ``dense`` draws a full batch of
-    noise and selects (no host synchronisation: the default off the CPU), else only as many
-    values as pixels are erased (the CPU default, where drawing noise is the cost).
+    The erased pixels get N(0, 1) values from ``generator``. ``dense`` (the default off the CPU)
+    draws a batch of noise and selects the boxes with a mask: a few batch-wide kernels, no host
+    synchronisation. Otherwise (the CPU default, where drawing noise is the cost) each erased
+    box is filled with just its own values, image by image, as timm does.
     """
     if prob <= 0:
         return x
     b, c, h, w = x.shape
     top, left, bh, bw = erase_boxes(b, h, w, prob, area, generator, x.device)
-    rows = torch.arange(h, device=x.device)
-    cols = torch.arange(w, device=x.device)
-    in_rows = (rows >= top[:, None]) & (rows < (top + bh)[:, None])         # (B, H)
-    in_cols = (cols >= left[:, None]) & (cols < (left + bw)[:, None])       # (B, W)
-    mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None].expand(b, c, h, w)
     if dense is None:
         dense = x.device.type != "cpu"
     if dense:
+        rows = torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device)
+        in_rows = (rows >= top[:, None]) & (rows < (top + bh)[:, None])         # (B, H)
+        in_cols = (cols >= left[:, None]) & (cols < (left + bw)[:, None])       # (B, W)
+        mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]             # (B, 1, H, W)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x.copy_(torch.where(mask, noise, x))
-    count = int((bh * bw).sum()) * c
-    if count:
-        x[mask] = torch.randn(count, generator=generator, device=x.device, dtype=x.dtype)
+    for i, (t, lf, hh, ww) in enumerate(zip(top.tolist(), left.tolist(), bh.tolist(), bw.tolist())):
+        if hh and ww:
+            x[i, :, t:t + hh, lf:lf + ww] = torch.randn((c, hh, ww), generator=generator, device=x.device,
+                                                        dtype=x.dtype)
     return x
 
 
