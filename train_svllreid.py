@@ -41,7 +41,14 @@ from solver import create_scheduler, create_warmup_multistep, make_optimizer_1st
 from utils import cli
 from utils.dist import broadcast_object, cleanup, get_world_size, init_distributed, is_dist, is_main_process
 from utils.logger import setup_logger
-from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
+from utils.misc import (
+    resolve_device,
+    resolve_num_workers,
+    select_gpus,
+    set_cpu_threads,
+    set_seed,
+    write_json_atomic,
+)
 from utils.record import TrainingRecord, write_curves
 from utils.run_dir import CONFIG_FILE, RunError, RunLock, prepare_output_dir, save_run_config
 
@@ -125,7 +132,8 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     if device.type == "cpu":
         n = set_cpu_threads(cfg.DATALOADER.NUM_WORKERS, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         if n is not None:
-            logger.info("CPU: %d torch thread(s) beside %d loader worker(s)", n, cfg.DATALOADER.NUM_WORKERS)
+            logger.info("CPU: %d torch thread(s) beside %d loader worker(s)", n,
+                        resolve_num_workers(cfg.DATALOADER.NUM_WORKERS))
 
     dataset = build_dataset_from_cfg(cfg)
     data = make_dataloader(cfg, dataset=dataset)

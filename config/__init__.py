@@ -283,10 +283,11 @@ def validate(cfg: _YacsNode) -> None:
         v = get_key(cfg, key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key} = {v!r} must be a positive integer")
-    for key in ("DATALOADER.NUM_WORKERS", "DATALOADER.READ_RETRIES"):
+    for key in ("DATALOADER.NUM_WORKERS", "DATALOADER.READ_RETRIES", "INPUT.PADDING"):
         v = get_key(cfg, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{key} = {v!r} must be an integer >= 0")
+        if isinstance(v, bool) or not isinstance(v, int) or v < (-1 if key == "DATALOADER.NUM_WORKERS" else 0):
+            auto = " (or -1: as many as the cores allow)" if key == "DATALOADER.NUM_WORKERS" else ""
+            raise ConfigError(f"{key} = {v!r} must be an integer >= 0{auto}")
     for key in ("SOLVER.STAGE1.BASE_LR", "SOLVER.STAGE2.BASE_LR"):
         v = get_key(cfg, key)
         if not float(v) > 0:

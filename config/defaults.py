@@ -80,7 +80,7 @@ _C.DATASETS.VEHICLEID_TRIALS = 10       # random query/gallery splits averaged a
 
 # ----------------------------------------------------------------------------- DATALOADER
 _C.DATALOADER = CN()
-_C.DATALOADER.NUM_WORKERS = 8
+_C.DATALOADER.NUM_WORKERS = -1         # -1: min(8, cores per local process - 1)
 _C.DATALOADER.SAMPLER = "softmax_triplet"
 _C.DATALOADER.NUM_INSTANCE = 4
 _C.DATALOADER.READ_RETRIES = 3          # bounded retries for an unreadable image

@@ -241,31 +241,42 @@ class ImageDataset(Dataset):
     """Torch dataset over samples; each item is a dict of tensors-to-be.
 
     Keys: ``img``, ``pid``, ``camid``, ``viewid``; ``path`` when ``with_path``;
-    ``ssl_view1``/``ssl_view2`` when ``ssl_transform`` is given (two independent draws).
+    ``ssl_view1``/``ssl_view2`` when ``ssl_views`` (two more independent draws of ``transform``;
+    one resize for the three when the transform has ``views(img, n)``, see
+    :class:`datasets.transforms.TrainTransform`).
+
+    ``device_transform`` is what the loader's batches need on the device (the loaders' images
+    are uint8; :class:`datasets.device_transforms.DeviceTransform`): the consumer finds it here
+    (``processor.batches.device_transform_of``). None: the items are final.
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable | None = None,
-                 ssl_transform: Callable | None = None, with_path: bool = False,
-                 read_retries: int = 3) -> None:
+                 ssl_views: bool = False, with_path: bool = False, read_retries: int = 3,
+                 device_transform: Callable | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
-        self.ssl_transform = ssl_transform
+        self.ssl_views = ssl_views
         self.with_path = with_path
         self.read_retries = read_retries
+        self.device_transform = device_transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _images(self, img: Any) -> list[Any]:
+        n = 3 if self.ssl_views else 1
+        if self.transform is None:
+            return [img] * n
+        if n > 1 and hasattr(self.transform, "views"):
+            return self.transform.views(img, n)
+        return [self.transform(img) for _ in range(n)]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, pid, camid, viewid = self.samples[index]
-        img = read_image(path, retries=self.read_retries)
-        item: dict[str, Any] = {
-            "img": self.transform(img) if self.transform is not None else img,
-            "pid": pid, "camid": camid, "viewid": viewid,
-        }
-        if self.ssl_transform is not None:
-            item["ssl_view1"] = self.ssl_transform(img)
-            item["ssl_view2"] = self.ssl_transform(img)
+        images = self._images(read_image(path, retries=self.read_retries))
+        item: dict[str, Any] = {"img": images[0], "pid": pid, "camid": camid, "viewid": viewid}
+        if self.ssl_views:
+            item["ssl_view1"], item["ssl_view2"] = images[1], images[2]
         if self.with_path:
             item["path"] = path
         return item

@@ -1,13 +1,17 @@
 """``make_dataloader(cfg)``: the stage-2 train, stage-1 feature and validation loaders.
 
 Batches are dicts of tensors:
-- stage 2: ``img`` (B,3,H,W) float, ``pid``/``camid``/``viewid`` int64, plus
+- stage 2: ``img`` (B,3,H,W) uint8, ``pid``/``camid``/``viewid`` int64, plus
   ``ssl_view1``/``ssl_view2`` (same shape as ``img``) when ``MODEL.USE_SSL``;
 - stage 1: the same keys without SSL views, test transforms, every training image once
   in dataset order;
-- validation: query images then gallery images, test transforms, plus ``path`` (list).
+- validation: query images, then gallery images, test transforms, plus ``path`` (list).
 
-The stage-2 sampler is ``train_loader.sampler`` (call ``set_epoch`` on it each epoch).
+Images are uint8 (decoding and geometry run in the workers); each loader's dataset carries the
+``DeviceTransform`` that makes them normalised float (and erases the training views) on the
+device, which ``processor.batches.to_device`` applies. The stage-2 sampler is
+``train_loader.sampler`` (``processor.batches.set_loader_epoch`` seeds it, the workers and the
+erasing each epoch).
 """
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from utils.dist import get_rank, get_world_size, is_dist
+from utils.misc import resolve_num_workers
 
 from .bases import BaseImageDataset, DatasetError, ImageDataset, train_test_overlap, verify_images
+from .device_transforms import DeviceTransform
 from .factory import build_dataset
 from .sampler import RandomIdentitySampler, RandomIdentitySamplerDDP, ShuffleSampler
-from .transforms import build_ssl_transform, build_transforms
+from .transforms import build_loader_transform
 
 __all__ = ["Loaders", "make_dataloader", "make_val_loader", "build_dataset_from_cfg",
            "warn_train_identities_in_test"]
@@ -44,18 +50,26 @@ def build_dataset_from_cfg(cfg: Any, trial: int = 0, test_only: bool = False) ->
     return build_dataset(cfg.DATASETS.NAMES, cfg.DATASETS.ROOT_DIR, **kwargs)
 
 
-def _loader_kwargs(cfg: Any, seed_offset: int) -> dict[str, Any]:
-    """Workers, pinning and a seeded generator (worker RNGs derive from it)."""
-    workers = int(cfg.DATALOADER.NUM_WORKERS)
+PREFETCH_FACTOR = 4   # batches each worker keeps ready (uint8 batches: a quarter of float ones)
+
+
+def _loader_kwargs(cfg: Any, seed_offset: int, persistent: bool = False) -> dict[str, Any]:
+    """Workers (DATALOADER.NUM_WORKERS, -1: from the cores), pinned memory when CUDA is there, a
+    seeded generator (worker RNGs derive from it), prefetching; ``persistent`` keeps the workers
+    between iterations (only for loaders without random transforms)."""
+    workers = resolve_num_workers(cfg.DATALOADER.NUM_WORKERS)
     seed = int(cfg.SOLVER.SEED) + 1000 * get_rank() + seed_offset
-    return {
+    kwargs: dict[str, Any] = {
         "num_workers": workers,
-        # not persistent: each epoch's workers are seeded afresh from the loader's generator,
-        # which the trainer re-seeds per epoch (exact resume, see processor.batches.set_loader_epoch)
-        "persistent_workers": False,
+        # the training loader is not persistent: each epoch's workers are seeded afresh from the loader's
+        # generator, which the trainer re-seeds per epoch (exact resume, see processor.batches.set_loader_epoch)
+        "persistent_workers": persistent and workers > 0,
         "pin_memory": torch.cuda.is_available(),
         "generator": torch.Generator().manual_seed(seed),
     }
+    if workers > 0:
+        kwargs["prefetch_factor"] = PREFETCH_FACTOR
+    return kwargs
 
 
 def check_identity_batch(cfg: Any, num_pids: int) -> None:
@@ -118,10 +132,12 @@ def check_valid_queries(dataset: BaseImageDataset) -> None:
 def make_val_loader(cfg: Any, dataset: BaseImageDataset) -> tuple[DataLoader, int]:
     """(loader over query + gallery, number of query images)."""
     check_valid_queries(dataset)
-    val_set = ImageDataset(dataset.query + dataset.gallery, build_transforms(cfg, False),
-                           with_path=True, read_retries=cfg.DATALOADER.READ_RETRIES)
+    val_set = ImageDataset(dataset.query + dataset.gallery, build_loader_transform(cfg, False),
+                           with_path=True, read_retries=cfg.DATALOADER.READ_RETRIES,
+                           device_transform=DeviceTransform.from_cfg(cfg, is_train=False))
+    # persistent: evaluated every EVAL_PERIOD epochs, deterministic (the workers' seeds do not matter)
     loader = DataLoader(val_set, batch_size=cfg.TEST.IMS_PER_BATCH, shuffle=False,
-                        **_loader_kwargs(cfg, seed_offset=2))
+                        **_loader_kwargs(cfg, seed_offset=2, persistent=True))
     return loader, len(dataset.query)
 
 
@@ -157,14 +173,13 @@ def make_dataloader(cfg: Any, trial: int = 0, dataset: BaseImageDataset | None =
     for subset in ("train", "query", "gallery"):
         verify_images([s[0] for s in getattr(dataset, subset)], f"{cfg.DATASETS.NAMES} {subset}")
     retries = cfg.DATALOADER.READ_RETRIES
-    ssl_transform = build_ssl_transform(cfg) if cfg.MODEL.USE_SSL else None
-    train_set = ImageDataset(dataset.train, build_transforms(cfg, True), ssl_transform,
-                             read_retries=retries)
+    train_set = ImageDataset(dataset.train, build_loader_transform(cfg, True), ssl_views=bool(cfg.MODEL.USE_SSL),
+                             read_retries=retries, device_transform=DeviceTransform.from_cfg(cfg, is_train=True))
     sampler, batch, drop_last = _train_sampler(cfg, dataset.train)
     train_loader_stage2 = DataLoader(train_set, batch_size=batch, sampler=sampler,
                                      drop_last=drop_last, **_loader_kwargs(cfg, seed_offset=0))
-    train_set_normal = ImageDataset(dataset.train, build_transforms(cfg, False),
-                                    read_retries=retries)
+    train_set_normal = ImageDataset(dataset.train, build_loader_transform(cfg, False), read_retries=retries,
+                                    device_transform=DeviceTransform.from_cfg(cfg, is_train=False))
     train_loader_stage1 = DataLoader(train_set_normal, batch_size=cfg.SOLVER.STAGE1.IMS_PER_BATCH,
                                      shuffle=False, **_loader_kwargs(cfg, seed_offset=1))
     val_loader, num_query = make_val_loader(cfg, dataset)

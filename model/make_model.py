@@ -185,7 +185,11 @@ class SVLLReID(nn.Module):
 
     def _image_features(self, x: torch.Tensor, cv_emb: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(img_feature_last, img_feature, img_feature_proj), each (B, C)."""
+        """(img_feature_last, img_feature, img_feature_proj), each (B, C). Every image entry comes here;
+        uint8 images (a loader's batch not finished by its device transform) are refused."""
+        if x.dtype == torch.uint8:
+            raise TypeError("SVLLReID: got uint8 images; the model takes normalised float images: move loader batches "
+                            "with processor.batches.to_device(batch, device, device_transform_of(loader))")
         last, feat, proj = self.image_encoder(x, cv_emb)
         if self.is_vit:
             return last[:, 0], feat[:, 0], proj[:, 0]

@@ -2,8 +2,9 @@
 
 Shared by ``tools/extract_features.py``, ``tools/search.py`` and the evaluation pictures
 of ``test_svllreid.py``. Features are computed exactly as the evaluation computes them:
-the test transform of ``datasets.transforms.build_transforms(cfg, is_train=False)``, eval
-mode, the same autocast, the camera label for side information when it is known.
+the test transform (``datasets.transforms.build_loader_transform(cfg, is_train=False)`` in the
+workers, ``DeviceTransform`` on the device), eval mode, the same autocast, the camera label
+for side information when it is known.
 """
 from __future__ import annotations
 
@@ -22,16 +23,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from config import ConfigError, is_yes
+from datasets.device_transforms import DeviceTransform
 from datasets.market1501 import parse_market_name
-from datasets.transforms import build_transforms
+from datasets.transforms import build_loader_transform
 from model import load_for_inference
 from model.loading import camera_numbers
 from utils.fileio import atomic_write
 from utils.images import INPUT_EXTENSIONS, list_images, read_image
 from utils.metrics import distance_blocks, pairwise_distance
+from utils.misc import resolve_num_workers
 from utils.reranking import re_ranking
 
 from .amp import autocast
+from .batches import to_device
 from .progress import progress
 
 logger = logging.getLogger("svllreid")
@@ -100,10 +104,13 @@ def list_image_files(root: str) -> list[str]:
 
 
 class _Files(Dataset):
-    """Test-transformed images; an unreadable file gives ``img=None`` and the error."""
+    """Test-transformed uint8 images (``device_transform`` finishes them on the device); an
+    unreadable file gives ``img=None`` and the error."""
 
-    def __init__(self, paths: Sequence[str], transform: Any, retries: int) -> None:
+    def __init__(self, paths: Sequence[str], transform: Any, retries: int,
+                 device_transform: DeviceTransform | None = None) -> None:
         self.paths, self.transform, self.retries = list(paths), transform, retries
+        self.device_transform = device_transform
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -244,10 +251,13 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
             logger.warning("%d image(s) have no camera label (name not PPPP_cC..., no --camera) but the model has "
                            "trained camera side information (SIE): their features are computed without it and "
                            "are less comparable", int(unlabelled.sum()))
-    ds = _Files([os.path.join(root, p) for p in rel], build_transforms(cfg, is_train=False),
-                int(cfg.DATALOADER.READ_RETRIES))
-    loader = DataLoader(ds, batch_size=int(cfg.TEST.IMS_PER_BATCH), shuffle=False,
-                        num_workers=int(cfg.DATALOADER.NUM_WORKERS), collate_fn=_collate)
+    prepare = DeviceTransform.from_cfg(cfg, is_train=False)
+    ds = _Files([os.path.join(root, p) for p in rel], build_loader_transform(cfg, is_train=False),
+                int(cfg.DATALOADER.READ_RETRIES), prepare)
+    workers = resolve_num_workers(cfg.DATALOADER.NUM_WORKERS)
+    loader = DataLoader(ds, batch_size=int(cfg.TEST.IMS_PER_BATCH), shuffle=False, num_workers=workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
     model = model.to(device).eval()
     feats, kept, failed = [], [], []
     for batch in progress(loader, len(loader), f"extracting features ({len(rel)} images)"):
@@ -255,7 +265,8 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
         if batch["img"] is None:
             continue
         idx = batch["i"]
-        feats.append(encode_batch(model, info, batch["img"].to(device), torch.from_numpy(cams[idx.numpy()])).cpu())
+        imgs = to_device({"img": batch["img"]}, device, prepare)["img"]
+        feats.append(encode_batch(model, info, imgs, torch.from_numpy(cams[idx.numpy()])).cpu())
         kept += idx.tolist()
     if not kept:
         raise OSError(f"none of the {len(rel)} images under {root} could be read; first: {failed[0][1]}")

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from config import ConfigError
-from datasets.transforms import TEST_INTERPOLATION, build_transforms
+from datasets.device_transforms import DeviceTransform
+from datasets.transforms import TEST_INTERPOLATION, build_loader_transform
 from model import SVLLReID, load_for_inference
 from model.loading import camera_numbers
 from utils.errors import import_extra
@@ -205,7 +206,7 @@ def verification_batch(cfg: Any, n: int, images: Sequence[str] | None = None, da
     From ``images`` if given, else the first query images of ``dataset``; without either, a
     random normal batch (said so in the returned description, with ``why_not``).
     """
-    transform = build_transforms(cfg, is_train=False)
+    transform = build_loader_transform(cfg, is_train=False)
     ids: dict[str, torch.Tensor] = {}
     if images:
         files = image_paths(images)[:n]
@@ -220,7 +221,8 @@ def verification_batch(cfg: Any, n: int, images: Sequence[str] | None = None, da
         return (torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), {},
                 f"random normal input (no --images, and {cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR} "
                 f"could not be read: {why_not})")
-    return torch.stack([transform(read_image(f)) for f in files]), ids, source
+    uint8 = torch.stack([transform(read_image(f)) for f in files])
+    return DeviceTransform.from_cfg(cfg, is_train=False).image(uint8), ids, source
 
 
 def _torch_features(model: SVLLReID, side: Sequence[str], x: torch.Tensor,

@@ -22,7 +22,7 @@ from utils.dist import average_gradients
 from utils.record import NULL_RECORD, TrainingRecord
 
 from .amp import autocast, make_scaler, optimizer_step
-from .batches import eval_mode, set_loader_epoch, to_device
+from .batches import device_transform_of, eval_mode, set_loader_epoch, to_device
 from .compiled import fixed_batch_encode, log_first_step
 from .inference import do_inference
 from .meters import EpochMeters
@@ -124,6 +124,7 @@ def do_train_stage2(cfg: Any, model: nn.Module, data: Loaders, optimizer: torch.
 
     meters = EpochMeters(2, ("loss", "id", "tri", "i2t", "ssl", "acc"), record)
     results = None
+    prepare = device_transform_of(train_loader)   # uint8 -> normalised float, erasing, on the device
     for epoch in range(start_epoch, c2.MAX_EPOCHS + 1):
         meters.start(epoch)
         with warnings.catch_warnings():   # stepped at epoch start, as published: not a misuse
@@ -133,7 +134,7 @@ def do_train_stage2(cfg: Any, model: nn.Module, data: Loaders, optimizer: torch.
         model.train()
         bar = progress(train_loader, len(train_loader), f"stage2 epoch {epoch}/{c2.MAX_EPOCHS}")
         for it, batch in enumerate(log_first_step(bar, model, "stage-2 step", device), start=1):
-            batch = to_device(batch, device)
+            batch = to_device(batch, device, prepare)
             target = batch["pid"]
             optimizer.zero_grad(set_to_none=True)
             if optimizer_center is not None:

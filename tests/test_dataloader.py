@@ -1,4 +1,5 @@
-"""make_dataloader on a tiny synthetic set: shapes, dtypes, SSL views, order, sampling."""
+"""make_dataloader on a tiny synthetic set: shapes, dtypes (uint8 from the loaders, normalised float
+after the device transform), SSL views, order, sampling, worker settings."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import torch.distributed as dist
 
 from config import load_config
 from datasets import RandomIdentitySampler, RandomIdentitySamplerDDP, ShuffleSampler, build_dataset, make_dataloader
+from processor.batches import device_transform_of, to_device
 from tests.helpers import synthetic_set
 
 H, W = 32, 16
@@ -35,14 +37,17 @@ def test_three_loaders_shapes_and_dtypes(root):
     ds = build_dataset("folder", root)
     assert (num_query, num_classes, cams, views) == (len(ds.query), 6, 3, 1)
 
-    batch = next(iter(s2))
-    assert set(batch) == {"img", "pid", "camid", "viewid", "ssl_view1", "ssl_view2"}
+    raw = next(iter(s2))
+    assert set(raw) == {"img", "pid", "camid", "viewid", "ssl_view1", "ssl_view2"}
+    for key in ("img", "ssl_view1", "ssl_view2"):
+        assert raw[key].shape == (8, 3, H, W) and raw[key].dtype == torch.uint8
+    batch = to_device(raw, torch.device("cpu"), device_transform_of(s2))
     for key in ("img", "ssl_view1", "ssl_view2"):
         assert batch[key].shape == (8, 3, H, W) and batch[key].dtype == torch.float32
     for key in ("pid", "camid", "viewid"):
         assert batch[key].dtype == torch.int64 and batch[key].shape == (8,)
     assert sorted(torch.bincount(batch["pid"]).tolist())[-4:] == [2, 2, 2, 2]
-    # SSL views are independent draws: they differ from the image and from each other
+    # SSL views are independent draws (erased with RE_PROB 1): they differ from the image and from each other
     for i in range(8):
         assert not torch.equal(batch["ssl_view1"][i], batch["img"][i])
         assert not torch.equal(batch["ssl_view1"][i], batch["ssl_view2"][i])
@@ -68,7 +73,8 @@ def test_test_transform_is_deterministic(root):
     cfg = make_cfg(root, "MODEL.USE_SSL", "False")
     _, s1, val, *_ = make_dataloader(cfg)
     a, b = next(iter(val)), next(iter(val))
-    assert torch.equal(a["img"], b["img"])
+    assert a["img"].dtype == torch.uint8 and torch.equal(a["img"], b["img"])
+    a = to_device(a, torch.device("cpu"), device_transform_of(val))
     mean = a["img"].mean().item()
     assert -1.0 <= mean <= 1.0 and a["img"].min() >= -1.0 - 1e-6 and a["img"].max() <= 1.0 + 1e-6
 
@@ -132,3 +138,22 @@ def test_missing_root_is_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="expected layout"):
         make_dataloader(cfg)
     assert not os.path.exists(tmp_path / "nothing")
+
+
+def test_worker_settings(root, monkeypatch):
+    """Workers from the cores when NUM_WORKERS is -1; the training loader is re-seeded per epoch
+    (not persistent), the deterministic validation loader keeps its workers; prefetching."""
+    from utils import misc
+    monkeypatch.setattr(misc, "available_cores", lambda: 3)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = make_cfg(root, "MODEL.USE_SSL", "False", "DATALOADER.NUM_WORKERS", "-1")
+    s2, s1, val, *_ = make_dataloader(cfg)
+    assert s2.num_workers == s1.num_workers == val.num_workers == 2        # min(8, 3 - 1)
+    assert not s2.persistent_workers and not s1.persistent_workers and val.persistent_workers
+    assert s2.prefetch_factor == 4
+    assert s2.pin_memory == torch.cuda.is_available()
+    monkeypatch.setattr(misc, "available_cores", lambda: 64)
+    assert misc.resolve_num_workers(-1) == 8 and misc.resolve_num_workers(-1, 16) == 3
+    assert misc.resolve_num_workers(5) == 5
+    monkeypatch.setitem(os.environ, "LOCAL_WORLD_SIZE", "32")
+    assert misc.resolve_num_workers(-1) == 1

@@ -199,7 +199,7 @@ def test_one_identity_per_batch_is_refused(capsys):
     ("SOLVER.STAGE1.MAX_EPOCHS", "0"), ("SOLVER.STAGE2.MAX_EPOCHS", "0"),
     ("SOLVER.STAGE1.LOG_PERIOD", "0"), ("SOLVER.STAGE1.CHECKPOINT_PERIOD", "0"),
     ("SOLVER.STAGE2.LOG_PERIOD", "0"), ("SOLVER.STAGE2.CHECKPOINT_PERIOD", "0"),
-    ("SOLVER.STAGE2.EVAL_PERIOD", "0"), ("DATALOADER.NUM_WORKERS", "-1"),
+    ("SOLVER.STAGE2.EVAL_PERIOD", "0"), ("DATALOADER.NUM_WORKERS", "-2"), ("INPUT.PADDING", "-1"),
     ("SOLVER.STAGE1.BASE_LR", "0.0"), ("SOLVER.STAGE2.BASE_LR", "-0.0001"), ("DATALOADER.NUM_INSTANCE", "0"),
 ])
 def test_bad_values_fail_at_load(key, value, tmp_path, capsys):

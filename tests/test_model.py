@@ -219,6 +219,7 @@ def test_evaluation_features_are_retrieval_features(tiny_root):
     """processor.extract_features (what evaluation ranks) == retrieval_features with the labels."""
     from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
     from processor import extract_features
+    from processor.batches import device_transform_of, to_device
     cfg = tiny_cfg("DATASETS.ROOT_DIR", tiny_root, "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
                    "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "5")
     torch.manual_seed(0)
@@ -228,6 +229,7 @@ def test_evaluation_features_are_retrieval_features(tiny_root):
     feats, pids, camids = extract_features(cfg, m, loader, torch.device("cpu"))
     m.eval()
     with torch.no_grad():
-        direct = torch.cat([m.retrieval_features(b["img"], b["camid"], b["viewid"]) for b in loader])
+        batches = [to_device(b, torch.device("cpu"), device_transform_of(loader)) for b in loader]
+        direct = torch.cat([m.retrieval_features(b["img"], b["camid"], b["viewid"]) for b in batches])
     assert torch.allclose(feats, direct, atol=1e-6)
     assert torch.equal(camids, torch.tensor([s[2] for s in dataset.query + dataset.gallery]))

@@ -193,9 +193,11 @@ def test_test_and_stage1_transforms_resize_bilinearly(tiny_root, tmp_path):
     cfg = tiny_cfg(tiny_root, tmp_path, "INPUT.SIZE_TEST", "[96, 40]")
     data = make_dataloader(cfg)
     mean, std, size = cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD, list(cfg.INPUT.SIZE_TEST)
+    def loader_path(ds):      # the loader's uint8 CPU half, then its device half (on the CPU here)
+        return lambda img: ds.device_transform.image(ds.transform(img)[None])[0]
     transforms = {"test": build_transforms(cfg, is_train=False),
-                  "stage-1 cache": data.train_stage1.dataset.transform,
-                  "evaluation": data.val.dataset.transform}
+                  "stage-1 cache": loader_path(data.train_stage1.dataset),
+                  "evaluation": loader_path(data.val.dataset)}
     images = [_photo_like(256, 128, 0), _photo_like(180, 70, 1),
               Image.open(data.train_stage1.dataset.samples[0][0]).convert("RGB")]
     for img in images:

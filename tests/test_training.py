@@ -257,6 +257,7 @@ def _direct_results(train_cfg, weight, root, use_sie):
     """mAP/CMC of the checkpoint on ``root`` computed without the test script or the loader:
     the training-time model, loaded strictly, features from the image encoder by hand."""
     from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
+    from processor.batches import device_transform_of, to_device
     from processor.inference import evaluate_features
     cfg = load_config(DEMO, ["DATASETS.ROOT_DIR", root, "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
                              "DATALOADER.NUM_WORKERS", "0"])
@@ -268,6 +269,7 @@ def _direct_results(train_cfg, weight, root, use_sie):
     feats, pids, camids = [], [], []
     with torch.no_grad():
         for b in loader:
+            b = to_device(b, torch.device("cpu"), device_transform_of(loader))
             cv = model.sie_coe * model.cv_embed[b["camid"]] if use_sie else None
             _, f, p = model._image_features(b["img"], cv)
             feats.append(torch.cat([f, p], 1))

@@ -55,16 +55,45 @@ def select_gpus(device_id: str, cuda_wanted: bool = True) -> str | None:
     return device_id
 
 
+AUTO_WORKERS = -1        # DATALOADER.NUM_WORKERS: choose from the cores present
+MAX_AUTO_WORKERS = 8
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:    # not on every OS
+        return os.cpu_count() or 1
+
+
+def local_processes() -> int:
+    """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without it)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def resolve_num_workers(num_workers: int, procs_per_machine: int | None = None) -> int:
+    """``DATALOADER.NUM_WORKERS`` as a count: itself when >= 0; -1 (auto) gives
+    min(8, cores per local process - 1), leaving one core to the process that drives the device."""
+    n = int(num_workers)
+    if n != AUTO_WORKERS:
+        return n
+    procs = local_processes() if procs_per_machine is None else max(1, procs_per_machine)
+    return max(0, min(MAX_AUTO_WORKERS, available_cores() // procs - 1))
+
+
 def set_cpu_threads(num_workers: int, procs_per_machine: int = 1) -> int | None:
     """Give torch the cores that loader workers and sibling processes leave free (CPU runs).
 
     OpenMP threads that outnumber free cores spin at every barrier and make small models
     many times slower, so intra-op threads = cores / processes - workers (at least 1).
-    An explicit OMP_NUM_THREADS wins. Returns the number set, or None.
+    ``num_workers`` -1 is resolved (:func:`resolve_num_workers`). An explicit OMP_NUM_THREADS
+    wins. Returns the number set, or None.
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    n = max(1, (os.cpu_count() or 1) // max(1, procs_per_machine) - int(num_workers))
+    workers = resolve_num_workers(num_workers, procs_per_machine)
+    n = max(1, (os.cpu_count() or 1) // max(1, procs_per_machine) - workers)
     torch.set_num_threads(n)
     return n
 
