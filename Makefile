@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/onnx_runtime.py
 	$(PY) bench/loader.py
 	$(PY) bench/retrieval.py
+	$(PY) bench/train_step.py
 
 # Only what `make demo`, `make data` and `make test` create: training runs of your own under
 # output/ (e.g. output/market) are never touched.

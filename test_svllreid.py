@@ -35,6 +35,7 @@ from config import ConfigError, load_config
 from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
 from model import load_for_inference
 from processor import evaluate_loader
+from processor.compiled import compile_model
 from processor.folder_inference import visualize_evaluation
 from utils import cli
 from utils.logger import setup_logger
@@ -106,6 +107,8 @@ def _evaluate(cfg: Any, out: str, moved: str | None) -> dict[str, Any]:
     dataset = build_dataset_from_cfg(cfg, trial=0, test_only=True)
     model, info = load_for_inference(cfg, dataset)
     model.to(device)
+    if cfg.SOLVER.COMPILE:
+        compile_model(model, device)
 
     n_trials = cfg.DATASETS.VEHICLEID_TRIALS if cfg.DATASETS.NAMES == "VehicleID" else 1
     trials, first = [], None

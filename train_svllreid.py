@@ -34,6 +34,7 @@ from datasets.make_dataloader import build_dataset_from_cfg
 from loss import make_loss, make_ssl_loss
 from model import make_model
 from processor import Stage2Criteria, do_inference, do_train_stage1, do_train_stage2
+from processor.compiled import compile_model
 from processor.position import POSITION
 from processor.train_state import load_train_state
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
@@ -144,6 +145,8 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
             model.sync_ssl_batchnorm()
         else:
             logger.warning("MODEL.SSL_SYNC_BN: SyncBatchNorm needs CUDA; keeping per-process BatchNorm on the CPU")
+    if cfg.SOLVER.COMPILE:   # in place, before any DDP wrapper (processor/compiled.py)
+        compile_model(model, device)
 
     out: dict[str, Any] = {}
     if evaluate_untrained:

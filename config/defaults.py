@@ -89,6 +89,9 @@ _C.DATALOADER.READ_RETRIES = 3          # bounded retries for an unreadable imag
 _C.SOLVER = CN()
 _C.SOLVER.SEED = 1234
 _C.SOLVER.MARGIN = 0.3
+# torch.compile of the model for training and evaluation (processor/compiled.py, docs/speed.md):
+# faster steps after a first compiled step of about a minute per kind of step on a GPU.
+_C.SOLVER.COMPILE = False
 
 _C.SOLVER.STAGE1 = CN()
 _C.SOLVER.STAGE1.IMS_PER_BATCH = 64

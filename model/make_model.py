@@ -30,6 +30,15 @@ logger = logging.getLogger("svllreid")
 FORWARD_MODES = (None, "stage1", "stage2", "image_proj", "text")   # None: training outputs or retrieval feature
 
 
+@torch.compiler.disable
+def unique_labels(label: torch.Tensor) -> torch.Tensor:
+    """``torch.unique(label)``, run eagerly under ``torch.compile`` (its size depends on the values),
+    with that size marked dynamic: one compiled graph then serves every number of identities."""
+    labels = torch.unique(label)
+    torch._dynamo.maybe_mark_dynamic(labels, 0)
+    return labels
+
+
 # ----------------------------------------------------------------------------- the model
 @dataclass(frozen=True)
 class SVLLReIDOptions:
@@ -204,7 +213,7 @@ class SVLLReID(nn.Module):
 
     def _ssl_text(self, label: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Language SSL: two augmented copies of each unique label's prompt, encoded and projected."""
-        labels = torch.unique(label)
+        labels = unique_labels(label)
         if labels.numel() < 2:     # BatchNorm in the MLP and SimCLR negatives need >= 2 prompts
             return None
         prompts = self.prompt_learner(labels)

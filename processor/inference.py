@@ -16,6 +16,7 @@ from utils.metrics import QueryCounts, R1_mAP_eval
 from utils.run_dir import RunError
 
 from .batches import encode_loader
+from .compiled import fixed_batch_encode
 
 logger = logging.getLogger("svllreid")
 
@@ -24,12 +25,19 @@ def extract_features(cfg: Any, model: nn.Module, loader: DataLoader, device: tor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Retrieval features (eval mode) with pids and camids, in loader order (sharded under DDP).
 
-    Every feature comes from ``model.retrieval_features`` with the camera and view labels; the
-    model applies its SIE table or not (``sie_at_test``, see ``model.loading.decide_use_sie``).
+    Every feature comes from ``model.retrieval_features`` with the camera and view labels
+    (:func:`encode_retrieval`); the model applies its SIE table or not (``sie_at_test``, see
+    ``model.loading.decide_use_sie``). A compiled model (SOLVER.COMPILE) runs its last partial
+    batch padded to the full size (:func:`processor.compiled.fixed_batch_encode`).
     """
-    def encode(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return net.retrieval_features(batch["img"], cam_label=batch["camid"], view_label=batch["viewid"])
+    encode = fixed_batch_encode(encode_retrieval, model, loader.batch_size, "evaluation batch")
     return encode_loader(model, loader, device, encode, "extracting features")
+
+
+def encode_retrieval(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The retrieval features of a batch (eval mode): ``net.retrieval_features`` with the batch's
+    camera and view labels, called through ``forward`` so that a compiled model runs compiled."""
+    return net(batch["img"], cam_label=batch["camid"], view_label=batch["viewid"])
 
 
 def check_finite_features(feats: torch.Tensor | np.ndarray, what: str,

@@ -20,6 +20,7 @@ from utils.record import NULL_RECORD, TrainingRecord
 
 from .amp import autocast, make_scaler, optimizer_step
 from .batches import encode_loader
+from .compiled import fixed_batch_encode, log_first_step
 from .meters import EpochMeters
 from .position import check_finite_loss
 from .progress import progress
@@ -34,18 +35,40 @@ def cache_image_features(model: nn.Module, loader: DataLoader, device: torch.dev
 
     Eval mode (BatchNorm running statistics, see docs/fixes.md), no grad, sharded under DDP.
     """
-    feats, labels, _ = encode_loader(model, loader, device, lambda net, b: net(b["img"], mode="image_proj"),
-                                     "stage1: caching image features")
+    encode = fixed_batch_encode(lambda net, b: net(b["img"], mode="image_proj"), model, loader.batch_size,
+                                "stage-1 feature-caching batch")
+    feats, labels, _ = encode_loader(model, loader, device, encode, "stage1: caching image features")
     return feats, labels
 
 
-def _set_stage1_modes(model: nn.Module) -> None:
+def set_stage1_modes(model: nn.Module) -> None:
     """Encoders in eval mode; the prompt learner and text SSL head train (BN batch statistics)."""
     model.eval()
     core = unwrap(model)
     core.prompt_learner.train()
     if getattr(core, "text_mlp", None) is not None:
         core.text_mlp.train()
+
+
+def stage1_forward_loss(model: nn.Module, image_features: torch.Tensor, target: torch.Tensor, supcon: nn.Module,
+                        simclr: nn.Module, ssl_weight: float, device: torch.device
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One stage-1 forward: (total loss, unweighted parts).
+
+    SupCon(i->t) + SupCon(t->i) between the cached ``image_features`` and the text features of
+    the ``target`` prompts (the model under autocast, the losses in float32), plus
+    ``ssl_weight`` x SimCLR of the augmented prompts when the model gives them.
+    """
+    with autocast(device):
+        out = model(label=target, mode="stage1")
+    text_f = out["text_features"].float()
+    parts = {"i2t": supcon(image_features, text_f, target, target),
+             "t2i": supcon(text_f, image_features, target, target)}
+    loss = parts["i2t"] + parts["t2i"]
+    if ssl_weight and out["ssl"] is not None:
+        parts["ssl"] = simclr(out["ssl"])
+        loss = loss + ssl_weight * parts["ssl"]
+    return loss, parts
 
 
 def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
@@ -74,22 +97,15 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
     for epoch in range(start_epoch, c1.MAX_EPOCHS + 1):
         meters.start(epoch)
         scheduler.step(epoch)
-        _set_stage1_modes(model)
+        set_stage1_modes(model)
         # the epoch's order from (seed, epoch): identical on every rank and on resume
         gen = torch.Generator().manual_seed(epoch_seed(cfg.SOLVER.SEED, epoch))
         order = torch.randperm(num_image, generator=gen).to(device)
         bar = progress(order.split(batch_size), num_batches, f"stage1 epoch {epoch}/{c1.MAX_EPOCHS}")
-        for it, idx in enumerate(bar, start=1):
+        for it, idx in enumerate(log_first_step(bar, model, "stage-1 step", device), start=1):
             target, img_f = labels[idx], image_features[idx]
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
-                out = model(label=target, mode="stage1")
-            text_f = out["text_features"].float()
-            parts = {"i2t": supcon(img_f, text_f, target, target), "t2i": supcon(text_f, img_f, target, target)}
-            loss = parts["i2t"] + parts["t2i"]
-            if ssl_weight and out["ssl"] is not None:
-                parts["ssl"] = simclr(out["ssl"])
-                loss = loss + ssl_weight * parts["ssl"]
+            loss, parts = stage1_forward_loss(model, img_f, target, supcon, simclr, ssl_weight, device)
             values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
             check_finite_loss(values, 1, epoch, it)
             optimizer_step(scaler, loss, optimizer)

@@ -23,6 +23,7 @@ from utils.record import NULL_RECORD, TrainingRecord
 
 from .amp import autocast, make_scaler, optimizer_step
 from .batches import device_transform_of, eval_mode, set_loader_epoch, to_device
+from .compiled import fixed_batch_encode, log_first_step
 from .inference import do_inference
 from .meters import EpochMeters
 from .position import check_finite_loss
@@ -36,11 +37,13 @@ logger = logging.getLogger("svllreid")
 def compute_text_features(model: nn.Module, num_classes: int, batch_size: int, device: torch.device
                           ) -> torch.Tensor:
     """Text features of every identity's prompt (frozen in stage 2), (num_classes, proj_dim)."""
+    encode = fixed_batch_encode(lambda net, b: net(label=b["label"], mode="text"), model, batch_size,
+                                "stage-2 text-feature batch")
     with eval_mode(model) as net:
         feats = []
         for labels in torch.arange(num_classes, device=device).split(batch_size):
             with autocast(device):
-                feats.append(net(label=labels, mode="text").float())
+                feats.append(encode(net, {"label": labels}).float())
     return torch.cat(feats)
 
 
@@ -130,7 +133,7 @@ def do_train_stage2(cfg: Any, model: nn.Module, data: Loaders, optimizer: torch.
         set_loader_epoch(train_loader, cfg.SOLVER.SEED, epoch)
         model.train()
         bar = progress(train_loader, len(train_loader), f"stage2 epoch {epoch}/{c2.MAX_EPOCHS}")
-        for it, batch in enumerate(bar, start=1):
+        for it, batch in enumerate(log_first_step(bar, model, "stage-2 step", device), start=1):
             batch = to_device(batch, device, prepare)
             target = batch["pid"]
             optimizer.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ from datasets import make_dataloader
 from datasets.transforms import build_ssl_transform, build_transforms
 from loss import SimCLRLoss, SupConLoss
 from model import make_model
-from processor.processor_stage1 import _set_stage1_modes
+from processor.processor_stage1 import set_stage1_modes
 from solver import make_optimizer_1stage
 from tests.helpers import tiny_cfg
 from utils.misc import set_seed
@@ -85,7 +85,7 @@ def test_text_ssl_head_sees_each_view_alone(tiny_root, tmp_path, monkeypatch):
 
     # ours: the model's stage-1 forward, the stage-1 losses, one optimiser step
     monkeypatch.setattr(make_model_mod, "augment_prompts", FixedMasks(masks))
-    _set_stage1_modes(model)
+    set_stage1_modes(model)
     opt = make_optimizer_1stage(cfg, model)
     out = model(label=labels, mode="stage1")
     supcon, simclr = SupConLoss(), SimCLRLoss(temperature=t, gather=False)
@@ -98,7 +98,7 @@ def test_text_ssl_head_sees_each_view_alone(tiny_root, tmp_path, monkeypatch):
     opt.step()
 
     # the published computation on an identical copy
-    _set_stage1_modes(reference)
+    set_stage1_modes(reference)
     ref_opt = make_optimizer_1stage(cfg, reference)
     ref_loss, ref_ssl = _reference_stage1_step(reference, labels, img_f, masks, w, t)
     ref_opt.zero_grad()
