@@ -191,6 +191,7 @@ def test_counting_path_with_ties_junk_and_distractors(scratch, counted_calls, mo
     """Integer distances: nearly every true match ties with other entries (negatives, junk,
     other true matches), before and after it in gallery order; infinite distances too."""
     monkeypatch.setattr(metrics, "SELECT_SCRATCH_ELEMS", scratch)
+    monkeypatch.setattr(metrics, "COUNT_SCRATCH_ELEMS", scratch)
     rng = np.random.default_rng(11)
     nq, ng = 50, 300
     dist = rng.integers(0, 6, size=(nq, ng)).astype(np.float32)

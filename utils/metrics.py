@@ -53,6 +53,10 @@ __all__ = [
 DEFAULT_BLOCK_ELEMS = 1 << 24
 # Float scratch of the selection pass (elements): 4 MB of float32, the L2 of the two cores.
 SELECT_SCRATCH_ELEMS = 1 << 20
+# Float scratch of the counting path (elements): 16 MB of float32, half the L3. Each comparison
+# covers several rows x all their true matches x the gallery at once: few large kernels, so the
+# cost does not depend on how fast idle OpenMP threads wake up (OMP_WAIT_POLICY=PASSIVE).
+COUNT_SCRATCH_ELEMS = 1 << 22
 # Above this fraction of in-band entries a block sorts whole rows (parallel over rows)
 # instead of a flat list of band entries.
 DENSE_BAND_FRACTION = 1 / 16
@@ -394,17 +398,19 @@ def _exclusive_in_row(flags: torch.Tensor, row_start: torch.Tensor) -> torch.Ten
     return before - before[row_start]
 
 
-def _ranked_matches_counted(dist: torch.Tensor, pr: torch.Tensor, pc: torch.Tensor, is_junk: torch.Tensor,
-                            scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranked_matches_counted(dist: torch.Tensor, pr: torch.Tensor, pc: torch.Tensor, is_junk: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and 1-based ranks (among kept entries) of the true matches, in ranked order, by counting.
 
     For wide bands (weak models, occlusion, cross-domain: the farthest true match lies deep
     in the row): the rank of true match j with distance p is 1 + #{d_k < p} + #{k < j:
-    d_k = p} - #{removed k ordered before j}. The first term is one vectorised compare-and-sum
-    pass over the row per true match, on a few rows at a time held in the cache-sized
-    ``scratch``; a second pass with ``<=`` finds the true matches that have an exact tie, and
-    only for those the entries equal to p before column j are counted. The removed entries
-    (same pid and camera) are few and counted from the sorted same-pid pairs.
+    d_k = p} - #{removed k ordered before j}. The first term is counted for all true matches
+    of a few rows at once: one broadcast comparison (rows x matches x gallery) into a scratch
+    of COUNT_SCRATCH_ELEMS, summed over the gallery; a second one with ``<=`` finds the true
+    matches that have an exact tie, and only for those the entries equal to p before column j
+    are counted. Rows are taken in decreasing number of true matches, so the rows of one
+    comparison have about as many. The removed entries (same pid and camera) are few and
+    counted from the sorted same-pid pairs.
     ``pr``/``pc``: the (row, column) of every same-pid entry, row-major; ``is_junk``: removed.
     """
     B, G = dist.shape
@@ -422,33 +428,33 @@ def _ranked_matches_counted(dist: torch.Tensor, pr: torch.Tensor, pc: torch.Tens
     width = int(m.max()) if B else 0
     # sums of 0/1 values: exact in float32 below 2^24 columns, float64 otherwise
     acc = torch.float32 if dist.dtype == torch.float32 and G < (1 << 24) else torch.float64
-    # rows with the most true matches first, so that each chunk of rows needs about as many
-    # passes as its rows have true matches (rows with fewer are left out of the later passes)
     by_m = torch.argsort(m, descending=True, stable=True)
     m_sorted = m[by_m].tolist()
     place = torch.argsort(by_m)[rows]  # each true match's row, as its place in by_m
-    thr = torch.zeros((width, B), dtype=dist.dtype, device=dev)
-    thr[slot, place] = vals
-    lt = torch.zeros((width, B), dtype=acc, device=dev)
-    le = torch.zeros((width, B), dtype=acc, device=dev)
-    step = max(1, scratch.numel() // max(1, 2 * G))
-    held, cmp = scratch[: step * G].view(step, G), scratch[step * G: 2 * step * G].view(step, G)
-    for s in range(0, B, step):
-        e = min(s + step, B)
-        if m_sorted[s] == 0:
-            break
-        torch.index_select(dist, 0, by_m[s:e], out=held[: e - s])
-        for i in range(m_sorted[s]):
-            k = s + sum(1 for v in m_sorted[s:e] if v > i)  # rows s..k-1 have a match in slot i
-            t = thr[i, s:k].unsqueeze(1)
-            torch.lt(held[: k - s], t, out=cmp[: k - s])
-            torch.sum(cmp[: k - s], 1, dtype=acc, out=lt[i, s:k])
-            torch.le(held[: k - s], t, out=cmp[: k - s])
-            torch.sum(cmp[: k - s], 1, dtype=acc, out=le[i, s:k])
-    n_less = lt[slot, place].long()
-    ties = ((le[slot, place] - lt[slot, place]) > 1).nonzero().squeeze(1)  # equal to another entry
+    thr = torch.zeros((B, width), dtype=dist.dtype, device=dev)   # unused slots compare with 0, never read
+    thr[place, slot] = vals
+    lt = torch.zeros((B, width), dtype=acc, device=dev)
+    le = torch.zeros((B, width), dtype=acc, device=dev)
+    scratch = dist.new_empty(max(COUNT_SCRATCH_ELEMS, width * G))
+    held_rows = max(1, min(B, COUNT_SCRATCH_ELEMS // max(1, G)))
+    held_buf = dist.new_empty((held_rows, G))
+    s = 0
+    while s < B and m_sorted[s] > 0:
+        w = m_sorted[s]  # the most true matches of these rows
+        e = min(B, s + max(1, min(held_rows, scratch.numel() // (w * G))))
+        held = torch.index_select(dist, 0, by_m[s:e], out=held_buf[: e - s]).unsqueeze(1)
+        t = thr[s:e, :w].unsqueeze(2)
+        cmp = scratch[: (e - s) * w * G].view(e - s, w, G)
+        torch.lt(held, t, out=cmp)
+        torch.sum(cmp, 2, dtype=acc, out=lt[s:e, :w])
+        torch.le(held, t, out=cmp)
+        torch.sum(cmp, 2, dtype=acc, out=le[s:e, :w])
+        s = e
+    n_less = lt[place, slot].long()
+    ties = ((le[place, slot] - lt[place, slot]) > 1).nonzero().squeeze(1)  # equal to another entry
     tied_before = torch.zeros_like(n_less)
     col_idx = torch.arange(G, device=dev)
+    step = max(1, scratch.numel() // max(1, 2 * G))
     for s in range(0, ties.numel(), step):
         t = ties[s:s + step]
         same = dist.index_select(0, rows[t]) == vals[t].unsqueeze(1)
@@ -523,7 +529,7 @@ def _block_stats(
         buffers = _select_buffers(B, G, dist.dtype, dev)
     if (_selected_fraction_estimate(dist, hi, buffers[0]) > DENSE_BAND_FRACTION
             or _select_mask(dist, hi, buffers) > DENSE_BAND_FRACTION * flat.numel()):
-        g_rows, rank = _ranked_matches_counted(dist, pr, pc, is_junk, buffers[0])
+        g_rows, rank = _ranked_matches_counted(dist, pr, pc, is_junk)
     else:
         g_rows, rank = _ranked_matches_listed(dist, buffers[1], pair_pos, is_junk, lo)
     hit_no = torch.arange(g_rows.numel(), device=dev) - (torch.cumsum(n_good, 0) - n_good)[g_rows] + 1
