@@ -21,8 +21,8 @@ from utils.errors import UserError
 from .folder_inference import FeatureSet
 
 __all__ = ["PART_RE", "SHARD_KEY", "part_name", "parse_part_name", "scan_parts", "part_paths", "model_meta",
-           "meta_difference", "concat", "load_features", "shard_bounds", "list_digest", "shard_meta", "part_problem",
-           "merge_parts"]
+           "meta_difference", "concat", "read_feature_sets", "load_features", "shard_bounds", "list_digest",
+           "shard_meta", "part_problem", "merge_parts"]
 
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.npz$")
 # The meta key of a part that says which share of the image list it holds; not part of the model's meta.
@@ -150,13 +150,11 @@ def _check_parts(directory: str, paths: Sequence[str], sets: Sequence[FeatureSet
                             f"{first[1].get(diff)!r} vs {common.get(diff)!r}); write {directory} again")
 
 
-def load_features(paths: Sequence[str]) -> FeatureSet:
-    """One :class:`FeatureSet` of several feature files, in the order given.
-
-    Each path is a ``.npz`` of ``tools/extract_features.py`` or a folder of parts (all the parts
-    of one world size, concatenated in rank order). Every input must have the same feature width
-    and model meta (:func:`meta_difference`); refusals are one line naming the two files.
-    """
+def read_feature_sets(paths: Sequence[str], mmap: bool = False) -> tuple[list[FeatureSet], list[str]]:
+    """The feature sets of ``paths`` (``.npz`` files and folders of parts, in the order given, the
+    parts of a folder in rank order) with the file each came from, checked: complete part folders,
+    the same feature width and model meta everywhere (:func:`meta_difference`); refusals are one
+    line naming the two files. ``mmap``: the features stay on disk (memory-mapped)."""
     if not paths:
         raise UserError("no feature files given")
     sets: list[FeatureSet] = []
@@ -164,12 +162,12 @@ def load_features(paths: Sequence[str]) -> FeatureSet:
     for p in paths:
         if os.path.isdir(p):
             files = part_paths(p)
-            part_sets = [FeatureSet.load(f, allow_empty=True) for f in files]
+            part_sets = [FeatureSet.load(f, allow_empty=True, mmap=mmap) for f in files]
             _check_parts(p, files, part_sets)
             sets += part_sets
             names += files
         else:
-            sets.append(FeatureSet.load(p, allow_empty=True))
+            sets.append(FeatureSet.load(p, allow_empty=True, mmap=mmap))
             names.append(p)
     ref, ref_name = sets[0], names[0]
     for fs, name in zip(sets[1:], names[1:]):
@@ -180,6 +178,17 @@ def load_features(paths: Sequence[str]) -> FeatureSet:
         if diff is not None:
             raise UserError(f"{ref_name} and {name} were extracted differently ({diff}): their features are "
                             "not comparable")
+    return sets, names
+
+
+def load_features(paths: Sequence[str]) -> FeatureSet:
+    """One :class:`FeatureSet` of several feature files, in the order given.
+
+    Each path is a ``.npz`` of ``tools/extract_features.py`` or a folder of parts (all the parts
+    of one world size, concatenated in rank order). Every input must have the same feature width
+    and model meta (:func:`read_feature_sets`); an empty result is refused.
+    """
+    sets, _ = read_feature_sets(paths)
     out = concat(sets)
     if len(out.paths) == 0:
         shown = ", ".join(paths[:4]) + (" ..." if len(paths) > 4 else "")

@@ -39,7 +39,7 @@ import numpy as np
 from config import ConfigError, load_config
 from datasets.market1501 import is_junk_name
 from processor import gallery_index as gx
-from processor.feature_parts import _check_parts, meta_difference, model_meta, part_paths
+from processor.feature_parts import model_meta, read_feature_sets
 from processor.folder_inference import FeatureSet
 from utils import cli
 from utils.checkpoint import file_sha256, read_metadata
@@ -76,29 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- the features
 def read_sets(paths: Sequence[str]) -> tuple[list[FeatureSet], list[str]]:
-    """The feature sets of ``paths`` (files, folders of parts), their features memory-mapped, with
-    the checks of ``processor.feature_parts.load_features``: complete parts, equal widths and meta."""
-    sets: list[FeatureSet] = []
-    names: list[str] = []
-    for p in paths:
-        if os.path.isdir(p):
-            files = part_paths(p)
-            part_sets = [FeatureSet.load(f, allow_empty=True, mmap=True) for f in files]
-            _check_parts(p, files, part_sets)
-            sets += part_sets
-            names += files
-        else:
-            sets.append(FeatureSet.load(p, allow_empty=True, mmap=True))
-            names.append(p)
-    ref, ref_name = sets[0], names[0]
-    for fs, name in zip(sets[1:], names[1:]):
-        if fs.features.shape[1] != ref.features.shape[1]:
-            raise UserError(f"{ref_name} and {name} have features of different widths "
-                            f"({ref.features.shape[1]} vs {fs.features.shape[1]}): they come from different models")
-        diff = meta_difference(ref.meta, fs.meta)
-        if diff is not None:
-            raise UserError(f"{ref_name} and {name} were extracted differently ({diff}): their features are "
-                            "not comparable")
+    """The feature sets of ``paths`` (files, folders of parts), their features memory-mapped, checked
+    as ``processor.feature_parts.load_features`` checks them; a set without a root gets its file's folder."""
+    sets, names = read_feature_sets(paths, mmap=True)
     for fs, name in zip(sets, names):
         if not fs.root:
             fs.root = os.path.dirname(os.path.abspath(name))
