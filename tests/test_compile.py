@@ -348,27 +348,30 @@ def test_ddp_over_a_compiled_model_equals_one_eager_process(tiny_root, tmp_path)
 # ----------------------------------------------------------------------------- the bench
 @pytest.mark.slow
 def test_train_step_bench_runs_on_cpu_and_prints_every_row(tmp_path):
-    """bench/train_step.py on the CPU (tiny ViT, eager and compiled): every row is measured and printed."""
+    """bench/train_step.py on the CPU (tiny ViT, ``--no-compile``): every eager row is measured and printed.
+
+    The compiled rows run the same code through ``compile_model``, whose steps the tests above
+    compare with eager; compiling them again here would cost minutes on a cold inductor cache."""
     import json
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, SVLLREID_NO_TQDM="1")
     proc = subprocess.run([sys.executable, os.path.join(root, "bench", "train_step.py"), "--device", "cpu",
-                           "--models", "vit", "--json", str(tmp_path / "rows.json")],
+                           "--models", "vit", "--no-compile", "--json", str(tmp_path / "rows.json")],
                           cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     measured = {(r["row"], r["variant"]) for r in rows if r["per_s"] and r["per_s"] > 0}
     for row in ("stage-1 step", "stage-2 step", "inference", "stage-2 epoch", "feature extraction"):
-        for variant in ("eager", "compiled"):
-            assert (row, variant) in measured, (row, variant)
+        assert (row, "eager") in measured and (row, "compiled") not in measured, row
     assert {("loader alone", "per worker, test"), ("loader alone", "per worker, stage2")} <= measured
-    steps = [r for r in rows if r["row"] in ("stage-1 step", "stage-2 step", "inference")]
+    steps = [r for r in rows if r["row"] in ("stage-1 step", "stage-2 step", "inference") and r["variant"] == "eager"]
     assert all(r["gflop_per_sample"] > 0 and r["peak_mib"] is not None for r in steps)
-    assert all(r["ratio"] > 0 for r in rows if r["row"] in ("stage-2 epoch", "feature extraction"))
+    assert all(r["ratio"] > 0 for r in rows if r["row"] in ("stage-2 epoch", "feature extraction")
+               and r["variant"] == "eager")
     out = proc.stdout
-    for line in ("| ViT-B-16 | stage-1 step | eager |", "| ViT-B-16 | stage-2 step | compiled |",
-                 "| ViT-B-16 | inference | compiled |", "| - | loader alone | per worker, stage2 |",
-                 "| ViT-B-16 | stage-2 epoch | compiled |", "| ViT-B-16 | feature extraction | eager |"):
+    for line in ("| ViT-B-16 | stage-1 step | eager |", "| ViT-B-16 | stage-2 step | eager |",
+                 "| ViT-B-16 | inference | eager |", "| - | loader alone | per worker, stage2 |",
+                 "| ViT-B-16 | stage-2 epoch | eager |", "| ViT-B-16 | feature extraction | eager |"):
         assert line in out, line
     assert "peak unknown" in out and "0 row(s) failed" in out
