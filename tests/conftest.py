@@ -47,6 +47,32 @@ def finished_run(tiny_root: str, tmp_path_factory: pytest.TempPathFactory) -> An
     return out
 
 
+@pytest.fixture(scope="module")
+def weight(tiny_root: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random-weights checkpoint of the tiny demo model (8 identities, 2 cameras): no training needed."""
+    import torch
+
+    from config import load_config
+    from model import make_model
+    from tests.helpers import DEMO, TOOL_SIZE
+    cfg = load_config(DEMO, ["DATASETS.ROOT_DIR", tiny_root, *TOOL_SIZE])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    torch.save(make_model(cfg, num_class=8, camera_num=2, view_num=1).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gallery_npz(tiny_root: str, weight: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Features of the tiny gallery (junk included) written by tools/extract_features.py with :func:`weight`."""
+    from tests.helpers import DEMO, tool_opts
+    from tools import extract_features
+    out = tmp_path_factory.mktemp("feats") / "g.npz"
+    assert extract_features.main(["--config_file", DEMO, "--images", os.path.join(tiny_root, "bounding_box_test"),
+                                  "--out", str(out), *tool_opts(tiny_root, weight)]) == 0
+    return out
+
+
 @pytest.fixture
 def run_copy(finished_run: Any, tmp_path: Any) -> Any:
     """A copy of :func:`finished_run` to damage or resume."""

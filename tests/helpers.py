@@ -47,6 +47,16 @@ TINY = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PA
         "SOLVER.STAGE1.CHECKPOINT_PERIOD", "1", "SOLVER.STAGE2.STEPS", "[1, 2]", "TEST.IMS_PER_BATCH", "16"]
 
 
+# The tool tests' settings: the tiny set's input size, no loader workers, small test batches.
+TOOL_SIZE = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "DATALOADER.NUM_WORKERS", "0",
+             "TEST.IMS_PER_BATCH", "16"]
+
+
+def tool_opts(root: Any, weight: Any, *extra: str) -> list[str]:
+    """The ``KEY VALUE`` overrides of a tool run on the tiny set at ``root`` with checkpoint ``weight``."""
+    return ["DATASETS.ROOT_DIR", str(root), *TOOL_SIZE, "TEST.WEIGHT", str(weight), *extra]
+
+
 def train_argv(root: Any, out: Any, *opts: str) -> list[str]:
     """Command line of ``train_svllreid.py`` for a tiny run of the demo config on ``root``."""
     return ["--config_file", DEMO, "DATASETS.ROOT_DIR", str(root), "OUTPUT_DIR", str(out), *TINY, *opts]

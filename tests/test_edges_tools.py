@@ -10,37 +10,17 @@ import torch
 import test_svllreid
 import train_svllreid
 from config import load_config
-from model import make_model
-from tests.helpers import DEMO, lock_held_elsewhere, one_line_error
+from tests.helpers import DEMO, lock_held_elsewhere, one_line_error, tool_opts
 from tools import extract_features as extract_tool
 from tools import search as search_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SIZE = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "DATALOADER.NUM_WORKERS", "0",
-        "TEST.IMS_PER_BATCH", "16"]
-
-
-@pytest.fixture(scope="module")
-def weight(tiny_root, tmp_path_factory):
-    """A random-weights checkpoint of the tiny demo model (8 identities, 2 cameras): no training needed."""
-    d = tmp_path_factory.mktemp("ckpt")
-    cfg = load_config(DEMO, ["DATASETS.ROOT_DIR", tiny_root, *SIZE])
-    torch.manual_seed(0)
-    model = make_model(cfg, num_class=8, camera_num=2, view_num=1)
-    path = d / "model.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-def _opts(tiny_root, weight, *extra):
-    return ["DATASETS.ROOT_DIR", str(tiny_root), *SIZE, "TEST.WEIGHT", weight, *extra]
-
 
 def _search(tiny_root, weight, query, gallery, out, *flags):
     """The search tool with its flags after the KEY VALUE overrides (accepted anywhere)."""
     return search_tool.main(["--config_file", DEMO, "--query", str(query), "--gallery", str(gallery),
-                             *_opts(tiny_root, weight), "--out", str(out), *flags])
+                             *tool_opts(tiny_root, weight), "--out", str(out), *flags])
 
 
 # ----------------------------------------------------------------------------- flags anywhere
@@ -65,13 +45,7 @@ def test_flags_are_accepted_after_the_overrides_by_every_script():
 
 
 # ----------------------------------------------------------------------------- search
-@pytest.fixture(scope="module")
-def gallery_npz(tiny_root, weight, tmp_path_factory):
-    """Features of the tiny gallery (junk included) written by tools/extract_features.py."""
-    out = tmp_path_factory.mktemp("feats") / "g.npz"
-    assert extract_tool.main(["--config_file", DEMO, "--images", os.path.join(tiny_root, "bounding_box_test"),
-                              "--out", str(out), *_opts(tiny_root, weight)]) == 0
-    return out
+
 
 
 def _rewrite(src, dst, **changes):
@@ -125,7 +99,7 @@ def test_search_refuses_broken_feature_files(tiny_root, weight, gallery_npz, tmp
 
 def test_search_leaves_junk_out_as_evaluation_does(tiny_root, weight, gallery_npz, tmp_path):
     from datasets.make_dataloader import build_dataset_from_cfg
-    cfg = load_config(DEMO, _opts(tiny_root, weight))
+    cfg = load_config(DEMO, tool_opts(tiny_root, weight))
     evaluated = {os.path.basename(s[0]) for s in build_dataset_from_cfg(cfg, test_only=True).gallery}
     files = os.listdir(os.path.join(tiny_root, "bounding_box_test"))
     assert any(f.startswith("-1_") for f in files)          # the set has junk, which evaluation leaves out
@@ -170,7 +144,7 @@ def test_search_on_a_feature_file_whose_images_are_gone(tiny_root, weight, tmp_p
     shutil.copytree(os.path.join(tiny_root, "bounding_box_test"), gal)
     npz = tmp_path / "g.npz"
     assert extract_tool.main(["--config_file", DEMO, "--images", str(gal), "--out", str(npz),
-                              *_opts(tiny_root, weight)]) == 0
+                              *tool_opts(tiny_root, weight)]) == 0
     shutil.rmtree(gal)
     capsys.readouterr()
     q = os.path.join(tiny_root, "query")
@@ -187,7 +161,7 @@ def test_second_evaluation_moves_the_first_aside_and_leaves_no_stale_picture(tin
     import shutil
     w = tmp_path / "model.pth"
     shutil.copy(weight, w)
-    argv = ["--config_file", DEMO, *_opts(tiny_root, str(w)), "TEST.VISUALIZE", "True", "TEST.VISUALIZE_TOPK", "3"]
+    argv = ["--config_file", DEMO, *tool_opts(tiny_root, str(w)), "TEST.VISUALIZE", "True", "TEST.VISUALIZE_TOPK", "3"]
     assert test_svllreid.main([*argv, "TEST.VISUALIZE_N", "2"]) == 0
     out = tmp_path / "model_eval_folder"             # the default folder, beside the checkpoint
     first = json.loads((out / "results.json").read_text())
@@ -220,7 +194,7 @@ def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, we
     from utils.logger import setup_logger
     setup_logger("svllreid", None, if_train=False)   # log to this test's stdout (the tool sets up no logger)
     q = os.path.join(tiny_root, "query")
-    argv = ["--config_file", DEMO, *_opts(tiny_root, weight), "--images", q, "--verify_batch", "2"]
+    argv = ["--config_file", DEMO, *tool_opts(tiny_root, weight), "--images", q, "--verify_batch", "2"]
     out = tmp_path / "m7.onnx"
     assert export_onnx.main([*argv, "--out", str(out), "--opset", "7"]) == 2     # the exporter cannot honour it
     one_line_error(capsys, "--opset 7", "opset 18", "no file written")

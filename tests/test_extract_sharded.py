@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from config import load_config
-from model import make_model
 from processor import folder_inference
 from processor.feature_parts import load_features, parse_part_name, part_name, shard_bounds
 from processor.folder_inference import FeatureSet
@@ -24,17 +22,6 @@ from utils.fileio import TMP_PREFIX, TMP_SUFFIX
 SIZE = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "DATALOADER.NUM_WORKERS", "0",
         "TEST.IMS_PER_BATCH", "8", "DATALOADER.READ_RETRIES", "0"]
 ARRAYS = ("features", "paths", "pids", "camids", "failed", "failed_reasons", "root", "meta")
-
-
-@pytest.fixture(scope="module")
-def weight(tiny_root, tmp_path_factory):
-    """A random-weights checkpoint of the tiny demo model (8 identities, 2 cameras): no training needed."""
-    cfg = load_config(DEMO, ["DATASETS.ROOT_DIR", tiny_root, *SIZE])
-    torch.manual_seed(0)
-    model = make_model(cfg, num_class=8, camera_num=2, view_num=1)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

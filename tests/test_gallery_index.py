@@ -10,6 +10,7 @@ import pytest
 from config import ConfigError, load_config
 from processor import gallery_index as gx
 from processor.folder_inference import distance_matrix
+from tests.helpers import tool_opts
 from utils.errors import UserError
 from utils.fileio import open_npz_array
 from utils.visualize import ranked_indices
@@ -311,51 +312,18 @@ def test_out_that_is_not_an_index_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the tools
-SIZE = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "DATALOADER.NUM_WORKERS", "0",
-        "TEST.IMS_PER_BATCH", "16"]
-
-
-@pytest.fixture(scope="module")
-def weight(tiny_root, tmp_path_factory):
-    """A random-weights checkpoint of the tiny demo model (8 identities, 2 cameras): no training needed."""
-    import torch
-
-    from model import make_model
-    from tests.helpers import DEMO
-    cfg = load_config(DEMO, ["DATASETS.ROOT_DIR", tiny_root, *SIZE])
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    torch.save(make_model(cfg, num_class=8, camera_num=2, view_num=1).state_dict(), path)
-    return str(path)
-
-
-def _opts(tiny_root, weight, *extra):
-    return ["DATASETS.ROOT_DIR", str(tiny_root), *SIZE, "TEST.WEIGHT", weight, *extra]
-
-
-@pytest.fixture(scope="module")
-def gallery_npz(tiny_root, weight, tmp_path_factory):
-    """Features of the tiny gallery (junk included) written by tools/extract_features.py."""
-    from tests.helpers import DEMO
-    from tools import extract_features
-    out = tmp_path_factory.mktemp("feats") / "g.npz"
-    assert extract_features.main(["--config_file", DEMO, "--images", os.path.join(tiny_root, "bounding_box_test"),
-                                  "--out", str(out), *_opts(tiny_root, weight)]) == 0
-    return out
-
-
 def _build(tiny_root, weight, features, out, *flags):
     from tests.helpers import DEMO
     from tools import build_index
     return build_index.main(["--config_file", DEMO, "--features", *map(str, features), "--out", str(out),
-                             *_opts(tiny_root, weight), *flags])
+                             *tool_opts(tiny_root, weight), *flags])
 
 
 def _search(tiny_root, weight, where, gallery, out, *flags):
     from tests.helpers import DEMO
     from tools import search
     return search.main(["--config_file", DEMO, "--query", os.path.join(tiny_root, "query"), where, str(gallery),
-                        "--out", str(out), *_opts(tiny_root, weight), *flags])
+                        "--out", str(out), *tool_opts(tiny_root, weight), *flags])
 
 
 def _rewrite(src, dst, meta=None, **changes):
