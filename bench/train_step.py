@@ -636,22 +636,16 @@ def attach(r: Row, against: Row | None, name: str, target: float) -> Row:
 
 
 # ----------------------------------------------------------------------------- loader
-def loader_module() -> Any | None:
-    """``bench/loader.py`` (``loader_rates``), or None when it is not there."""
-    path = Path(__file__).with_name("loader.py")
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("bench_loader", path)
+def loader_module() -> Any:
+    """``bench/loader.py`` (its ``loader_rates``), loaded from beside this file."""
+    spec = importlib.util.spec_from_file_location("bench_loader", Path(__file__).with_name("loader.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module if hasattr(module, "loader_rates") else None
+    return module
 
 
 def loader_rows(report: Report, sizes: Sizes, root: str, device: torch.device) -> None:
     mod = loader_module()
-    if mod is None:
-        report.add(Row("-", "loader alone", "per worker", note="pending: bench/loader.py (loader_rates) not there"))
-        return
 
     def run() -> Row:
         rows = mod.loader_rates(root, str(ROOT / sizes.configs["vit"]), images=sizes.loader_images,
