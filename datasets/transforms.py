@@ -4,7 +4,8 @@ The loaders split the published pipeline in two (docs/data.md, "What runs where"
 
 * on the CPU, in the loader workers: decoding and the geometry, giving uint8 CHW tensors —
   :class:`TestTransform` (bilinear resize) and :class:`TrainTransform` (bicubic resize, then
-  flip, pad, crop per view);
+  flip, pad, crop per view). Both resize with :func:`datasets.resample.resize_rgb`, which gives
+  Pillow's result bit for bit in a fraction of its time;
 * on the training device, on whole batches: float conversion, normalisation and random
   erasing (:mod:`datasets.device_transforms`).
 
@@ -19,14 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from PIL import Image
 from timm.data.random_erasing import RandomErasing
 
 from utils.images import to_rgb
 
+from .resample import FILTERS, resize_rgb, warm_up
+
 __all__ = ["build_transforms", "build_ssl_transform", "build_loader_transform", "TestTransform",
-           "TrainTransform", "pil_to_uint8", "SSL_ERASE_AREA", "TEST_INTERPOLATION", "TRAIN_INTERPOLATION"]
+           "TrainTransform", "SSL_ERASE_AREA", "TEST_INTERPOLATION", "TRAIN_INTERPOLATION"]
 
 SSL_ERASE_AREA = 0.33  # SSL views erase 33% of the image (when erasing), as published
 # The test resize (evaluation and the stage-1 feature cache) is bilinear, as published: torchvision's
@@ -36,15 +38,24 @@ TRAIN_INTERPOLATION = T.InterpolationMode.BICUBIC
 
 
 def _size(v: Any) -> list[int]:
-    return [int(x) for x in v]
+    size = [int(x) for x in v]
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"an input size is [height, width] with positive values, got {list(v)}")
+    return size
 
 
-def pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    """(3, H, W) uint8 tensor of an image, as torchvision's ``PILToTensor`` gives it for RGB
-    (non-RGB images are first made 8-bit RGB as :func:`utils.images.to_rgb` does)."""
+def _filter_name(interpolation: T.InterpolationMode) -> str:
+    name = T.InterpolationMode(interpolation).value
+    if name not in FILTERS:
+        raise ValueError(f"the loaders resize with one of {sorted(FILTERS)}, not {name!r}")
+    return name
+
+
+def _resized(img: Image.Image, size: list[int], filter_name: str) -> np.ndarray:
+    """``img`` resized to ``size`` (h, w) as Pillow resizes it, as a (3, h, w) uint8 array."""
     if img.mode != "RGB":
         img = to_rgb(img)
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+    return resize_rgb(np.asarray(img), size, filter_name)
 
 
 class TestTransform:
@@ -58,9 +69,11 @@ class TestTransform:
 
     def __init__(self, size: Any, interpolation: T.InterpolationMode = TEST_INTERPOLATION) -> None:
         self.size, self.interpolation = _size(size), interpolation
+        self._filter = _filter_name(interpolation)
+        warm_up()                       # compiled here, before loader workers are forked
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return pil_to_uint8(TF.resize(img, self.size, interpolation=self.interpolation, antialias=True))
+        return torch.from_numpy(_resized(img, self.size, self._filter))
 
     def __repr__(self) -> str:
         return f"TestTransform(size={self.size}, interpolation={self.interpolation.value})"
@@ -87,10 +100,11 @@ class TrainTransform:
         self.size, self.flip_prob, self.padding = _size(size), float(flip_prob), int(padding)
         if self.padding < 0:
             raise ValueError(f"padding must be >= 0, got {padding}")
+        warm_up()                       # compiled here, before loader workers are forked
 
     def resize(self, img: Image.Image) -> np.ndarray:
         """The deterministic part: the bicubic resize, as a (3, H, W) uint8 array."""
-        return pil_to_uint8(TF.resize(img, self.size, interpolation=TRAIN_INTERPOLATION, antialias=True)).numpy()
+        return _resized(img, self.size, _filter_name(TRAIN_INTERPOLATION))
 
     def view(self, chw: np.ndarray) -> torch.Tensor:
         """One random flip/pad/crop of a resized (3, H, W) uint8 array, as a new tensor."""

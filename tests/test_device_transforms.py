@@ -36,7 +36,7 @@ from datasets.device_transforms import (
     normalize_uint8,
     random_erase,
 )
-from datasets.transforms import SSL_ERASE_AREA, TestTransform, TrainTransform, pil_to_uint8
+from datasets.transforms import SSL_ERASE_AREA, TestTransform, TrainTransform
 from processor.batches import device_transform_of, to_device
 from utils.images import read_image
 
@@ -95,11 +95,15 @@ def test_test_transform_equals_resize_totensor_normalize(image_files):
         normalize_uint8(batch.float(), MEAN, STD)
 
 
-def test_pil_to_uint8_is_piltotensor_and_converts_other_modes():
-    a = _photo(20, 10, 0)
-    assert torch.equal(pil_to_uint8(Image.fromarray(a)), T.PILToTensor()(Image.fromarray(a)))
-    grey = Image.fromarray(a[..., 0])
-    assert torch.equal(pil_to_uint8(grey), T.PILToTensor()(grey.convert("RGB")))
+def test_loader_transforms_take_images_of_any_mode():
+    """A PIL image that is not RGB (as a user's own reader may give) is made RGB first."""
+    grey = Image.fromarray(_photo(20, 10, 0)[..., 0])
+    want = T.Compose([T.Resize([16, 8]), T.PILToTensor()])(grey.convert("RGB"))
+    assert torch.equal(TestTransform([16, 8])(grey), want)
+    torch.manual_seed(0)
+    assert torch.equal(TrainTransform([16, 8], 0.0, 0)(grey),
+                       T.Compose([T.Resize([16, 8], interpolation=T.InterpolationMode.BICUBIC),
+                                  T.PILToTensor()])(grey.convert("RGB")))
 
 
 # ----------------------------------------------------------------------------- train geometry

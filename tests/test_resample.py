@@ -1,0 +1,84 @@
+"""datasets.resample.resize_rgb against Pillow's Image.resize, pixel for pixel.
+
+The loaders resize with it instead of Pillow, so every pixel must be Pillow's: random sizes up and
+down on both axes (the width-first and the height-first pass orders, one axis only, no change),
+one-pixel edges, both filters, on noise (which shows any weight or rounding difference) and on
+photo-like images, and read-only input as ``np.asarray`` of a PIL image gives it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datasets.resample import resize_rgb
+
+PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def _pillow(a: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """Pillow's resize of (H, W, 3) ``a`` to ``size`` (h, w), as (3, h, w)."""
+    out = Image.fromarray(a).resize((size[1], size[0]), PIL_FILTERS[interpolation])
+    return np.asarray(out).transpose(2, 0, 1)
+
+
+def _assert_pillow(a: np.ndarray, size: tuple[int, int], interpolation: str) -> None:
+    got = resize_rgb(a, size, interpolation)
+    want = _pillow(a, size, interpolation)
+    assert got.shape == want.shape and got.dtype == np.uint8 and got.flags.c_contiguous
+    if not np.array_equal(got, want):
+        diff = np.abs(got.astype(int) - want.astype(int))
+        pytest.fail(f"{interpolation} {a.shape[:2]} -> {size}: {int((diff > 0).sum())} pixels differ, "
+                    f"by up to {int(diff.max())}")
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_random_sizes_equal_pillow(interpolation):
+    rng = np.random.default_rng(7 if interpolation == "bilinear" else 8)
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(1, 400, 2))
+        out = (int(rng.integers(1, 300)), int(rng.integers(1, 300)))
+        _assert_pillow(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), out, interpolation)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("src, out", [
+    ((128, 64), (256, 128)),     # Market-1501 to the published input size: 2x up
+    ((300, 100), (256, 128)),    # height down, width up: width first
+    ((900, 120), (256, 128)),    # the height shrinks more than twice the width: height first
+    ((700, 40), (64, 300)),      # height first, then the width up
+    ((50, 60), (50, 33)),        # the width only
+    ((50, 60), (97, 60)),        # the height only
+    ((37, 29), (37, 29)),        # no change: a copy
+    ((1, 1), (5, 3)), ((5, 3), (1, 1)), ((1, 9), (4, 1)), ((2, 2), (384, 1)),
+])
+def test_edge_sizes_equal_pillow(interpolation, src, out):
+    rng = np.random.default_rng(sum(src) + sum(out))
+    _assert_pillow(rng.integers(0, 256, (*src, 3), dtype=np.uint8), out, interpolation)
+    flat = np.full((*src, 3), 255, np.uint8)              # bicubic overshoots: clipped at 255 as Pillow does
+    flat[::2] = 0
+    _assert_pillow(flat, out, interpolation)
+
+
+def test_photo_like_and_read_only_input():
+    y, x = np.mgrid[0:211, 0:83] / np.array([211, 83])[:, None, None]
+    img = np.clip(np.stack([np.sin(7 * x), np.cos(5 * y), x * y], -1) * 120 + 128, 0, 255).astype(np.uint8)
+    pil = Image.fromarray(img)
+    view = np.asarray(pil)                                # what the transforms pass: read-only
+    assert not view.flags.writeable
+    for interpolation in PIL_FILTERS:
+        _assert_pillow(view, (256, 128), interpolation)
+        strided = img[::2, ::3]                           # not contiguous
+        _assert_pillow(strided, (64, 50), interpolation)
+
+
+def test_bad_arguments_are_refused():
+    a = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="nearest"):
+        resize_rgb(a, (2, 2), "nearest")
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        resize_rgb(a[..., :1], (2, 2), "bilinear")
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        resize_rgb(a.astype(np.float32), (2, 2), "bilinear")
+    with pytest.raises(ValueError, match="positive"):
+        resize_rgb(a, (0, 2), "bilinear")
