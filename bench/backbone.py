@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -27,45 +26,10 @@ import torch
 
 from model.clip import build_model  # noqa: E402
 
-
-class PeakMemory:
-    """Peak memory growth (bytes) during a block: CUDA allocator stats, or sampled process RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            import psutil
-            self._proc = psutil.Process()
-            self._base = self._proc.memory_info().rss
-            self._max = self._base
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._max = max(self._max, self._proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = self._max - self._base
+from _peak import PeakMemory  # noqa: E402  (bench/, the script's folder)
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, int]:
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, int | None]:
     with PeakMemory(device) as mem:
         start = time.perf_counter()
         fn()
@@ -81,12 +45,12 @@ def compare(cases: dict[str, Callable[[], None]], device: torch.device, warmup: 
         for fn in cases.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
-    peaks: dict[str, int] = {k: 0 for k in cases}
+    peaks: dict[str, int | None] = {k: 0 for k in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
             t, peak = timed(fn, device)
             times[name].append(t)
-            peaks[name] = max(peaks[name], peak)
+            peaks[name] = None if peak is None or peaks[name] is None else max(peaks[name], peak)
     return {k: {"median": statistics.median(v), "min": min(v), "peak": peaks[k]} for k, v in times.items()}
 
 
@@ -101,7 +65,7 @@ def report(title: str, stats: dict[str, dict], batch: int, baselines: dict[str, 
             b = stats[baselines[name]]
             ratio = f"{b['median'] / s['median']:.3f}x / {b['min'] / s['min']:.3f}x"
         print(f"  {name:<34} {s['median']:>9.3f} {s['min']:>8.3f} {batch / s['median']:>7.2f} "
-              f"{s['peak'] / 2**20:>9.0f}  {ratio}")
+              f"{'-' if s['peak'] is None else format(s['peak'] / 2**20, '.0f'):>9}  {ratio}")
 
 
 def _reexec_with_honest_rss() -> None:

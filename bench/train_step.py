@@ -54,7 +54,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -78,6 +77,8 @@ from processor.processor_stage1 import set_stage1_modes, stage1_forward_loss
 from processor.processor_stage2 import Stage2Criteria, compute_text_features, do_train_stage2, stage2_forward_loss
 from solver import create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
 from utils.misc import set_cpu_threads
+
+from _peak import PeakMemory  # bench/, the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -159,44 +160,6 @@ class Budget:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-class PeakMemory:
-    """Peak memory (bytes) during a block: CUDA, the most allocated (everything alive); CPU, the
-    peak RSS growth, sampled every 2 ms (None without psutil)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak = device, None
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        try:
-            import psutil
-        except ImportError:
-            return self
-        self._proc = psutil.Process()
-        self._base = self._max = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._max = max(self._max, self._proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        elif hasattr(self, "_thread"):
-            self._stop.set()
-            self._thread.join()
-            self.peak = self._max - self._base
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -212,7 +175,7 @@ def measure(fn: Callable[[], None], device: torch.device, warmup: int, steps: in
         fn()
     sync(device)
     warm = time.perf_counter() - start
-    with PeakMemory(device) as mem:
+    with PeakMemory(device, growth=False) as mem:
         t0 = time.perf_counter()
         for _ in range(steps):
             fn()

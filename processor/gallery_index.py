@@ -476,6 +476,29 @@ def search(gi: GalleryIndex, queries: np.ndarray | torch.Tensor, k: int, *, npro
     return _top_k_sorted(dist, cand, k)
 
 
+def _candidates(dist: torch.Tensor, start: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of each row of a block of distances (gallery rows ``start ..``) that can be in
+    the row's top-``k``: all those not above its k-th smallest value, ties at it included, in
+    gallery order, as (distances, gallery indices) padded on the right with +inf.
+
+    A top-k of the values and a mask cost far less than sorting the whole block; sorting the
+    few candidates after the best so far (stably) then gives what sorting everything would."""
+    n_q, n = dist.shape
+    if n <= k:
+        return dist, torch.arange(start, start + n).expand(n_q, -1)
+    kth = dist.topk(k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
+    mask = dist <= kth
+    counts = mask.sum(1)
+    rows, cols = mask.nonzero(as_tuple=True)                  # row by row, columns ascending
+    pos = torch.arange(len(rows)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+    width = int(counts.max())
+    cand_d = torch.full((n_q, width), float("inf"), dtype=dist.dtype)
+    cand_i = torch.full((n_q, width), -1, dtype=torch.int64)
+    cand_d[rows, pos] = dist[rows, cols]
+    cand_i[rows, pos] = cols + start
+    return cand_d, cand_i
+
+
 class ExactTopK:
     """The exact top-``k`` of prepared ``queries`` over gallery rows given chunk by chunk, in order
     (:meth:`add`), in bounded memory; ties keep gallery order."""
@@ -495,8 +518,8 @@ class ExactTopK:
                 dist = (self.q @ g.t()).neg_().add_(1.0)
             else:
                 dist = torch.add(self.q_sq, g.pow(2).sum(1)).addmm_(self.q, g.t(), beta=1, alpha=-2)
-            ids = torch.arange(start + s, start + s + len(g)).expand(len(self.q), -1)
-            all_d, all_i = torch.cat([self.best_d, dist], 1), torch.cat([self.best_i, ids], 1)
+            cand_d, cand_i = _candidates(dist, start + s, self.k)
+            all_d, all_i = torch.cat([self.best_d, cand_d], 1), torch.cat([self.best_i, cand_i], 1)
             order = torch.sort(all_d, dim=1, stable=True).indices[:, :self.k]   # ties keep gallery order
             self.best_d, self.best_i = all_d.gather(1, order), all_i.gather(1, order)
 

@@ -70,6 +70,22 @@ def test_exact_search_over_memmapped_parts_equals_brute_force(tmp_path, feat_nor
     np.testing.assert_allclose(d, bd, atol=1e-5, rtol=0)
 
 
+def test_exact_top_k_keeps_every_tie_in_gallery_order_across_blocks(monkeypatch):
+    """Integer features give many exactly equal distances, also at the k-th place of a block: the
+    top-k over small blocks equals a stable sort of the whole distance matrix."""
+    rng = np.random.default_rng(3)
+    g = rng.integers(0, 3, size=(700, 4)).astype(np.float32)
+    q = rng.integers(0, 3, size=(9, 4)).astype(np.float32)
+    metric = gx.Metric(False, "euclidean")
+    full = ((q[:, None, :] - g[None]) ** 2).sum(-1)
+    monkeypatch.setattr(gx, "BLOCK_ELEMS", 9 * 50)        # blocks of 50 rows, chunks of 112
+    for k in (1, 5, 37, 50, 51, 700):
+        d, i = gx.exact_search([g[:333], g[333:]], metric, q, k)
+        want = np.argsort(full, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(i, want)
+        np.testing.assert_array_equal(d, np.take_along_axis(full, want, 1))
+
+
 def test_npz_members_are_memory_mapped_and_read_exactly(tmp_path):
     a = np.arange(60, dtype=np.float32).reshape(20, 3)
     names = np.array(["x/0001_c1.jpg", "b.png"])
