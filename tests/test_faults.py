@@ -22,7 +22,7 @@ import train_svllreid
 from config import ConfigError
 from config.resume import resume_config
 from datasets.bases import read_image
-from tests.helpers import DEMO, TINY, lock_held_elsewhere, one_line_error, snapshot, train_argv
+from tests.helpers import DEMO, TINY, lock_held_elsewhere, one_line_error, snapshot, tool_opts, train_argv
 from utils.checkpoint import CheckpointError, load_file, save_atomic
 from utils.fileio import TMP_PREFIX, TMP_SUFFIX
 from utils.run_dir import RunLock
@@ -259,6 +259,22 @@ def test_unreadable_gallery_image_is_found_before_training(data_copy, tmp_path, 
     assert train_svllreid.main(train_argv(data_copy, out)) == 2
     one_line_error(capsys, victim, "gallery")
     assert not glob.glob(str(out / "*.pth")) and time.time() - t0 < 30
+
+
+@pytest.mark.slow
+def test_an_image_unreadable_in_a_loader_worker_is_one_line(data_copy, weight, tmp_path, capsys):
+    """A query whose data is cut off (its header reads) fails in a loader worker; the user sees the
+    worker's error, naming the file, as one line, not the worker's traceback."""
+    victim = sorted(glob.glob(str(data_copy / "query" / "*.jpg")))[2]
+    with open(victim, "rb") as f:
+        data = f.read()
+    with open(victim, "wb") as f:
+        f.write(data[:300])
+    argv = ["--config_file", DEMO, *tool_opts(data_copy, weight, "DATALOADER.NUM_WORKERS", "1",
+                                              "DATALOADER.READ_RETRIES", "0", "OUTPUT_DIR", str(tmp_path / "out"))]
+    assert test_svllreid.main(argv) == 2
+    err = one_line_error(capsys, victim, "cannot read image")
+    assert "DataLoader worker" not in err and "Original" not in err
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I", "F", "LA", "P", "RGBA", "CMYK", "1", "L"])

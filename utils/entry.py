@@ -34,8 +34,18 @@ class Terminated(KeyboardInterrupt):
 
 
 def one_line(e: BaseException) -> str:
-    """The message of ``e`` on one line (whitespace runs folded)."""
-    return " ".join(str(e).split()) or type(e).__name__
+    """The message of ``e`` on one line (whitespace runs folded).
+
+    An error raised in a DataLoader worker reaches the main process re-raised with the worker's
+    whole traceback as its message ("Caught OSError in DataLoader worker process 0. Original
+    Traceback ..."); its one line is the original error's message, the traceback's last line.
+    """
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name, sep, message = last.partition(": ")
+        text = message if sep and " " not in name else last
+    return " ".join(text.split()) or type(e).__name__
 
 
 def run_command(fn: Callable[[], object], user_errors: tuple[type[BaseException], ...],
