@@ -27,10 +27,20 @@ import numpy as np
 __all__ = ["FILTERS", "resize_rgb", "warm_up"]
 
 PRECISION_BITS = 32 - 8 - 2
+
+
+def _compiled(fn):
+    """``fn`` compiled by numba, kept in numba's on-disk cache (next to this file, else in the
+    user's cache folder); where neither is writable, compiled afresh in each process instead."""
+    try:
+        return numba.njit(cache=True)(fn)
+    except RuntimeError:            # numba: "cannot cache function ...: no locator available"
+        return numba.njit(fn)
+
 FILTERS = {"bilinear": (0, 1.0), "bicubic": (1, 2.0)}      # name -> (kernel id, support)
 
 
-@numba.njit(cache=True)
+@_compiled
 def _filter(kind: int, x: float) -> float:
     if x < 0.0:
         x = -x
@@ -44,7 +54,7 @@ def _filter(kind: int, x: float) -> float:
     return 0.0
 
 
-@numba.njit(cache=True)
+@_compiled
 def _coefficients_kernel(in_size: int, out_size: int, kind: int, filter_support: float):
     scale = in_size / out_size
     filterscale = scale if scale >= 1.0 else 1.0
@@ -78,7 +88,7 @@ def _coefficients(in_size: int, out_size: int, interpolation: str) -> tuple[np.n
     return _coefficients_kernel(in_size, out_size, kind, support)
 
 
-@numba.njit(cache=True)
+@_compiled
 def _planes(hwc, transpose):
     """(H, W, 3) -> (3, H, W), or (3, W, H) with ``transpose``."""
     h, w, c = hwc.shape
@@ -93,7 +103,7 @@ def _planes(hwc, transpose):
     return out
 
 
-@numba.njit(cache=True)
+@_compiled
 def _swap(planes):
     """(C, A, B) -> (C, B, A)."""
     c, a, b = planes.shape
@@ -105,7 +115,7 @@ def _swap(planes):
     return out
 
 
-@numba.njit(cache=True)
+@_compiled
 def _pass(planes, offset, bounds, kk):
     """Resample (C, A, B) ``planes`` along A: output line ``o`` of each plane is the clipped,
     rounded combination of input lines ``bounds[o, 0] - offset + j`` (j < ``bounds[o, 1]``) with

@@ -82,3 +82,21 @@ def test_bad_arguments_are_refused():
         resize_rgb(a.astype(np.float32), (2, 2), "bilinear")
     with pytest.raises(ValueError, match="positive"):
         resize_rgb(a, (0, 2), "bilinear")
+
+
+@pytest.mark.slow
+def test_without_a_writable_cache_folder_it_compiles_in_the_process():
+    """Where numba finds no writable cache folder (a read-only install, no home), importing the
+    module still works: the kernels are compiled in the process, with the same pixels."""
+    import subprocess
+    import sys
+    code = ("import numba.core.caching as c; c.CacheImpl._locator_classes = []\n"
+            "import numpy as np\n"
+            "from PIL import Image\n"
+            "from datasets.resample import resize_rgb\n"
+            "a = np.random.default_rng(0).integers(0, 256, (30, 17, 3), dtype=np.uint8)\n"
+            "want = np.asarray(Image.fromarray(a).resize((9, 41), Image.Resampling.BICUBIC)).transpose(2, 0, 1)\n"
+            "assert np.array_equal(resize_rgb(a, (41, 9), 'bicubic'), want)\n"
+            "print('same pixels')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "same pixels" in proc.stdout, proc.stderr[-2000:]
