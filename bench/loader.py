@@ -20,6 +20,11 @@ separately on ``--device`` per batch.
 
     .venv/bin/python bench/loader.py [--root data/synthetic] [--images 512] [--repeats 3] [--device cuda]
 
+A second table times the resize alone on the same decoded images: Pillow's ``Image.resize``
+(what the published pipeline calls) against ``datasets.resample.resize_rgb`` (what the loaders
+call; the same pixels), for the test (bilinear) and train (bicubic) sizes, with the floor of a
+plain copy of the output into the tensor layout.
+
 Without ``--root`` the synthetic set (``tools/make_synthetic.py``'s defaults: 128x64 JPEG) is
 written to a temporary folder. ``loader_rates(...)`` returns the rows for other benchmarks.
 """
@@ -33,8 +38,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms as T
+from PIL import Image
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset
 
@@ -42,6 +49,7 @@ from config import load_config
 from datasets import build_dataset
 from datasets.bases import ImageDataset
 from datasets.device_transforms import DeviceTransform
+from datasets.resample import resize_rgb, warm_up
 from datasets.synthetic import SyntheticSpec, generate_synthetic
 from datasets.transforms import build_loader_transform
 from utils.images import read_image
@@ -174,6 +182,55 @@ def loader_rates(root: str | None = None, config: str = DEFAULT_CONFIG, images: 
     return rows
 
 
+def _resize_contenders(pil_images: Sequence[Image.Image], arrays: Sequence[np.ndarray], h: int, w: int,
+                       filt: str) -> dict[str, Callable[[], list]]:
+    """Pillow's resize, ``resize_rgb`` and the floor (a copy into the (3, h, w) layout) over all images."""
+    pil_filter = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[filt]
+    out = np.zeros((h, w, 3), np.uint8)
+    return {
+        "pillow": lambda: [np.asarray(im.resize((w, h), pil_filter)) for im in pil_images],
+        "resize_rgb": lambda: [resize_rgb(a, (h, w), filt) for a in arrays],
+        "floor": lambda: [np.ascontiguousarray(out.transpose(2, 0, 1)) for _ in arrays],
+    }
+
+
+def resize_rates(root: str, config: str = DEFAULT_CONFIG, images: int = 256, repeats: int = 5) -> list[dict[str, Any]]:
+    """Milliseconds per image of the resize alone, Pillow against ``resize_rgb``, on ``images`` decoded
+    training images of the folder set ``root``; one thread, medians of ``repeats`` alternating rounds.
+    The floor is the copy of an output-sized (H, W, 3) array into the (3, H, W) layout."""
+    cfg = load_config(config, ["DATASETS.NAMES", "folder", "DATASETS.ROOT_DIR", root])
+    train = build_dataset("folder", root).train
+    arrays = [np.asarray(read_image(p)) for p, *_ in (train * (images // len(train) + 1))[:images]]
+    pil_images = [Image.fromarray(a) for a in arrays]
+    warm_up()
+    rows = []
+    for name, size, filt in (("test", cfg.INPUT.SIZE_TEST, "bilinear"), ("train", cfg.INPUT.SIZE_TRAIN, "bicubic")):
+        h, w = (int(v) for v in size)
+        contenders = _resize_contenders(pil_images, arrays, h, w, filt)
+        times: dict[str, list[float]] = {k: [] for k in contenders}
+        for _ in range(repeats):
+            for k, fn in contenders.items():
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+        ms = {k: 1000 * statistics.median(v) / len(arrays) for k, v in times.items()}
+        src = sorted({a.shape[:2] for a in arrays})
+        rows.append({"resize": name, "filter": filt, "from": src[0] if len(src) == 1 else f"{len(src)} sizes",
+                     "to": (h, w), **{f"{k}_ms": v for k, v in ms.items()},
+                     "speedup": ms["pillow"] / ms["resize_rgb"]})
+    return rows
+
+
+def resize_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The resize rows as a markdown table."""
+    lines = ["| resize | filter | from -> to | Pillow ms | resize_rgb ms | Pillow / resize_rgb | floor (copy) ms |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['resize']} | {r['filter']} | {r['from']} -> {r['to']} | {r['pillow_ms']:.3f} "
+                     f"| {r['resize_rgb_ms']:.3f} | {r['speedup']:.2f}x | {r['floor_ms']:.3f} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
     lines = ["| pipeline | unit | before /s | after /s | CPU ms per unit before -> after | after / before "
@@ -195,10 +252,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None, help="device of the device half (default: cuda if available)")
     args = ap.parse_args(argv)
-    rows = loader_rates(args.root, args.config, args.images, args.batch, args.repeats, args.device)
-    print(f"One loader process (num_workers=0, 1 torch thread), {args.images} images per pass, median of "
-          f"{args.repeats}; {os.cpu_count()} CPU(s), torch {torch.__version__}")
-    print(markdown(rows))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root or synthetic_root(tmp)
+        rows = loader_rates(root, args.config, args.images, args.batch, args.repeats, args.device)
+        print(f"One loader process (num_workers=0, 1 torch thread), {args.images} images per pass, median of "
+              f"{args.repeats}; {os.cpu_count()} CPU(s), torch {torch.__version__}")
+        print(markdown(rows))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            resized = resize_rates(root, args.config, min(args.images, 256), max(args.repeats, 5))
+        finally:
+            torch.set_num_threads(threads)
+        print("\nThe resize alone, per image (decoded images in memory, one thread, median of "
+              f"{max(args.repeats, 5)} alternating rounds):")
+        print(resize_markdown(resized))
     return 0
 
 

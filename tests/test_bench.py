@@ -41,3 +41,26 @@ def test_retrieval_bench_small_size_prints_its_table():
     r1, r10 = (float(x) for x in rows["ivf-pq + refine"][7].split(" / "))
     assert 0 < r1 <= 1 and 0 < r10 <= 1
     assert "nprobe sweep" in proc.stdout and "Goal at 3,000" in proc.stdout
+
+
+@pytest.mark.slow
+def test_loader_bench_prints_both_tables(tiny_root):
+    """bench/loader.py on the tiny set: the before/after rows of both pipelines and the resize rows,
+    every figure positive."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "loader.py"), "--root", tiny_root, "--images", "32",
+           "--batch", "8", "--repeats", "1", "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    loader_part, _, resize_part = proc.stdout.partition("The resize alone")
+
+    def table(text):
+        lines = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+        rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+        return {cells[0]: cells for cells in rows}
+    loaders, resizes = table(loader_part), table(resize_part)
+    assert {"test", "stage2"} <= set(loaders) and {"test", "train"} <= set(resizes), proc.stdout
+    for name in ("test", "stage2"):
+        assert float(loaders[name][2]) > 0 and float(loaders[name][3]) > 0 and float(loaders[name][5].rstrip("x")) > 0
+    assert resizes["test"][1] == "bilinear" and resizes["train"][1] == "bicubic"
+    assert all(float(resizes[n][c].rstrip("x")) > 0 for n in ("test", "train") for c in (3, 4, 5, 6))
