@@ -26,7 +26,7 @@ import torch
 
 from model.clip import build_model  # noqa: E402
 
-from _peak import PeakMemory  # noqa: E402  (bench/, the script's folder)
+from _measure import PeakMemory  # noqa: E402  (bench/, the script's folder)
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, int | None]:

@@ -54,6 +54,8 @@ from datasets.synthetic import SyntheticSpec, generate_synthetic
 from datasets.transforms import build_loader_transform
 from utils.images import read_image
 
+from _measure import timed_round_robin  # bench/, the script's folder
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "person", "vit_svllreid.yml")
 SSL_AREA = 0.33
@@ -207,12 +209,7 @@ def resize_rates(root: str, config: str = DEFAULT_CONFIG, images: int = 256, rep
     for name, size, filt in (("test", cfg.INPUT.SIZE_TEST, "bilinear"), ("train", cfg.INPUT.SIZE_TRAIN, "bicubic")):
         h, w = (int(v) for v in size)
         contenders = _resize_contenders(pil_images, arrays, h, w, filt)
-        times: dict[str, list[float]] = {k: [] for k in contenders}
-        for _ in range(repeats):
-            for k, fn in contenders.items():
-                start = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - start)
+        times = timed_round_robin(contenders, 0, repeats)
         ms = {k: 1000 * statistics.median(v) / len(arrays) for k, v in times.items()}
         src = sorted({a.shape[:2] for a in arrays})
         rows.append({"resize": name, "filter": filt, "from": src[0] if len(src) == 1 else f"{len(src)} sizes",

@@ -18,7 +18,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort  # noqa: E402
@@ -28,6 +27,8 @@ from config import load_config  # noqa: E402
 from model import make_model  # noqa: E402
 from processor.onnx_export import IMAGE_INPUT, OUTPUT_NAME, export_graph, side_inputs  # noqa: E402
 
+from _measure import timed_round_robin  # noqa: E402  (bench/, the script's folder)
+
 MODELS = {   # name: (label, config overrides)
     "vit12": ("ViT-B-16 stride 12 (21x10), camera SIE",
               ["MODEL.NAME", "ViT-B-16", "MODEL.STRIDE_SIZE", "[12,12]", "MODEL.SIE_CAMERA", "True"]),
@@ -35,19 +36,6 @@ MODELS = {   # name: (label, config overrides)
     "rn50": ("RN50", ["MODEL.NAME", "RN50"]),
 }
 CAMERAS = 6
-
-
-def timed_round_robin(cases: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for fn in cases.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def bench_model(key: str, batch: int, warmup: int, repeats: int, threads: int, tmp: str) -> dict:

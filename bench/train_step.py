@@ -78,7 +78,7 @@ from processor.processor_stage2 import Stage2Criteria, compute_text_features, do
 from solver import create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
 from utils.misc import set_cpu_threads
 
-from _peak import PeakMemory  # bench/, the script's folder
+from _measure import PeakMemory  # bench/, the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20

@@ -1,13 +1,30 @@
-"""Peak memory of a block of code, for the benches: CUDA allocator statistics, or sampled RSS on the CPU."""
+"""What the benches share: timing contenders in alternating rounds, and the peak memory of a block
+(CUDA allocator statistics, or sampled RSS on the CPU)."""
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "timed_round_robin"]
+
+
+def timed_round_robin(cases: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call of every case, ``repeats`` rounds that alternate the cases (so that
+    background load hits them alike), after ``warmup`` untimed rounds."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
 
 
 class PeakMemory:
