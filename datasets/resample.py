@@ -23,8 +23,9 @@ from functools import lru_cache
 
 import numba
 import numpy as np
+from PIL import Image
 
-__all__ = ["FILTERS", "resize_rgb", "warm_up"]
+__all__ = ["FILTERS", "COMPILED_MAX_PIXELS", "resize_image", "resize_rgb", "warm_up"]
 
 PRECISION_BITS = 32 - 8 - 2
 
@@ -38,6 +39,11 @@ def _compiled(fn):
         return numba.njit(fn)
 
 FILTERS = {"bilinear": (0, 1.0), "bicubic": (1, 2.0)}      # name -> (kernel id, support)
+PILLOW_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# Above this many input pixels (photos rather than person crops) Pillow's own resize is as fast or
+# faster: its passes keep to the cache, while the plane transpositions here grow with the input.
+# Measured on the 2-core machine, to 256x128: 1000x500 ours 1.8 ms / Pillow 2.1 ms, 1500x750 6.6 / 5.1.
+COMPILED_MAX_PIXELS = 1 << 19
 
 
 @_compiled
@@ -167,6 +173,20 @@ def resize_rgb(hwc: np.ndarray, size: tuple[int, int] | list[int], interpolation
     first, last = int(rows_b[0, 0]), int(rows_b[-1, 0] + rows_b[-1, 1])   # the rows the second pass reads
     by_cols = _swap(_pass(_planes(hwc[first:last], True), 0, *cols))    # (3, last - first, out_w)
     return _pass(by_cols, first, rows_b, rows_k)
+
+
+def resize_image(img: Image.Image, size: tuple[int, int] | list[int], interpolation: str) -> np.ndarray:
+    """``img.resize((w, h), filter)`` of an RGB PIL image as a C-contiguous (3, h, w) uint8 array:
+    by :func:`resize_rgb` up to :data:`COMPILED_MAX_PIXELS` input pixels, by Pillow itself above
+    (the same pixels either way, whichever is faster at that size)."""
+    if img.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {img.mode}")
+    if img.width * img.height <= COMPILED_MAX_PIXELS:
+        return resize_rgb(np.asarray(img), size, interpolation)
+    if interpolation not in FILTERS:
+        raise ValueError(f"interpolation must be one of {sorted(FILTERS)}, got {interpolation!r}")
+    out = img.resize((int(size[1]), int(size[0])), PILLOW_FILTERS[interpolation])
+    return np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1))
 
 
 def warm_up() -> None:

@@ -4,7 +4,7 @@ The loaders split the published pipeline in two (docs/data.md, "What runs where"
 
 * on the CPU, in the loader workers: decoding and the geometry, giving uint8 CHW tensors —
   :class:`TestTransform` (bilinear resize) and :class:`TrainTransform` (bicubic resize, then
-  flip, pad, crop per view). Both resize with :func:`datasets.resample.resize_rgb`, which gives
+  flip, pad, crop per view). Both resize with :func:`datasets.resample.resize_image`, which gives
   Pillow's result bit for bit in a fraction of its time;
 * on the training device, on whole batches: float conversion, normalisation and random
   erasing (:mod:`datasets.device_transforms`).
@@ -25,7 +25,7 @@ from timm.data.random_erasing import RandomErasing
 
 from utils.images import to_rgb
 
-from .resample import FILTERS, resize_rgb, warm_up
+from .resample import FILTERS, resize_image, warm_up
 
 __all__ = ["build_transforms", "build_ssl_transform", "build_loader_transform", "TestTransform",
            "TrainTransform", "SSL_ERASE_AREA", "TEST_INTERPOLATION", "TRAIN_INTERPOLATION"]
@@ -55,7 +55,7 @@ def _resized(img: Image.Image, size: list[int], filter_name: str) -> np.ndarray:
     """``img`` resized to ``size`` (h, w) as Pillow resizes it, as a (3, h, w) uint8 array."""
     if img.mode != "RGB":
         img = to_rgb(img)
-    return resize_rgb(np.asarray(img), size, filter_name)
+    return resize_image(img, size, filter_name)
 
 
 class TestTransform:

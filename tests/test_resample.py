@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.resample import resize_rgb
+import datasets.resample as rs
+from datasets.resample import resize_image, resize_rgb
 
 PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -70,6 +71,22 @@ def test_photo_like_and_read_only_input():
         _assert_pillow(view, (256, 128), interpolation)
         strided = img[::2, ::3]                           # not contiguous
         _assert_pillow(strided, (64, 50), interpolation)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_resize_image_equals_pillow_on_both_sides_of_the_size_switch(interpolation, monkeypatch):
+    """Small images go through the compiled kernel, large ones through Pillow: the same pixels."""
+    rng = np.random.default_rng(11)
+    monkeypatch.setattr(rs, "COMPILED_MAX_PIXELS", 40 * 40)
+    compiled = []
+    monkeypatch.setattr(rs, "resize_rgb", lambda a, *args: compiled.append(a.shape) or resize_rgb(a, *args))
+    for h, w in ((40, 40), (41, 40), (300, 150)):                # at, just above and well above the switch
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        got = resize_image(Image.fromarray(a), (64, 32), interpolation)
+        assert got.flags.c_contiguous and np.array_equal(got, _pillow(a, (64, 32), interpolation))
+    assert compiled == [(40, 40, 3)]
+    with pytest.raises(ValueError, match="RGB"):
+        resize_image(Image.fromarray(a[..., 0]), (64, 32), interpolation)
 
 
 def test_bad_arguments_are_refused():
