@@ -28,6 +28,12 @@ from PIL import Image
 __all__ = ["FILTERS", "COMPILED_MAX_PIXELS", "resize_image", "resize_rgb", "warm_up"]
 
 PRECISION_BITS = 32 - 8 - 2
+FILTERS = {"bilinear": (0, 1.0), "bicubic": (1, 2.0)}      # name -> (kernel id, support)
+PILLOW_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# Above this many input pixels (photos rather than person crops) Pillow's own resize is as fast or
+# faster: its passes keep to the cache, while the plane transpositions here grow with the input.
+# Measured on the 2-core machine, to 256x128: 1000x500 ours 1.8 ms / Pillow 2.1 ms, 1500x750 6.6 / 5.1.
+COMPILED_MAX_PIXELS = 1 << 19
 
 
 def _compiled(fn):
@@ -37,13 +43,6 @@ def _compiled(fn):
         return numba.njit(cache=True)(fn)
     except RuntimeError:            # numba: "cannot cache function ...: no locator available"
         return numba.njit(fn)
-
-FILTERS = {"bilinear": (0, 1.0), "bicubic": (1, 2.0)}      # name -> (kernel id, support)
-PILLOW_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-# Above this many input pixels (photos rather than person crops) Pillow's own resize is as fast or
-# faster: its passes keep to the cache, while the plane transpositions here grow with the input.
-# Measured on the 2-core machine, to 256x128: 1000x500 ours 1.8 ms / Pillow 2.1 ms, 1500x750 6.6 / 5.1.
-COMPILED_MAX_PIXELS = 1 << 19
 
 
 @_compiled
