@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: the tiny synthetic set and training options, the
-one-line error check, the config flattener, and the plain ranking references.
+one-line error check, the config flattener, the plain ranking references, and runs on several
+gloo processes (:func:`run_gloo`).
 
 Test modules import from here (or from ``tests.reference``), never from one another, so
 that each module can be moved, marked or run on its own.
@@ -192,3 +193,25 @@ def lock_held_elsewhere(folder: Any) -> Iterator[subprocess.Popen]:
     finally:
         holder.kill()
         holder.wait()
+
+
+# ----------------------------------------------------------------------------- several processes
+def _gloo_rank(rank: int, world: int, init_file: str, out_dir: str, fn: Any, args: tuple) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, world, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()   # nobody tears the group down while a peer still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn: Any, args: tuple, out_dir: Any, world: int = 2) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes of one gloo group (one torch
+    thread each) and return what each returned (tensors, lists, dicts of them), in rank order.
+    ``fn`` must be a module-level function; ``out_dir`` holds the group's file and the results."""
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_rank, args=(world, os.path.join(str(out_dir), "init"), str(out_dir), fn, args),
+             nprocs=world, join=True)
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=True) for r in range(world)]

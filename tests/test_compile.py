@@ -22,8 +22,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import test_svllreid
 import train_svllreid
@@ -38,7 +36,7 @@ from processor.inference import extract_features
 from processor.processor_stage1 import set_stage1_modes, stage1_forward_loss
 from processor.processor_stage2 import compute_text_features, stage2_forward_loss
 from solver import make_optimizer_1stage, make_optimizer_2stage
-from tests.helpers import DEMO, TINY, opts_of, tiny_cfg, train_argv
+from tests.helpers import DEMO, TINY, opts_of, run_gloo, tiny_cfg, train_argv
 from utils.checkpoint import load_model_weights, unwrap
 from utils.misc import set_seed
 
@@ -306,35 +304,24 @@ def _sgd_step(cfg, net, batch):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _ddp_worker(rank, world, init_file, root, out_path):
+def _ddp_worker(rank, world, root):
     from torch.nn.parallel import DistributedDataParallel
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        cfg = _ddp_cfg(root)
-        model = _fresh_stage2_model(cfg)
-        ddp = DistributedDataParallel(compile_model(model, CPU))     # compiled, then wrapped
-        assert unwrap(ddp) is model and is_compiled(ddp)
-        _, _, batch = _fixed_inputs(model.in_planes_proj)
-        n = len(batch["img"]) // world
-        flat = _sgd_step(cfg, ddp, {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()})
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        if rank == 0:
-            torch.save({"params": gathered, "keys": list(model.state_dict())}, out_path)
-        dist.barrier()   # nobody tears the group down while a peer still uses it
-    finally:
-        dist.destroy_process_group()
+    cfg = _ddp_cfg(root)
+    model = _fresh_stage2_model(cfg)
+    ddp = DistributedDataParallel(compile_model(model, CPU))     # compiled, then wrapped
+    assert unwrap(ddp) is model and is_compiled(ddp)
+    _, _, batch = _fixed_inputs(model.in_planes_proj)
+    n = len(batch["img"]) // world
+    flat = _sgd_step(cfg, ddp, {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()})
+    return {"params": flat, "keys": list(model.state_dict())}
 
 
 @pytest.mark.slow
 def test_ddp_over_a_compiled_model_equals_one_eager_process(tiny_root, tmp_path):
     """Two gloo processes, each DDP(compiled model) on half the batch: after one step both ranks hold
     the weights of one eager process's step on the whole batch, and the plain model's keys."""
-    out_path = str(tmp_path / "params.pt")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), tiny_root, out_path), nprocs=2, join=True)
-    saved = torch.load(out_path, weights_only=True)
-    rank0, rank1 = saved["params"]
+    ranks = run_gloo(_ddp_worker, (tiny_root,), tmp_path)
+    rank0, rank1 = (r["params"] for r in ranks)
     assert torch.equal(rank0, rank1), "the ranks differ after one step"
     cfg = _ddp_cfg(tiny_root)
     eager = _fresh_stage2_model(cfg)
@@ -342,7 +329,7 @@ def test_ddp_over_a_compiled_model_equals_one_eager_process(tiny_root, tmp_path)
     single = _sgd_step(cfg, eager, _fixed_inputs(eager.in_planes_proj)[2])
     assert (single - start).abs().max() > 1e-3                   # the step changed the weights
     assert (rank0 - single).abs().max() <= WEIGHT_ATOL, (rank0 - single).abs().max()
-    assert saved["keys"] == list(eager.state_dict())
+    assert all(r["keys"] == list(eager.state_dict()) for r in ranks)
 
 
 # ----------------------------------------------------------------------------- the bench

@@ -6,8 +6,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -16,6 +14,7 @@ from config import load_config
 from loss import SimCLRLoss, make_loss
 from model import make_model
 from processor.processor_stage2 import stage2_forward_loss
+from tests.helpers import run_gloo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs/demo/vit_svllreid_demo.yml")
@@ -94,30 +93,17 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _worker(rank, world, init_file, root, out_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        cfg = _step_cfg(root)
-        model = _fresh_model(cfg)
-        ddp = DistributedDataParallel(model)
-        n = B // world
-        local = {k: v[rank * n:(rank + 1) * n] for k, v in _global_batch().items()}
-        _step(cfg, ddp, local)
-        flat = _flat(model)
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        if rank == 0:
-            torch.save({"params": gathered}, out_path)
-        dist.barrier()   # nobody tears the group down while a peer still uses it
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, root):
+    cfg = _step_cfg(root)
+    model = _fresh_model(cfg)
+    ddp = DistributedDataParallel(model)
+    n = B // world
+    _step(cfg, ddp, {k: v[rank * n:(rank + 1) * n] for k, v in _global_batch().items()})
+    return _flat(model)
 
 
 def test_ddp_step_syncs_ranks_and_equals_single_process_step(tiny_root, tmp_path):
-    out_path = str(tmp_path / "ddp_params.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), tiny_root, out_path), nprocs=2, join=True)
-    rank0, rank1 = torch.load(out_path, weights_only=True)["params"]
+    rank0, rank1 = run_gloo(_worker, (tiny_root,), tmp_path)
     assert torch.equal(rank0, rank1), "parameters differ between ranks after one step"
 
     cfg = _step_cfg(tiny_root)

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from config import load_config
@@ -21,6 +18,7 @@ from loss import (
     make_loss,
     make_ssl_loss,
 )
+from tests.helpers import run_gloo
 
 ATOL = 1e-5
 
@@ -204,28 +202,21 @@ def _simclr_views(world: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(world * n, 5, generator=g), torch.randn(world * n, 5, generator=g)
 
 
-def _simclr_ddp_worker(rank: int, world: int, init_file: str, n: int, out: str):
+def _simclr_ddp_worker(rank: int, world: int, n: int) -> dict[str, torch.Tensor]:
     # The inputs are rebuilt from a seed here rather than sent through spawn's shared memory.
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        a, b = _simclr_views(world, n)
-        la = a[rank * n:(rank + 1) * n].clone().requires_grad_()
-        lb = b[rank * n:(rank + 1) * n].clone().requires_grad_()
-        loss = SimCLRLoss(temperature=0.1)({"aug1_embed": la, "aug2_embed": lb})
-        loss.backward()
-        torch.save({"loss": loss.detach(), "ga": la.grad, "gb": lb.grad}, os.path.join(out, f"rank{rank}.pt"))
-        dist.barrier()   # nobody tears the group down while a peer still uses it
-    finally:
-        dist.destroy_process_group()
+    a, b = _simclr_views(world, n)
+    la = a[rank * n:(rank + 1) * n].clone().requires_grad_()
+    lb = b[rank * n:(rank + 1) * n].clone().requires_grad_()
+    loss = SimCLRLoss(temperature=0.1)({"aug1_embed": la, "aug2_embed": lb})
+    loss.backward()
+    return {"loss": loss.detach(), "ga": la.grad, "gb": lb.grad}
 
 
 @pytest.mark.slow
 def test_simclr_under_ddp_matches_single_process(tmp_path):
     world, n = 2, 3
     a, b = _simclr_views(world, n)
-    mp.spawn(_simclr_ddp_worker, args=(world, str(tmp_path / "init"), n, str(tmp_path)), nprocs=world, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    res = run_gloo(_simclr_ddp_worker, (n,), tmp_path, world)
 
     fa, fb = a.clone().requires_grad_(), b.clone().requires_grad_()
     full = SimCLRLoss(temperature=0.1)({"aug1_embed": fa, "aug2_embed": fb})
