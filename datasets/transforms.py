@@ -51,6 +51,9 @@ def _filter_name(interpolation: T.InterpolationMode) -> str:
     return name
 
 
+_TRAIN_FILTER = _filter_name(TRAIN_INTERPOLATION)
+
+
 def _resized(img: Image.Image, size: list[int], filter_name: str) -> np.ndarray:
     """``img`` resized to ``size`` (h, w) as Pillow resizes it, as a (3, h, w) uint8 array."""
     if img.mode != "RGB":
@@ -104,7 +107,7 @@ class TrainTransform:
 
     def resize(self, img: Image.Image) -> np.ndarray:
         """The deterministic part: the bicubic resize, as a (3, H, W) uint8 array."""
-        return _resized(img, self.size, _filter_name(TRAIN_INTERPOLATION))
+        return _resized(img, self.size, _TRAIN_FILTER)
 
     def view(self, chw: np.ndarray) -> torch.Tensor:
         """One random flip/pad/crop of a resized (3, H, W) uint8 array, as a new tensor."""
