@@ -623,6 +623,7 @@ def check_compatible(gi: GalleryIndex, cfg: Any, info: dict[str, Any] | None = N
 
 # ----------------------------------------------------------------------------- files
 def _fsync(path: str) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -727,11 +728,7 @@ class _Staging:
             if os.path.exists(self.out):
                 os.replace(self.out, old)
             os.replace(self.path, self.out)
-            dfd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync(parent)              # the renames themselves reach the disk
         shutil.rmtree(old, ignore_errors=True)
 
     def __exit__(self, *exc: Any) -> None:
