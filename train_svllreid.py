@@ -42,6 +42,7 @@ from utils import cli
 from utils.dist import broadcast_object, cleanup, get_world_size, init_distributed, is_dist, is_main_process
 from utils.logger import setup_logger
 from utils.misc import (
+    local_processes,
     resolve_device,
     resolve_num_workers,
     select_gpus,
@@ -130,7 +131,7 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
                     get_world_size(), dist.get_backend(), cfg.SOLVER.STAGE2.IMS_PER_BATCH // get_world_size())
     set_seed(cfg.SOLVER.SEED)
     if device.type == "cpu":
-        n = set_cpu_threads(cfg.DATALOADER.NUM_WORKERS, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        n = set_cpu_threads(cfg.DATALOADER.NUM_WORKERS, local_processes())
         if n is not None:
             logger.info("CPU: %d torch thread(s) beside %d loader worker(s)", n,
                         resolve_num_workers(cfg.DATALOADER.NUM_WORKERS))

@@ -72,7 +72,7 @@ def _run_ranks(monkeypatch, argv, world, ranks=None):
     codes, coll = [], _Collectives(world)
     for r in sorted(range(world) if ranks is None else ranks, reverse=True):
         with monkeypatch.context() as m:
-            m.setattr(extract_tool, "_world", lambda: world)
+            m.setattr(extract_tool, "world_processes", lambda: world)
             m.setattr(extract_tool, "get_rank", lambda r=r: r)
             m.setattr(extract_tool, "get_world_size", lambda: world)
             m.setattr(extract_tool, "all_gather_object", coll.of_rank(r))

@@ -13,7 +13,7 @@ from processor.folder_inference import camera_row, load_model  # noqa: E402
 from utils.checkpoint import read_metadata  # noqa: E402
 from utils.dist import init_distributed  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
-from utils.misc import resolve_device, select_gpus, set_cpu_threads  # noqa: E402
+from utils.misc import local_processes, resolve_device, select_gpus, set_cpu_threads, world_processes  # noqa: E402
 
 # The model's input, which the checkpoint's metadata records: the tools take it from there.
 INPUT_KEYS = ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD")
@@ -63,9 +63,9 @@ def setup(config_file: str, opts: Sequence[str], dist_timeout_minutes: float | N
         raise ConfigError("TEST.WEIGHT is empty: add TEST.WEIGHT path/to/checkpoint.pth after the options")
     procs = 1
     if dist_timeout_minutes is not None:
-        procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        procs = local_processes()
         select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
-    if dist_timeout_minutes is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if dist_timeout_minutes is not None and world_processes() > 1:
         device = init_distributed(cfg.MODEL.DEVICE, dist_timeout_minutes)
     else:
         device = resolve_device(cfg.MODEL.DEVICE)

@@ -51,6 +51,7 @@ from utils.dist import all_gather_object, cleanup, get_rank, get_world_size
 from utils.errors import UserError
 from utils.fileio import remove_stale_temporaries
 from utils.logger import setup_logger
+from utils.misc import world_processes
 
 logger = logging.getLogger("svllreid")
 
@@ -75,18 +76,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return cli.parse_with_overrides(p, argv)
 
 
-def _world() -> int:
-    """The number of processes torchrun started (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
 def writes_parts(out: str, world: int) -> bool:
     """Whether ``--out`` is a folder of parts: several processes, or a folder given by the user."""
     return world > 1 or os.path.isdir(out) or out.endswith(("/", os.sep))
 
 
 def run(args: argparse.Namespace) -> None:
-    world = _world()
+    world = world_processes()
     if args.images is None:
         if not args.merge:
             raise UserError("--images is required (or --merge FILE without --images, to join the parts in --out)")
@@ -241,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def where() -> str:
-        if args.images is None or not writes_parts(args.out, _world()):
+        if args.images is None or not writes_parts(args.out, world_processes()):
             return ""
         return (f"the finished parts in {args.out} are kept (never a half-written one): run the same command "
                 "again to extract the others")

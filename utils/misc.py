@@ -72,6 +72,11 @@ def local_processes() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+def world_processes() -> int:
+    """Processes of this run on all machines (torchrun's WORLD_SIZE; 1 without it)."""
+    return max(1, int(os.environ.get("WORLD_SIZE") or 1))
+
+
 def resolve_num_workers(num_workers: int, procs_per_machine: int | None = None) -> int:
     """``DATALOADER.NUM_WORKERS`` as a count: itself when >= 0; -1 (auto) gives
     min(8, cores per local process - 1), leaving one core to the process that drives the device."""
