@@ -63,6 +63,11 @@ def train_argv(root: Any, out: Any, *opts: str) -> list[str]:
     return ["--config_file", DEMO, "DATASETS.ROOT_DIR", str(root), "OUTPUT_DIR", str(out), *TINY, *opts]
 
 
+def final_weights(out: Any) -> dict[str, torch.Tensor]:
+    """The last weights file of a tiny run (:data:`TINY`: stage 2 ends at epoch 2) in ``out``."""
+    return torch.load(os.path.join(str(out), "ViT-B-16_2.pth"), weights_only=True)
+
+
 def tiny_cfg(root: Any, out: Any, *opts: str) -> Any:
     """The demo config for a tiny 2 + 2 epoch training on ``root``, written to ``out``."""
     from config import load_config

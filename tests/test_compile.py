@@ -36,7 +36,7 @@ from processor.inference import extract_features
 from processor.processor_stage1 import set_stage1_modes, stage1_forward_loss
 from processor.processor_stage2 import compute_text_features, stage2_forward_loss
 from solver import make_optimizer_1stage, make_optimizer_2stage
-from tests.helpers import DEMO, TINY, opts_of, run_gloo, tiny_cfg, train_argv
+from tests.helpers import DEMO, TINY, final_weights, opts_of, run_gloo, tiny_cfg, train_argv
 from utils.checkpoint import load_model_weights, unwrap
 from utils.misc import set_seed
 
@@ -208,10 +208,6 @@ def test_compiled_rn50_steps_equal_eager(tiny_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- whole runs
-def _final(out):
-    return torch.load(os.path.join(out, "ViT-B-16_2.pth"), weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def compiled_run(tiny_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled")
@@ -228,8 +224,8 @@ def test_compiled_run_logs_writes_eager_files_and_evaluates_the_same(compiled_ru
     for step in ("stage-1 step", "stage-2 step", "evaluation batch", "stage-1 feature-caching batch"):
         assert log.count(f"the first compiled {step} took") == 1, step
     # the weights files and last.pth hold the eager keys (a finished eager run of the same config)
-    eager = torch.load(os.path.join(finished_run, "ViT-B-16_2.pth"), weights_only=True)
-    assert list(_final(out)) == list(eager)
+    eager = final_weights(finished_run)
+    assert list(final_weights(out)) == list(eager)
     state = torch.load(os.path.join(out, "last.pth"), weights_only=True)
     assert not any("_orig_mod" in k for k in state["model"])
     load_model_weights(make_model(cfg, 8, 2, 1), os.path.join(out, "last.pth"))
@@ -266,7 +262,7 @@ def test_compiled_resume_is_exact(compiled_run, tiny_root, tmp_path, monkeypatch
         with pytest.raises(Interrupt):
             train_svllreid.train(cfg)
     resumed = train_svllreid.train(cfg, resume=True)
-    a, b = _final(compiled_run[1]), _final(tmp_path)
+    a, b = final_weights(compiled_run[1]), final_weights(tmp_path)
     assert list(a) == list(b)
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"weights differ after resume: {diff[:5]}"

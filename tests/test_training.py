@@ -17,7 +17,7 @@ from loss import make_loss, make_ssl_loss
 from model import make_model
 from processor import Stage2Criteria, do_train_stage1, do_train_stage2
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
-from tests.helpers import DEMO, fake_vehicleid, opts_of, synthetic_set, tiny_cfg
+from tests.helpers import DEMO, fake_vehicleid, final_weights, opts_of, synthetic_set, tiny_cfg
 from utils.checkpoint import CheckpointMismatchError, load_model_weights
 from utils.misc import set_seed
 
@@ -85,10 +85,6 @@ def _interrupt_after(monkeypatch, module, stage, epoch):
     monkeypatch.setattr(module, "save_train_state", save_then_die)
 
 
-def _final_weights(out):
-    return torch.load(os.path.join(out, "ViT-B-16_2.pth"), weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def straight_run(tiny_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
@@ -107,7 +103,7 @@ def test_resume_is_exact(tiny_root, tmp_path, monkeypatch, straight_run, stage, 
         with pytest.raises(Interrupt):
             train_svllreid.train(cfg)
     resumed = train_svllreid.train(cfg, resume=True)
-    a, b = _final_weights(straight_run[1]), _final_weights(tmp_path)
+    a, b = final_weights(straight_run[1]), final_weights(tmp_path)
     assert a.keys() == b.keys()
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"weights differ after resume: {diff[:5]}"
