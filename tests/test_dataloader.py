@@ -157,3 +157,21 @@ def test_worker_settings(root, monkeypatch):
     assert misc.resolve_num_workers(5) == 5
     monkeypatch.setitem(os.environ, "LOCAL_WORLD_SIZE", "32")
     assert misc.resolve_num_workers(-1) == 1
+
+
+def test_a_worker_count_beyond_the_cores_is_capped_with_one_warning(root, monkeypatch, caplog):
+    """DATALOADER.NUM_WORKERS 1000 on 2 cores: 2 workers per loader, and one warning line saying so."""
+    from utils import misc
+    monkeypatch.setattr(misc, "available_cores", lambda: 2)
+    monkeypatch.setattr(misc, "_capped_warned", set())
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = make_cfg(root, "MODEL.USE_SSL", "False", "DATALOADER.NUM_WORKERS", "1000")
+    with caplog.at_level("WARNING", logger="svllreid"):
+        s2, s1, val, *_ = make_dataloader(cfg)       # three loaders, one warning
+    assert s2.num_workers == s1.num_workers == val.num_workers == 2
+    warned = [r.getMessage() for r in caplog.records if "NUM_WORKERS" in r.getMessage()]
+    assert len(warned) == 1 and "1000" in warned[0] and "2 loader workers" in warned[0], warned
+    assert "\n" not in warned[0]
+    assert misc.resolve_num_workers(2) == 2 and misc.resolve_num_workers(0) == 0     # within the cores: kept
+    monkeypatch.setitem(os.environ, "LOCAL_WORLD_SIZE", "2")                          # 2 processes: 1 core each
+    assert misc.resolve_num_workers(1000) == 1

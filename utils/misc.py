@@ -77,14 +77,26 @@ def world_processes() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE") or 1))
 
 
+_capped_warned: set[tuple[int, int]] = set()
+
+
 def resolve_num_workers(num_workers: int, procs_per_machine: int | None = None) -> int:
-    """``DATALOADER.NUM_WORKERS`` as a count: itself when >= 0; -1 (auto) gives
-    min(8, cores per local process - 1), leaving one core to the process that drives the device."""
+    """``DATALOADER.NUM_WORKERS`` as a count: -1 (auto) gives min(8, cores per local process - 1),
+    leaving one core to the process that drives the device; a count >= 0 is kept, but at most the
+    cores per local process (more workers than cores only compete for them: 1,000 workers made a
+    tiny run take minutes), with one warning per process."""
     n = int(num_workers)
-    if n != AUTO_WORKERS:
-        return n
     procs = local_processes() if procs_per_machine is None else max(1, procs_per_machine)
-    return max(0, min(MAX_AUTO_WORKERS, available_cores() // procs - 1))
+    cores = max(1, available_cores() // procs)
+    if n == AUTO_WORKERS:
+        return max(0, min(MAX_AUTO_WORKERS, cores - 1))
+    if n > cores:
+        if (n, cores) not in _capped_warned:
+            _capped_warned.add((n, cores))
+            logger.warning("DATALOADER.NUM_WORKERS %d is more than the %d core(s) each of the %d process(es) of "
+                           "this machine may use: %d loader workers instead", n, cores, procs, cores)
+        return cores
+    return n
 
 
 def set_cpu_threads(num_workers: int, procs_per_machine: int = 1) -> int | None:
