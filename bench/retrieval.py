@@ -225,7 +225,7 @@ def spawn(name: str, paths: dict[str, str], opts: dict[str, Any], workdir: Path)
     out = workdir / f"{name}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps({"name": name, "paths": paths,
                                                                                   "opts": opts, "out": str(out)})]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "SVLLREID_NO_TQDM": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "SVLLREID_PROGRESS": "off"}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")    # idle OpenMP threads sleep: the cores are shared
     proc = subprocess.Popen(cmd, env=env)
     peak_anon = 0

@@ -20,14 +20,13 @@ def progress_enabled() -> bool:
     """Whether progress bars are drawn: ``SVLLREID_PROGRESS`` = auto (default) / on / off.
 
     ``auto`` draws them only when stderr is a terminal, so redirected output stays one log
-    line per period; ``SVLLREID_NO_TQDM=1`` (the older switch) means ``off``. Only the
-    main process draws.
+    line per period (the tests and benchmarks set ``off``). Only the main process draws.
     """
     mode = os.environ.get(PROGRESS_ENV, "auto").strip().lower() or "auto"
     if mode not in PROGRESS_CHOICES:
         raise ConfigError(f"{PROGRESS_ENV} = {mode!r} is not allowed; choose one of: "
                          f"{', '.join(map(repr, PROGRESS_CHOICES))}")
-    if os.environ.get("SVLLREID_NO_TQDM") == "1" or mode == "off" or not is_main_process():
+    if mode == "off" or not is_main_process():
         return False
     return mode == "on" or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
 

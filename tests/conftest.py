@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-os.environ.setdefault("SVLLREID_NO_TQDM", "1")
+os.environ.setdefault("SVLLREID_PROGRESS", "off")
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def _results(folder):
 @pytest.mark.slow
 def test_grid_resumes_after_a_kill_and_reports_what_the_runs_hold(tiny_root, tmp_path):
     out = tmp_path / "abl"
-    env = dict(os.environ, SVLLREID_NO_TQDM="1")
+    env = dict(os.environ, SVLLREID_PROGRESS="off")
     # first attempt: killed (the whole process group, as a closed terminal would) after the first run finished
     proc = subprocess.Popen(ablate_cmd(tiny_root, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True, text=True)

@@ -338,7 +338,7 @@ def test_train_step_bench_runs_on_cpu_and_prints_every_row(tmp_path):
     import json
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root, SVLLREID_NO_TQDM="1")
+    env = dict(os.environ, PYTHONPATH=root, SVLLREID_PROGRESS="off")
     proc = subprocess.run([sys.executable, os.path.join(root, "bench", "train_step.py"), "--device", "cpu",
                            "--models", "vit", "--no-compile", "--json", str(tmp_path / "rows.json")],
                           cwd=root, env=env, capture_output=True, text=True, timeout=900)

@@ -31,7 +31,7 @@ def test_torchrun_two_processes_train_and_write_results(tiny_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "train_svllreid.py"), "--config_file", DEMO, *opts, "OUTPUT_DIR", str(out),
            "MODEL.DIST_TRAIN", "True", "SOLVER.STAGE1.MAX_EPOCHS", "1", "SOLVER.STAGE2.MAX_EPOCHS", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", SVLLREID_NO_TQDM="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", SVLLREID_PROGRESS="off")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("ViT-B-16_stage1_1.pth", "ViT-B-16_1.pth", "last.pth", "results.json", "train_log.txt"):

@@ -164,7 +164,7 @@ LIGHT_ENTRY_POINTS = ["tools/plot_curves.py"]
 
 
 def _env():
-    return {**os.environ, "SVLLREID_NO_TQDM": "1", "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "SVLLREID_PROGRESS": "off", "OMP_NUM_THREADS": "1"}
 
 
 def _importing(pid):

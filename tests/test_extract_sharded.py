@@ -311,7 +311,7 @@ def test_torchrun_two_processes_equal_one(tiny_root, weight, images, one_process
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "tools", "extract_features.py"),
            *_argv(tiny_root, weight, images, parts, "--merge", merged)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", SVLLREID_NO_TQDM="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", SVLLREID_PROGRESS="off", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(parts)) == [part_name(0, 2), part_name(1, 2)]

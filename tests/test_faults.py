@@ -381,7 +381,7 @@ def test_full_disk_names_the_file_and_keeps_the_previous_one(small_disk):
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_resumable(tiny_root, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "SVLLREID_NO_TQDM": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "SVLLREID_PROGRESS": "off", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "train_svllreid.py", *train_argv(tiny_root, out,
                              "SOLVER.STAGE2.MAX_EPOCHS", "50")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
