@@ -135,13 +135,13 @@ class DeviceTransform:
         self.erase_areas = dict(erase_areas or {})
         self._seed = erase_seed(seed, 0, 0)
         self._gen: torch.Generator | None = None
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_cfg(cls, cfg: Any, is_train: bool) -> DeviceTransform:
         """Test: normalise only. Train: erase ``img`` with area [0.02, 1/3] and the SSL views with
-        the fixed area :data:`SSL_ERASE_AREA`, each with probability ``INPUT.RE_PROB``."""
-        areas = {"img": ERASE_AREA, "ssl_view1": (SSL_ERASE_AREA, SSL_ERASE_AREA),
-                 "ssl_view2": (SSL_ERASE_AREA, SSL_ERASE_AREA)} if is_train else {}
+        area :data:`SSL_ERASE_AREA` ([0.33, 1/3]), each with probability ``INPUT.RE_PROB``."""
+        areas = {"img": ERASE_AREA, "ssl_view1": SSL_ERASE_AREA, "ssl_view2": SSL_ERASE_AREA} if is_train else {}
         return cls(cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD, float(cfg.INPUT.RE_PROB) if is_train else 0.0,
                    areas, seed=int(cfg.SOLVER.SEED))
 
@@ -156,9 +156,18 @@ class DeviceTransform:
             self._gen = torch.Generator(device=device).manual_seed(self._seed)
         return self._gen
 
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as float32 tensors on ``device``, made once per device: a list turned into a
+        CUDA tensor at every batch would be a host copy and a stream synchronisation each time."""
+        stats = self._stats.get(device)
+        if stats is None:
+            stats = self._stats[device] = (torch.tensor(self.mean, dtype=torch.float32, device=device),
+                                           torch.tensor(self.std, dtype=torch.float32, device=device))
+        return stats
+
     def image(self, x: torch.Tensor, key: str = "img") -> torch.Tensor:
         """One key's batch (B, 3, H, W) uint8 -> normalised float32 (erased when ``key`` is erased)."""
-        out = normalize_uint8(x, self.mean, self.std)
+        out = normalize_uint8(x, *self.stats(x.device))
         area = self.erase_areas.get(key)
         if self.erase_prob > 0 and area is not None:
             random_erase(out, self.erase_prob, area, self.generator(out.device))
@@ -174,7 +183,7 @@ class DeviceTransform:
         return out
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_gen": None}
+        return {**self.__dict__, "_gen": None, "_stats": {}}
 
     def __repr__(self) -> str:
         return (f"DeviceTransform(mean={self.mean}, std={self.std}, erase_prob={self.erase_prob}, "

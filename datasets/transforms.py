@@ -30,7 +30,9 @@ from .resample import FILTERS, resize_image, warm_up
 __all__ = ["build_transforms", "build_ssl_transform", "build_loader_transform", "TestTransform",
            "TrainTransform", "SSL_ERASE_AREA", "TEST_INTERPOLATION", "TRAIN_INTERPOLATION"]
 
-SSL_ERASE_AREA = 0.33  # SSL views erase 33% of the image (when erasing), as published
+# The SSL views' erasing area range: the published code gives timm min_area=0.33, max_area=1/3, so each
+# area is drawn uniformly from [0.33, 0.3333...].
+SSL_ERASE_AREA = (0.33, 1 / 3)
 # The test resize (evaluation and the stage-1 feature cache) is bilinear, as published: torchvision's
 # Resize default. The train resize is bicubic, as published too.
 TEST_INTERPOLATION = T.InterpolationMode.BILINEAR
@@ -176,9 +178,9 @@ def build_transforms(cfg: Any, is_train: bool) -> T.Compose:
 
 
 def build_ssl_transform(cfg: Any) -> T.Compose:
-    """The published SSL view pipeline (reference): the train augmentation with random erasing of a
-    fixed area, :data:`SSL_ERASE_AREA`."""
+    """The published SSL view pipeline (reference): the train augmentation with random erasing of an
+    area in :data:`SSL_ERASE_AREA` (about a third of the image)."""
     return T.Compose(_train_ops(cfg) + [
-        RandomErasing(probability=cfg.INPUT.RE_PROB, min_area=SSL_ERASE_AREA,
-                      max_area=SSL_ERASE_AREA, mode="pixel", max_count=1, device="cpu"),
+        RandomErasing(probability=cfg.INPUT.RE_PROB, min_area=SSL_ERASE_AREA[0],
+                      max_area=SSL_ERASE_AREA[1], mode="pixel", max_count=1, device="cpu"),
     ])

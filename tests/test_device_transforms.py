@@ -251,20 +251,27 @@ def test_erasing_matches_timm(h, w, monkeypatch):
     target = area(o) * h * w
     wrong_log_ratio = np.log(np.round(np.sqrt(target * r)) / np.round(np.sqrt(target / r)))
     assert _ks(wrong_log_ratio, log_ratio(t)) < ALPHA
-    fixed = _our_boxes(h, w, prob, (SSL_ERASE_AREA, SSL_ERASE_AREA), N_DRAWS, 3)
+    fixed = _our_boxes(h, w, prob, SSL_ERASE_AREA, N_DRAWS, 3)
     assert _ks(area(fixed[fixed[:, 0] == 1]), area(t)) < ALPHA
 
 
-def test_ssl_views_erase_a_fixed_third_like_timm(monkeypatch):
+def test_ssl_views_erase_the_published_area_range_like_timm(monkeypatch):
+    """The SSL views' erasing, as the training config builds it, against timm's RandomErasing with the
+    published arguments (min_area=0.33, max_area=1/3: each area uniform in [0.33, 0.3333...]); the same
+    test tells a fixed area of 0.33 apart."""
+    from config import load_config
     h, w = 256, 128
-    area = (SSL_ERASE_AREA, SSL_ERASE_AREA)
+    area = DeviceTransform.from_cfg(load_config(None, []), is_train=True).erase_areas["ssl_view1"]
     ours = _our_boxes(h, w, 0.5, area, N_DRAWS, 4)
-    timm = _timm_boxes(h, w, 0.5, area, N_DRAWS, 5, monkeypatch)
+    timm = _timm_boxes(h, w, 0.5, (0.33, 1 / 3), N_DRAWS, 5, monkeypatch)
     o, t = ours[ours[:, 0] == 1], timm[timm[:, 0] == 1]
     fo, ft = o[:, 3] * o[:, 4] / (h * w), t[:, 3] * t[:, 4] / (h * w)
     assert _ks(fo, ft) > ALPHA and _ks(np.log(o[:, 3] / o[:, 4]), np.log(t[:, 3] / t[:, 4])) > ALPHA
-    assert fo.mean() == pytest.approx(0.33, abs=0.002) and abs(fo.mean() - 1 / 3) > 0.002   # 0.33, not 1/3
-    assert 0.30 < fo.min() and fo.max() < 0.36
+    assert _ks((o[:, 1] + o[:, 3] / 2) / h, (t[:, 1] + t[:, 3] / 2) / h) > ALPHA
+    assert fo.mean() == pytest.approx((0.33 + 1 / 3) / 2, abs=0.001)
+    assert 0.32 < fo.min() and fo.max() < 0.345
+    fixed = _our_boxes(h, w, 0.5, (0.33, 0.33), N_DRAWS, 6)          # the area fixed at 0.33: rejected
+    assert _ks(fixed[fixed[:, 0] == 1][:, 3] * fixed[fixed[:, 0] == 1][:, 4] / (h * w), ft) < ALPHA
 
 
 @pytest.mark.parametrize("dense", [True, False])
@@ -326,8 +333,8 @@ def test_from_cfg_and_the_loaders_carry_it(tiny_root, tmp_path):
     cfg = tiny_cfg(tiny_root, tmp_path, "INPUT.RE_PROB", "0.7", "MODEL.USE_SSL", "True")
     data = make_dataloader(cfg)
     train, test = device_transform_of(data.train_stage2), device_transform_of(data.val)
-    assert train.erase_prob == 0.7 and train.erase_areas == {"img": ERASE_AREA, "ssl_view1": (0.33, 0.33),
-                                                             "ssl_view2": (0.33, 0.33)}
+    assert train.erase_prob == 0.7 and train.erase_areas == {"img": ERASE_AREA, "ssl_view1": (0.33, 1 / 3),
+                                                             "ssl_view2": (0.33, 1 / 3)}
     assert test.erase_prob == 0.0 and device_transform_of(data.train_stage1).erase_prob == 0.0
     assert train.mean == list(cfg.INPUT.PIXEL_MEAN) and train.std == list(cfg.INPUT.PIXEL_STD)
     assert device_transform_of(Subset(data.val.dataset, [0, 1])) is test
