@@ -24,6 +24,7 @@ from utils.fileio import ctrl_c_deferred
 from utils.misc import rng_state, set_rng_state
 from utils.run_dir import LAST_CHECKPOINT, RunError
 
+from .amp import load_scaler_state
 from .position import POSITION
 
 __all__ = ["save_train_state", "restore_rng", "load_train_state", "restore_train_state", "save_weights",
@@ -86,10 +87,11 @@ def restore_train_state(state: dict[str, Any], model: nn.Module, optimizer: torc
     right before the first resumed epoch: work done in between (feature caching,
     loader start-up) draws random numbers too.
     """
-    load_model_weights(model, state["model"], state.get("source", LAST_CHECKPOINT))
+    source = state.get("source", LAST_CHECKPOINT)
+    load_model_weights(model, state["model"], source)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    load_scaler_state(scaler, state.get("scaler") or {}, source)
 
 
 def save_weights(output_dir: str, name: str, model: nn.Module, cfg: Any = None,

@@ -222,6 +222,44 @@ def test_stage2_with_center_loss_trains_the_centers(tiny_root, tmp_path):
     assert not torch.equal(before, center.centers.detach())
 
 
+@pytest.mark.parametrize("saved_enabled,now_enabled", [(False, True), (True, False), (True, True)])
+def test_resume_across_devices_restores_the_scaler(saved_enabled, now_enabled, caplog):
+    """MODEL.DEVICE may change on --resume: a CPU run's scaler (disabled, saves {}) resumed on CUDA
+    (enabled; emulated by an enabled CPU GradScaler) starts fresh, a CUDA run's scaler state resumed
+    on the CPU is set aside, each with one log line; enabled on both sides, the state is restored."""
+    from processor.train_state import restore_train_state
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    saved = torch.amp.GradScaler("cpu", enabled=saved_enabled, init_scale=1024.0)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "scaler": saved.state_dict(), "source": "run/last.pth"}
+    scaler = torch.amp.GradScaler("cpu", enabled=now_enabled)
+    with caplog.at_level("INFO", logger="svllreid"):
+        restore_train_state(state, model, opt, sched, scaler)
+    said = [r.getMessage() for r in caplog.records if "gradient-scaler" in r.getMessage()]
+    if saved_enabled == now_enabled:
+        assert not said and scaler.get_scale() == 1024.0
+    else:
+        assert len(said) == 1 and "run/last.pth" in said[0]
+        assert scaler.get_scale() == (65536.0 if now_enabled else 1.0)      # fresh / disabled
+
+
+@pytest.mark.slow
+def test_a_cpu_run_resumes_with_an_enabled_scaler(tiny_root, tmp_path, monkeypatch):
+    """A CPU run interrupted in stage 2, resumed where the scaler is enabled (CUDA, emulated by an
+    enabled CPU GradScaler), trains to the end."""
+    cfg = tiny_cfg(tiny_root, tmp_path)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, stage2_mod, 2, 1)
+        with pytest.raises(Interrupt):
+            train_svllreid.train(cfg)
+    monkeypatch.setattr(stage2_mod, "make_scaler", lambda device: torch.amp.GradScaler("cpu", enabled=True))
+    resumed = train_svllreid.train(cfg, resume=True)
+    assert resumed["trained"]["mAP"] > 0 and os.path.isfile(tmp_path / "results.json")
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["scaler"]["scale"] > 0
+
+
 def test_resume_flag_accepted_before_or_after_overrides():
     for argv in (["--config_file", DEMO, "--resume", "OUTPUT_DIR", "x"],
                  ["--config_file", DEMO, "OUTPUT_DIR", "x", "--resume"]):
