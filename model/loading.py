@@ -27,7 +27,14 @@ import torch
 import torch.nn as nn
 
 from config import ConfigError
-from utils.checkpoint import METADATA_FORMAT, CheckpointMismatchError, metadata_path, read_metadata, read_state_dict
+from utils.checkpoint import (
+    METADATA_FORMAT,
+    CheckpointMismatchError,
+    check_metadata_types,
+    metadata_path,
+    read_metadata,
+    read_state_dict,
+)
 
 from . import clip
 from .make_model import SVLLReID, SVLLReIDOptions, feature_grid, model_options_from_cfg
@@ -132,12 +139,16 @@ def _sie_sizes(sd: Mapping[str, torch.Tensor], meta: dict | None, cfg: Any, is_v
 def check_metadata(sd: Mapping[str, torch.Tensor], meta: dict | None, path: str) -> None:
     """Refuse a metadata file that describes another model than the weights beside it.
 
-    Compared with what the tensors say: the image encoder (ViT-B-16 / RN50), the identities
-    (classifier rows) and the SIE table's rows. The error names the metadata file.
+    Its values must be of the types the training writes (:func:`utils.checkpoint.check_metadata_types`),
+    then they are compared with what the tensors say: the image encoder (ViT-B-16 / RN50), the
+    identities (classifier rows), the SIE table's rows and the feature width (the BNNecks). The
+    error names the metadata file. (Metadata read from a file is also tied to the weights by
+    their SHA-256: :func:`utils.checkpoint.read_metadata`.)
     """
     if meta is None:
         return
     where = metadata_path(path) if os.path.isfile(path) else "the metadata"
+    check_metadata_types(meta, where)
     is_vit = "image_encoder.class_embedding" in sd
     name = "ViT-B-16" if is_vit else "RN50"
     bad = []
@@ -151,6 +162,10 @@ def check_metadata(sd: Mapping[str, torch.Tensor], meta: dict | None, path: str)
         views = int(meta.get("view_num", 1)) if meta.get("sie_view") else 1
         if cams * views != int(sd["cv_embed"].shape[0]):
             bad.append(f"an SIE table of {cams * views} rows but cv_embed has {int(sd['cv_embed'].shape[0])}")
+    if meta.get("feat_dim") is not None and {"bottleneck.weight", "bottleneck_proj.weight"} <= set(sd):
+        width = int(sd["bottleneck.weight"].shape[0]) + int(sd["bottleneck_proj.weight"].shape[0])
+        if int(meta["feat_dim"]) != width:
+            bad.append(f"feat_dim {meta['feat_dim']} but the weights give {width}-d features")
     if bad:
         raise CheckpointMismatchError(f"{where} does not describe the weights in {path}: {'; '.join(bad)}; put the "
                                       "metadata file of these weights beside them, or move it away to size the "

@@ -11,10 +11,10 @@ import torch.nn as nn
 from config.resume import check_train_state
 from model.loading import checkpoint_metadata
 from utils.checkpoint import (
+    WEIGHTS_HASH_KEY,
     load_file,
     load_model_weights,
     model_state,
-    non_finite_keys,
     save_atomic,
     unwrap,
     write_metadata,
@@ -98,15 +98,19 @@ def save_weights(output_dir: str, name: str, model: nn.Module, cfg: Any = None,
                  stage: int | None = None, epoch: int | None = None) -> str:
     """Model weights only, written atomically: a plain state dict with the published key names
     and shapes (the published ``load_param`` accepts it), and, when ``cfg`` is given, the
-    metadata (config, dataset, sizes, stage, epoch, commit) in a JSON file beside it."""
+    metadata (config, dataset, sizes, stage, epoch, commit, and the SHA-256 of the weights file,
+    which ties it to these weights) in a JSON file beside it."""
     path = os.path.join(output_dir, name)
     if is_main_process():
         net = unwrap(model)
         state = net.published_state_dict() if hasattr(net, "published_state_dict") else net.state_dict()
-        # metadata first, so that a weights file never appears without it (none for weights refused as non-finite)
-        if cfg is not None and not non_finite_keys(state):
-            write_metadata(path, checkpoint_metadata(cfg, net, stage, epoch))
-        save_atomic(state, path, check_finite=state)
+        meta = checkpoint_metadata(cfg, net, stage, epoch) if cfg is not None else None
+
+        def write_meta(sha256: str) -> None:
+            # once the weights are written and before they appear: a weights file never appears without
+            # its metadata (and weights refused as non-finite get none)
+            write_metadata(path, {**meta, WEIGHTS_HASH_KEY: sha256})
+        save_atomic(state, path, check_finite=state, before_rename=write_meta if meta is not None else None)
         logger.info("Saved %s", path)
     return path
 

@@ -118,6 +118,81 @@ def test_rn50_metadata_beside_vit_weights_is_named(finished_run, tiny_root, tmp_
     one_line_error(capsys, tmp_path / "ViT-B-16_2.json", "RN50", "ViT-B-16")
 
 
+# ----------------------------------------------------------------------------- metadata tied to its weights
+def _saved_weights(folder, tiny_root, seed, *opts):
+    """A tiny demo model (random weights from ``seed``) saved by the training's save_weights, with
+    its metadata; returns (config whose TEST.WEIGHT is the file, path)."""
+    from processor.train_state import save_weights
+    from tests.helpers import TOOL_SIZE
+    os.makedirs(folder, exist_ok=True)
+    weight = os.path.join(folder, "ViT-B-16_2.pth")
+    cfg = load_config(DEMO, ["DATASETS.ROOT_DIR", str(tiny_root), *TOOL_SIZE, *opts, "TEST.WEIGHT", weight])
+    torch.manual_seed(seed)
+    save_weights(str(folder), "ViT-B-16_2.pth", make_model(cfg, num_class=8, camera_num=2, view_num=1), cfg, 2, 2)
+    return cfg, weight
+
+
+def test_metadata_of_other_weights_is_refused_by_their_hash(tiny_root, tmp_path, capsys):
+    """The metadata JSON names the SHA-256 of its weights: another run's JSON (other camera
+    numbering, another feature width) beside these weights is refused in one line, naming it."""
+    from model.loading import load_for_inference
+    from utils.checkpoint import WEIGHTS_HASH_KEY, file_sha256
+    cfg, weight = _saved_weights(tmp_path / "a", tiny_root, 0)
+    meta = json.loads((tmp_path / "a" / "ViT-B-16_2.json").read_text())
+    assert meta[WEIGHTS_HASH_KEY] == file_sha256(weight)             # computed while writing: the file's hash
+    load_for_inference(cfg)                                          # its own metadata: fine
+    # same shapes, other weights (another run), its camera numbering swapped
+    _saved_weights(tmp_path / "b", tiny_root, 1)
+    other = json.loads((tmp_path / "b" / "ViT-B-16_2.json").read_text())
+    other["dataset_identity"] = {"camera_numbers": {"1": 1, "2": 0}}
+    (tmp_path / "a" / "ViT-B-16_2.json").write_text(json.dumps(other))
+    with pytest.raises(CheckpointMismatchError, match=WEIGHTS_HASH_KEY):
+        load_for_inference(cfg)
+    assert _eval(tiny_root, weight, tmp_path / "eval") == 2
+    one_line_error(capsys, tmp_path / "a" / "ViT-B-16_2.json", weight, "other weights")
+    # a 96-d model's metadata beside 128-d weights
+    _saved_weights(tmp_path / "c", tiny_root, 0, "MODEL.CLIP_ARCH.VISION_WIDTH", "32")
+    narrow = json.loads((tmp_path / "c" / "ViT-B-16_2.json").read_text())
+    assert narrow["feat_dim"] != meta["feat_dim"]
+    (tmp_path / "a" / "ViT-B-16_2.json").write_text(json.dumps(narrow))
+    with pytest.raises(CheckpointMismatchError, match="other weights"):
+        load_for_inference(cfg)
+    # the same without the hash (as an older version wrote it): the feature width still tells
+    del narrow[WEIGHTS_HASH_KEY]
+    (tmp_path / "a" / "ViT-B-16_2.json").write_text(json.dumps(narrow))
+    with pytest.raises(CheckpointMismatchError, match=f"feat_dim {narrow['feat_dim']}"):
+        load_for_inference(cfg)
+
+
+def test_metadata_without_the_hash_loads_with_one_warning(tiny_root, tmp_path, caplog):
+    from model.loading import load_for_inference
+    from utils.checkpoint import WEIGHTS_HASH_KEY, read_metadata
+    cfg, weight = _saved_weights(tmp_path, tiny_root, 0)
+    meta = json.loads((tmp_path / "ViT-B-16_2.json").read_text())
+    del meta[WEIGHTS_HASH_KEY]
+    (tmp_path / "ViT-B-16_2.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="svllreid"):
+        _, info = load_for_inference(cfg)
+        read_metadata(weight)
+    assert info["metadata"]["camera_num"] == 2 and info["camera_num"] == 2
+    warned = [r.getMessage() for r in caplog.records if WEIGHTS_HASH_KEY in r.getMessage()]
+    assert len(warned) == 1 and "older version" in warned[0] and str(tmp_path / "ViT-B-16_2.json") in warned[0]
+
+
+@pytest.mark.parametrize("key,value", [("camera_num", "two"), ("sie_camera", "yes"), ("num_classes", 0),
+                                       ("feat_dim", [96]), ("camera_num", None)])
+def test_metadata_of_a_wrong_type_is_one_line(tiny_root, tmp_path, capsys, key, value):
+    """camera_num: "two" gave a ValueError traceback in check_metadata."""
+    _, weight = _saved_weights(tmp_path / "w", tiny_root, 0)
+    path = tmp_path / "w" / "ViT-B-16_2.json"
+    meta = json.loads(path.read_text())
+    meta[key] = value
+    path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert _eval(tiny_root, weight, tmp_path / "eval") == 2
+    one_line_error(capsys, path, key, repr(value))
+
+
 # ----------------------------------------------------------------------------- SIE: what the data is, not where
 def _results(out):
     return json.loads((out / "results.json").read_text())

@@ -167,6 +167,52 @@ def test_checkpoint_with_non_finite_values_is_never_written(tmp_path):
     assert path.read_bytes() == before
 
 
+class _ClaimsCuda(torch.Tensor):
+    """A CPU tensor that says it lives on CUDA, as a GPU run's weights and optimiser state do; its
+    ``.cpu()`` is the plain tensor. Saved as it is, a plain ``torch.load`` cannot read it back."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def _all_tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _all_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _all_tensors(v)
+
+
+def test_checkpoints_are_saved_with_cpu_tensors(tmp_path):
+    """Weights files and last.pth (optimiser state included) hold plain CPU tensors, whatever device
+    the run's tensors are on: a published-style torch.load without map_location reads them."""
+    from processor.amp import make_scaler
+    from processor.train_state import save_train_state, save_weights
+    model = torch.nn.Linear(3, 2)
+    model.register_buffer("stat", torch.arange(3.0).as_subclass(_ClaimsCuda))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.state[model.weight]["momentum_buffer"] = torch.ones(2, 3).as_subclass(_ClaimsCuda)
+    assert model.state_dict()["stat"].device.type == "cuda"          # what the emulation claims
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    save_train_state(str(tmp_path), 2, 1, model, opt, sched, make_scaler(torch.device("cpu")), "cfg")
+    save_weights(str(tmp_path), "w.pth", model)
+    for name in ("last.pth", "w.pth"):
+        loaded = torch.load(tmp_path / name)                          # no map_location, weights only
+        tensors = list(_all_tensors(loaded))
+        assert tensors and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors), name
+    last = torch.load(tmp_path / "last.pth")
+    assert torch.equal(last["model"]["stat"], torch.arange(3.0))
+    assert torch.equal(last["optimizer"]["state"][0]["momentum_buffer"], torch.ones(2, 3))
+    assert hasattr(torch.load(tmp_path / "w.pth"), "_metadata")       # the state dict's versions kept
+
+
 @pytest.mark.slow
 def test_evaluation_refuses_non_finite_features(finished_run, tiny_root, tmp_path, capsys):
     sd = load_file(str(finished_run / "ViT-B-16_2.pth"))
