@@ -9,13 +9,15 @@ SYNTH  := data/synthetic
 
 all: test
 
-# (Re)install when the requirement files or the package definition change: the pinned
-# dependencies with every extra, the test tools, then the project itself as an editable package.
-$(STAMP): pyproject.toml requirements.txt requirements-export.txt requirements-record.txt requirements-dev.txt
+# (Re)install when the package definition or the pins change: the project as an editable package
+# (the only install it allows, see setup.py) with every extra, and the test tools, all at the exact
+# versions of constraints.txt (pyproject.toml states ranges).
+EXTRAS := export,record,index,ablate
+$(STAMP): pyproject.toml setup.py constraints.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements-dev.txt \
+		-e '.[$(EXTRAS)]' --config-settings editable_mode=compat
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,8 +36,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# ruff, and the order of the rooms: the import-linter contracts in pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) bench/eval.py

@@ -13,7 +13,7 @@ RSS (``ru_maxrss``) is per contender:
   floor = the bare (query x gallery) matrix product ``qf @ gf.t()`` of the same features;
   ours = ``utils.metrics.evaluate`` (blocked distances with the metrics fused in);
   published = ``euclidean_distance`` + ``eval_func`` of CLIP-ReID as published
-  (``tests/reference.py``: full torch distance matrix, ``np.argsort``, per-query loop with
+  (``reference/evaluation.py``: full torch distance matrix, ``np.argsort``, per-query loop with
   vectorised AP; no mINP, which is computed afterwards, untimed).
   Each worker runs its contender once (warm-up; peak RSS is read here), then ``--repeat``
   times alternating with the floor, so the floor is measured beside each contender under
@@ -113,7 +113,12 @@ def _floor(qf: torch.Tensor, gf: torch.Tensor) -> float:
 
 def run_worker(task: str, contender: str, sizes: dict, dim: int, repeat: int, workdir: Path) -> dict:
     """Generate the problem, time one contender, save its result; returns the JSON record."""
-    from tests.reference import published_euclidean_distance, published_eval_func, published_minp, published_re_ranking
+    from reference.evaluation import (
+        published_euclidean_distance,
+        published_eval_func,
+        published_minp,
+        published_re_ranking,
+    )
     from utils.metrics import _distance_block_into, _prepare_features, _rows_per_block, eval_func, evaluate
     from utils.reranking import re_ranking
 

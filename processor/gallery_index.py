@@ -24,6 +24,10 @@ Re-ranking (``TEST.RE_RANKING``) needs the whole query x gallery matrix and is r
 An index folder holds ``index.faiss``, ``vectors.f16.npy`` (ivf-pq with refine), ``items.npz``
 (root, paths relative to it, pids, camids) and ``index.json`` (kind, params, metric, n, d, the
 model's metadata). It is written into a hidden sibling folder and renamed into place once complete.
+
+faiss is the package's ``index`` extra: it is imported where an index is built, searched or read, so
+this module (its parameters, its exact search) loads without it, and a missing faiss is one line
+naming the extra to install.
 """
 from __future__ import annotations
 
@@ -38,7 +42,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from config import ConfigError, is_yes
 from utils.checkpoint import file_sha256
 from utils.entry import signals_deferred
-from utils.errors import UserError
+from utils.errors import UserError, import_extra
 from utils.fileio import follow_umask, open_npz_array
 
 from .progress import progress
@@ -320,6 +323,7 @@ class GalleryIndex:
 
 
 def _new_index(d: int, metric: Metric, params: dict[str, Any]) -> Any:
+    faiss = import_extra("faiss", "index")
     if params["kind"] == "flat":
         return faiss.IndexFlatIP(d) if metric.dist_metric == "cosine" else faiss.IndexFlatL2(d)
     quantizer = faiss.IndexFlatL2(d)
@@ -352,6 +356,7 @@ def build_index(features: np.ndarray | Sequence[np.ndarray], metric: Metric, par
     if rows.n == 0:
         raise UserError("the gallery is empty (0 features): nothing to index")
     d = rows.d
+    faiss = import_extra("faiss", "index")
     faiss.omp_set_num_threads(int(params.get("threads") or _threads()))
     index = _new_index(d, metric, params)
     if params["kind"] == "ivf-pq":
@@ -411,6 +416,7 @@ def _top_k_sorted(dist: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray
 
 def _flat_vectors(gi: GalleryIndex) -> np.ndarray:
     """The float32 vectors an IndexFlat holds (a view, no copy)."""
+    faiss = import_extra("faiss", "index")
     index = faiss.downcast_index(gi.index)
     return faiss.rev_swig_ptr(index.get_xb(), gi.n * gi.d).reshape(gi.n, gi.d)
 
@@ -449,6 +455,7 @@ def search(gi: GalleryIndex, queries: np.ndarray | torch.Tensor, k: int, *, npro
         raise ConfigError(f"queries of shape {tuple(q.shape)}: the index holds {gi.d}-d vectors")
     if len(q) == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    faiss = import_extra("faiss", "index")
     faiss.omp_set_num_threads(_threads())     # this machine's cores, not those of the machine that built it
     if gi.kind == "flat":
         c = min(n, 2 * k + 8)
@@ -679,6 +686,7 @@ def check_index_target(out_dir: str) -> None:
 
 def _write_files(folder: str, gi: GalleryIndex, extra: dict[str, Any]) -> None:
     """index.faiss, items.npz, vectors (unless already in ``folder``) and index.json into ``folder``."""
+    faiss = import_extra("faiss", "index")
     items = gi.items or Items(np.array([""] * gi.n), np.full(gi.n, -1, np.int64), np.full(gi.n, -1, np.int64))
     if len(items) != gi.n or len(items.paths) != gi.n or len(items.camids) != gi.n:
         raise ValueError(f"items ({len(items.paths)} paths, {len(items)} pids) do not match the index's {gi.n}")
@@ -765,7 +773,9 @@ def _damaged(folder: str, name: str, why: str) -> UserError:
 
 
 def load_index(folder: str) -> GalleryIndex:
-    """Read an index folder; a missing or damaged part is refused in one line naming the file."""
+    """Read an index folder; a missing or damaged part is refused in one line naming the file (and
+    without faiss, the extra to install)."""
+    faiss = import_extra("faiss", "index")
     if not os.path.isdir(folder):
         raise UserError(f"no such index folder: {folder} ({REBUILD.replace('build it again', 'build it')})")
     info_path = os.path.join(folder, INFO_FILE)

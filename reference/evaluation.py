@@ -23,7 +23,7 @@ Two kinds, both plain dense numpy/torch code with Python loops:
   per-element Python loop; mINP; re-ranking in float32). Ours must equal these exactly
   (up to float32 rounding for re-ranking); they are the strict references of the tests.
 
-Not for use in training code.
+Nothing of the product imports it (the layers contract in pyproject.toml keeps it so).
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ import torch
 
 import processor.inference as inference
 from config import get_default_config
+from reference.evaluation import exact_eval_func, published_eval_func, published_minp
 from tests.helpers import assert_same, loop_eval, sklearn_map
-from tests.reference import exact_eval_func, published_eval_func, published_minp
 from utils import metrics
 from utils.metrics import QueryCounts, R1_mAP_eval, euclidean_distance, eval_func, evaluate
 

@@ -1,35 +1,29 @@
 """The code layout keeps its order: every import runs downward, ``utils/`` at the ground.
 
-Rooms are the top-level packages, folders and modules of the project. Each has a level
-(:data:`ORDER`); a module may import only rooms of a lower level (and its own room). The
-check reads every ``.py`` file with :mod:`ast`, so imports inside functions count too.
-Run with ``-s`` to see the figures (rooms, arrows, back-arrows, the biggest room's share).
+Rooms are the top-level packages and modules of the project. Their order is a contract of
+import-linter in pyproject.toml (``[tool.importlinter]``), which ``make lint`` checks
+(``lint-imports``), imports inside functions included. What import-linter cannot express is checked
+here: that every room has a place in the contract, and the imports of the top-level modules (the
+entry scripts, ``setup.py``), which it does not analyse.
 """
 from __future__ import annotations
 
 import ast
 import inspect
 import os
-from collections import Counter
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The order of the rooms, ground first. Rooms of one level are siblings: they do not import
-# each other.
-ORDER: dict[str, int] = {
-    "utils": 0,                                  # helpers that know nothing of the project
-    "config": 1,                                 # the config, its checks and the resume rules
-    "datasets": 2, "loss": 2, "solver": 2,       # data, objectives, optimisers
-    "model": 3,                                  # CLIP backbone, prompts, heads, loading
-    "processor": 4,                              # training loops, inference, folders, ONNX
-    "train_svllreid": 5, "test_svllreid": 5,     # entry points
-    "tools": 6,                                  # tools on top of the entry points
-    "tests": 7,
-    "bench": 8,                                  # benchmarks time the code against tests/reference.py
-}
 SKIP_DIRS = {".venv", ".git", "__pycache__", ".ruff_cache", ".pytest_cache", "output", "outputs", "data", "logs"}
+SCRIPTS = ("train_svllreid", "test_svllreid")      # the entry scripts: between processor and tools
+# The top-level modules (import-linter reads packages only) and the layer right above the rooms each may import.
+MODULES = {"train_svllreid": "tools", "test_svllreid": "tools", "setup": None}     # setup: nothing of the project
 
 
 def _python_files() -> list[str]:
@@ -61,59 +55,77 @@ def _imported_modules(rel: str, tree: ast.AST) -> list[tuple[str, int]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def imports() -> list[tuple[str, str, str, int]]:
-    """(importing room, imported room, file, line) for every import of another project room."""
-    files = _python_files()
-    rooms = {_room(f) for f in files}
-    out = []
-    for rel in files:
+def _linter() -> dict:
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["tool"]["importlinter"]
+
+
+def _contract(cid: str) -> dict:
+    return next(c for c in _linter()["contracts"] if c["id"] == cid)
+
+
+def _layers() -> list[set[str]]:
+    """The rooms of each layer of the layers contract, top first."""
+    return [{r.strip() for r in re.split(r"[|:]", layer)} for layer in _contract("layers")["layers"]]
+
+
+def _below(layer: str) -> set[str]:
+    """The rooms of the layers below the one holding ``layer``."""
+    layers = _layers()
+    i = next(i for i, rooms in enumerate(layers) if layer in rooms)
+    return set().union(*layers[i + 1:])
+
+
+def test_every_room_has_a_place_in_the_contract():
+    """A new top-level room must be placed in the order (root_packages and a layer), else nothing checks it."""
+    linter = _linter()
+    layered = set().union(*_layers())
+    assert set(linter["root_packages"]) == layered, "root_packages and the layers name different rooms"
+    rooms = {_room(f) for f in _python_files()}
+    assert rooms == layered | set(MODULES), "a new top-level room needs a layer in pyproject.toml [tool.importlinter]"
+
+
+def test_no_room_below_the_scripts_imports_them():
+    """The second contract forbids the scripts to every room below them (a new one there is named too)."""
+    scripts = _contract("scripts")
+    assert set(scripts["forbidden_modules"]) == set(SCRIPTS)
+    assert set(scripts["source_modules"]) == _below("tools")
+
+
+def test_top_level_modules_import_only_the_rooms_below_them():
+    """What import-linter does not see: the entry scripts import only rooms below tools; setup.py none."""
+    rooms = {_room(f) for f in _python_files()}
+    for module, above in MODULES.items():
+        rel = module + ".py"
         with open(os.path.join(ROOT, rel), encoding="utf-8") as fh:
             tree = ast.parse(fh.read(), rel)
-        for name, line in _imported_modules(rel, tree):
-            target = name.split(".")[0]
-            if target in rooms and target != _room(rel):
-                out.append((_room(rel), target, rel, line))
-    return out
+        allowed = _below(above) if above else set()
+        wrong = [f"{rel}:{line} imports {name}" for name, line in _imported_modules(rel, tree)
+                 if name.split(".")[0] in rooms - allowed]
+        assert not wrong, wrong
 
 
-def test_every_room_has_a_place_in_the_order():
-    assert {_room(f) for f in _python_files()} == set(ORDER), "a new top-level room needs a level in ORDER"
+@pytest.mark.slow
+def test_the_contract_sees_lazy_imports(tmp_path):
+    """lint-imports with the project's contracts passes on the project and fails on a copy whose utils
+    imports processor inside a function, or whose model imports an entry script."""
+    lint = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    for name in set(_linter()["root_packages"]):
+        shutil.copytree(os.path.join(ROOT, name), tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", *(m + ".py" for m in MODULES)):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
 
-
-def test_utils_imports_nothing_of_the_project(imports):
-    upward = [f"{rel}:{line} imports {target}" for room, target, rel, line in imports if room == "utils"]
-    assert upward == [], "utils/ must stay at the ground:\n" + "\n".join(upward)
-
-
-def test_every_import_runs_downward(imports):
-    back = [f"{rel}:{line}: {room} (level {ORDER[room]}) imports {target} (level {ORDER[target]})"
-            for room, target, rel, line in imports if ORDER[target] >= ORDER[room]]
-    assert back == [], "imports that run back up (or sideways) the order of the rooms:\n" + "\n".join(back)
-
-
-def test_layout_figures(imports):
-    """The figures of the layout (printed with ``-s``); the two that must be 0 are asserted."""
-    files = _python_files()
-    lines: Counter[str] = Counter()
-    for rel in files:
-        with open(os.path.join(ROOT, rel), encoding="utf-8") as fh:
-            lines[_room(rel)] += sum(1 for _ in fh)
-    code = Counter({r: n for r, n in lines.items() if r != "tests"})
-    arrows = {(a, b) for a, b, _, _ in imports}
-    back = {(a, b) for a, b in arrows if ORDER[b] >= ORDER[a]}
-    biggest, n = code.most_common(1)[0]
-    print(f"\nrooms: {len(lines)}; import arrows between rooms: {len(arrows)}; back-arrows: {len(back)}; "
-          f"utils imports of the project: {sum(a == 'utils' for a, _ in arrows)}; biggest room (tests aside): "
-          f"{biggest} {n}/{sum(code.values())} lines ({100 * n / sum(code.values()):.0f}%)")
-    assert not back and not any(a == "utils" for a, _ in arrows)
-
-
-def test_the_check_sees_lazy_and_relative_imports():
-    """A lazy import inside a function and a relative import are both found (the check is not blind)."""
-    src = "def f():\n    from processor.common import autocast\nfrom .fileio import atomic_write\n"
-    found = [name for name, _ in _imported_modules(os.path.join("utils", "x.py"), ast.parse(src))]
-    assert sorted(found) == ["processor.common", "utils.fileio"]
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run([lint, "--no-cache"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert check().returncode == 0
+    with open(tmp_path / "utils" / "yesno.py", "a") as f:
+        f.write("\n\ndef _probe():\n    from processor import progress  # noqa: F401\n")
+    with open(tmp_path / "model" / "heads.py", "a") as f:
+        f.write("\n\ndef _probe():\n    import train_svllreid  # noqa: F401\n")
+    out = check()
+    assert out.returncode != 0
+    assert "utils is not allowed to import processor" in out.stdout
+    assert "model is not allowed to import train_svllreid" in out.stdout
 
 
 # ----------------------------------------------------------------------------- one name, one meaning

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.reference import exact_re_ranking
+from reference.evaluation import exact_re_ranking
 from utils import reranking
 from utils.reranking import re_ranking
 

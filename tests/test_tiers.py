@@ -1,5 +1,5 @@
 """The test suite's own shape: test modules share code only through tests/helpers.py (or
-tests/reference.py and conftest.py), never by importing one another, and every test module
+reference/evaluation.py and conftest.py), never by importing one another, and every test module
 keeps at least one test in the fast tier (``make test`` = ``pytest -m "not slow"``)."""
 from __future__ import annotations
 

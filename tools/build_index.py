@@ -43,7 +43,7 @@ from processor.feature_parts import model_meta, read_feature_sets
 from processor.folder_inference import FeatureSet
 from utils import cli
 from utils.checkpoint import file_sha256, read_metadata
-from utils.errors import UserError
+from utils.errors import UserError, import_extra
 from utils.logger import setup_logger
 
 logger = logging.getLogger("svllreid")
@@ -147,6 +147,7 @@ def _recall_queries(n: int, d: int, given: int | None) -> int:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build and write the index; returns its index.json."""
+    import_extra("faiss", "index")                   # the index extra, before any reading
     setup_logger("svllreid", None, if_train=False)
     cfg = load_config(args.config_file, list(args.opts))
     metric = gx.metric_from_config(cfg)             # TEST.RE_RANKING refused before any reading

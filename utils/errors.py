@@ -22,13 +22,16 @@ class ConfigError(UserError, ValueError):
 
 
 # The optional parts of the package and what they bring (pyproject.toml, optional-dependencies).
-EXTRAS = {"export": "ONNX export and its onnxruntime check", "record": "pictures (curves, CMC, ranked lists)"}
+EXTRAS = {"export": "ONNX export and its onnxruntime check", "record": "pictures (curves, CMC, ranked lists)",
+          "index": "gallery indexes (tools/build_index.py, tools/search.py --index)",
+          "ablate": "the intervals of the ablation report (tools/ablate.py)"}
 
 
 def import_extra(module: str, extra: str) -> ModuleType:
-    """Import ``module`` of an optional extra, or refuse in one line saying what to install."""
+    """Import ``module`` of an optional extra, or refuse in one line saying what to install (the
+    message names the top-level package: ``scipy``, not ``scipy.stats``)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"{module} is not installed; {EXTRAS[extra]} need it: "
+        raise UserError(f"{module.partition('.')[0]} is not installed; {EXTRAS[extra]} need it: "
                         f"pip install -e '.[{extra}]' (make installs every extra)") from None

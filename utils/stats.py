@@ -1,5 +1,6 @@
 """Summary statistics over seeds: mean, sample standard deviation, and Welch's 95% interval
-for a difference of means (used by the ablation report)."""
+for a difference of means (used by the ablation report; the interval needs scipy, the ``ablate``
+extra, imported when it is computed)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as _scipy_stats
+
+from .errors import import_extra
 
 __all__ = ["Summary", "summarize", "welch_interval"]
 
@@ -46,5 +48,5 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95
     if se == 0.0:
         return diff, diff, diff
     df = (va + vb) ** 2 / (va ** 2 / (sa.n - 1) + vb ** 2 / (sb.n - 1))
-    half = float(_scipy_stats.t.ppf(0.5 + level / 2, df)) * se
+    half = float(import_extra("scipy.stats", "ablate").t.ppf(0.5 + level / 2, df)) * se
     return diff, diff - half, diff + half
