@@ -499,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> None:
+        import_extra("scipy", "ablate")     # the report's intervals: said before any run, not after hours
         if args.report:
             for path in write_report(args.report):
                 print(path)
