@@ -68,6 +68,12 @@ def check_train_state(state: dict[str, Any], cfg: Any, path: str) -> None:
         if diffs:
             shown = "; ".join(f"{key} = {theirs!r} (run: {ours!r})" for key, theirs, ours in diffs[:4])
             more = f"; ... (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""
+            saved_path = os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE)
+            if not os.path.isfile(saved_path):     # the run's settings are lost, not last.pth foreign
+                raise RunError(f"--resume: {saved_path} is missing, so the run's settings were taken from the "
+                               f"command line, and they are not those {path} was written with: {shown}{more}; put "
+                               "the run's config.yaml back, or give the --config_file and overrides the run was "
+                               "started with")
             raise RunError(f"{path} does not belong to this run: it was written with {shown}{more}, where run values "
                            f"are those of {os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE)} and the command line; --resume "
                            "continues only a state written with the run's own settings (start over with --overwrite, "

@@ -71,6 +71,54 @@ def test_resume_of_a_missing_folder_fails_at_once(tmp_path, capsys):
     assert os.listdir(empty) == []
 
 
+def _run_files(out, tiny_root, *names):
+    """A run folder as training leaves it: the tiny run's config.yaml and the files ``names`` (dummies)."""
+    from tests.helpers import tiny_cfg
+    from utils.run_dir import save_run_config
+    cfg = tiny_cfg(tiny_root, out)
+    save_run_config(str(out), cfg)
+    for n in names:
+        (out / n).write_text("{}" if n.endswith(".json") else "x")
+    return cfg
+
+
+def test_resume_of_a_finished_run_without_last_pth_is_refused(tiny_root, tmp_path, capsys):
+    """last.pth deleted to save space: --resume retrained in place over results.json and the weights."""
+    out = tmp_path / "run"
+    out.mkdir()
+    _run_files(out, tiny_root, "results.json", "ViT-B-16_2.pth", "ViT-B-16_2.json", "train_log.txt")
+    before = snapshot(out)
+    assert train_svllreid.main(["--resume", "OUTPUT_DIR", str(out)]) == 2
+    one_line_error(capsys, out, "finished run", "results.json", "last.pth", "--overwrite")
+    assert snapshot(out) == before and not any(n.startswith("previous-") for n in os.listdir(out))
+
+
+def test_resume_of_an_unfinished_run_without_last_pth_moves_its_files_aside(tiny_root, tmp_path):
+    """A run stopped between its first weights file and its first last.pth: nothing to continue, so its
+    files go to previous-<time>/ (nothing is overwritten) and it starts over with its own config."""
+    from utils.run_dir import prepare_output_dir
+    out = tmp_path / "run"
+    out.mkdir()
+    _run_files(out, tiny_root, "ViT-B-16_stage1_1.pth", "ViT-B-16_stage1_1.json", "train_log.txt")
+    notes = prepare_output_dir(str(out), resume=True, overwrite=False)
+    moved = [n for n in os.listdir(out) if n.startswith("previous-")]
+    assert len(moved) == 1 and len(notes) == 1 and moved[0] in notes[0] and "from scratch" in notes[0]
+    assert sorted(os.listdir(out / moved[0])) == ["ViT-B-16_stage1_1.json", "ViT-B-16_stage1_1.pth", "train_log.txt"]
+    assert sorted(os.listdir(out)) == sorted(["config.yaml", moved[0]])
+
+
+def test_resume_without_config_yaml_blames_the_missing_file(tiny_root, tmp_path, capsys):
+    """config.yaml deleted: the error blamed last.pth ("does not belong to this run")."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = _run_files(out, tiny_root)
+    torch.save({"stage": 2, "epoch": 1, "model": {}, "optimizer": {}, "config": cfg.dump()}, out / "last.pth")
+    os.remove(out / "config.yaml")
+    assert train_svllreid.main(["--resume", "--config_file", DEMO, "OUTPUT_DIR", str(out)]) == 2
+    err = one_line_error(capsys, out / "config.yaml", "is missing", "INPUT.SIZE_TRAIN")
+    assert "does not belong" not in err
+
+
 # ----------------------------------------------------------------------------- files that do not fit
 @pytest.mark.slow
 def test_cut_files_are_named(finished_run, run_copy, tiny_root, tmp_path, capsys):

@@ -95,7 +95,9 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> list[s
     if stale:
         notes.append(f"removed {len(stale)} half-written file(s) of an interrupted write: {', '.join(stale)}")
     files = existing_run_files(output_dir)
-    if resume or not files:
+    if resume:
+        return notes + _resume_without_last_checkpoint(output_dir, files)
+    if not files:
         return notes
     if not overwrite and not any(n in PROGRESS_FILES or n.endswith(".pth") for n in files):
         # the leftovers of a run that failed before saving anything (bad data path, bad batch): not a run
@@ -111,6 +113,25 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> list[s
     dest = move_aside(output_dir, files)
     notes.append(f"--overwrite: the previous run's {len(files)} file(s) were moved to {dest}")
     return notes
+
+
+def _resume_without_last_checkpoint(output_dir: str, files: list[str]) -> list[str]:
+    """``--resume`` of a folder whose run has no ``last.pth`` (deleted to save space, or the run
+    stopped between its first weights file and its first ``last.pth``): a finished run
+    (``results.json``) is refused, since retraining it would replace its results and weights;
+    an unfinished one's files move to ``previous-<time>/`` (``config.yaml`` stays: the run's
+    settings) and the run starts from scratch. Returns log lines."""
+    if LAST_CHECKPOINT in files or not any(n == "results.json" or n.endswith(".pth") for n in files):
+        return []
+    if "results.json" in files:
+        raise RunError(f"--resume: OUTPUT_DIR {output_dir} holds a finished run (results.json) without its "
+                       f"{LAST_CHECKPOINT}, so there is nothing to continue, and retraining would replace its results "
+                       "and weights: evaluate its weights with test_svllreid.py, or start over with --overwrite "
+                       "(its files are moved to a previous-<time>/ sub-folder)")
+    names = [n for n in files if n != CONFIG_FILE]
+    dest = move_aside(output_dir, names)
+    return [f"--resume: no {LAST_CHECKPOINT} to continue from; the run's earlier files ({', '.join(names)}) were "
+            f"moved to {dest}, and the run starts from scratch"]
 
 
 def move_aside(output_dir: str, names: list[str]) -> str:
