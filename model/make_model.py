@@ -13,7 +13,6 @@ training computation goes through ``forward`` (needed for DistributedDataParalle
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -319,7 +318,8 @@ def feature_grid(cfg: Any) -> tuple[int, int]:
 
 
 def build_clip(cfg: Any) -> nn.Module:
-    """CLIP from local weights (MODEL.PRETRAIN_PATH or ~/.cache/clip/<NAME>.pt) or random init."""
+    """CLIP from MODEL.PRETRAIN_PATH, or OpenAI's weights for MODEL.NAME (``~/.cache/clip/<NAME>.pt``,
+    downloaded on first use; never when MODEL.PRETRAIN_PATH is set), or random init."""
     h, w = feature_grid(cfg)
     stride = cfg.MODEL.STRIDE_SIZE[0]
     if cfg.MODEL.CLIP_INIT == "random":
@@ -330,8 +330,9 @@ def build_clip(cfg: Any) -> nn.Module:
             cfg.MODEL.NAME, h, w, stride, embed_dim=a.EMBED_DIM, vision_width=a.VISION_WIDTH,
             vision_layers=a.VISION_LAYERS, vision_patch_size=a.VISION_PATCH_SIZE,
             text_width=a.TEXT_WIDTH, text_heads=a.TEXT_HEADS, text_layers=a.TEXT_LAYERS)
-    path = cfg.MODEL.PRETRAIN_PATH or cfg.MODEL.NAME
-    logger.info("Loading CLIP weights from %s", os.path.expanduser(path))
+    pretrain = cfg.MODEL.PRETRAIN_PATH
+    path = clip.resolve_checkpoint(pretrain or cfg.MODEL.NAME, download=not pretrain)
+    logger.info("Loading CLIP weights from %s", path)
     return clip.load_clip(path, h, w, stride)
 
 

@@ -1,5 +1,5 @@
-"""Test set-up: quiet progress bars, few threads, the session's tiny synthetic set (the ``slow``
-marker is registered in pyproject.toml).
+"""Test set-up: quiet progress bars, no CLIP weights download, few threads, the session's tiny
+synthetic set (the ``slow`` marker is registered in pyproject.toml).
 
 Two tiers: ``make test`` runs ``pytest -m "not slow"`` (every module's quick tests, about half a
 minute); ``make test-all`` (what CI runs) adds the tests marked ``slow``: end-to-end
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("SVLLREID_PROGRESS", "off")
+os.environ.setdefault("SVLLREID_OFFLINE", "1")      # no test reaches the internet for CLIP weights
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ every ResNet block at 0, so all of those are perturbed first: a wrong bias, norm
 residual path then shows up as a mismatch.
 """
 import copy
+import re
 import warnings
 
 import pytest
@@ -16,7 +17,7 @@ from torch import nn
 open_clip = pytest.importorskip("open_clip")
 
 from model import clip  # noqa: E402
-from model.clip import loader  # noqa: E402
+from model.clip import download, loader  # noqa: E402
 
 ATOL = 1e-4
 TEXTS = [
@@ -279,6 +280,8 @@ def test_load_clip_plain_open_clip_and_named(tiny_vit, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loader, "CLIP_CACHE_DIR", tmp_path)
     torch.save(dict(sd, logit_scale=torch.tensor(4.6)), tmp_path / "ViT-B-16.pt")
+    sha = download.sha256_of(tmp_path / "ViT-B-16.pt")     # a cached file with the URL's checksum is used as is
+    monkeypatch.setitem(download.OPENAI_URLS, "ViT-B-16", f"http://127.0.0.1:9/{sha}/ViT-B-16.pt")
     _weights_equal(clip.load_clip("ViT-B-16", 14, 14, 16), sd)
 
 
@@ -302,9 +305,10 @@ def test_load_clip_torchscript_archive(tiny_vit, tmp_path):
 
 def test_load_clip_missing_file(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "CLIP_CACHE_DIR", tmp_path)
+    monkeypatch.setenv(download.OFFLINE_ENV, "1")
     with pytest.raises(FileNotFoundError, match="MODEL.PRETRAIN_PATH") as err:
         clip.load_clip("ViT-B-16", 21, 10, 12)
-    assert str(tmp_path / "ViT-B-16.pt") in str(err.value)
+    assert str(tmp_path / "ViT-B-16.pt") in str(err.value) and download.OPENAI_URLS["ViT-B-16"] in str(err.value)
     with pytest.raises(FileNotFoundError, match="MODEL.PRETRAIN_PATH"):
         clip.load_clip(tmp_path / "nowhere.pth", 21, 10, 12)
 
@@ -324,6 +328,137 @@ def test_mismatched_state_dict_lists_bad_keys(tiny_vit):
         assert harmless not in msg
     with pytest.raises(ValueError, match="not an OpenAI-format CLIP"):
         clip.build_model({"foo": torch.zeros(1)}, 14, 14, 16)
+
+
+# ------------------------------------------------------------------------------- other checkpoint formats
+def _small_open_clip(custom_text: bool, resnet: bool = False) -> nn.Module:
+    """A small open_clip model, random init (perturbed), in its own CLIP or CustomTextCLIP class."""
+    vision = dict(layers=(1, 1, 1, 1), width=32, head_width=64, image_size=64) if resnet else \
+        dict(layers=2, width=64, head_width=64, patch_size=16, image_size=224)
+    text = dict(width=64, heads=1, layers=2, context_length=77, vocab_size=49408)
+    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    return _perturb(cls(embed_dim=64, vision_cfg=vision, text_cfg=text, quick_gelu=True))
+
+
+def _same_outputs(ours: clip.CLIP, ref: nn.Module) -> None:
+    """Our text features and projected class token equal the reference model's encode_text / encode_image."""
+    tokens, x = clip.tokenize(TEXTS), torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        _assert_close(ours.encode_text(tokens), ref.encode_text(tokens))
+        _assert_close(ours.visual(x)[2][:, 0], ref.encode_image(x))
+
+
+@pytest.mark.parametrize("custom_text", [False, True], ids=["CLIP", "CustomTextCLIP"])
+def test_open_clip_checkpoints_load_as_open_clip_computes(custom_text, tmp_path):
+    """open_clip's own state dicts (plain, its training checkpoint with DDP prefixes, torch.compile's
+    prefix, safetensors) load and compute what open_clip computes; CustomTextCLIP keeps its text tower
+    under 'text.'."""
+    from safetensors.torch import save_file
+    torch.manual_seed(3)
+    ref = _small_open_clip(custom_text)
+    sd = ref.state_dict()
+    assert any(k.startswith("text.") for k in sd) is custom_text
+    torch.save(sd, tmp_path / "plain.pt")
+    torch.save({"epoch": 2, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()},
+                "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "epoch_2.pt")
+    torch.save({f"_orig_mod.{k}": v for k, v in sd.items()}, tmp_path / "compiled.pt")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "open_clip_model.safetensors"))
+    for name in ("plain.pt", "epoch_2.pt", "compiled.pt", "open_clip_model.safetensors"):
+        _same_outputs(clip.load_clip(tmp_path / name, 14, 14, 16), ref)
+
+
+def test_open_clip_resnet_custom_text_maps_every_tensor(tmp_path):
+    torch.manual_seed(4)
+    ref = _small_open_clip(custom_text=True, resnet=True)
+    torch.save(ref.state_dict(), tmp_path / "rn.pt")
+    ours = clip.load_clip(tmp_path / "rn.pt", 2, 2, 16)     # 64 px: the 2x2 grid of the pretrained size
+    expected = {k.removeprefix("text."): v for k, v in ref.state_dict().items() if k != "logit_scale"}
+    got = ours.state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    tokens = clip.tokenize(TEXTS)
+    with torch.no_grad():
+        _assert_close(ours.encode_text(tokens), ref.encode_text(tokens))
+
+
+def _to_hugging_face(sd: dict) -> dict:
+    """Our (OpenAI) names -> transformers' CLIPModel names: what a CLIPModel.state_dict() holds."""
+    top = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+           "positional_embedding": "text_model.embeddings.position_embedding.weight",
+           "ln_final.weight": "text_model.final_layer_norm.weight", "ln_final.bias": "text_model.final_layer_norm.bias",
+           "visual.class_embedding": "vision_model.embeddings.class_embedding",
+           "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+           "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+           "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+           "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+           "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+           "visual.ln_post.bias": "vision_model.post_layernorm.bias"}
+    block = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    hf = {"logit_scale": torch.tensor(4.6052),
+          "text_model.embeddings.position_ids": torch.arange(77)[None],
+          "vision_model.embeddings.position_ids": torch.arange(197)[None]}
+    for k, v in sd.items():
+        if k in top:
+            hf[top[k]] = v
+        elif k in ("text_projection", "visual.proj"):
+            hf["text_projection.weight" if k == "text_projection" else "visual_projection.weight"] = v.t().clone()
+        else:
+            tower, i, rest = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)", k).groups()
+            base = f"{'vision' if tower else 'text'}_model.encoder.layers.{i}."
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.rsplit("_", 1)[1]
+                for letter, part in zip("qkv", v.chunk(3)):
+                    hf[f"{base}self_attn.{letter}_proj.{kind}"] = part.clone()
+            else:
+                module, param = rest.rsplit(".", 1)
+                hf[f"{base}{block[module]}.{param}"] = v
+    return hf
+
+
+def test_hugging_face_checkpoint_round_trip(tmp_path):
+    """A transformers CLIPModel state dict (.bin and .safetensors) gives back every tensor of the model
+    it was made from, and the same numbers (heads: one per 64 channels, as a checkpoint implies)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(5)
+    tiny_vit = _tiny(text_heads=1)
+    sd = tiny_vit.state_dict()
+    hf = _to_hugging_face(sd)
+    # towers x layers x (q, k, v, out) x (weight, bias)
+    assert len([k for k in hf if "_proj." in k and "self_attn" in k]) == 2 * 2 * 4 * 2
+    torch.save(hf, tmp_path / "pytorch_model.bin")
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp_path / "model.safetensors"))
+    tokens, x = clip.tokenize(TEXTS), torch.randn(2, 3, 224, 224)
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        ours = clip.load_clip(tmp_path / name, 14, 14, 16)
+        _weights_equal(ours, sd)
+        with torch.no_grad():
+            torch.testing.assert_close(ours.encode_text(tokens), tiny_vit.encode_text(tokens), rtol=0, atol=0)
+            torch.testing.assert_close(ours.encode_image(x), tiny_vit.encode_image(x), rtol=0, atol=0)
+
+
+def test_foreign_checkpoints_are_refused_in_one_line(tiny_vit, tmp_path):
+    """A file that is no CLIP checkpoint is one UserError line naming what it holds."""
+    from utils.errors import UserError
+    timm_vit = {"cls_token": torch.zeros(1, 1, 8), "pos_embed": torch.zeros(1, 5, 8),
+                "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}
+    torch.save(timm_vit, tmp_path / "timm.pth")
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pth")
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    (tmp_path / "notes.txt").write_text("not weights\n" * 10)
+    sd = dict(tiny_vit.state_dict())
+    sd.pop("visual.ln_post.bias")
+    torch.save(sd, tmp_path / "incomplete.pt")
+    expected = {"timm.pth": ["cls_token", "pos_embed", "patch_embed.proj.weight", "3 entries"],
+                "module.pth": ["pickled Python objects"], "list.pth": ["holds a list"],
+                "notes.txt": ["cannot be read"], "incomplete.pt": ["missing keys (1)", "visual.ln_post.bias"]}
+    for name, words in expected.items():
+        with pytest.raises(UserError) as err:
+            clip.load_clip(tmp_path / name, 14, 14, 16)
+        msg = str(err.value)
+        assert "\n" not in msg and str(tmp_path / name) in msg, msg
+        for word in words:
+            assert word in msg, (word, msg)
 
 
 # ------------------------------------------------------------------------------- misc

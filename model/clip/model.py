@@ -225,6 +225,11 @@ def arch_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> CLIPArch:
     )
 
 
+def _first(items: list[str], n: int = 8) -> str:
+    """The first ``n`` of ``items`` (a key list of a whole foreign checkpoint would run to hundreds)."""
+    return str(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def _is_ignored(key: str) -> bool:
     return key in _IGNORED_KEYS or key.endswith("attn_mask")
 
@@ -268,9 +273,9 @@ def build_model(
         raise ValueError(
             "CLIP state dict does not match the architecture inferred from it "
             f"({'ViT' if arch.is_vit else 'ResNet'}):\n"
-            f"  missing keys ({len(missing)}): {missing}\n"
-            f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-            f"  shape mismatches ({len(mismatched)}): {mismatched}")
+            f"  missing keys ({len(missing)}): {_first(missing)}\n"
+            f"  unexpected keys ({len(unexpected)}): {_first(unexpected)}\n"
+            f"  shape mismatches ({len(mismatched)}): {_first(mismatched)}")
     model = model.to_empty(device="cpu")
     for key in missing_ok:  # OpenAI's ResNet archives may lack the BN step counters
         state_dict[key] = torch.zeros((), dtype=torch.long)
