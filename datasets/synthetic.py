@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from utils.misc import write_json_atomic
+
 from .bases import DatasetError
 
 __all__ = ["SyntheticSpec", "SyntheticSpecError", "generate_synthetic", "ensure_synthetic", "pixel_baseline"]
@@ -374,8 +376,10 @@ def generate_synthetic(out: str, spec: SyntheticSpec | None = None, overwrite: b
                        **kwargs: Any) -> dict[str, int]:
     """Write the set described by ``spec`` (or ``SyntheticSpec(**kwargs)``) under ``out``.
 
-    An existing non-empty set is replaced only with ``overwrite`` (its ``.jpg`` files and
-    ``synthetic.json`` are removed first). Returns the number of images per subset.
+    An existing non-empty set is replaced only with ``overwrite``, and only a set this function
+    wrote (its ``synthetic.json``, written before the first image, so that an interrupted set
+    counts too): its ``.jpg`` files and ``synthetic.json`` are removed first. Images that it did
+    not write (a real dataset) are never removed. Returns the number of images per subset.
     """
     spec = spec or SyntheticSpec(**kwargs)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -386,7 +390,14 @@ def generate_synthetic(out: str, spec: SyntheticSpec | None = None, overwrite: b
         if not overwrite:
             raise FileExistsError(f"{out} already holds images ({', '.join(existing)}); "
                                   "pass overwrite=True (--overwrite) to replace them")
+        if not os.path.isfile(os.path.join(out, META)):
+            raise DatasetError(f"{out} holds images ({', '.join(existing)}) that were not written by the synthetic "
+                               f"set generator (no {META}): --overwrite replaces only a synthetic set, never other "
+                               "images; give another output folder")
         _clear(out)
+    os.makedirs(out, exist_ok=True)
+    # the generation parameters; written first (marked incomplete until the last image), so the folder is ours
+    write_json_atomic(os.path.join(out, META), {**dataclasses.asdict(spec), "incomplete": True})
     h, w = spec.height, spec.width
     cams = {c: make_camera(_rng(spec.seed, 2, c)) for c in range(1, spec.num_cams + 1)}
     frames = {c: 0 for c in cams}
@@ -408,9 +419,7 @@ def generate_synthetic(out: str, spec: SyntheticSpec | None = None, overwrite: b
             Image.fromarray(img).save(path, format="JPEG", quality=spec.jpeg_quality,
                                       optimize=False, progressive=False, subsampling=0)
         counts[sub] = len(shots)
-    with open(os.path.join(out, META), "w") as f:
-        json.dump(dataclasses.asdict(spec), f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json_atomic(os.path.join(out, META), dataclasses.asdict(spec))
     logger.info("synthetic set written to %s: %s", out, counts)
     return counts
 

@@ -111,6 +111,39 @@ def test_cli_writes_a_set(tmp_path, capsys):
     assert make_synthetic.main(["--out", out]) == 1  # exists, no --overwrite
 
 
+def test_overwrite_never_deletes_images_the_generator_did_not_write(tmp_path, capsys, monkeypatch):
+    """--overwrite on a real Market folder deleted its .jpg files: only a folder holding the
+    generator's synthetic.json is replaced; an interrupted set (marked from its first image) is."""
+    from tools import make_synthetic
+    real = tmp_path / "Market"
+    generate_synthetic(str(real), seed=0, **SMALL)
+    os.remove(real / "synthetic.json")                      # a Market-layout folder of someone else's images
+    before = tree_bytes(str(real))
+    argv = ["--out", str(real), "--overwrite", "--num-ids", "3", "--num-test-ids", "2", "--height", "32",
+            "--width", "16"]
+    assert make_synthetic.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and str(real) in err and "synthetic.json" in err
+    assert tree_bytes(str(real)) == before
+    # a set cut short by a kill: its marker says so, and --overwrite writes it again
+    import datasets.synthetic as synthetic_mod
+    ours, drawn = tmp_path / "cut", []
+
+    def die_after_two(*args, **kwargs):
+        drawn.append(1)
+        if len(drawn) > 2:
+            raise KeyboardInterrupt
+        return render(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(synthetic_mod, "render", die_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            generate_synthetic(str(ours), seed=0, **SMALL)
+    assert os.path.isfile(ours / "synthetic.json")
+    ensure_synthetic(str(ours), seed=0, **SMALL)           # incomplete: written again, not taken as done
+    generate_synthetic(str(tmp_path / "whole"), seed=0, **SMALL)
+    assert tree_bytes(str(ours)) == tree_bytes(str(tmp_path / "whole"))
+
+
 def test_pixel_baseline_and_oracle(tmp_path):
     root = str(tmp_path / "syn")
     generate_synthetic(root, seed=0, **SMALL)
