@@ -30,12 +30,14 @@ generator, Market-sized 128x64 JPEGs):
   against inference alone (target >= 70%).
 
 Order: the eager rows of every model (and the first model's end-to-end rows, eager), then the
-compiled rows (and the first model's end-to-end rows, compiled); a model waits on the CPU while
-another is measured. Defaults: CUDA when present, with the published ViT-B-16 (stride 12,
-camera SIE, 256x128) and RN50 configs, stage 2 at 64 = 16 ids x 4 with both SSL views, stage 1
-at 64 features, inference at 256, and a time budget of 270 s (a row that would not fit is
-printed as skipped, one still running 15 s after the budget is stopped); on the CPU, the demo
-configs' tiny models at small batches, no budget. A row that fails prints its error and the
+compiled step rows of every model, then the first model's end-to-end rows compiled; a model
+waits on the CPU while another is measured. Models are sized by the synthetic set (its
+identities and cameras), as training sizes them. Defaults: CUDA when present, with the
+published ViT-B-16 (stride 12, camera SIE, 256x128) and RN50 configs, stage 2 at 64 = 16 ids
+x 4 with both SSL views, stage 1 at the configs' batch (256 features for ViT-B-16, 64 for
+RN50), inference at 256, and a time budget of 360 s (a row that would not fit is printed as
+skipped, one still running 15 s after the budget is stopped); on the CPU, the demo configs'
+tiny models at small batches, no budget. A row that fails prints its error and the
 bench goes on (exit code 1 at the end). Rows are printed as they come (and written to
 ``--json``), the tables at the end.
 
@@ -67,7 +69,7 @@ from config import load_config
 from datasets import make_dataloader
 from datasets.synthetic import SyntheticSpec, generate_synthetic
 from loss import SimCLRLoss, SupConLoss, make_loss, make_ssl_loss
-from model import make_model
+from model import make_model, move_model
 from processor.amp import autocast, make_scaler, optimizer_step
 from processor.batches import device_transform_of, eval_mode, set_loader_epoch, to_device
 from processor.compiled import compile_model
@@ -84,13 +86,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 
 # Dense (no sparsity) FP16/BF16 tensor-core peaks, TFLOP/s, from the vendor's datasheets (which
-# print the sparse figure, twice these): name fragment -> (device, peak, source). Checked in order.
-PEAK_TFLOPS: list[tuple[tuple[str, ...], tuple[str, ...], str, float, str]] = [
-    # (all of these in the name, none of these in the name, device, peak, source)
-    (("H200",), ("NVL", "GH200"), "H200 SXM", 989.4, "NVIDIA H200 Tensor Core GPU datasheet (1,979 TFLOPS sparse)"),
-    (("H100",), ("NVL", "PCIe", "GH200"), "H100 SXM", 989.4,
+# print the sparse figure, twice these), with the whole GPU's streaming multiprocessors: name
+# fragment -> (device, peak, SMs, source). Checked in order. A MIG slice has the name of the whole
+# GPU and fewer SMs; its peak is scaled by its share of them.
+PEAK_TFLOPS: list[tuple[tuple[str, ...], tuple[str, ...], str, float, int, str]] = [
+    # (all of these in the name, none of these in the name, device, peak, SMs, source)
+    (("H200",), ("NVL", "GH200"), "H200 SXM", 989.4, 132,
+     "NVIDIA H200 Tensor Core GPU datasheet (1,979 TFLOPS sparse)"),
+    (("H100",), ("NVL", "PCIe", "GH200"), "H100 SXM", 989.4, 132,
      "NVIDIA H100 Tensor Core GPU datasheet, SXM (1,979 TFLOPS sparse)"),
-    (("A100",), (), "A100", 312.0, "NVIDIA A100 Tensor Core GPU datasheet (624 TFLOPS sparse)"),
+    (("A100",), (), "A100", 312.0, 108, "NVIDIA A100 Tensor Core GPU datasheet (624 TFLOPS sparse)"),
 ]
 
 
@@ -98,9 +103,7 @@ PEAK_TFLOPS: list[tuple[tuple[str, ...], tuple[str, ...], str, float, str]] = [
 class Sizes:
     """What one device measures: configs, batches, steps, the synthetic set and the budget."""
     configs: dict[str, str]
-    num_classes: int
-    cameras: int
-    stage1_batch: int
+    stage1_batch: int                      # 0: the config's SOLVER.STAGE1.IMS_PER_BATCH (what users run)
     stage2_batch: int
     test_batch: int
     warmup: int
@@ -115,13 +118,13 @@ class Sizes:
 
 SIZES = {
     "cuda": Sizes(configs={"vit": "configs/person/vit_svllreid.yml", "rn50": "configs/person/cnn_svllreid.yml"},
-                  num_classes=751, cameras=6, stage1_batch=64, stage2_batch=64, test_batch=256, warmup=3, steps=20,
+                  stage1_batch=0, stage2_batch=64, test_batch=256, warmup=3, steps=20,
                   spec=SyntheticSpec(num_train_ids=250, num_test_ids=100, num_cams=4, images_per_cam=4),
-                  loader_images=256, loader_repeats=2, budget=270.0,
+                  loader_images=256, loader_repeats=2, budget=360.0,
                   # the first compiled ViT-B-16 stage-2 step took 69 s on an H200 (by hand)
                   compile_estimate={"stage-1 step": 45, "stage-2 step": 80, "inference": 30, "stage-2 epoch": 40}),
     "cpu": Sizes(configs={"vit": "configs/demo/vit_svllreid_demo.yml", "rn50": "configs/demo/cnn_svllreid_demo.yml"},
-                 num_classes=16, cameras=4, stage1_batch=16, stage2_batch=16, test_batch=32, warmup=1, steps=3,
+                 stage1_batch=16, stage2_batch=16, test_batch=32, warmup=1, steps=3,
                  spec=SyntheticSpec(num_train_ids=16, num_test_ids=32, num_cams=4, images_per_cam=4),
                  loader_images=64, loader_repeats=1, budget=0.0,
                  compile_estimate={"stage-1 step": 60, "stage-2 step": 90, "inference": 30, "stage-2 epoch": 30},
@@ -192,12 +195,22 @@ def count_flops(fn: Callable[[], None]) -> int:
 
 
 def device_peak(device: torch.device) -> tuple[str, float | None, str]:
-    """(device name, dense fp16 peak in TFLOP/s or None, source)."""
+    """(device name, dense fp16 peak in TFLOP/s or None, source); a device with fewer SMs than the
+    whole GPU (a MIG slice) gets the peak of its share."""
     if device.type != "cuda":
         return "CPU", None, ""
     name = torch.cuda.get_device_name(device)
-    for need, avoid, label, peak, source in PEAK_TFLOPS:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return match_peak(name, sms)
+
+
+def match_peak(name: str, sms: int) -> tuple[str, float | None, str]:
+    """:func:`device_peak` for a device ``name`` with ``sms`` streaming multiprocessors."""
+    for need, avoid, label, peak, full, source in PEAK_TFLOPS:
         if all(n in name for n in need) and not any(a in name for a in avoid):
+            if sms < full:
+                return (f"{name} ({label}, {sms} of its {full} SMs: a MIG slice)", peak * sms / full,
+                        f"{source}, times {sms}/{full} SMs")
             return f"{name} ({label})", peak, source
     return name, None, ""
 
@@ -253,8 +266,7 @@ class Report:
         except Exception as e:      # noqa: BLE001 -- one failed row must not lose the others
             self.failed += 1
             traceback.print_exc(limit=3)
-            first = " ".join(str(e).split())[:200]
-            return self.add(Row(model, row, variant, note=f"failed: {type(e).__name__}: {first}"))
+            return self.add(Row(model, row, variant, note=failure(e)))
 
     def skip(self, model: str, row: str, variant: str, why: str) -> None:
         self.add(Row(model, row, variant, note=f"skipped: {why}"))
@@ -262,6 +274,11 @@ class Report:
     def find(self, model: str, row: str, variant: str) -> Row | None:
         return next((r for r in self.rows if (r.model, r.row, r.variant) == (model, row, variant)
                      and r.per_s is not None), None)
+
+
+def failure(e: BaseException) -> str:
+    """A failed row's note: the error's type and the start of its message, on one line."""
+    return f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 def fmt(v: float | None, spec: str, empty: str = "-") -> str:
@@ -305,10 +322,11 @@ class Bench:
 
     def config(self, key: str) -> Any:
         s = self.sizes
-        return load_config(str(ROOT / s.configs[key]), [
+        stage1 = ["SOLVER.STAGE1.IMS_PER_BATCH", str(s.stage1_batch)] if s.stage1_batch else []
+        return load_config(str(ROOT / s.configs[key]), [*stage1,
             "MODEL.DEVICE", self.device.type, "MODEL.CLIP_INIT", "random", "DATASETS.NAMES", "folder",
             "DATASETS.ROOT_DIR", self.root, "OUTPUT_DIR", os.path.join(self.out_dir, key),
-            "SOLVER.STAGE1.IMS_PER_BATCH", str(s.stage1_batch), "SOLVER.STAGE2.IMS_PER_BATCH", str(s.stage2_batch),
+            "SOLVER.STAGE2.IMS_PER_BATCH", str(s.stage2_batch),
             "TEST.IMS_PER_BATCH", str(s.test_batch), "SOLVER.STAGE2.MAX_EPOCHS", "1",
             "SOLVER.STAGE2.CHECKPOINT_PERIOD", "1", "SOLVER.STAGE2.LOG_PERIOD", "1000",
             "DATALOADER.NUM_WORKERS", str(self.args.workers), *s.overrides])
@@ -328,26 +346,30 @@ class ModelBench:
 
     def __init__(self, bench: Bench, key: str) -> None:
         self.bench, self.key, self.label = bench, key, LABELS[key]
-        s, dev = bench.sizes, bench.device
+        dev = bench.device
         self.cfg = cfg = bench.config(key)
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        self.data = make_dataloader(cfg)
-        self.model = model = make_model(cfg, num_class=s.num_classes, camera_num=s.cameras, view_num=1).to(dev)
+        self.data = data = make_dataloader(cfg)
+        # sized by the data, as training sizes them: the text features and the classifier must agree
+        self.num_classes = n_cls = data.num_classes
+        self.model = model = move_model(make_model(cfg, num_class=n_cls, camera_num=data.camera_num,
+                                                   view_num=data.view_num), dev)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"\n{self.label}: built in {time.perf_counter() - t0:.1f} s ({params:.1f}M parameters, "
-              f"{s.num_classes} identities), {time.perf_counter() - bench.budget.start:.0f} s into the run", flush=True)
-        # stage 1: cached features with new labels every step
+              f"{n_cls} identities), {time.perf_counter() - bench.budget.start:.0f} s into the run", flush=True)
+        # stage 1: cached features with new labels every step, at the config's batch
+        b1 = cfg.SOLVER.STAGE1.IMS_PER_BATCH
         g = torch.Generator().manual_seed(1)
-        self.feats = [torch.randn(s.stage1_batch, model.in_planes_proj, generator=g).to(dev) for _ in range(8)]
-        self.labels = [torch.randint(0, s.num_classes, (s.stage1_batch,), generator=g).to(dev) for _ in range(8)]
+        self.feats = [torch.randn(b1, model.in_planes_proj, generator=g).to(dev) for _ in range(8)]
+        self.labels = [torch.randint(0, n_cls, (b1,), generator=g).to(dev) for _ in range(8)]
         # stage 2: one real loader batch (uint8, pinned), finished on the device at every step
         set_loader_epoch(self.data.train_stage2, cfg.SOLVER.SEED, 1)
         self.cpu_batch = next(iter(self.data.train_stage2))
         self.text = None
         if model.prompt_learning and cfg.MODEL.I2T_LOSS_WEIGHT > 0:
-            self.text = compute_text_features(model, s.num_classes, cfg.SOLVER.STAGE1.IMS_PER_BATCH, dev)
-        self.loss_fn, self.center = make_loss(cfg, s.num_classes, feat_dim=model.feature_dims[0])
+            self.text = compute_text_features(model, n_cls, cfg.SOLVER.STAGE1.IMS_PER_BATCH, dev)
+        self.loss_fn, self.center = make_loss(cfg, n_cls, feat_dim=model.feature_dims[0])
         if self.center is not None:
             self.center.to(dev)
         use_ssl = cfg.MODEL.USE_SSL and cfg.SOLVER.STAGE2.SSL_LOSS_WEIGHT > 0
@@ -550,29 +572,42 @@ def run_models(bench: Bench, keys: list[str]) -> None:
         except Exception as e:       # noqa: BLE001 -- the other model may still be measured
             rep.failed += 1
             traceback.print_exc(limit=3)
-            rep.add(Row(label, "model", "eager", note=f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+            rep.add(Row(label, "model", "eager", note=failure(e)))
+    # compiled: the step rows of every model, then the first model's end-to-end rows (the lowest
+    # priority under the budget); a model is dropped as soon as nothing more is measured with it
     first = models[0] if models else None
-    while models:
-        mb = models.pop(0)
-        try:
-            mb.unpark()
-            mb.compiled_rows()
-            if mb is first and mb.compiled:
-                mb.end_to_end("compiled")
-            mb.park()
-        except BudgetExceeded as e:
-            rep.add(Row(mb.label, "model", "compiled", note=str(e)))
-        except Exception as e:       # noqa: BLE001
-            rep.failed += 1
-            traceback.print_exc(limit=3)
-            rep.add(Row(mb.label, "model", "compiled",
-                        note=f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"))
-        del mb                      # the model, its loaders and graphs go before the next one
-        first = None
-        gc.collect()
-        torch._dynamo.reset()
-        if bench.device.type == "cuda":
-            torch.cuda.empty_cache()
+    for mb in models:
+        _compiled_phase(bench, mb, mb.compiled_rows)
+        if mb is not first:
+            _drop(bench, mb)
+    if first is not None and first.compiled:
+        _compiled_phase(bench, first, lambda: first.end_to_end("compiled"))
+    if first is not None:
+        _drop(bench, first)
+
+
+def _compiled_phase(bench: Bench, mb: ModelBench, work: Callable[[], None]) -> None:
+    """``work()`` with ``mb`` on the device; a failure becomes its row and the bench goes on."""
+    rep = bench.report
+    try:
+        mb.unpark()
+        work()
+        mb.park()
+    except BudgetExceeded as e:
+        rep.add(Row(mb.label, "model", "compiled", note=str(e)))
+    except Exception as e:       # noqa: BLE001
+        rep.failed += 1
+        traceback.print_exc(limit=3)
+        rep.add(Row(mb.label, "model", "compiled", note=failure(e)))
+
+
+def _drop(bench: Bench, mb: ModelBench) -> None:
+    """Free a model, its loaders and buffers before what comes next."""
+    mb.park()
+    mb.__dict__.clear()
+    gc.collect()
+    if bench.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class EpochRecord:
@@ -654,7 +689,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=0, help="timed steps per row (default: 20 on CUDA, 3 on the CPU)")
     ap.add_argument("--workers", type=int, default=-1, help="DATALOADER.NUM_WORKERS (-1: from the cores)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for the whole run; rows that would not fit are skipped (default: 270 on CUDA, "
+                    help="seconds for the whole run; rows that would not fit are skipped (default: 360 on CUDA, "
                          "none on the CPU; 0: none)")
     ap.add_argument("--data", default=None, help="folder for the synthetic set (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file (kept current)")

@@ -22,7 +22,7 @@ from utils.yesno import BOOL_WORDS, is_yes
 
 from .defaults import _C as _DEFAULTS
 
-__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "is_yes",
+__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "is_yes", "settings_summary",
            "CHOICES", "INERT_KEYS", "OPTIMIZERS", "WARMUP_METHODS", "DATASET_NAMES"]
 
 # Names the config offers and the lower rooms implement (solver, datasets check that they match).
@@ -246,8 +246,9 @@ def validate(cfg: _YacsNode) -> None:
         raise ConfigError(f"{key} = {value!r} has no effect in this implementation ({why}); "
                           f"leave it at {default!r}")
     dev = cfg.MODEL.DEVICE
-    if not (dev in ("cpu", "cuda") or (isinstance(dev, str) and dev.startswith("cuda:"))):
-        raise ConfigError(f"MODEL.DEVICE = {dev!r} is not allowed; choose 'cpu', 'cuda' or 'cuda:N'")
+    if not (dev in ("cpu", "cuda", "auto") or (isinstance(dev, str) and re.fullmatch(r"cuda:\d+", dev))):
+        raise ConfigError(f"MODEL.DEVICE = {dev!r} is not allowed; choose 'cpu', 'cuda', 'cuda:N' or 'auto' "
+                          "(CUDA where it is usable, else the CPU)")
     if not re.fullmatch(r"\d+(,\d+)*", str(cfg.MODEL.DEVICE_ID)):
         raise ConfigError(f"MODEL.DEVICE_ID = {cfg.MODEL.DEVICE_ID!r} must list GPU numbers, e.g. '0' or '0,1'")
     for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
@@ -302,6 +303,37 @@ def validate(cfg: _YacsNode) -> None:
                           f"use IMS_PER_BATCH >= {2 * k}")
     if not 0.0 <= cfg.TEST.RE_RANKING_LAMBDA <= 1.0:
         raise ConfigError(f"TEST.RE_RANKING_LAMBDA = {cfg.TEST.RE_RANKING_LAMBDA!r} must lie in [0, 1]")
+    if cfg.SOLVER.COMPILE and cfg.MODEL.SSL_SYNC_BN and cfg.MODEL.DIST_TRAIN:
+        raise ConfigError("MODEL.SSL_SYNC_BN True with SOLVER.COMPILE True: SyncBatchNorm under torch.compile has "
+                          "never been run here (it needs several GPUs); set one of them False")
+
+
+def _on(flag: Any) -> str:
+    return "on" if flag else "off"
+
+
+def settings_summary(cfg: _YacsNode, config_path: str) -> list[str]:
+    """The few settings that decide a training, as short lines for the console and the log
+    (the full config is in ``config_path``): model, data, both stages, seed and compile."""
+    m, s1, s2 = cfg.MODEL, cfg.SOLVER.STAGE1, cfg.SOLVER.STAGE2
+    weights = m.PRETRAIN_PATH or "~/.cache/clip" if m.CLIP_INIT == "pretrained" else "random, not pre-trained"
+    workers = "auto" if cfg.DATALOADER.NUM_WORKERS == -1 else cfg.DATALOADER.NUM_WORKERS
+    lines = [f"Settings, every key in {config_path}:",
+             f"  model {m.NAME}, CLIP weights {weights}, input {'x'.join(map(str, cfg.INPUT.SIZE_TRAIN))}, "
+             f"camera embedding {_on(m.SIE_CAMERA)}, view embedding {_on(m.SIE_VIEW)}",
+             f"  data {cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR}, sampler {cfg.DATALOADER.SAMPLER} with "
+             f"{cfg.DATALOADER.NUM_INSTANCE} images per identity, loader workers {workers}"]
+    if m.PROMPT_LEARNING:
+        lines.append(f"  stage 1: {s1.MAX_EPOCHS} epochs, batch {s1.IMS_PER_BATCH}, lr {s1.BASE_LR:.2e}, "
+                     "text SSL " + (f"on with weight {s1.SSL_LOSS_WEIGHT}" if m.USE_SSL_STAGE1 else "off"))
+    else:
+        lines.append("  stage 1: none, MODEL.PROMPT_LEARNING is off")
+    ssl2 = f"{m.SSL_TYPE} with weight {s2.SSL_LOSS_WEIGHT}" if m.USE_SSL else "off"
+    lines.append(f"  stage 2: {s2.MAX_EPOCHS} epochs, batch {s2.IMS_PER_BATCH}, lr {s2.BASE_LR:.2e} times "
+                 f"{s2.GAMMA} at epochs {list(s2.STEPS)}, image SSL {ssl2}, evaluation every {s2.EVAL_PERIOD} epochs")
+    lines.append(f"  seed {cfg.SOLVER.SEED}, compile {_on(cfg.SOLVER.COMPILE)}, "
+                 f"distributed {_on(m.DIST_TRAIN)}, output {cfg.OUTPUT_DIR}")
+    return lines
 
 
 def get_default_config() -> CfgNode:

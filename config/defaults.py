@@ -9,7 +9,7 @@ _C = CN()
 
 # ----------------------------------------------------------------------------- MODEL
 _C.MODEL = CN()
-_C.MODEL.DEVICE = "cuda"            # 'cuda', 'cuda:N' or 'cpu' (cuda falls back to cpu with a warning)
+_C.MODEL.DEVICE = "cuda"            # 'cuda', 'cuda:N' (refused without a usable CUDA), 'cpu' or 'auto' (CUDA if usable)
 _C.MODEL.DEVICE_ID = "0"
 _C.MODEL.NAME = "ViT-B-16"          # 'ViT-B-16' or 'RN50'
 _C.MODEL.LAST_STRIDE = 1
@@ -92,6 +92,9 @@ _C.SOLVER.MARGIN = 0.3
 # torch.compile of the model for training and evaluation (processor/compiled.py, docs/speed.md):
 # faster steps after a first compiled step of about a minute per kind of step on a GPU.
 _C.SOLVER.COMPILE = False
+# Deterministic algorithms (torch.use_deterministic_algorithms, cuBLAS workspace, no cuDNN autotuning):
+# a CUDA run then repeats bit for bit on the same GPU model and software, at some speed (docs/usage.md).
+_C.SOLVER.DETERMINISTIC = False
 
 _C.SOLVER.STAGE1 = CN()
 _C.SOLVER.STAGE1.IMS_PER_BATCH = 64

@@ -54,7 +54,7 @@ PREFETCH_FACTOR = 4   # batches each worker keeps ready (uint8 batches: a quarte
 
 
 def _loader_kwargs(cfg: Any, seed_offset: int, persistent: bool = False) -> dict[str, Any]:
-    """Workers (DATALOADER.NUM_WORKERS, -1: from the cores), pinned memory when CUDA is there, a
+    """Workers (DATALOADER.NUM_WORKERS, -1: from the cores), pinned memory when the run uses CUDA, a
     seeded generator (worker RNGs derive from it), prefetching; ``persistent`` keeps the workers
     between iterations (only for loaders without random transforms)."""
     workers = resolve_num_workers(cfg.DATALOADER.NUM_WORKERS)
@@ -64,7 +64,8 @@ def _loader_kwargs(cfg: Any, seed_offset: int, persistent: bool = False) -> dict
         # the training loader is not persistent: each epoch's workers are seeded afresh from the loader's
         # generator, which the trainer re-seeds per epoch (exact resume, see processor.batches.set_loader_epoch)
         "persistent_workers": persistent and workers > 0,
-        "pin_memory": torch.cuda.is_available(),
+        # pinned batches copy to the GPU asynchronously; a run on the CPU has no use for them
+        "pin_memory": str(cfg.MODEL.DEVICE) != "cpu" and torch.cuda.is_available(),
         "generator": torch.Generator().manual_seed(seed),
     }
     if workers > 0:

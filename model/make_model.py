@@ -210,9 +210,11 @@ class SVLLReID(nn.Module):
         prompts = self.prompt_learner(label)
         return self.text_encoder(prompts, self.prompt_learner.tokenized_prompts)
 
-    def _ssl_text(self, label: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """Language SSL: two augmented copies of each unique label's prompt, encoded and projected."""
-        labels = unique_labels(label)
+    def _ssl_text(self, label: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
+        """Language SSL: two augmented copies of each unique label's prompt, encoded and projected.
+        ``labels``: the unique labels when the caller has them (from host labels: no device sync)."""
+        if labels is None:
+            labels = unique_labels(label)
         if labels.numel() < 2:     # BatchNorm in the MLP and SimCLR negatives need >= 2 prompts
             return None
         prompts = self.prompt_learner(labels)
@@ -226,14 +228,16 @@ class SVLLReID(nn.Module):
     def forward(self, x: torch.Tensor | None = None, label: torch.Tensor | None = None,
                 cam_label: torch.Tensor | None = None, view_label: torch.Tensor | None = None,
                 ssl_views: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mode: str | None = None) -> Any:
+                mode: str | None = None, unique_label: torch.Tensor | None = None) -> Any:
+        """See the module docstring for ``mode``; ``unique_label`` (stage 1, optional): the sorted
+        unique values of ``label``, when the caller computed them on the host."""
         if mode not in FORWARD_MODES:
             raise ValueError(f"SVLLReID.forward: mode {mode!r} is not one of {FORWARD_MODES}")
         if mode == "text":
             return self.encode_text(label)
         if mode == "stage1":
             out = {"text_features": self.encode_text(label)}
-            out["ssl"] = self._ssl_text(label) if self.use_ssl_stage1 else None
+            out["ssl"] = self._ssl_text(label, unique_label) if self.use_ssl_stage1 else None
             return out
         if mode == "image_proj":
             return self._image_features(x)[2]
@@ -334,6 +338,15 @@ def build_clip(cfg: Any) -> nn.Module:
     path = clip.resolve_checkpoint(pretrain or cfg.MODEL.NAME, download=not pretrain)
     logger.info("Loading CLIP weights from %s", path)
     return clip.load_clip(path, h, w, stride)
+
+
+def move_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` moved to ``device``; on CUDA a convolutional (RN50) tower is put in channels_last
+    layout, the one cuDNN's tensor-core convolutions use (the values stay; the files keep the keys)."""
+    model = model.to(device)
+    if device.type == "cuda" and not getattr(model, "is_vit", True):
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def make_model(cfg: Any, num_class: int, camera_num: int, view_num: int) -> SVLLReID:

@@ -19,7 +19,8 @@ def augment_prompts(prompts: torch.Tensor, method: str, scale: float) -> torch.T
 
     mask: each element zeroed independently with probability ``scale``;
     swap: per prompt, ``int(scale * L)`` random positions are randomly permuted among themselves;
-    mix:  each prompt becomes ``(1 - scale) * itself + scale * another prompt of the batch``.
+    mix:  each prompt becomes ``(1 - scale) * itself + scale * another prompt of the batch``
+          (the batch rolled by one random shift, as ``torch.roll``).
     """
     b, length, d = prompts.shape
     if method == "mask":
@@ -38,8 +39,10 @@ def augment_prompts(prompts: torch.Tensor, method: str, scale: float) -> torch.T
     if method == "mix":
         if b < 2:
             return prompts
+        # prompt i mixes with prompt (i - shift) mod b, shift in [1, b): torch.roll(prompts, shift)
+        # with the shift kept on the device (no host read: no sync, no graph break under compile)
         shift = torch.randint(1, b, (1,), device=prompts.device)
-        other = torch.roll(prompts, shifts=int(shift), dims=0)                           # another prompt, never itself
+        other = prompts[(torch.arange(b, device=prompts.device) - shift) % b]            # another prompt, never itself
         return (1.0 - scale) * prompts + scale * other
     raise ValueError(f"SOLVER.STAGE1.PROMPT_AUG_METHOD = {method!r}; choose 'mask', 'swap' or 'mix'")
 

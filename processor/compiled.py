@@ -9,9 +9,11 @@ compiled run's files load into eager code, ours or the published one.
 Under DDP the model is compiled first and wrapped after (``DDP(compiled)``): the one compiled
 module serves the training forward through DDP, and evaluation and the stage-1 feature cache,
 which run on the unwrapped model. DDP is rebuilt for each stage; the compiled module is not.
-The cost: DDP cannot overlap its gradient all-reduce with the backward pass (that needs
-Dynamo to trace DDP itself); for ViT-B-16 that is one all-reduce of about 0.35 GB of fp32
-gradients per step, a few milliseconds over NVLink against a step of about 75 ms.
+The gradient all-reduce still overlaps the backward pass: DDP's forward marks itself active
+while it calls the compiled module, and Dynamo then compiles through its DDPOptimizer
+(``torch._dynamo.config.optimize_ddp``), which splits the graph at DDP's bucket boundaries so
+that each bucket's all-reduce starts when its part of the backward is done. The price is more,
+smaller graphs (a longer first step), not lost overlap.
 
 Graphs are static (``dynamic=False``): every shape is compiled for, so the stage-2 step is
 the same graph whatever ran before it (a resumed run computes what an uninterrupted one does),
@@ -24,15 +26,22 @@ the graph):
   compiles once more; evaluation, the stage-1 feature cache and the stage-2 text features
   pad their last partial batch to the full size instead (:func:`fixed_batch_encode`), which
   gives the same features per row;
-- stage 1's language SSL takes the unique labels of each batch (``torch.unique``, see
-  ``model.make_model.unique_labels``): a graph break, and the prompt graph after it has a
-  dynamic size, compiled once for every number of identities.
+- stage 1's language SSL takes the unique labels of each batch, computed on the host by the
+  training loop (``model.make_model.unique_labels`` when it is not given): the prompt graph has
+  a dynamic size, compiled once for every number of identities.
+
+Dynamo allows :data:`RECOMPILE_LIMIT` compilations per function (its default of 8 is about
+what ``SVLLReID.forward`` legitimately meets in one run). Past the limit Dynamo would run the
+function eagerly without a word; here that is an error instead (one line, exit 2), and the
+number of compilations and graph breaks so far is logged with the time of every first
+compiled step (:func:`compile_counts`).
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import sysconfig
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -44,11 +53,12 @@ import torch.nn as nn
 from utils.checkpoint import unwrap
 from utils.errors import UserError
 
-__all__ = ["check_compile_support", "compile_model", "is_compiled", "log_first_step", "fixed_batch_encode",
-           "pad_rows"]
+__all__ = ["RECOMPILE_LIMIT", "check_compile_support", "compile_model", "compile_counts", "is_compiled",
+           "log_first_step", "fixed_batch_encode", "pad_rows"]
 
 logger = logging.getLogger("svllreid")
 T = TypeVar("T")
+RECOMPILE_LIMIT = 32     # compilations per function before Dynamo gives up on it (an error here, never eager)
 
 _logged: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
@@ -67,6 +77,15 @@ def check_compile_support(device: torch.device) -> None:
         except ImportError:
             raise UserError(f"{key} on CUDA needs Triton (pip install triton, usually installed with torch); "
                             "set SOLVER.COMPILE False to train without it") from None
+        # Triton builds each kernel's launcher as a Python C extension: a C compiler and Python.h
+        names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+        if not any(shutil.which(n) for n in names):
+            raise UserError(f"{key} on CUDA needs a C compiler for Triton's kernel launchers ({' / '.join(names)} "
+                            "not found): install one (e.g. apt install gcc) or set SOLVER.COMPILE False")
+        header = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+        if not os.path.isfile(header):
+            raise UserError(f"{key} on CUDA needs the Python headers for Triton's kernel launchers ({header} not "
+                            "found): install them (e.g. apt install python3-dev) or set SOLVER.COMPILE False")
     elif device.type == "cpu":
         names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
         if not any(shutil.which(n) for n in names):
@@ -80,11 +99,36 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     Call before wrapping the model in DistributedDataParallel (see the module docstring).
     """
     check_compile_support(device)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     model.compile(dynamic=False)
+    model._compiled_call_impl = _refuse_eager_fallback(model._compiled_call_impl)
     logger.info("SOLVER.COMPILE: the model is compiled with torch.compile (inductor, in place: checkpoint keys "
                 "unchanged). Each kind of step compiles when first used (minutes for ViT-B-16 on a GPU); "
                 "the time of each first compiled step is logged")
     return model
+
+
+def _refuse_eager_fallback(call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call`` with Dynamo's recompile-limit failure turned into a one-line error."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except FailOnRecompileLimitHit:
+            frames, breaks = compile_counts()
+            raise UserError(f"SOLVER.COMPILE: a function of the model needed more than {RECOMPILE_LIMIT} compilations "
+                            f"({frames} in all, {breaks} graph breaks), and would have fallen back to eager code; "
+                            "set SOLVER.COMPILE False, and see TORCH_LOGS=recompiles for what changes") from None
+    return run
+
+
+def compile_counts() -> tuple[int, int]:
+    """(frames compiled, graph breaks) in this process so far: every first compilation and every
+    recompilation counts one frame (Dynamo's own counters)."""
+    from torch._dynamo.utils import counters
+    return int(counters["frames"]["ok"]), int(sum(counters["graph_break"].values()))
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -109,7 +153,9 @@ def _sync(device: torch.device | None) -> None:
 
 
 def _log_time(what: str, seconds: float) -> None:
-    logger.info("SOLVER.COMPILE: the first compiled %s took %.1f s (compilation included)", what, seconds)
+    frames, breaks = compile_counts()
+    logger.info("SOLVER.COMPILE: the first compiled %s took %.1f s, compilation included; so far %d compiled "
+                "frame(s), %d graph break(s)", what, seconds, frames, breaks)
 
 
 def log_first_step(items: Iterable[T], model: nn.Module, what: str, device: torch.device) -> Iterator[T]:

@@ -2,7 +2,7 @@
 one-line error check, the config flattener, the plain ranking references, and runs on several
 gloo processes (:func:`run_gloo`).
 
-Test modules import from here (or from ``tests.reference``), never from one another, so
+Test modules import from here (or from ``reference.evaluation``), never from one another, so
 that each module can be moved, marked or run on its own.
 """
 from __future__ import annotations
@@ -128,6 +128,15 @@ def one_line_error(capsys: Any, *names: Any) -> str:
     return err
 
 
+def paren_depth(text: str) -> int:
+    """How deep the parentheses of ``text`` nest (console messages keep it at 1)."""
+    depth = deepest = 0
+    for c in text:
+        depth += (c == "(") - (c == ")")
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def snapshot(folder: Any) -> dict[str, bytes]:
     """{name: bytes} of every file directly in ``folder`` (what a fault must not change)."""
     return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))
@@ -220,3 +229,79 @@ def run_gloo(fn: Any, args: tuple, out_dir: Any, world: int = 2) -> list[Any]:
     mp.spawn(_gloo_rank, args=(world, os.path.join(str(out_dir), "init"), str(out_dir), fn, args),
              nprocs=world, join=True)
     return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+# ----------------------------------------------------------------------------- one training step of each stage
+def fixed_stage_inputs(proj_dim: int, batch: int = 8, device: Any = "cpu"
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Cached-feature stand-ins with their labels (stage 1) and a stage-2 batch (4 ids x 2, both SSL
+    views) on ``device``, the same values on every device."""
+    g = torch.Generator().manual_seed(5)
+    img = torch.randn(batch, 3, 64, 32, generator=g)
+    stage2 = {"img": img, "pid": torch.arange(batch // 2).repeat_interleave(2),
+              "camid": torch.tensor([0, 1] * (batch // 2)), "viewid": torch.zeros(batch, dtype=torch.long),
+              "ssl_view1": img + 0.1 * torch.randn(img.shape, generator=g),
+              "ssl_view2": img.flip(-1) + 0.1 * torch.randn(img.shape, generator=g)}
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 3, 5, 6])
+    feats = torch.randn(len(labels), proj_dim, generator=g)
+    return feats.to(device), labels.to(device), {k: v.to(device) for k, v in stage2.items()}
+
+
+def adam_grads(model: torch.nn.Module, optimizer: torch.optim.Optimizer, before: dict[str, torch.Tensor]
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (gradient, gradient + weight decay x weight before the step)} of the parameters
+    ``optimizer`` steps: the second is what Adam normalises."""
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    return {n: (p.grad.clone(), p.grad + decay[id(p)] * before[n]) for n, p in model.named_parameters()
+            if id(p) in decay and p.grad is not None}
+
+
+def one_step_each_stage(cfg: Any, compiled: bool, device: Any = "cpu") -> tuple[dict, torch.Tensor, Any, Any, dict]:
+    """(losses, stage-2 text features, model, initial prompts, gradients) after one stage-1 and one
+    stage-2 step on ``device`` with the real losses, optimisers, autocast and optimiser step (as
+    the training loops run them; the model built for 8 identities and 2 cameras)."""
+    from loss import SimCLRLoss, SupConLoss, make_loss, make_ssl_loss
+    from model import make_model, move_model
+    from processor.amp import autocast, make_scaler, optimizer_step
+    from processor.compiled import compile_model
+    from processor.processor_stage1 import set_stage1_modes, stage1_forward_loss
+    from processor.processor_stage2 import compute_text_features, stage2_forward_loss
+    from solver import make_optimizer_1stage, make_optimizer_2stage
+    from utils.misc import set_seed
+
+    device = torch.device(device)
+    set_seed(0)
+    model = move_model(make_model(cfg, num_class=8, camera_num=2, view_num=1), device)
+    start = model.prompt_learner.cls_ctx.detach().clone()
+    if compiled:
+        compile_model(model, device)
+    feats, labels, batch = fixed_stage_inputs(model.in_planes_proj, device=device)
+    scaler = make_scaler(device)
+    out = {}
+
+    model.set_stage(1)
+    set_stage1_modes(model)
+    opt1 = make_optimizer_1stage(cfg, model)
+    torch.manual_seed(1)                     # the same prompt masks in both runs
+    loss, parts = stage1_forward_loss(model, feats, labels, SupConLoss(),
+                                      SimCLRLoss(temperature=cfg.MODEL.SSL_TEMPERATURE, gather=False),
+                                      cfg.SOLVER.STAGE1.SSL_LOSS_WEIGHT, device)
+    out["stage1"] = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer_step(scaler, loss, opt1)
+    grads = adam_grads(model, opt1, before)
+
+    model.set_stage(2)
+    loss_fn, center = make_loss(cfg, 8, feat_dim=model.feature_dims[0])
+    if center is not None:
+        center.to(device)
+    opt2, _ = make_optimizer_2stage(cfg, model, center)
+    text = compute_text_features(model, 8, 3, device)        # 3 + 3 + 2 labels: a partial last batch
+    model.train()
+    with autocast(device):
+        loss, parts, _ = stage2_forward_loss(cfg, model, batch, text, loss_fn, make_ssl_loss(cfg))
+    out["stage2"] = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer_step(scaler, loss, opt2)
+    grads.update(adam_grads(model, opt2, before))
+    return out, text, model, start, grads

@@ -28,15 +28,22 @@ import train_svllreid
 from config import ConfigError, load_config
 from config.resume import RESUME_SAFE_KEYS
 from datasets import make_dataloader
-from loss import SimCLRLoss, SupConLoss, make_loss, make_ssl_loss
+from loss import SimCLRLoss, make_loss
 from model import make_model
-from processor.amp import make_scaler, optimizer_step
 from processor.compiled import compile_model, fixed_batch_encode, is_compiled, pad_rows
 from processor.inference import extract_features
-from processor.processor_stage1 import set_stage1_modes, stage1_forward_loss
-from processor.processor_stage2 import compute_text_features, stage2_forward_loss
-from solver import make_optimizer_1stage, make_optimizer_2stage
-from tests.helpers import DEMO, TINY, final_weights, opts_of, run_gloo, tiny_cfg, train_argv
+from processor.processor_stage2 import stage2_forward_loss
+from tests.helpers import (
+    DEMO,
+    TINY,
+    final_weights,
+    fixed_stage_inputs,
+    one_step_each_stage,
+    opts_of,
+    run_gloo,
+    tiny_cfg,
+    train_argv,
+)
 from utils.checkpoint import load_model_weights, unwrap
 from utils.misc import set_seed
 
@@ -86,67 +93,10 @@ def test_an_eager_model_encodes_unpadded():
 
 
 # ----------------------------------------------------------------------------- one step of each stage
-def _fixed_inputs(proj_dim, batch=8):
-    """Cached-feature stand-ins with their labels (stage 1) and a stage-2 batch (4 ids x 2, both SSL views)."""
-    g = torch.Generator().manual_seed(5)
-    img = torch.randn(batch, 3, 64, 32, generator=g)
-    stage2 = {"img": img, "pid": torch.arange(batch // 2).repeat_interleave(2),
-              "camid": torch.tensor([0, 1] * (batch // 2)), "viewid": torch.zeros(batch, dtype=torch.long),
-              "ssl_view1": img + 0.1 * torch.randn(img.shape, generator=g),
-              "ssl_view2": img.flip(-1) + 0.1 * torch.randn(img.shape, generator=g)}
-    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 3, 5, 6])
-    return torch.randn(len(labels), proj_dim, generator=g), labels, stage2
-
-
-def _one_step_each_stage(cfg, compiled):
-    """(losses, stage-2 text features, model, initial prompts) after one stage-1 and one stage-2
-    step with the real losses, optimisers and optimiser step."""
-    set_seed(0)
-    model = make_model(cfg, num_class=8, camera_num=2, view_num=1)
-    start = model.prompt_learner.cls_ctx.detach().clone()
-    if compiled:
-        compile_model(model, CPU)
-    feats, labels, batch = _fixed_inputs(model.in_planes_proj)
-    scaler = make_scaler(CPU)
-    out = {}
-
-    model.set_stage(1)
-    set_stage1_modes(model)
-    opt1 = make_optimizer_1stage(cfg, model)
-    torch.manual_seed(1)                     # the same prompt masks in both runs
-    loss, parts = stage1_forward_loss(model, feats, labels, SupConLoss(),
-                                      SimCLRLoss(temperature=cfg.MODEL.SSL_TEMPERATURE, gather=False),
-                                      cfg.SOLVER.STAGE1.SSL_LOSS_WEIGHT, CPU)
-    out["stage1"] = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer_step(scaler, loss, opt1)
-    grads = _grads(model, opt1, before)
-
-    model.set_stage(2)
-    loss_fn, center = make_loss(cfg, 8, feat_dim=model.feature_dims[0])
-    opt2, _ = make_optimizer_2stage(cfg, model, center)
-    text = compute_text_features(model, 8, 3, CPU)        # 3 + 3 + 2 labels: a partial last batch
-    model.train()
-    loss, parts, _ = stage2_forward_loss(cfg, model, batch, text, loss_fn, make_ssl_loss(cfg))
-    out["stage2"] = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer_step(scaler, loss, opt2)
-    grads.update(_grads(model, opt2, before))
-    return out, text, model, start, grads
-
-
-def _grads(model, optimizer, before):
-    """{name: (gradient, gradient + weight decay x weight before the step)} of the parameters
-    ``optimizer`` steps: the second is what Adam normalises."""
-    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
-    return {n: (p.grad.clone(), p.grad + decay[id(p)] * before[n]) for n, p in model.named_parameters()
-            if id(p) in decay and p.grad is not None}
-
-
 def _compare(cfg):
-    eager_losses, eager_text, eager, start, eager_grads = _one_step_each_stage(cfg, compiled=False)
+    eager_losses, eager_text, eager, start, eager_grads = one_step_each_stage(cfg, compiled=False)
     with torch._inductor.config.patch(fallback_random=True):
-        losses, text, model, _, grads = _one_step_each_stage(cfg, compiled=True)
+        losses, text, model, _, grads = one_step_each_stage(cfg, compiled=True)
     assert is_compiled(model) and not is_compiled(eager)
     for stage in ("stage1", "stage2"):
         assert losses[stage].keys() == eager_losses[stage].keys()
@@ -306,7 +256,7 @@ def _ddp_worker(rank, world, root):
     model = _fresh_stage2_model(cfg)
     ddp = DistributedDataParallel(compile_model(model, CPU))     # compiled, then wrapped
     assert unwrap(ddp) is model and is_compiled(ddp)
-    _, _, batch = _fixed_inputs(model.in_planes_proj)
+    _, _, batch = fixed_stage_inputs(model.in_planes_proj)
     n = len(batch["img"]) // world
     flat = _sgd_step(cfg, ddp, {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()})
     return {"params": flat, "keys": list(model.state_dict())}
@@ -322,7 +272,7 @@ def test_ddp_over_a_compiled_model_equals_one_eager_process(tiny_root, tmp_path)
     cfg = _ddp_cfg(tiny_root)
     eager = _fresh_stage2_model(cfg)
     start = torch.cat([p.detach().reshape(-1) for p in eager.parameters()])
-    single = _sgd_step(cfg, eager, _fixed_inputs(eager.in_planes_proj)[2])
+    single = _sgd_step(cfg, eager, fixed_stage_inputs(eager.in_planes_proj)[2])
     assert (single - start).abs().max() > 1e-3                   # the step changed the weights
     assert (rank0 - single).abs().max() <= WEIGHT_ATOL, (rank0 - single).abs().max()
     assert all(r["keys"] == list(eager.state_dict()) for r in ranks)
