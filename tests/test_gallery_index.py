@@ -4,6 +4,7 @@ back whole, and every bad input is one line."""
 import json
 import os
 
+import faiss
 import numpy as np
 import pytest
 
@@ -476,6 +477,6 @@ def test_search_index_refusals_are_one_line(tiny_root, weight, gallery_npz, tmp_
 def test_interrupted_build_index_leaves_no_index(tiny_root, weight, gallery_npz, tmp_path, monkeypatch, capsys):
     def interrupted(*a):
         raise KeyboardInterrupt
-    monkeypatch.setattr(gx.faiss.IndexFlatL2, "add", interrupted)
+    monkeypatch.setattr(faiss.IndexFlatL2, "add", interrupted)
     assert _build(tiny_root, weight, [gallery_npz], tmp_path / "index", "--kind", "flat") == 130
     assert os.listdir(tmp_path) == []
