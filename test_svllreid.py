@@ -39,7 +39,7 @@ from processor.compiled import compile_model
 from processor.folder_inference import visualize_evaluation
 from utils import cli
 from utils.logger import setup_logger
-from utils.misc import resolve_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
+from utils.misc import choose_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
 from utils.run_dir import TRAINING_FILES, RunLock, previous_evaluation_aside
 
 
@@ -88,19 +88,22 @@ def evaluate(cfg: Any, output_dir: str | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {cfg.TEST.WEIGHT}")
     out = output_dir or default_output_dir(cfg)
     _check_output_dir(out)
+    select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
+    device_choice = choose_device(cfg.MODEL.DEVICE)   # CUDA asked for and not usable: refused before any file
     with RunLock(out):       # one evaluation per folder at a time
         moved = previous_evaluation_aside(out)
-        return _evaluate(cfg, out, moved)
+        return _evaluate(cfg, out, moved, device_choice)
 
 
-def _evaluate(cfg: Any, out: str, moved: str | None) -> dict[str, Any]:
-    """:func:`evaluate` in ``out``, locked and cleared of an earlier evaluation (``moved`` says where it went)."""
+def _evaluate(cfg: Any, out: str, moved: str | None, device_choice: tuple[Any, str]) -> dict[str, Any]:
+    """:func:`evaluate` in ``out``, locked and cleared of an earlier evaluation (``moved`` says where it went),
+    on the device of ``device_choice`` (``utils.misc.choose_device``)."""
     logger = setup_logger("svllreid", out, if_train=False)
     if moved:
         logger.info(moved)
     set_seed(cfg.SOLVER.SEED)
-    select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
-    device = resolve_device(cfg.MODEL.DEVICE)
+    device, device_note = device_choice
+    logger.info("%s", device_note)
     if device.type == "cpu":
         set_cpu_threads(cfg.DATALOADER.NUM_WORKERS)
 

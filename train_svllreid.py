@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from config import load_config
+from config import load_config, settings_summary
 from config.resume import resume_config
 from datasets import make_dataloader
 from datasets.bases import dataset_identity
@@ -35,6 +36,7 @@ from loss import make_loss, make_ssl_loss
 from model import make_model
 from processor import Stage2Criteria, do_inference, do_train_stage1, do_train_stage2
 from processor.compiled import compile_model
+from processor.meters import hms
 from processor.position import POSITION
 from processor.train_state import load_train_state
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
@@ -42,15 +44,15 @@ from utils import cli
 from utils.dist import broadcast_object, cleanup, get_world_size, init_distributed, is_dist, is_main_process
 from utils.logger import setup_logger
 from utils.misc import (
+    choose_device,
     local_processes,
-    resolve_device,
     resolve_num_workers,
     select_gpus,
     set_cpu_threads,
     set_seed,
     write_json_atomic,
 )
-from utils.record import TrainingRecord, write_curves
+from utils.record import METRICS_FILE, TrainingRecord, read_metrics, write_curves
 from utils.run_dir import CONFIG_FILE, RunError, RunLock, prepare_output_dir, save_run_config
 
 
@@ -86,19 +88,54 @@ def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False,
     Single process, or one process per device under ``torchrun`` with MODEL.DIST_TRAIN.
     OUTPUT_DIR is locked for the run; one that holds a run needs ``resume`` or ``overwrite``.
     """
+    t0 = time.time()
     select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
-    device = init_distributed(cfg.MODEL.DEVICE, cfg.MODEL.DIST_TIMEOUT) if cfg.MODEL.DIST_TRAIN \
-        else resolve_device(cfg.MODEL.DEVICE)
+    device, device_note = choose_device(cfg.MODEL.DEVICE)   # refused here, before any process group
+    if cfg.MODEL.DIST_TRAIN:
+        device = init_distributed(device.type, cfg.MODEL.DIST_TIMEOUT)
     POSITION.reset()
     try:
         with RunLock(cfg.OUTPUT_DIR) if is_main_process() else contextlib.nullcontext():
             notes = _claim_output_dir(cfg, resume, overwrite)
+            stage_seconds: dict[str, float] = {}
             with TrainingRecord(cfg.OUTPUT_DIR, enabled=is_main_process()) as record:
-                out = _train(cfg, device, resume, evaluate_untrained, notes, record)
+                out = _train(cfg, device, resume, evaluate_untrained, [*notes, device_note], record, stage_seconds)
             write_curves(cfg.OUTPUT_DIR, enabled=is_main_process())
+            if is_main_process():
+                log_run_summary(cfg, time.time() - t0, stage_seconds, device)
             return out
     finally:
         cleanup()
+
+
+def _metrics_text(r: dict[str, Any]) -> str:
+    ranks = ", ".join(f"R{k} {100 * r[f'R{k}']:.1f}%" for k in (1, 5) if isinstance(r.get(f"R{k}"), float))
+    minp = f", mINP {100 * r['mINP']:.1f}%" if isinstance(r.get("mINP"), float) else ""
+    return f"mAP {100 * r['mAP']:.1f}%, {ranks}{minp}"
+
+
+def log_run_summary(cfg: Any, seconds: float, stage_seconds: dict[str, float], device: torch.device) -> None:
+    """The last lines of a training: its time, the best and the final stage-2 evaluation of the run
+    (from ``metrics.jsonl``, earlier sessions of a resumed run included) and the files it wrote."""
+    logger = logging.getLogger("svllreid")
+    out = cfg.OUTPUT_DIR
+    parts = "; ".join(f"{k} {hms(v)}" for k, v in stage_seconds.items())
+    peak = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+            if device.type == "cuda" else "")
+    logger.info("Run finished in %s%s%s", hms(seconds), f": {parts}" if parts else "", peak)
+    path = os.path.join(out, METRICS_FILE)
+    evals = {r["epoch"]: r for r in (read_metrics(path) if os.path.isfile(path) else [])
+             if r["kind"] == "eval" and r["stage"] == 2 and isinstance(r.get("mAP"), float)}
+    if evals:
+        final = evals[max(evals)]
+        best = max(evals.values(), key=lambda r: r["mAP"])
+        logger.info("Best evaluation at epoch %d: %s; final at epoch %d: %s", best["epoch"], _metrics_text(best),
+                    final["epoch"], _metrics_text(final))
+    weights = sorted((f for f in os.listdir(out) if f.startswith(f"{cfg.MODEL.NAME}_") and f.endswith(".pth")
+                      and "_stage1_" not in f), key=lambda f: os.path.getmtime(os.path.join(out, f)))
+    files = [f for f in (weights[-1:] + ["results.json", "last.pth", CONFIG_FILE, "train_log.txt", METRICS_FILE,
+                                         "curves.png", "tensorboard"]) if os.path.exists(os.path.join(out, f))]
+    logger.info("Files in %s: %s", out, ", ".join(files))
 
 
 def _claim_output_dir(cfg: Any, resume: bool, overwrite: bool) -> list[str]:
@@ -116,7 +153,9 @@ def _claim_output_dir(cfg: Any, resume: bool, overwrite: bool) -> list[str]:
 
 
 def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: bool,
-           notes: list[str], record: TrainingRecord) -> dict[str, Any]:
+           notes: list[str], record: TrainingRecord, stage_seconds: dict[str, float]) -> dict[str, Any]:
+    """The training in a claimed OUTPUT_DIR; ``notes`` are logged first, ``stage_seconds`` gets the
+    time of each part (untrained evaluation, stage 1, stage 2 with its evaluations)."""
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=True, is_main=is_main_process())
     for note in notes:
@@ -125,7 +164,8 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     state = load_train_state(cfg.OUTPUT_DIR, cfg) if resume else None
     if is_main_process():
         save_run_config(cfg.OUTPUT_DIR, cfg)
-    logger.info("Configuration (also in %s):\n%s", os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE), cfg.dump())
+    for line in settings_summary(cfg, os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE)):
+        logger.info("%s", line)
     if is_dist():
         logger.info("Distributed: %d processes (%s), %d images per process in stage 2",
                     get_world_size(), dist.get_backend(), cfg.SOLVER.STAGE2.IMS_PER_BATCH // get_world_size())
@@ -152,7 +192,9 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     out: dict[str, Any] = {}
     if evaluate_untrained:
         logger.info("Evaluating the untrained model")
+        t0 = time.time()
         out["untrained"] = do_inference(cfg, model, data.val, data.num_query, device)
+        stage_seconds["untrained evaluation"] = time.time() - t0
         record.log_eval(0, 0, out["untrained"])
 
     if resume and state is None:
@@ -164,8 +206,10 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
         model.set_stage(1, train_text_mlp=cfg.MODEL.TRAIN_TEXT_MLP_STAGE1)
         optimizer1 = make_optimizer_1stage(cfg, model)
         scheduler1 = create_scheduler(cfg.SOLVER.STAGE1, optimizer1)
+        t0 = time.time()
         do_train_stage1(cfg, _wrap(model, device), data.train_stage1, optimizer1, scheduler1, device,
                         resume_state=state if state and state["stage"] == 1 else None, record=record)
+        stage_seconds["stage 1"] = time.time() - t0
 
     model.set_stage(2)
     loss_fn, center_criterion = make_loss(cfg, data.num_classes, feat_dim=model.feature_dims[0])
@@ -175,10 +219,12 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     optimizer2, optimizer_center = make_optimizer_2stage(cfg, model, center_criterion)
     scheduler2 = create_warmup_multistep(cfg.SOLVER.STAGE2, optimizer2)
     criteria = Stage2Criteria(loss_fn, ssl_loss, center_criterion, optimizer_center)
+    t0 = time.time()
     out["trained"] = do_train_stage2(cfg, _wrap(model, device), data, optimizer2, scheduler2, criteria, device,
                                      resume_state=state if state and state["stage"] == 2 else None, record=record)
     if out["trained"] is None:   # resumed after the last epoch: evaluate the final weights
         out["trained"] = do_inference(cfg, model, data.val, data.num_query, device)
+    stage_seconds["stage 2 with its evaluations"] = time.time() - t0
     if is_main_process():
         write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "results.json"), out["trained"])
     return out

@@ -21,7 +21,7 @@ from utils.images import IMAGE_EXTENSIONS, list_images, read_image
 __all__ = [
     "Sample", "DatasetError", "DatasetLayoutError", "verify_images", "BaseImageDataset", "ImageDataset", "read_image",
     "relabel", "report_unparsed", "require_dirs", "resolve_dataset_dir", "dataset_image_names",
-    "IMAGE_EXTENSIONS", "dataset_identity", "renumber_cameras", "train_test_overlap",
+    "IMAGE_EXTENSIONS", "dataset_identity", "dataset_change", "renumber_cameras", "train_test_overlap",
 ]
 
 logger = logging.getLogger("svllreid")
@@ -152,6 +152,25 @@ def dataset_identity(dataset: BaseImageDataset) -> dict[str, Any]:
     return {"name": dataset.name, "fingerprint": h.hexdigest(),
             "camera_numbers": {str(n): int(i) for n, i in sorted(dataset.camera_numbers.items())},
             "num_cameras": int(getattr(dataset, "num_train_cams", 0)), "train_pids": list(dataset.train_pids)}
+
+
+def dataset_change(saved: dict[str, Any] | None, current: dict[str, Any]) -> str:
+    """How the data now (``current``) differs from the data a run began on (``saved``), both
+    :func:`dataset_identity`: a short phrase such as "other query/gallery files", for the line that
+    refuses or restarts a resumed run; empty when nothing differs or nothing was saved."""
+    if not saved:
+        return ""
+    parts = []
+    if saved.get("name") != current.get("name"):
+        parts.append(f"dataset {saved.get('name')} -> {current.get('name')}")
+    if saved.get("fingerprint") and saved["fingerprint"] != current.get("fingerprint"):
+        parts.append("other query/gallery files")
+    if "train_pids" in saved and list(saved["train_pids"]) != list(current.get("train_pids", [])):
+        parts.append(f"other training identities ({len(saved['train_pids'])} -> "
+                     f"{len(current.get('train_pids', []))})")
+    if "camera_numbers" in saved and saved["camera_numbers"] != current.get("camera_numbers"):
+        parts.append("other cameras")
+    return ", ".join(parts)
 
 
 def renumber_cameras(dataset: BaseImageDataset, numbers: dict[int, int]) -> bool:

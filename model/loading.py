@@ -348,26 +348,26 @@ def _same_dataset(meta: dict | None, cfg: Any, test_dataset: Any) -> tuple[bool 
         return False, f"cross-dataset: trained on {trained}, tested on {tested}"
     if test_dataset is None:
         return True, (f"images named by camera number; the config's dataset {tested} is the checkpoint's training "
-                      "dataset, so its trained cameras apply (a camera it never saw gets no embedding)")
+                      "dataset, so its trained cameras apply; a camera it never saw gets no embedding")
     if trained != "folder":
         return True, f"the test set is the checkpoint's training dataset ({trained})"
     ident = meta.get("dataset_identity") or {}
     if ident.get("fingerprint"):
         from datasets.bases import dataset_identity
         if dataset_identity(test_dataset)["fingerprint"] == ident["fingerprint"]:
-            return True, ("the test set is the checkpoint's training dataset (same query/gallery files, "
-                          "wherever it lies)")
+            return True, ("the test set is the checkpoint's training dataset, with the same query/gallery files "
+                          "wherever it lies")
         return False, ("cross-dataset: this folder's query/gallery files differ from those of the checkpoint's "
-                       "training data (content fingerprint in the metadata)")
+                       "training data, by the content fingerprint in the metadata")
     trained_root = os.path.realpath(meta.get("dataset_root", ""))
     if trained_root == os.path.realpath(os.path.expanduser(cfg.DATASETS.ROOT_DIR)):
         return True, "the test set is the checkpoint's training folder"
     if int(getattr(test_dataset, "num_train_cams", -1)) == int(meta.get("camera_num", -2)):
-        return True, (f"metadata without a dataset fingerprint (written by an older version): trained on "
+        return True, (f"metadata without a dataset fingerprint, written by an older version: trained on "
                       f"{trained_root}, tested on {cfg.DATASETS.ROOT_DIR}, same camera count as the SIE table, taken "
-                      "as the same data moved (TEST.USE_SIE no leaves SIE out)")
-    return False, (f"cross-dataset: trained on {trained_root}, tested on {cfg.DATASETS.ROOT_DIR} (metadata without a "
-                   "dataset fingerprint; the camera count differs from the SIE table's)")
+                      "as the same data moved; TEST.USE_SIE no leaves SIE out")
+    return False, (f"cross-dataset: trained on {trained_root}, tested on {cfg.DATASETS.ROOT_DIR}; the metadata has no "
+                   "dataset fingerprint and the camera count differs from the SIE table's")
 
 
 def decide_use_sie(model: SVLLReID, cfg: Any, meta: dict | None, test_dataset: Any = None) -> tuple[bool, str]:
@@ -468,7 +468,7 @@ def load_state_for_inference(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dic
     use_sie, reason = decide_use_sie(model, cfg, meta, test_dataset)
     model.sie_at_test = use_sie
     if model.has_sie:
-        logger.info("SIE at test time: %s (%s)", "used" if use_sie else "not used", reason)
+        logger.info("SIE at test time: %s; %s", "used" if use_sie else "not used", reason)
     info = {"weight": path, "num_classes": model.num_classes, "camera_num": model.camera_num,
             "view_num": model.view_num, "sie_camera": bool(model.sie_camera), "sie_view": bool(model.sie_view),
             "use_sie": use_sie, "sie_reason": reason, "dataset": (meta or {}).get("dataset"),

@@ -32,14 +32,16 @@ POSITION = RunPosition()
 
 
 class NonFiniteLossError(RunError):
-    """A training loss became NaN or Inf: the run stops before the step is applied."""
+    """A training loss became NaN or Inf: the run stops at its next log line, before saving anything."""
 
 
 def check_finite_loss(values: dict[str, float], stage: int, epoch: int, iteration: int) -> None:
     """Raise :class:`NonFiniteLossError` naming the step and every loss component when one is not finite.
 
-    Called after the forward pass and before backward/step, so no non-finite update is
-    ever applied and ``last.pth`` keeps the state of the end of the previous epoch.
+    The training loops check the steps of each log period when they read them (once per log
+    period and at the end of each epoch, :class:`processor.meters.EpochMeters`): the weights in
+    memory may hold the bad steps by then, but nothing is saved after them, so ``last.pth``
+    keeps the state of the end of the previous epoch.
     """
     if all(math.isfinite(v) for v in values.values()):
         return
@@ -49,5 +51,6 @@ def check_finite_loss(values: dict[str, float], stage: int, epoch: int, iteratio
             f"{POSITION.saved[1]})" if POSITION.saved else "no training state had been saved yet")
     # --resume keeps the run's settings (a changed BASE_LR is refused), so the advice is a new start
     raise NonFiniteLossError(f"stage {stage}, epoch {epoch}, iteration {iteration}: non-finite loss ({parts}); "
-                             f"stopped before this step was applied, {kept}. The training diverged: start it over "
+                             f"stopped at the next log line without saving anything, {kept}. The training diverged: "
+                             "start it over "
                              f"with a lower {lr_key} and --overwrite (this run's files move to previous-<time>/)")

@@ -22,7 +22,6 @@ from .amp import autocast, make_scaler, optimizer_step
 from .batches import encode_loader
 from .compiled import fixed_batch_encode, log_first_step
 from .meters import EpochMeters
-from .position import check_finite_loss
 from .progress import progress
 from .train_state import restore_rng, resume_stage, save_epoch_weights, save_train_state
 
@@ -93,7 +92,9 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
     if resume_state is not None:
         restore_rng(resume_state)
 
-    meters = EpochMeters(1, ("loss", "i2t", "t2i", "ssl"), record)
+    meters = EpochMeters(1, ("loss", "i2t", "t2i", "ssl"), record, device)
+    meters.plan(num_batches, start_epoch, c1.MAX_EPOCHS)
+    meters.untimed = "stage 2"
     for epoch in range(start_epoch, c1.MAX_EPOCHS + 1):
         meters.start(epoch)
         scheduler.step(epoch)
@@ -106,19 +107,20 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
             target, img_f = labels[idx], image_features[idx]
             optimizer.zero_grad(set_to_none=True)
             loss, parts = stage1_forward_loss(model, img_f, target, supcon, simclr, ssl_weight, device)
-            values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
-            check_finite_loss(values, 1, epoch, it)
             optimizer_step(scaler, loss, optimizer)
+            meters.update({"loss": loss, **parts}, target.shape[0])   # read (and checked) once per log period
 
-            meters.update(values, target.shape[0])
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{meters['loss']:.3f}", lr=f"{lr:.2e}")
             if it % c1.LOG_PERIOD == 0 or it == num_batches:
-                logger.info("Stage1 epoch[%d] iter[%d/%d] loss %.3f (i2t %.3f, t2i %.3f, ssl %.3f) lr %.2e",
-                            epoch, it, num_batches, meters["loss"], meters["i2t"], meters["t2i"], meters["ssl"], lr)
+                meters.read()
+                lr = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{meters['loss']:.3f}", lr=f"{lr:.2e}")
+                logger.info("Stage1 epoch[%d] iter[%d/%d] loss %.3f (i2t %.3f, t2i %.3f, ssl %.3f) lr %.2e, %s",
+                            epoch, it, num_batches, meters["loss"], meters["i2t"], meters["t2i"], meters["ssl"], lr,
+                            meters.timing())
                 meters.record_period(it, step=(epoch - 1) * num_batches + it, lr=lr)
-        dt = meters.seconds()
-        logger.info("Stage1 epoch %d done in %.1fs (%.0f samples/s)", epoch, dt, num_image / max(dt, 1e-9))
+        dt = meters.end_epoch()
+        logger.info("Stage1 epoch %d/%d done in %.1fs (%.0f samples/s)", epoch, c1.MAX_EPOCHS, dt,
+                    num_image / max(dt, 1e-9))
         meters.record_epoch(lr=optimizer.param_groups[0]["lr"], seconds=dt)
         save_epoch_weights(cfg, model, 1, epoch)
         save_train_state(cfg.OUTPUT_DIR, 1, epoch, model, optimizer, scheduler, scaler, cfg.dump())

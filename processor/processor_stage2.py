@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,6 @@ from .batches import device_transform_of, eval_mode, set_loader_epoch, to_device
 from .compiled import fixed_batch_encode, log_first_step
 from .inference import do_inference
 from .meters import EpochMeters
-from .position import check_finite_loss
 from .progress import progress
 from .train_state import is_due, restore_rng, resume_stage, save_epoch_weights, save_train_state
 
@@ -122,11 +122,17 @@ def do_train_stage2(cfg: Any, model: nn.Module, data: Loaders, optimizer: torch.
         rescale_center_grad(center_criterion, cfg)
         scaler.step(optimizer_center)
 
-    meters = EpochMeters(2, ("loss", "id", "tri", "i2t", "ssl", "acc"), record)
-    results = None
+    meters = EpochMeters(2, ("loss", "id", "tri", "i2t", "ssl", "acc"), record, device)
+    meters.plan(len(train_loader), start_epoch, c2.MAX_EPOCHS)
+    results, eval_seconds = None, None
     prepare = device_transform_of(train_loader)   # uint8 -> normalised float, erasing, on the device
     for epoch in range(start_epoch, c2.MAX_EPOCHS + 1):
         meters.start(epoch)
+        # the run's ETA: the evaluations still to come, once one has been timed
+        evals_left = 0 if val_loader is None else sum(
+            is_due(e, c2.EVAL_PERIOD, c2.MAX_EPOCHS) for e in range(epoch, c2.MAX_EPOCHS + 1))
+        meters.later_seconds = evals_left * (eval_seconds or 0.0)
+        meters.untimed = "the evaluations" if evals_left and eval_seconds is None else ""
         with warnings.catch_warnings():   # stepped at epoch start, as published: not a misuse
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             scheduler.step()
@@ -142,26 +148,28 @@ def do_train_stage2(cfg: Any, model: nn.Module, data: Loaders, optimizer: torch.
             with autocast(device):
                 loss, parts, out = stage2_forward_loss(cfg, model, batch, text_features, loss_fn,
                                                        ssl_loss if use_ssl else None)
-            values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
-            check_finite_loss(values, 2, epoch, it)
             optimizer_step(scaler, loss, optimizer, after_step=step_centers if optimizer_center is not None else None)
+            acc = (out["scores"][0].argmax(dim=1) == target).float().mean()
+            meters.update({"loss": loss, **parts, "acc": acc}, target.shape[0])   # read once per log period
 
-            values["acc"] = (out["scores"][0].argmax(dim=1) == target).float().mean().item()
-            meters.update(values, target.shape[0])
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{meters['loss']:.3f}", acc=f"{meters['acc']:.3f}", lr=f"{lr:.2e}")
             if it % c2.LOG_PERIOD == 0:
-                logger.info("Stage2 epoch[%d] iter[%d] %s", epoch, it, _summary(meters, optimizer))
+                meters.read()
+                lr = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{meters['loss']:.3f}", acc=f"{meters['acc']:.3f}", lr=f"{lr:.2e}")
+                logger.info("Stage2 epoch[%d] iter[%d/%d] %s, %s", epoch, it, len(train_loader),
+                            _summary(meters, optimizer), meters.timing())
                 meters.record_period(it, step=(epoch - 1) * len(train_loader) + it, lr=lr)
-        dt = meters.seconds()
-        logger.info("Stage2 epoch %d done in %.1fs (%.1f samples/s): %s", epoch, dt, meters.samples / max(dt, 1e-9),
-                    _summary(meters, optimizer))
+        dt = meters.end_epoch()
+        logger.info("Stage2 epoch %d/%d done in %.1fs (%.1f samples/s): %s", epoch, c2.MAX_EPOCHS, dt,
+                    meters.samples / max(dt, 1e-9), _summary(meters, optimizer))
         meters.record_epoch(lr=optimizer.param_groups[0]["lr"], seconds=dt,
                             samples_per_s=meters.samples / max(dt, 1e-9))
 
         save_epoch_weights(cfg, model, 2, epoch)
         if val_loader is not None and is_due(epoch, c2.EVAL_PERIOD, c2.MAX_EPOCHS):
+            t0 = time.time()
             results = do_inference(cfg, model, val_loader, data.num_query, device)
+            eval_seconds = time.time() - t0
             record.log_eval(2, epoch, results)
         extra = {"optimizer_center": optimizer_center.state_dict()} if optimizer_center is not None else {}
         save_train_state(cfg.OUTPUT_DIR, 2, epoch, model, optimizer, scheduler, scaler, cfg.dump(), extra)

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -14,8 +15,11 @@ import psutil
 import pytest
 import scipy.stats
 
-from tests.helpers import DEMO, TINY, one_line_error
+from config import ConfigError, load_config
+from datasets.bases import dataset_change
+from tests.helpers import DEMO, TINY, one_line_error, synthetic_set
 from tools import ablate
+from utils.run_dir import RunError
 from utils.stats import summarize, welch_interval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,9 +52,10 @@ def test_grid_resumes_after_a_kill_and_reports_what_the_runs_hold(tiny_root, tmp
 
     def first_recorded():
         try:
-            return "USE_SSL=True/seed_1234" in json.loads((out / "status.json").read_text())
+            status = json.loads((out / "status.json").read_text())
         except (OSError, ValueError):
             return False
+        return status.get("USE_SSL=True/seed_1234", {}).get("state") == "done"
     while not first_recorded():
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline
@@ -139,6 +144,12 @@ def test_welch_interval_matches_scipy():
     (["--grid", "MODEL.USE_SSL="], ["MODEL.USE_SSL"]),
     (["--grid", "MODEL.USE_SSL=True,False", "--seeds", "0"], ["--seeds"]),
     (["--grid", "SOLVER.SEED=1,2"], ["SOLVER.SEED"]),
+    # the same key in two --grid flags would collapse into variants that run one value only
+    (["--grid", "MODEL.USE_SSL=True", "--grid", "MODEL.USE_SSL=False"], ["MODEL.USE_SSL", "two --grid"]),
+    # a grid key given as a plain override too: the variant's value would silently replace it
+    (["--grid", "MODEL.USE_SSL=True,False", "MODEL.USE_SSL", "False"], ["MODEL.USE_SSL", "override"]),
+    (["--grid", "MODEL.USE_SSL=True,False", "--seeds", "100000"], ["--seeds 100000", "100"]),
+    (["--grid", "MODEL.USE_SSL=True,False", "--devices", "banana"], ["--devices banana", "MODEL.DEVICE"]),
 ])
 def test_bad_grids_fail_in_one_line_before_any_run(tmp_path, capsys, args, names):
     out = tmp_path / "abl"
@@ -184,7 +195,7 @@ def test_the_paper_grid_file_loads_on_every_dataset_config():
 
 
 @pytest.mark.slow
-def test_a_grid_whose_first_run_fails_stops_and_exits_2(tmp_path, capsys):
+def test_a_grid_whose_first_run_fails_stops_and_exits_2(tiny_root, tmp_path, capsys):
     out = tmp_path / "abl"
     rc = ablate.main(["--config_file", DEMO, "--grid", "MODEL.USE_SSL=True,False", "--out", str(out),
                       "DATASETS.ROOT_DIR", str(tmp_path / "no_data"), *QUICK])
@@ -197,3 +208,222 @@ def test_a_grid_whose_first_run_fails_stops_and_exits_2(tmp_path, capsys):
     assert list(status) == ["USE_SSL=True/seed_1234"] and status["USE_SSL=True/seed_1234"]["state"] == "failed"
     assert "no_data" in status["USE_SSL=True/seed_1234"]["message"]     # the training's own one-line error
     assert "1 FAILED" in (out / "results.md").read_text()
+
+    # the same command with the data path corrected: taken, said, and every run (the failed one too) runs
+    rc = ablate.main(["--config_file", DEMO, "--grid", "MODEL.USE_SSL=True,False", "--out", str(out),
+                      "DATASETS.ROOT_DIR", tiny_root, *QUICK])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "changed where or how the runs run" in printed and "DATASETS.ROOT_DIR" in printed
+    status = json.loads((out / "status.json").read_text())
+    assert [v["state"] for v in status.values()] == ["done", "done"]
+    assert status["USE_SSL=True/seed_1234"]["ran"]["data"]["name"] == "folder"
+
+
+@pytest.mark.slow
+def test_relative_paths_mean_the_users_folder_and_regenerated_data_restarts_a_run(tmp_path, monkeypatch, capsys):
+    """From another folder, with relative --out and data paths, the first seed as an override and a
+    list override in words; then the run, killed before its end, finds other data at the same path."""
+    work = tmp_path / "work"
+    synthetic_set(work / "data")
+    monkeypatch.chdir(work)
+    argv = ["--config_file", os.path.relpath(DEMO), "--grid", "MODEL.USE_SSL=False", "--out", "abl",
+            "DATASETS.ROOT_DIR", "data", *QUICK[:-2], "SOLVER.STAGE2.STEPS", "[1,", "2]", "SOLVER.SEED", "7"]
+    assert ablate.main(argv) == 0, capsys.readouterr()
+    run = work / "abl" / "USE_SSL=False" / "seed_7"
+    first = _results(run)
+    assert load_config(str(run / "config.yaml")).SOLVER.SEED == 7
+    assert not os.path.exists(os.path.join(ROOT, "abl")) and not os.path.exists(os.path.join(ROOT, "data"))
+    # as after a kill before the run's end: its last.pth, no results.json; then the data is regenerated
+    os.remove(run / "results.json")
+    shutil.rmtree(work / "data")
+    synthetic_set(work / "data", seed=4)
+    capsys.readouterr()
+    assert ablate.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "restart USE_SSL=False/seed_7 from scratch: its data changed since it began" in printed, printed
+    assert "(resume)" not in printed
+    assert [n for n in os.listdir(run) if n.startswith("previous-")]          # the old files are kept aside
+    assert _results(run) != first
+
+
+# ----------------------------------------------------------------------------- what the grid runs
+def _plan(*args):
+    return ablate.make_plan(ablate.parse_args(["--config_file", DEMO, *args]))
+
+
+def _claimed(out, *args):
+    plan, _ = ablate.claim_out(str(out), _plan(*args))
+    return plan
+
+
+def _write_run(out, plan, variant, seed, mAP, config=None):
+    """A finished run in the grid's folder: results.json, and config.yaml (the variant's own unless given)."""
+    run = next(r for r in ablate.runs_of(plan, str(out)) if r.variant == variant and r.seed == seed)
+    os.makedirs(run.folder, exist_ok=True)
+    with open(os.path.join(run.folder, "results.json"), "w") as f:
+        json.dump({"mAP": mAP, "cmc": [mAP] * 5, "mINP": mAP / 2}, f)
+    if config is None:
+        config = load_config(ablate.grid_config(str(out), plan), [*ablate.run_overrides(plan, run),
+                                                                  "OUTPUT_DIR", run.folder]).dump()
+    with open(os.path.join(run.folder, "config.yaml"), "w") as f:
+        f.write(config)
+    return run
+
+
+def test_a_list_override_pastes_as_documented():
+    """`SOLVER.STAGE2.STEPS [12, 17]` reaches the program as three words; so does a --grid of lists."""
+    args = ablate.parse_args(["--config_file", DEMO, "--grid", "SOLVER.STAGE2.STEPS=[12,", "17],[20,", "25]",
+                              "--out", "x", "SOLVER.STAGE2.MAX_EPOCHS", "30", "INPUT.SIZE_TRAIN", "[64,", "32]",
+                              "--seeds", "2"])
+    assert args.opts == ["SOLVER.STAGE2.MAX_EPOCHS", "30", "INPUT.SIZE_TRAIN", "[64, 32]"]
+    assert args.grid == ["SOLVER.STAGE2.STEPS=[12, 17],[20, 25]"] and args.seeds == 2
+    plan = ablate.make_plan(args)
+    assert list(plan["variants"]) == ["STEPS=[12, 17]", "STEPS=[20, 25]"]
+    assert load_config(DEMO, args.opts).INPUT.SIZE_TRAIN == [64, 32]
+
+
+def test_the_first_seed_may_be_an_override():
+    assert _plan("--grid", "MODEL.USE_SSL=True,False", "--seeds", "3", "SOLVER.SEED", "7")["seeds"] == [7, 8, 9]
+
+
+def test_devices_are_checked_before_any_run(tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "abl"
+    assert ablate.main(["--config_file", DEMO, "--grid", "MODEL.USE_SSL=True,False", "--devices", "cuda:0,cuda:1",
+                        "--out", str(out)]) == 2
+    one_line_error(capsys, "--devices cuda:0,cuda:1", "CUDA is not available")
+    assert not out.exists()
+    # two GPUs: each slot sees its own one, whatever MODEL.DEVICE_ID says; a third does not exist
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert ablate.check_devices(["cuda:0", "cuda:1", "cpu"], DEMO, []) == [
+        ("cuda:0", {"CUDA_VISIBLE_DEVICES": "0"}), ("cuda:0", {"CUDA_VISIBLE_DEVICES": "1"}), ("cpu", {})]
+    with pytest.raises(ConfigError, match="cuda:2 does not exist"):
+        ablate.check_devices(["cuda:2"], DEMO, [])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert ablate.check_devices(["cuda:1"], DEMO, []) == [("cuda:0", {"CUDA_VISIBLE_DEVICES": "7"})]
+
+
+def test_damaged_plans_and_nested_grid_files_are_one_line(tmp_path, capsys):
+    nested = tmp_path / "nested.yml"
+    nested.write_text("variants:\n  a: {MODEL: {USE_SSL: False}}\n  b: {}\n")
+    assert ablate.main(["--config_file", DEMO, "--grid_file", str(nested), "--out", str(tmp_path / "x")]) == 2
+    one_line_error(capsys, str(nested), "'a'", "MODEL", "MODEL.KEY")
+    for content, names in (("[]", ["found a list"]), ('{"variants": {"a": {}}}', ["no config_file"]),
+                           ('{"config_file": "", "opts": [], "variants": {"a": {}}, "baseline": "a", "seeds": "x"}',
+                            ["seeds"])):
+        out = tmp_path / f"abl{len(content)}"
+        out.mkdir()
+        (out / "ablation.json").write_text(content)
+        assert ablate.main(["--report", str(out)]) == 2
+        one_line_error(capsys, out / "ablation.json", "not an ablation plan", *names)
+
+
+def test_the_baseline_and_the_order_of_values_do_not_make_another_grid(tmp_path, capsys):
+    out = tmp_path / "abl"
+    first = _claimed(out, "--grid", "MODEL.USE_SSL=True,False", "--grid", "MODEL.SSL_TYPE=SIMCLR,SIMSIAM",
+                     "--out", str(out))
+    capsys.readouterr()
+    # the values and the flags listed in another order: the same variants, under their first names
+    plan, changed = ablate.claim_out(str(out), _plan("--grid", "MODEL.SSL_TYPE=SIMSIAM,SIMCLR", "--grid",
+                                                     "MODEL.USE_SSL=False,True", "--out", str(out)))
+    assert not changed and set(plan["variants"]) == set(first["variants"])
+    assert plan["baseline"] == "USE_SSL=False+SSL_TYPE=SIMSIAM"      # the new first variant, under its old name
+    assert "baseline USE_SSL=False+SSL_TYPE=SIMSIAM (was USE_SSL=True+SSL_TYPE=SIMCLR)" in capsys.readouterr().out
+    plan, _ = ablate.claim_out(str(out), _plan("--grid", "MODEL.USE_SSL=True,False", "--grid",
+                                               "MODEL.SSL_TYPE=SIMCLR,SIMSIAM", "--baseline",
+                                               "USE_SSL=False+SSL_TYPE=SIMCLR", "--out", str(out)))
+    assert json.loads((out / "ablation.json").read_text())["baseline"] == "USE_SSL=False+SSL_TYPE=SIMCLR"
+
+    # --report takes --baseline (the plan keeps its own)
+    for v, m in (("USE_SSL=True+SSL_TYPE=SIMCLR", 0.5), ("USE_SSL=False+SSL_TYPE=SIMCLR", 0.6)):
+        _write_run(out, plan, v, 1234, m)
+    assert ablate.main(["--report", str(out), "--baseline", "USE_SSL=True+SSL_TYPE=SIMCLR"]) == 0
+    with open(out / "results.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert rows["USE_SSL=True+SSL_TYPE=SIMCLR"]["baseline"] == "True"
+    assert float(rows["USE_SSL=False+SSL_TYPE=SIMCLR"]["mAP_diff"]) == pytest.approx(0.1)
+    capsys.readouterr()
+    assert ablate.main(["--report", str(out), "--baseline", "nope"]) == 2
+    one_line_error(capsys, "--baseline 'nope'", "not a variant")
+
+
+def test_changed_settings_apply_while_no_run_has_finished(tmp_path, capsys):
+    out = tmp_path / "abl"
+    grid = ("--grid", "MODEL.USE_SSL=True,False", "--seeds", "2", "--out", str(out))
+    plan = _claimed(out, *grid, "DATASETS.ROOT_DIR", str(tmp_path / "wrong"))
+    (out / "status.json").write_text(json.dumps({"USE_SSL=True/seed_1234": {"state": "failed", "message": "x"}}))
+    capsys.readouterr()
+    # the corrected data folder: accepted, said, and the failed run is tried again
+    plan, changed = ablate.claim_out(str(out), _plan(*grid, "DATASETS.ROOT_DIR", str(tmp_path / "data")))
+    assert changed and "DATASETS.ROOT_DIR" in capsys.readouterr().out
+    assert load_config(ablate.grid_config(str(out), plan)).DATASETS.ROOT_DIR == str(tmp_path / "data")
+    # a setting that changes what runs compute: accepted while none has finished ...
+    ablate.claim_out(str(out), _plan(*grid, "DATASETS.ROOT_DIR", str(tmp_path / "data"), "INPUT.RE_PROB", "0.0"))
+    assert "INPUT.RE_PROB 0.5 -> 0.0" in capsys.readouterr().out
+    # ... refused once one has
+    _write_run(out, json.loads((out / "ablation.json").read_text()), "USE_SSL=True", 1234, 0.5)
+    with pytest.raises(RunError, match="another grid.*INPUT.RE_PROB.*USE_SSL=True/seed_1234"):
+        ablate.claim_out(str(out), _plan(*grid, "DATASETS.ROOT_DIR", str(tmp_path / "data")))
+    # where and how runs run may still change
+    _, changed = ablate.claim_out(str(out), _plan(*grid, "DATASETS.ROOT_DIR", str(tmp_path / "moved"),
+                                                  "INPUT.RE_PROB", "0.0"))
+    assert changed and "where or how the runs run" in capsys.readouterr().out
+
+
+def test_an_edited_config_file_changes_no_run_of_the_grid(tmp_path, capsys):
+    cfg = tmp_path / "my.yml"
+    cfg.write_text(open(DEMO).read())
+    out = tmp_path / "abl"
+    plan, _ = ablate.claim_out(str(out), ablate.make_plan(ablate.parse_args(
+        ["--config_file", str(cfg), "--grid", "MODEL.USE_SSL=True,False", "--out", str(out)])))
+    assert plan["config_sha256"] and plan["config_file"] == str(cfg)
+    cfg.write_text(open(DEMO).read() + "\nINPUT:\n  RE_PROB: 0.0\n")     # edited while the grid runs
+    assert load_config(str(cfg)).INPUT.RE_PROB == 0.0
+    for run in ablate.runs_of(plan, str(out)):
+        cmd = ablate.command(plan, str(out), run, "new", None)
+        args = __import__("train_svllreid").parse_args(cmd[2:])
+        assert load_config(args.config_file, args.opts).INPUT.RE_PROB == 0.5
+    note = ablate._config_file_note(plan)
+    assert "changed since this grid began" in note() and note() == ""      # said once
+
+
+def test_a_foreign_run_is_left_out_of_its_variant(tmp_path, capsys):
+    out = tmp_path / "abl"
+    plan = _claimed(out, "--grid", "MODEL.USE_SSL=True,False", "--seeds", "2", "--out", str(out))
+    _write_run(out, plan, "USE_SSL=True", 1234, 0.5)
+    _write_run(out, plan, "USE_SSL=True", 1235, 0.7)
+    _write_run(out, plan, "USE_SSL=False", 1234, 0.4)
+    # a run of the other variant copied into USE_SSL=False/seed_1235
+    other = load_config(ablate.grid_config(str(out), plan), ["MODEL.USE_SSL", "True", "SOLVER.SEED", "1235"]).dump()
+    foreign = _write_run(out, plan, "USE_SSL=False", 1235, 0.9, config=other)
+    rows = {r["variant"]: r for r in ablate.build_report(str(out))}
+    assert rows["USE_SSL=False"]["n"] == 1 and rows["USE_SSL=False"]["mAP_mean"] == pytest.approx(0.4)
+    assert rows["USE_SSL=False"]["mismatched"] == ["seed 1235: MODEL.USE_SSL = True (variant: False)"]
+    assert rows["USE_SSL=True"]["n"] == 2 and not rows["USE_SSL=True"]["mismatched"]
+    ablate.write_report(str(out))
+    assert "1 left out, not of this variant" in (out / "results.md").read_text()
+    # a re-run leaves it alone and says so; a begun run of other settings starts again
+    assert ablate._checked_state(plan, str(out), foreign, "done", {}) == "foreign"
+    os.remove(os.path.join(foreign.folder, "results.json"))
+    assert ablate._checked_state(plan, str(out), foreign, "partial", {}) == "new"
+    printed = capsys.readouterr().out
+    assert "left out USE_SSL=False/seed_1235" in printed and "restart USE_SSL=False/seed_1235" in printed
+
+
+def test_regenerated_data_is_told_from_the_data_a_run_began_on(tmp_path):
+    data = synthetic_set(tmp_path / "data")
+    out = tmp_path / "abl"
+    plan = _claimed(out, "--grid", "MODEL.USE_SSL=False", "--out", str(out), "DATASETS.ROOT_DIR", data)
+    run = ablate.runs_of(plan, str(out))[0]
+    began = ablate.data_identity(plan, str(out), run)
+    status = {run.key: {"ran": {"data": began}}}
+    assert ablate.data_change(plan, str(out), run, status) == ""
+    shutil.rmtree(data)
+    synthetic_set(tmp_path / "data", seed=4)      # the same path, other images
+    change = ablate.data_change(plan, str(out), run, status)
+    assert "data changed" in change and "query/gallery" in change
+    assert dataset_change(began, ablate.data_identity(plan, str(out), run)) in change

@@ -79,7 +79,7 @@ def test_rn50_demo_trains_both_stages(tiny_root, tmp_path):
 
     log = (out / "train_log.txt").read_text()
     stage1 = re.findall(r"Stage1 epoch\[1\] iter\[\d+/\d+\] loss (\S+) \(i2t (\S+), t2i (\S+), ssl (\S+)\)", log)
-    stage2 = re.findall(r"Stage2 epoch\[1\] iter\[\d+\] loss (\S+) \(id (\S+) tri (\S+) i2t (\S+) ssl (\S+)\)", log)
+    stage2 = re.findall(r"Stage2 epoch\[1\] iter\[\d+/\d+\] loss (\S+) \(id (\S+) tri (\S+) i2t (\S+) ssl (\S+)\)", log)
     assert stage1 and stage2, "no loss lines in train_log.txt"
     values = [float(v) for row in stage1 + stage2 for v in row]
     assert all(math.isfinite(v) for v in values)

@@ -366,7 +366,7 @@ def test_disk_filling_up_during_training_is_one_line_and_keeps_the_run(tiny_root
     state = load_file(str(out / "last.pth"))         # the run's earlier files are intact
     assert (state["stage"], state["epoch"]) == (2, 1)
     assert read_metrics(str(out / "metrics.jsonl"))
-    assert "Configuration" in (out / "train_log.txt").read_text()
+    assert "Settings, every key in" in (out / "train_log.txt").read_text()
 
 
 # ----------------------------------------------------------------------------- the README's commands

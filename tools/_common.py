@@ -65,10 +65,9 @@ def setup(config_file: str, opts: Sequence[str], dist_timeout_minutes: float | N
     if dist_timeout_minutes is not None:
         procs = local_processes()
         select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
+    device = resolve_device(cfg.MODEL.DEVICE)   # CUDA asked for and not usable: refused before any group
     if dist_timeout_minutes is not None and world_processes() > 1:
-        device = init_distributed(cfg.MODEL.DEVICE, dist_timeout_minutes)
-    else:
-        device = resolve_device(cfg.MODEL.DEVICE)
+        device = init_distributed(device.type, dist_timeout_minutes)
     if device.type == "cpu":
         set_cpu_threads(cfg.DATALOADER.NUM_WORKERS, procs)
     return cfg, device

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,19 +37,24 @@ guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no tr
 
 import yaml  # noqa: E402
 
-from config import ConfigError, load_config  # noqa: E402
+from config import CfgNode, ConfigError, get_key, load_config  # noqa: E402
+from config.resume import RESUME_SAFE_KEYS, config_differences  # noqa: E402
+from datasets.bases import dataset_change  # noqa: E402
 from utils import cli  # noqa: E402
+from utils.checkpoint import file_sha256  # noqa: E402
 from utils.entry import Terminated  # noqa: E402
 from utils.errors import import_extra  # noqa: E402
 from utils.fileio import atomic_write, save_figure  # noqa: E402
 from utils.misc import write_json_atomic  # noqa: E402
 from utils.record import METRICS_FILE, read_metrics  # noqa: E402
-from utils.run_dir import LAST_CHECKPOINT, RunError, RunLock, existing_run_files  # noqa: E402
+from utils.run_dir import CONFIG_FILE, LAST_CHECKPOINT, RunError, RunLock, existing_run_files  # noqa: E402
 from utils.stats import summarize, welch_interval  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train_svllreid.py")
 PLAN_FILE = "ablation.json"      # what the grid is (a re-run must ask for the same)
+GRID_CONFIG = "grid_config.yaml"  # the resolved config every run starts from (the plan's ``config``)
+MAX_SEEDS = 100
 STATUS_FILE = "status.json"      # how each run ended (written by this tool only)
 METRICS = ("mAP", "R1", "mINP")
 
@@ -90,12 +95,17 @@ def _override(value: Any) -> str:
 
 def grid_from_args(grid: Sequence[str]) -> dict[str, dict[str, str]]:
     """The variants of ``--grid KEY=V1,V2 ...``: every combination, named ``KEY=V+KEY=V`` (last key part)."""
-    axes = []
+    axes: list[list[tuple[str, str]]] = []
     for item in grid:
         key, sep, values = item.partition("=")
         vals = split_values(values) if sep else []
         if not key.strip() or not vals or any(v == "" for v in vals):
             raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. MODEL.USE_SSL=True,False)")
+        if any(axis[0][0] == key.strip() for axis in axes):   # it would collapse into variants that run one value
+            raise ConfigError(f"--grid {item!r}: {key.strip()} is given in two --grid flags; list all its values "
+                              f"in one (--grid {key.strip()}=V1,V2,...)")
+        if len(set(vals)) != len(vals):
+            raise ConfigError(f"--grid {item!r}: a value is listed twice")
         axes.append([(key.strip(), v) for v in vals])
     variants: dict[str, dict[str, str]] = {}
     for combo in itertools.product(*axes) if axes else ():
@@ -114,18 +124,25 @@ def grid_from_file(path: str) -> tuple[dict[str, dict[str, str]], str | None]:
     variants = (doc or {}).get("variants") if isinstance(doc, dict) else None
     if not isinstance(variants, dict) or not all(isinstance(v, dict) or v is None for v in variants.values()):
         raise ConfigError(f"grid file {path}: expected 'variants:' mapping each name to KEY: VALUE overrides")
+    for name, kv in variants.items():
+        nested = [str(k) for k, v in (kv or {}).items() if isinstance(v, dict)]
+        if nested:   # {MODEL: {USE_SSL: False}}: one override per dotted key, as on the command line
+            raise ConfigError(f"grid file {path}: variant {name!r}: {nested[0]} holds a mapping; write each key "
+                              f"in full, as on the command line ({nested[0]}.KEY: VALUE)")
     out = {str(n): {str(k): _override(v) for k, v in (kv or {}).items()} for n, kv in variants.items()}
     baseline = doc.get("baseline")
     return out, (str(baseline) if baseline is not None else None)
 
 
 def folder_name(variant: str) -> str:
-    """A file-system-safe folder name for a variant."""
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", variant).strip("_") or "variant"
+    """A file-system-safe folder name for a variant: inside ``--out`` (never ``.``, ``..`` or hidden)."""
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", variant).lstrip(".").strip("_") or "variant"
 
 
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
-    """The plan (config, overrides, variants, baseline, seeds), every variant's config checked."""
+    """The plan, every variant's config checked: the config file (path and sha256), the overrides,
+    the resolved config they give (``config``: what every run starts from, whatever happens to the
+    file later), the variants, the baseline and the seeds (the first: SOLVER.SEED)."""
     if args.grid_file and args.grid:
         raise ConfigError("give either --grid_file or --grid, not both")
     if args.grid_file:
@@ -137,14 +154,23 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     baseline = args.baseline or baseline or next(iter(variants))
     if baseline not in variants:
         raise ConfigError(f"baseline {baseline!r} is not a variant of the grid ({', '.join(variants)})")
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds {args.seeds}: give at least 1")
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds {args.seeds}: give 1 to {MAX_SEEDS} (each seed is one training run of "
+                          "every variant)")
     names = [folder_name(v) for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"variant names {', '.join(variants)} give the same folder name twice; rename them")
-    for key in ("OUTPUT_DIR", "SOLVER.SEED"):
-        if key in args.opts[0::2] or any(key in kv for kv in variants.values()):
-            raise ConfigError(f"{key} is set by the ablation (--out, --seeds); do not give it as an override")
+    keys = args.opts[0::2]
+    if "OUTPUT_DIR" in keys or any("OUTPUT_DIR" in kv for kv in variants.values()):
+        raise ConfigError("OUTPUT_DIR is set by the ablation (--out); do not give it as an override")
+    if any("SOLVER.SEED" in kv for kv in variants.values()):
+        raise ConfigError("SOLVER.SEED is set by the ablation (--seeds: SOLVER.SEED, +1, ...); do not put it in "
+                          "the grid (the override SOLVER.SEED S sets the first seed)")
+    for key in keys:   # the variant's value would silently replace the override
+        setting = [name for name, kv in variants.items() if key in kv]
+        if setting:
+            raise ConfigError(f"{key} is given both as an override and in the grid (variant {setting[0]!r}); "
+                              "give it in one place")
     base_cfg = load_config(args.config_file, args.opts)
     seeds = [int(base_cfg.SOLVER.SEED) + i for i in range(args.seeds)]
     for name, kv in variants.items():   # unknown keys, wrong types, refused values: before any work
@@ -153,7 +179,43 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         except ConfigError as e:
             raise ConfigError(f"variant {name!r}: {e}") from None
     return {"config_file": os.path.abspath(args.config_file) if args.config_file else "",
-            "opts": list(args.opts), "variants": variants, "baseline": baseline, "seeds": seeds}
+            "config_sha256": file_sha256(args.config_file) if args.config_file else "",
+            "opts": list(args.opts), "config": base_cfg.dump(), "variants": variants, "baseline": baseline,
+            "seeds": seeds}
+
+
+def check_devices(devices: list[str], config_file: str, opts: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """Each ``--devices`` entry as (MODEL.DEVICE, environment) for its job slot, checked before any run:
+    a value MODEL.DEVICE refuses, CUDA where there is none, or a GPU number this machine lacks is
+    one error. ``cuda:N`` is the N-th GPU visible here: the slot's runs see only it
+    (CUDA_VISIBLE_DEVICES) and train on ``cuda:0``, so MODEL.DEVICE_ID does not hide it."""
+    slots = []
+    for dev in devices:
+        try:
+            load_config(config_file, [*opts, "MODEL.DEVICE", dev])
+        except ConfigError as e:
+            raise ConfigError(f"--devices {','.join(devices)}: {e}") from None
+        if not dev.startswith("cuda"):
+            slots.append((dev, {}))
+            continue
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--devices {','.join(devices)}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__} finds no usable GPU); give --devices cpu or leave --devices out")
+        visible = [v.strip() for v in os.environ["CUDA_VISIBLE_DEVICES"].split(",")] \
+            if "CUDA_VISIBLE_DEVICES" in os.environ else [str(i) for i in range(torch.cuda.device_count())]
+        if dev == "cuda":
+            slots.append((dev, {}))
+            continue
+        number = re.fullmatch(r"cuda:(\d+)", dev)
+        if number is None:
+            raise ConfigError(f"--devices {','.join(devices)}: {dev!r} is not a device; write cpu, cuda or cuda:N")
+        n = int(number.group(1))
+        if n >= min(len(visible), torch.cuda.device_count()):
+            raise ConfigError(f"--devices {','.join(devices)}: {dev} does not exist here; this machine shows "
+                              f"{torch.cuda.device_count()} GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        slots.append(("cuda:0", {"CUDA_VISIBLE_DEVICES": visible[n]}))
+    return slots
 
 
 def runs_of(plan: dict[str, Any], out: str) -> list[Run]:
@@ -177,19 +239,147 @@ def _read_json(path: str) -> Any:
         raise RunError(f"{path} is damaged ({e}); move it away to rebuild it") from None
 
 
-def claim_out(out: str, plan: dict[str, Any]) -> None:
-    """Write the plan into ``out``, or check that ``out`` holds this same grid."""
+PLAN_KEYS: dict[str, type] = {"config_file": str, "opts": list, "variants": dict, "baseline": str, "seeds": list}
+
+
+def _plan_problem(plan: Any) -> str:
+    """What makes ``plan`` (a loaded ablation.json) not a plan of this tool; empty when it is one."""
+    if not isinstance(plan, dict):
+        return f"expected a JSON object, found a {type(plan).__name__}"
+    missing = [k for k in PLAN_KEYS if k not in plan]
+    if missing:
+        return f"no {', '.join(missing)}"
+    wrong = [k for k, kind in PLAN_KEYS.items() if not isinstance(plan[k], kind)]
+    if wrong:
+        return f"{wrong[0]} is a {type(plan[wrong[0]]).__name__}, not a {PLAN_KEYS[wrong[0]].__name__}"
+    if not plan["variants"] or not all(isinstance(kv, dict) for kv in plan["variants"].values()):
+        return "variants: expected names mapping to KEY: VALUE overrides"
+    if not plan["seeds"] or not all(isinstance(x, int) and not isinstance(x, bool) for x in plan["seeds"]):
+        return "seeds: expected a list of integers"
+    if plan["baseline"] not in plan["variants"]:
+        return f"its baseline {plan['baseline']!r} is not one of its variants"
+    if not isinstance(plan.get("config", ""), str):
+        return "config: expected the YAML of the grid's config"
+    return ""
+
+
+def read_plan(out: str) -> dict[str, Any] | None:
+    """The plan in ``out`` (None: there is none); a file that is not a plan is a one-line error."""
     path = os.path.join(out, PLAN_FILE)
-    old = _read_json(path)
+    plan = _read_json(path)
+    if plan is None:
+        return None
+    problem = _plan_problem(plan)
+    if problem:
+        raise RunError(f"{path} is not an ablation plan of this tool ({problem}); move it away, "
+                       "or give the folder of an ablation")
+    return plan
+
+
+def grid_config(out: str, plan: dict[str, Any]) -> str:
+    """``out``/grid_config.yaml holding the plan's resolved config (written when missing or
+    different): the ``--config_file`` of every run, so that an edit of the user's config file
+    while the grid runs changes no run of it. Returns its path."""
+    path = os.path.join(out, GRID_CONFIG)
+    try:
+        with open(path) as f:
+            same = f.read() == plan["config"]
+    except FileNotFoundError:
+        same = False
+    if not same:
+        atomic_write(path, lambda f: f.write(plan["config"].encode()))
+    return path
+
+
+def _same_variants(old: dict[str, dict[str, str]], new: dict[str, dict[str, str]]) -> dict[str, str] | None:
+    """New variant name -> old name when both grids hold the same variants (the same overrides, in
+    any order: values or --grid flags listed otherwise); None when they do not."""
+    by_overrides = {frozenset(kv.items()): name for name, kv in old.items()}
+    if len(old) != len(new) or any(frozenset(kv.items()) not in by_overrides for kv in new.values()):
+        return None
+    return {name: by_overrides[frozenset(kv.items())] for name, kv in new.items()}
+
+
+def _setting_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(every changed setting as 'KEY old -> new', the keys among them that change what a run computes:
+    those outside RESUME_SAFE_KEYS) between two plans' resolved configs."""
+    if "config" not in old:   # a plan of an older version: only its config file and overrides are known
+        keys = [k for k in ("config_file", "opts") if old[k] != new[k]]
+        return [f"{k} {old[k]!r} -> {new[k]!r}" for k in keys], keys
+    new_cfg = CfgNode.load_cfg(new["config"])
+    computed = config_differences(old["config"], new_cfg)
+    old_cfg = CfgNode.load_cfg(old["config"])
+    safe = [(k, get_key(old_cfg, k), get_key(new_cfg, k)) for k in sorted(RESUME_SAFE_KEYS - {"OUTPUT_DIR"})
+            if get_key(old_cfg, k) != get_key(new_cfg, k)]
+    return [f"{k} {a!r} -> {b!r}" for k, a, b in [*computed, *safe]], [k for k, _, _ in computed]
+
+
+def claim_out(out: str, plan: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Write the plan into ``out``, or check that ``out`` holds this grid; returns (the plan in
+    force, whether its settings changed: failed runs are then tried again).
+
+    The same grid has the same variants (listed in any order; the folder keeps its variant
+    names) and seeds. Its settings (config file, overrides) may change where no run of the grid
+    has finished, and at any time in the keys that say where and how a run runs, not what it
+    computes (RESUME_SAFE_KEYS: the data folder, workers, device); a line says what changed.
+    The baseline is a choice of the report: it may always change.
+    """
+    old = read_plan(out)
     if old is None:
         if os.path.isdir(out) and (existing_run_files(out) or os.path.isfile(os.path.join(out, "results.json"))):
             raise RunError(f"--out {out} holds a training run, not an ablation; choose another --out")
-        write_json_atomic(path, plan)
-        return
-    differ = [k for k in ("config_file", "opts", "variants", "baseline", "seeds") if old.get(k) != plan[k]]
+        write_json_atomic(os.path.join(out, PLAN_FILE), plan)
+        if "config" in plan:
+            grid_config(out, plan)
+        return plan, False
+    names = _same_variants(old["variants"], plan["variants"])
+    differ = (["variants"] if names is None else []) + (["seeds"] if old["seeds"] != plan["seeds"] else [])
     if differ:
         raise RunError(f"--out {out} holds another grid ({PLAN_FILE} differs in: {', '.join(differ)}); "
                        "re-run with the same arguments to continue it, or choose another --out")
+    assert names is not None
+    plan = {**plan, "variants": {names[n]: kv for n, kv in plan["variants"].items()},
+            "baseline": names[plan["baseline"]]}
+    changes, computed = _setting_changes(old, plan)
+    if computed:
+        done = [r.key for r in runs_of(old, out) if os.path.isfile(os.path.join(r.folder, "results.json"))]
+        if done:
+            raise RunError(f"--out {out} holds another grid: its settings differ in {', '.join(computed)} and "
+                           f"{len(done)} of its runs have finished ({done[0]}{', ...' if len(done) > 1 else ''}); "
+                           "re-run with the same settings to continue it, or choose another --out")
+        print(f"ablation: no run of this grid has finished, so its changed settings apply to every run "
+              f"(runs begun with the old ones start again): {'; '.join(changes)}", flush=True)
+    elif changes:
+        print(f"ablation: changed where or how the runs run, not what they compute: {'; '.join(changes)}",
+              flush=True)
+    if plan["baseline"] != old["baseline"]:
+        print(f"ablation: baseline {plan['baseline']} (was {old['baseline']}); only the report changes", flush=True)
+    if plan != old:
+        write_json_atomic(os.path.join(out, PLAN_FILE), plan)
+    if "config" in plan:
+        grid_config(out, plan)
+    return plan, bool(changes)
+
+
+def run_overrides(plan: dict[str, Any], run: Run) -> list[str]:
+    """The KEY VALUE overrides that make the grid's config the config of ``run``: its variant's and its seed."""
+    return [*itertools.chain.from_iterable(plan["variants"][run.variant].items()), "SOLVER.SEED", str(run.seed)]
+
+
+def run_mismatch(plan: dict[str, Any], out: str, run: Run) -> list[str]:
+    """How the run in ``run.folder`` differs from what its variant and seed run, from its saved
+    config.yaml (keys outside RESUME_SAFE_KEYS, as 'KEY = its value (variant: value)'): a run copied
+    in from elsewhere, or begun with other settings. Empty when it matches, or holds no config.yaml."""
+    saved = os.path.join(run.folder, CONFIG_FILE)
+    if "config" not in plan or not os.path.isfile(saved):
+        return []
+    expected = load_config(grid_config(out, plan), run_overrides(plan, run))
+    try:
+        with open(saved) as f:
+            diffs = config_differences(f.read(), expected)
+    except Exception:    # noqa: BLE001 -- any read/YAML/yacs failure means the same: not this variant's run
+        return [f"its {CONFIG_FILE} cannot be read"]
+    return [f"{k} = {theirs!r} (variant: {ours!r})" for k, theirs, ours in diffs]
 
 
 def run_state(run: Run, status: dict[str, Any]) -> str:
@@ -204,18 +394,17 @@ def run_state(run: Run, status: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- running
-def command(plan: dict[str, Any], run: Run, state: str, device: str | None) -> list[str]:
-    """The train_svllreid.py command line for ``run``: a fresh start or ``--resume``."""
-    dev = ["MODEL.DEVICE", device] if device else []
+def command(plan: dict[str, Any], out: str, run: Run, state: str, device: str | None) -> list[str]:
+    """The train_svllreid.py command line for ``run``: a fresh start, or ``--resume`` ('partial').
+
+    Both give the grid's config (grid_config.yaml) with the run's overrides: a resumed run checks
+    that its saved settings are these, and takes the new values of the keys that may change."""
+    cmd = [sys.executable, TRAIN, "--config_file", grid_config(out, plan), *run_overrides(plan, run),
+           "OUTPUT_DIR", run.folder, *(["MODEL.DEVICE", device] if device else [])]
     if state == "partial":
-        return [sys.executable, TRAIN, "--resume", "OUTPUT_DIR", run.folder, *dev]
-    cmd = [sys.executable, TRAIN]
-    if plan["config_file"]:
-        cmd += ["--config_file", plan["config_file"]]
-    cmd += [*plan["opts"], *itertools.chain.from_iterable(plan["variants"][run.variant].items()),
-            "SOLVER.SEED", str(run.seed), "OUTPUT_DIR", run.folder, *dev]
-    if os.path.isdir(run.folder) and existing_run_files(run.folder):   # a start that failed earlier
-        cmd.append("--overwrite")
+        cmd.append("--resume")
+    elif os.path.isdir(run.folder) and existing_run_files(run.folder):   # an earlier start that failed or
+        cmd.append("--overwrite")            # was begun with other settings: its files go to previous-<time>/
     return cmd
 
 
@@ -242,8 +431,75 @@ def _interrupt_when_parent_dies() -> None:
         pass
 
 
-def execute(plan: dict[str, Any], out: str, jobs: int, devices: list[str], retry_failed: bool) -> None:
-    """Run every unfinished run, ``jobs`` at a time; status.json records how each ended.
+def _checked_state(plan: dict[str, Any], out: str, run: Run, state: str, status: dict[str, Any]) -> str:
+    """``state`` after checking the run's folder against its variant: a finished run of other settings
+    (copied in from elsewhere) is 'foreign' and left out; a begun one ('partial') of other settings,
+    or on data that changed since it began, is started again ('new': its files are moved aside)."""
+    if state not in ("done", "partial"):
+        return state
+    why = run_mismatch(plan, out, run)
+    if why and state == "done":
+        print(f"  left out {run.key}: it does not match its variant ({'; '.join(why[:3])}); move it away "
+              "to run it", flush=True)
+        return "foreign"
+    reason = f"it was begun with other settings ({'; '.join(why[:3])})" if why else \
+        data_change(plan, out, run, status) if state == "partial" else ""
+    if reason:
+        print(f"  restart {run.key} from scratch: {reason}; its files go to a previous-<time>/ sub-folder",
+              flush=True)
+        return "new"
+    return state
+
+
+def data_identity(plan: dict[str, Any], out: str, run: Run) -> dict[str, Any] | None:
+    """The identity of the data ``run`` trains on, as it is now (:func:`datasets.bases.dataset_identity`:
+    name, query/gallery files, cameras, training identities); None when the data cannot be read
+    (the training then says why)."""
+    from datasets.bases import dataset_identity
+    from datasets.make_dataloader import build_dataset_from_cfg
+    cfg = load_config(grid_config(out, plan), [*run_overrides(plan, run), "OUTPUT_DIR", run.folder])
+    try:
+        return dataset_identity(build_dataset_from_cfg(cfg))
+    except cli.USER_ERRORS:
+        return None
+
+
+def data_change(plan: dict[str, Any], out: str, run: Run, status: dict[str, Any]) -> str:
+    """Why a begun run must not be resumed on the data there now: the data it began on (recorded in
+    status.json when it started) and that data differ (:func:`datasets.bases.dataset_change`), as
+    when the data was regenerated at the same path after a kill. Empty when they do not, or when
+    either is unknown."""
+    saved = (status.get(run.key, {}).get("ran") or {}).get("data")
+    now = data_identity(plan, out, run) if saved else None
+    change = dataset_change(saved, now) if now else ""
+    return f"its data changed since it began ({change})" if change else ""
+
+
+def _config_file_note(plan: dict[str, Any]) -> Callable[[], str]:
+    """A function to call before each start: one line, the first time the user's ``--config_file``
+    is found changed since the grid began (its runs keep using the grid's copy of the config)."""
+    told: list[bool] = []
+
+    def note() -> str:
+        path, digest = plan["config_file"], plan.get("config_sha256")
+        if told or not path or not digest:
+            return ""
+        try:
+            now = file_sha256(path)
+        except OSError:
+            now = ""
+        if now == digest:
+            return ""
+        told.append(True)
+        return (f"  note: {path} {'changed' if now else 'is gone'} since this grid began; its runs keep the "
+                f"config the grid began with ({GRID_CONFIG})")
+    return note
+
+
+def execute(plan: dict[str, Any], out: str, jobs: int, slots: list[tuple[str, dict[str, str]]],
+            retry_failed: bool) -> None:
+    """Run every unfinished run, ``jobs`` at a time (``slots``: each job slot's MODEL.DEVICE and
+    environment, from :func:`check_devices`); status.json records how each ended and what it ran.
 
     When the first run to end fails and no run of the grid has finished before, the runs not
     yet started are not started (their cause is most likely shared)."""
@@ -253,18 +509,22 @@ def execute(plan: dict[str, Any], out: str, jobs: int, devices: list[str], retry
     states = {r.key: run_state(r, status) for r in runs}
     if retry_failed:
         states = {k: ("new" if s == "failed" else s) for k, s in states.items()}
+    states = {r.key: _checked_state(plan, out, r, states[r.key], status) for r in runs}
     todo = [r for r in runs if states[r.key] in ("new", "partial")]
     n_var, n_seed = len(plan["variants"]), len(plan["seeds"])
-    counts = {s: sum(v == s for v in states.values()) for s in ("done", "partial", "new", "failed")}
+    counts = {s: sum(v == s for v in states.values()) for s in ("done", "partial", "new", "failed", "foreign")}
+    foreign = f", {counts['foreign']} not of this grid (left out)" if counts["foreign"] else ""
     print(f"ablation: {n_var} variants x {n_seed} seeds = {len(runs)} runs in {out}; "
           f"{counts['done']} finished, {counts['partial']} to resume, {counts['new']} to start, "
-          f"{counts['failed']} failed earlier (not retried{'' if retry_failed else '; --retry_failed'})", flush=True)
+          f"{counts['failed']} failed earlier (not retried{'' if retry_failed else '; --retry_failed'}){foreign}",
+          flush=True)
     print(f"  differing keys: {', '.join(differing_keys(plan['variants'])) or '(none)'}; "
           f"baseline: {plan['baseline']}; seeds: {', '.join(map(str, plan['seeds']))}", flush=True)
     if not todo:
         return
+    config_note = _config_file_note(plan)
     env = dict(os.environ)
-    if jobs > 1 and not devices and "OMP_NUM_THREADS" not in env:   # share the CPU cores between the jobs
+    if jobs > 1 and not slots and "OMP_NUM_THREADS" not in env:   # share the CPU cores between the jobs
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     pending, active, n_done, run_seconds = list(todo), {}, 0, 0.0
     t0 = time.time()
@@ -273,19 +533,36 @@ def execute(plan: dict[str, Any], out: str, jobs: int, devices: list[str], retry
             while pending and len(active) < jobs:
                 slot = next(i for i in range(jobs) if i not in {a[3] for a in active.values()})
                 run = pending.pop(0)
-                device = devices[slot % len(devices)] if devices else None
+                device, device_env = slots[slot % len(slots)] if slots else (None, {})
+                shown = device_env.get("CUDA_VISIBLE_DEVICES")
+                shown = f"GPU {shown}" if shown else device
+                note = config_note()
+                if note:
+                    print(note, flush=True)
                 os.makedirs(os.path.dirname(run.folder), exist_ok=True)
+                cmd = command(plan, out, run, states[run.key], device)
+                # what the run runs, recorded before it starts (a kill -9 of this tool loses none of it);
+                # a resumed run keeps the data it began on
+                before = status.get(run.key, {})
+                resumed = states[run.key] == "partial"
+                began_on = (before.get("ran") or {}).get("data") if resumed else None
+                status[run.key] = {**before, "ran": {
+                    "config_file": plan["config_file"], "config_sha256": plan.get("config_sha256", ""),
+                    "grid_config_sha256": file_sha256(grid_config(out, plan)),
+                    "overrides": run_overrides(plan, run), "device": shown, "resumed": resumed,
+                    "data": began_on or data_identity(plan, out, run)}}
+                write_json_atomic(status_path, status)
                 log = os.path.join(os.path.dirname(run.folder), f"seed_{run.seed}.log")
                 with open(log, "a") as lf:
                     lf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {run.key} ({states[run.key]})\n")
                     lf.flush()
+                    # in the user's working folder (relative paths mean what they mean in their shell);
                     # own session: a Ctrl-C on the terminal reaches this process only, which
                     # passes exactly one signal on to each training (below)
-                    proc = subprocess.Popen(command(plan, run, states[run.key], device), stdout=lf,
-                                            stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
-                                            preexec_fn=_interrupt_when_parent_dies)
+                    proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env={**env, **device_env},
+                                            start_new_session=True, preexec_fn=_interrupt_when_parent_dies)
                 print(f"  start  {run.key}{' (resume)' if states[run.key] == 'partial' else ''}"
-                      f"{' on ' + device if device else ''}", flush=True)
+                      f"{' on ' + shown if shown else ''}", flush=True)
                 active[proc.pid] = (proc, run, time.time(), slot, log)
             time.sleep(0.2)
             for pid, (proc, run, started, _, log) in list(active.items()):
@@ -350,22 +627,37 @@ def _wall_seconds(run: Run, status: dict[str, Any]) -> float:
     return float(recs[-1].get("elapsed", math.nan)) if recs else math.nan
 
 
-def build_report(out: str) -> list[dict[str, Any]]:
-    """One row per variant, rebuilt from the run folders (and status.json for failures)."""
-    plan = _read_json(os.path.join(out, PLAN_FILE))
+def load_plan(out: str, baseline: str = "") -> dict[str, Any]:
+    """The plan of the ablation in ``out`` for a report, with ``baseline`` (a variant) in place of its own."""
+    plan = read_plan(out)
     if plan is None:
         raise RunError(f"{out} holds no ablation ({PLAN_FILE} not found)")
+    if baseline and baseline not in plan["variants"]:
+        raise ConfigError(f"--baseline {baseline!r} is not a variant of the ablation in {out} "
+                          f"({', '.join(plan['variants'])})")
+    return {**plan, "baseline": baseline or plan["baseline"]}
+
+
+def build_report(out: str, baseline: str = "") -> list[dict[str, Any]]:
+    """One row per variant, rebuilt from the run folders (and status.json for failures); a finished
+    run whose config.yaml is not its variant's (:func:`run_mismatch`) is left out and named."""
+    plan = load_plan(out, baseline)
     status = _read_json(os.path.join(out, STATUS_FILE)) or {}
     runs = runs_of(plan, out)
     per_variant: dict[str, dict[str, Any]] = {}
     for v in plan["variants"]:
         mine = [r for r in runs if r.variant == v]
         got = {r.seed: run_metrics(r) for r in mine}
+        foreign = {r.seed: run_mismatch(plan, out, r) for r in mine if got[r.seed] is not None}
+        mismatched = [f"seed {s}: {'; '.join(why[:3])}" for s, why in foreign.items() if why]
+        got = {s: (None if foreign.get(s) else g) for s, g in got.items()}
         failed = [f"seed {r.seed}: {status[r.key].get('message', '')}" for r in mine
                   if got[r.seed] is None and status.get(r.key, {}).get("state") == "failed"]
-        missing = [r.seed for r in mine if got[r.seed] is None and status.get(r.key, {}).get("state") != "failed"]
+        missing = [r.seed for r in mine if got[r.seed] is None and not foreign.get(r.seed)
+                   and status.get(r.key, {}).get("state") != "failed"]
         values = {m: [g[m] for g in got.values() if g is not None] for m in METRICS}
         per_variant[v] = {"runs": mine, "values": values, "failed": failed, "missing": missing,
+                          "mismatched": mismatched,
                           "seconds": [_wall_seconds(r, status) for r in mine if got[r.seed] is not None]}
     base = per_variant[plan["baseline"]]["values"]
     rows = []
@@ -373,6 +665,7 @@ def build_report(out: str) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"variant": v, "baseline": v == plan["baseline"],
                                "overrides": plan["variants"][v], "n": len(d["values"]["mAP"]),
                                "runs": len(d["runs"]), "failed": d["failed"], "missing": d["missing"],
+                               "mismatched": d["mismatched"],
                                "per_seed": {m: d["values"][m] for m in METRICS},
                                "wall_s": summarize(d["seconds"]).mean}
         for m in METRICS:
@@ -401,10 +694,11 @@ def _diff(row: dict[str, Any], m: str) -> str:
     return f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" if not math.isnan(lo) else f"{100 * d:+.1f} [n/a]"
 
 
-def write_report(out: str) -> list[str]:
-    """Write results.md, results.csv and results.png into ``out``; returns their paths."""
-    rows = build_report(out)
-    plan = _read_json(os.path.join(out, PLAN_FILE))
+def write_report(out: str, baseline: str = "") -> list[str]:
+    """Write results.md, results.csv and results.png into ``out`` (differences against ``baseline``,
+    default the plan's); returns their paths."""
+    rows = build_report(out, baseline)
+    plan = load_plan(out, baseline)
     md = [f"# Ablation: {os.path.basename(plan['config_file']) or 'defaults'}, "
           f"{len(rows)} variants x {len(plan['seeds'])} seeds ({', '.join(map(str, plan['seeds']))})", "",
           "Mean ± sample std over seeds (%). Δ: difference of means to the baseline with Welch's 95% "
@@ -414,7 +708,9 @@ def write_report(out: str) -> list[str]:
     for r in rows:
         note = "; ".join([f"{len(r['failed'])} FAILED ({' / '.join(r['failed'])})"] if r["failed"] else []
                          + ([f"{len(r['missing'])} not run yet (seeds {', '.join(map(str, r['missing']))})"]
-                            if r["missing"] else []))
+                            if r["missing"] else [])
+                         + ([f"{len(r['mismatched'])} left out, not of this variant ({' / '.join(r['mismatched'])})"]
+                            if r["mismatched"] else []))
         wall = "n/a" if math.isnan(r["wall_s"]) else f"{r['wall_s']:.0f} s"
         md.append(f"| {r['variant']} | {r['n']}/{r['runs']} | {_mean_std(r, 'mAP')} | {_mean_std(r, 'R1')} | "
                   f"{_mean_std(r, 'mINP')} | {_diff(r, 'mAP')} | {_diff(r, 'R1')} | {wall} | {note} |")
@@ -425,13 +721,14 @@ def write_report(out: str) -> list[str]:
     text = "\n".join(md) + "\n"
     atomic_write(paths[0], lambda f: f.write(text.encode()))
     cols = ["variant", "baseline", "n", "runs"] + [f"{m}_{s}" for m in METRICS for s in
-                                                  ("mean", "std", "diff", "lo", "hi")] + ["wall_s", "failed", "missing"]
+                                                  ("mean", "std", "diff", "lo", "hi")] + ["wall_s", "failed", "missing",
+                                                                                         "mismatched"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols)
     for r in rows:
-        w.writerow([("; ".join(r[c]) if c == "failed" else " ".join(map(str, r[c])) if c == "missing"
-                     else r[c]) for c in cols])
+        w.writerow([("; ".join(r[c]) if c in ("failed", "mismatched") else " ".join(map(str, r[c]))
+                     if c == "missing" else r[c]) for c in cols])
     atomic_write(paths[1], lambda f: f.write(buf.getvalue().encode()))
     _plot(out, plan, rows, paths[2])
     return paths
@@ -500,8 +797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> None:
         import_extra("scipy", "ablate")     # the report's intervals: said before any run, not after hours
-        if args.report:
-            for path in write_report(args.report):
+        if args.report:   # --baseline: the differences against another variant (the plan keeps its own)
+            for path in write_report(args.report, args.baseline):
                 print(path)
             return
         if not args.out:
@@ -511,18 +808,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(args.opts) % 2:
             raise ConfigError(f"overrides come in KEY VALUE pairs; got {len(args.opts)} words: {' '.join(args.opts)}")
         plan = make_plan(args)
-        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
-        with RunLock(args.out):
-            claim_out(args.out, plan)
-            execute(plan, args.out, args.jobs, devices, args.retry_failed)
-            paths = write_report(args.out)
+        slots = check_devices([d.strip() for d in args.devices.split(",") if d.strip()], args.config_file, args.opts)
+        out = os.path.abspath(args.out)    # the runs work in the user's folder too, whatever their own cwd
+        with RunLock(out, "--out"):
+            plan, changed = claim_out(out, plan)
+            execute(plan, out, args.jobs, slots, args.retry_failed or changed)
+            paths = write_report(out)
         print("report: " + ", ".join(paths))
         with open(paths[0]) as f:
             print(f.read())
-        rows = build_report(args.out)
+        rows = build_report(out)
         failed, missing = sum(len(r["failed"]) for r in rows), sum(len(r["missing"]) for r in rows)
-        if failed or missing:
-            raise RunError(f"{failed} run(s) failed and {missing} did not run (see {paths[0]} and the "
+        foreign = sum(len(r["mismatched"]) for r in rows)
+        if failed or missing or foreign:
+            left = f" and {foreign} not of their variant were left out" if foreign else ""
+            raise RunError(f"{failed} run(s) failed and {missing} did not run{left} (see {paths[0]} and the "
                            f"runs' logs); fix the cause and run the same command again "
                            f"({'--retry_failed repeats the failed ones' if failed else 'it continues'})")
 

@@ -23,7 +23,6 @@ from test_svllreid import evaluate  # noqa: E402
 from train_svllreid import train  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.misc import write_json_atomic  # noqa: E402
-from utils.record import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR  # noqa: E402
 from utils.run_dir import CONFIG_FILE  # noqa: E402
 
 
@@ -57,15 +56,12 @@ def demo(config_file: str, opts: list[str], output_dir: list[str]) -> None:
         evaluate(ecfg, output_dir=os.path.join(out_dir, "eval"))
         vis = os.path.join(out_dir, "eval", "visualize")
     total = time.time() - t0
-    print("\nFiles of this run:")
+    # the training's own summary (its last log lines) lists the run's files: only the demo's are added here
+    print(f"\nThe demo's files, beside the training's in {out_dir}:")
     print(f"  results           {path}")
-    print(f"  training record   {os.path.join(out_dir, METRICS_FILE)}   (one JSON line per log period, epoch, "
-          "evaluation)")
-    print(f"                    {os.path.join(out_dir, CURVES_FILE)}")
-    print(f"                    {os.path.join(out_dir, TENSORBOARD_DIR)}/   (tensorboard --logdir {out_dir})")
     if vis:
-        print(f"  evaluation        {vis}/cmc.png, worst_*.png, best_*.png (ranked lists)")
-    print(f"  checkpoint        {weight}")
+        print(f"  evaluation        {vis}/cmc.png, worst_*.png, best_*.png: the ranked lists")
+    print(f"  TensorBoard       tensorboard --logdir {out_dir}")
     # the run's saved config carries the overrides too, so the commands run as printed
     py, root, run_cfg = cli.python_command(), cfg.DATASETS.ROOT_DIR, os.path.join(out_dir, CONFIG_FILE)
     print("\nUse the model on any images:")

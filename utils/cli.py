@@ -36,6 +36,19 @@ def run(fn: Callable[[], object], on_interrupt: Callable[[], str] | None = None)
 _CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*")   # a config key such as TEST.WEIGHT or OUTPUT_DIR
 
 
+def _bracket_value(argv: Sequence[str], i: int) -> tuple[str | None, int]:
+    """The value starting at ``argv[i]`` and the index after it. A list written with spaces, as
+    documented (``[12, 17]``), reaches the program as the words ``[12,`` and ``17]``: words are
+    joined while a bracket is open, so the value is ``[12, 17]`` as typed. None past the end."""
+    if i >= len(argv):
+        return None, i
+    value, i = argv[i], i + 1
+    while i < len(argv) and value.count("[") + value.count("(") > value.count("]") + value.count(")") \
+            and not argv[i].startswith("--"):
+        value, i = f"{value} {argv[i]}", i + 1
+    return value, i
+
+
 def _flags_first(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
     """``argv`` with every option moved before the trailing ``KEY VALUE`` overrides.
 
@@ -67,11 +80,18 @@ def _flags_first(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[s
                 while i + 1 + n < len(argv) and not argv[i + 1 + n].startswith("-") and \
                         not _CONFIG_KEY.fullmatch(argv[i + 1 + n]):
                     n += 1
+            if n == 1 or (n == 0 and action is not None and "=" in tok):   # one value: a list may span words
+                value, end = _bracket_value(argv, i + (n == 1))
+                if value is not None:
+                    flags += [*argv[i:i + (n == 1)], value]
+                    i = end
+                    continue
             flags += argv[i:i + 1 + n]
             i += 1 + n
         else:
-            overrides += argv[i:i + 2]
-            i += 2
+            value, end = _bracket_value(argv, i + 1)
+            overrides += [argv[i]] if value is None else [argv[i], value]
+            i = end
     return flags + (["--"] if multi_last and overrides else []) + overrides
 
 

@@ -53,8 +53,10 @@ def init_distributed(device_name: str, timeout_minutes: float = 30.0) -> torch.d
     """Join the process group started by ``torchrun`` and return this process's device.
 
     Backend NCCL on CUDA, gloo on the CPU; one process per device (LOCAL_RANK picks the
-    GPU). The timeout bounds every collective, so a rank that dies makes the others fail
-    with an error instead of waiting forever.
+    GPU). ``device_name`` is the device already chosen (``utils.misc.choose_device``: 'cuda' or
+    'cpu'), so a CUDA that cannot be used has been refused before the group is joined. The
+    timeout bounds every collective, so a rank that dies makes the others fail with an error
+    instead of waiting forever.
     """
     import datetime
     import os
@@ -64,6 +66,11 @@ def init_distributed(device_name: str, timeout_minutes: float = 30.0) -> torch.d
                            "`torchrun --nproc_per_node 2 train_svllreid.py --config_file F MODEL.DIST_TRAIN True`")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = device_name.startswith("cuda") and torch.cuda.is_available()
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        from .errors import ConfigError
+        raise ConfigError(f"process {local_rank} of this machine needs a GPU of its own but "
+                          f"{torch.cuda.device_count()} are visible: list one per process in MODEL.DEVICE_ID, "
+                          "e.g. MODEL.DEVICE_ID 0,1")
     if use_cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")

@@ -60,13 +60,20 @@ def run_command(fn: Callable[[], object], user_errors: tuple[type[BaseException]
         with work_signals():
             fn()
     except user_errors as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        say(f"error: {one_line(e)}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:
         where = on_interrupt() if on_interrupt is not None else ""
-        print(f"{headline(e)}{': ' + where if where else ''}", file=sys.stderr)
+        say(f"{headline(e)}{': ' + where if where else ''}")
         return exit_code(e)
     return 0
+
+
+def say(line: str) -> None:
+    """``line`` and its newline to stderr in one write: the lines of processes that share a console
+    (torchrun's ranks, even with PYTHONUNBUFFERED) never run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def raise_terminated(signum: int, frame: FrameType | None) -> None:

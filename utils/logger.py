@@ -5,17 +5,20 @@ import logging
 import os
 import sys
 
+from .dist import get_rank
 from .fileio import append_error
 
 
 class _BarSafeHandler(logging.StreamHandler):
     """A console handler that lifts active progress bars off the terminal while it writes a line
-    (otherwise a log line is glued to the end of a bar line)."""
+    (otherwise a log line is glued to the end of a bar line). Each record goes out whole, newline
+    included, in one write: the lines of processes that share a console (torchrun's ranks, even
+    unbuffered) never run into each other."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm import tqdm
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record) + self.terminator, file=self.stream, end="")
             self.flush()
         except Exception:   # logging must never raise
             self.handleError(record)
@@ -59,7 +62,9 @@ def setup_logger(name: str, save_dir: str | None, if_train: bool, is_main: bool 
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
-    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    # the other ranks' warnings and errors say whose they are (torchrun's RANK)
+    rank = "" if is_main else f" rank {os.environ.get('RANK', '?')}"
+    fmt = logging.Formatter(f"%(asctime)s %(name)s{rank} %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     ch = _BarSafeHandler(stream=sys.stdout)
     ch.setFormatter(fmt)
     logger.addHandler(ch)

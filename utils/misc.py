@@ -5,6 +5,9 @@ import json
 import logging
 import os
 import random
+import re
+import shutil
+import warnings
 from typing import Any
 
 import numpy as np
@@ -24,12 +27,72 @@ def set_seed(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
+def _nvidia_driver() -> str | None:
+    """The installed NVIDIA driver's version (``/proc/driver/nvidia/version``; "installed" when only
+    ``nvidia-smi`` shows it), or None when this machine has no NVIDIA driver."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            m = re.search(r"Kernel Module\s+(\S+)", f.readline())
+        return m.group(1) if m else "installed"
+    except OSError:
+        return "installed" if shutil.which("nvidia-smi") else None
+
+
+def cuda_problem() -> str | None:
+    """Why this process cannot use CUDA, in words; None when it can.
+
+    Tells apart a torch build without CUDA, a machine without an NVIDIA driver, GPUs hidden
+    by CUDA_VISIBLE_DEVICES, and a driver that this torch build cannot use (typically one too
+    old for the CUDA version the build was made for; torch's own warning is quoted when it
+    gives one).
+    """
+    if torch.version.cuda is None:
+        return f"this torch build, {torch.__version__}, has no CUDA support"
+    with warnings.catch_warnings(record=True) as caught:   # torch says why once, as a warning
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return None
+    driver = _nvidia_driver()
+    if driver is None:
+        return "no NVIDIA driver was found, neither /proc/driver/nvidia/version nor nvidia-smi"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    said = next((" ".join(str(w.message).split()) for w in caught if "CUDA" in str(w.message)), "")
+    return (f"the NVIDIA driver {driver} is installed but torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda}, finds no usable GPU{': ' + said[:300] if said else ''}. A driver older than "
+            "the build's CUDA gives this: install a torch build for this driver, see docs/usage.md")
+
+
+def choose_device(name: str) -> tuple[torch.device, str]:
+    """``MODEL.DEVICE`` as (torch.device, a line for the log saying which device and why).
+
+    'cpu' is the CPU; 'cuda' / 'cuda:N' need a usable CUDA and are refused otherwise
+    (ConfigError naming what was found: never a silent CPU run); 'auto' takes CUDA when it is
+    usable and the CPU otherwise.
+    """
+    if name == "cpu":
+        return torch.device("cpu"), "Device: the CPU (MODEL.DEVICE cpu)"
+    problem = cuda_problem()
+    if problem and name == "auto":
+        return torch.device("cpu"), f"Device: the CPU, chosen by MODEL.DEVICE auto because CUDA is not usable: {problem}"
+    if problem:
+        raise ConfigError(f"MODEL.DEVICE = {name!r} but CUDA cannot be used: {problem}. Set MODEL.DEVICE cpu, "
+                          "or auto to take CUDA where it is usable and the CPU elsewhere")
+    device = torch.device("cuda" if name == "auto" else name)
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"MODEL.DEVICE = {name!r} but {count} GPU(s) are visible, numbered from 0 "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
+    index = device.index or 0
+    props = torch.cuda.get_device_properties(index)
+    return device, (f"Device: cuda:{index}, {props.name} with {props.total_memory / 2 ** 30:.1f} GiB "
+                    f"(MODEL.DEVICE {name}; torch {torch.__version__}, CUDA {torch.version.cuda})")
+
+
 def resolve_device(name: str) -> torch.device:
-    """``MODEL.DEVICE`` as a torch.device; CUDA requested but absent falls back to CPU with a warning."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE = %r but CUDA is not available: running on the CPU", name)
-        return torch.device("cpu")
-    return torch.device(name)
+    """``MODEL.DEVICE`` as a torch.device (:func:`choose_device`; CUDA asked for and not usable is an error)."""
+    return choose_device(name)[0]
 
 
 def select_gpus(device_id: str, cuda_wanted: bool = True) -> str | None:
