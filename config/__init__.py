@@ -22,8 +22,8 @@ from utils.yesno import BOOL_WORDS, is_yes
 
 from .defaults import _C as _DEFAULTS
 
-__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "is_yes", "settings_summary",
-           "CHOICES", "INERT_KEYS", "OPTIMIZERS", "WARMUP_METHODS", "DATASET_NAMES"]
+__all__ = ["cfg", "CfgNode", "ConfigError", "load_config", "get_default_config", "get_key", "is_yes",
+           "settings_summary", "CHOICES", "INERT_KEYS", "OPTIMIZERS", "WARMUP_METHODS", "DATASET_NAMES"]
 
 # Names the config offers and the lower rooms implement (solver, datasets check that they match).
 OPTIMIZERS = ("Adam", "AdamW", "SGD")
@@ -331,34 +331,6 @@ def settings_summary(cfg: _YacsNode, config_path: str) -> list[str]:
     ssl2 = f"{m.SSL_TYPE} with weight {s2.SSL_LOSS_WEIGHT}" if m.USE_SSL else "off"
     lines.append(f"  stage 2: {s2.MAX_EPOCHS} epochs, batch {s2.IMS_PER_BATCH}, lr {s2.BASE_LR:.2e} times "
                  f"{s2.GAMMA} at epochs {list(s2.STEPS)}, image SSL {ssl2}, evaluation every {s2.EVAL_PERIOD} epochs")
-    lines.append(f"  seed {cfg.SOLVER.SEED}, compile {_on(cfg.SOLVER.COMPILE)}, "
-                 f"distributed {_on(m.DIST_TRAIN)}, output {cfg.OUTPUT_DIR}")
-    return lines
-
-
-def _on(flag: Any) -> str:
-    return "on" if flag else "off"
-
-
-def settings_summary(cfg: _YacsNode, config_path: str) -> list[str]:
-    """The few settings that decide a training, as short lines for the console and the log
-    (the full config is in ``config_path``): model, data, both stages, seed and compile."""
-    m, s1, s2 = cfg.MODEL, cfg.SOLVER.STAGE1, cfg.SOLVER.STAGE2
-    weights = m.PRETRAIN_PATH or "~/.cache/clip" if m.CLIP_INIT == "pretrained" else "random, not pre-trained"
-    workers = "auto" if cfg.DATALOADER.NUM_WORKERS == -1 else cfg.DATALOADER.NUM_WORKERS
-    lines = [f"Settings, every key in {config_path}:",
-             f"  model {m.NAME}, CLIP weights {weights}, input {'x'.join(map(str, cfg.INPUT.SIZE_TRAIN))}, "
-             f"camera embedding {_on(m.SIE_CAMERA)}, view embedding {_on(m.SIE_VIEW)}",
-             f"  data {cfg.DATASETS.NAMES} under {cfg.DATASETS.ROOT_DIR}, sampler {cfg.DATALOADER.SAMPLER} with "
-             f"{cfg.DATALOADER.NUM_INSTANCE} images per identity, loader workers {workers}"]
-    if m.PROMPT_LEARNING:
-        lines.append(f"  stage 1: {s1.MAX_EPOCHS} epochs, batch {s1.IMS_PER_BATCH}, lr {s1.BASE_LR:.2e}, "
-                     f"text SSL {_on(m.USE_SSL_STAGE1)} with weight {s1.SSL_LOSS_WEIGHT}")
-    else:
-        lines.append("  stage 1: none, MODEL.PROMPT_LEARNING is off")
-    lines.append(f"  stage 2: {s2.MAX_EPOCHS} epochs, batch {s2.IMS_PER_BATCH}, lr {s2.BASE_LR:.2e} times "
-                 f"{s2.GAMMA} at epochs {list(s2.STEPS)}, image SSL {m.SSL_TYPE if m.USE_SSL else 'off'} with "
-                 f"weight {s2.SSL_LOSS_WEIGHT}, evaluation every {s2.EVAL_PERIOD} epochs")
     lines.append(f"  seed {cfg.SOLVER.SEED}, compile {_on(cfg.SOLVER.COMPILE)}, "
                  f"distributed {_on(m.DIST_TRAIN)}, output {cfg.OUTPUT_DIR}")
     return lines

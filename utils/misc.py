@@ -19,12 +19,28 @@ from .fileio import atomic_write
 logger = logging.getLogger("svllreid")
 
 
-def set_seed(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
+CUBLAS_WORKSPACE = ":4096:8"   # the cuBLAS workspace setting that makes its kernels deterministic
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices), and set cuDNN as the published code does
+    (``cudnn.deterministic`` and ``cudnn.benchmark`` both on).
+
+    ``deterministic`` (SOLVER.DETERMINISTIC): also ``torch.use_deterministic_algorithms(True)``,
+    cuBLAS's deterministic workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts: call
+    this before the first CUDA matrix product) and no cuDNN autotuning, so that the same run on
+    the same GPU model and software repeats bit for bit. An op without a deterministic version
+    then raises an error instead of running.
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def _nvidia_driver() -> str | None:
@@ -75,7 +91,7 @@ def choose_device(name: str) -> tuple[torch.device, str]:
         return torch.device("cpu"), "Device: the CPU (MODEL.DEVICE cpu)"
     problem = cuda_problem()
     if problem and name == "auto":
-        return torch.device("cpu"), f"Device: the CPU, chosen by MODEL.DEVICE auto because CUDA is not usable: {problem}"
+        return torch.device("cpu"), f"Device: the CPU, chosen by MODEL.DEVICE auto as CUDA is not usable: {problem}"
     if problem:
         raise ConfigError(f"MODEL.DEVICE = {name!r} but CUDA cannot be used: {problem}. Set MODEL.DEVICE cpu, "
                           "or auto to take CUDA where it is usable and the CPU elsewhere")
