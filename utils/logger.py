@@ -5,7 +5,6 @@ import logging
 import os
 import sys
 
-from .dist import get_rank
 from .fileio import append_error
 
 
