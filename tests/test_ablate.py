@@ -182,6 +182,16 @@ def test_grid_file_errors_and_another_grid_in_the_folder(tmp_path, capsys):
     one_line_error(capsys, str(run), "training run")
 
 
+def test_variant_folders_stay_inside_out(tmp_path):
+    grid = tmp_path / "g.yml"
+    grid.write_text("variants:\n  '..': {MODEL.USE_SSL: False}\n  ./x: {}\n  .hidden: {MODEL.SSL_TYPE: SIMSIAM}\n")
+    plan = ablate.make_plan(ablate.parse_args(["--config_file", DEMO, "--grid_file", str(grid), "--out", "o"]))
+    out = str(tmp_path / "abl")
+    for run in ablate.runs_of(plan, out):
+        rel = os.path.relpath(run.folder, out).split(os.sep)
+        assert len(rel) == 2 and not rel[0].startswith("."), run.folder
+
+
 def test_the_paper_grid_file_loads_on_every_dataset_config():
     variants, baseline = ablate.grid_from_file(os.path.join(ROOT, "configs", "ablations", "svllreid.yml"))
     assert baseline == "clipreid" and len(variants) == 7

@@ -5,13 +5,16 @@
     python tools/ablate.py --report DIR          # rebuild results.md / .csv / .png from the run folders
 
 Every variant x seed runs ``train_svllreid.py`` in its own folder ``DIR/<variant>/seed_<S>``
-(same locking, config saving and resume rules as any run), with SOLVER.SEED = S. A re-run of
-the same command skips finished runs and resumes interrupted ones (``--resume``), so Ctrl-C
-loses nothing; failed runs are reported, and tried again with ``--retry_failed``. ``--jobs J``
-runs J trainings side by side (``--devices cuda:0,cuda:1`` gives each slot its device). The
-report (written after the runs, or any time with ``--report``) holds mean +- std over seeds,
-the difference to the baseline variant with Welch's 95% interval, and the wall time; see
-docs/ablations.md.
+(same locking, config saving and resume rules as any run), with SOLVER.SEED = S, from the
+grid's resolved config ``DIR/grid_config.yaml`` (an edit of the config file while the grid
+runs changes none of its runs). A re-run of the same command skips finished runs and resumes
+interrupted ones (``--resume``), so Ctrl-C loses nothing; failed runs are reported, and tried
+again with ``--retry_failed``. Each run's folder is checked against its variant: one of other
+settings is left out of the report (finished) or started again (begun), as is a begun run
+whose data changed. ``--jobs J`` runs J trainings side by side (``--devices cuda:0,cuda:1``
+gives each slot its GPU). The report (written after the runs, or any time with ``--report``)
+holds mean +- std over seeds, the difference to the baseline variant with Welch's 95%
+interval, and the wall time; see docs/ablations.md.
 """
 from __future__ import annotations
 
@@ -210,11 +213,11 @@ def check_devices(devices: list[str], config_file: str, opts: list[str]) -> list
         number = re.fullmatch(r"cuda:(\d+)", dev)
         if number is None:
             raise ConfigError(f"--devices {','.join(devices)}: {dev!r} is not a device; write cpu, cuda or cuda:N")
-        n = int(number.group(1))
-        if n >= min(len(visible), torch.cuda.device_count()):
-            raise ConfigError(f"--devices {','.join(devices)}: {dev} does not exist here; this machine shows "
-                              f"{torch.cuda.device_count()} GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-        slots.append(("cuda:0", {"CUDA_VISIBLE_DEVICES": visible[n]}))
+        count = min(len(visible), torch.cuda.device_count())
+        if int(number.group(1)) >= count:
+            raise ConfigError(f"--devices {','.join(devices)}: {dev} does not exist here; this tool sees {count} "
+                              f"GPU(s): cuda:0 to cuda:{count - 1}")
+        slots.append(("cuda:0", {"CUDA_VISIBLE_DEVICES": visible[int(number.group(1))]}))
     return slots
 
 
@@ -306,12 +309,26 @@ def _setting_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str
     if "config" not in old:   # a plan of an older version: only its config file and overrides are known
         keys = [k for k in ("config_file", "opts") if old[k] != new[k]]
         return [f"{k} {old[k]!r} -> {new[k]!r}" for k in keys], keys
-    new_cfg = CfgNode.load_cfg(new["config"])
-    computed = config_differences(old["config"], new_cfg)
-    old_cfg = CfgNode.load_cfg(old["config"])
-    safe = [(k, get_key(old_cfg, k), get_key(new_cfg, k)) for k in sorted(RESUME_SAFE_KEYS - {"OUTPUT_DIR"})
-            if get_key(old_cfg, k) != get_key(new_cfg, k)]
-    return [f"{k} {a!r} -> {b!r}" for k, a, b in [*computed, *safe]], [k for k, _, _ in computed]
+    try:
+        old_cfg, new_cfg = CfgNode.load_cfg(old["config"]), CfgNode.load_cfg(new["config"])
+        computed = config_differences(old["config"], new_cfg)
+    except Exception as e:    # noqa: BLE001 -- any YAML/yacs failure means the same: a damaged plan
+        raise RunError(f"the config recorded in {PLAN_FILE} cannot be read ({' '.join(str(e).split())[:120]}); "
+                       f"move {PLAN_FILE} away, or choose another --out") from None
+
+    def where_and_how(cfg: Any) -> dict[str, Any]:   # the keys a config of another version may lack are left out
+        return {k: get_key(cfg, k) for k in RESUME_SAFE_KEYS - {"OUTPUT_DIR"} if _has_key(cfg, k)}
+    a, b = where_and_how(old_cfg), where_and_how(new_cfg)
+    safe = [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+    return [f"{k} {x!r} -> {y!r}" for k, x, y in [*computed, *safe]], [k for k, _, _ in computed]
+
+
+def _has_key(cfg: Any, key: str) -> bool:
+    try:
+        get_key(cfg, key)
+    except KeyError:
+        return False
+    return True
 
 
 def claim_out(out: str, plan: dict[str, Any]) -> tuple[dict[str, Any], bool]:
