@@ -22,11 +22,15 @@ __all__ = [
     "Sample", "DatasetError", "DatasetLayoutError", "verify_images", "BaseImageDataset", "ImageDataset", "read_image",
     "relabel", "report_unparsed", "require_dirs", "resolve_dataset_dir", "dataset_image_names",
     "IMAGE_EXTENSIONS", "dataset_identity", "dataset_change", "renumber_cameras", "train_test_overlap",
+    "SplitStats", "check_published_statistics",
 ]
 
 logger = logging.getLogger("svllreid")
 
 Sample = tuple[str, int, int, int]  # (img_path, pid, camid, viewid)
+# The published (identities, images, cameras) of a split, as this project's parsers count them
+# (junk -1 left out, distractors 0 kept as one identity); None: no published figure to compare.
+SplitStats = tuple[int | None, int | None, int | None]
 
 
 
@@ -74,6 +78,8 @@ class BaseImageDataset:
     """
 
     name: str = "dataset"
+    #: the benchmark's published split statistics (:func:`check_published_statistics`); None: none
+    published_stats: dict[str, SplitStats] | None = None
 
     def __init__(self) -> None:
         self.train: list[Sample] = []
@@ -132,6 +138,39 @@ class BaseImageDataset:
 
     def log_statistics(self) -> None:
         logger.info("%s", self.statistics_table())
+
+    def published_statistics(self) -> dict[str, SplitStats] | None:
+        """The published statistics of each split, for the splits this dataset has (None: none)."""
+        return self.published_stats
+
+
+def check_published_statistics(dataset: BaseImageDataset, strict: bool = False) -> list[str]:
+    """Compare the loaded splits with the benchmark's published statistics (identities, images,
+    cameras); return the differences, e.g. ``gallery: 15912 images, published 15913``.
+
+    A partly extracted or half-copied dataset still parses; this is what notices it. Differences
+    are one warning naming the dataset folder, or with ``strict`` (DATASETS.STRICT_STATS) one
+    :class:`DatasetError`. Datasets without published figures (``folder``, the synthetic set)
+    are not checked; an evaluation without a training split checks query and gallery.
+    """
+    expected = dataset.published_statistics()
+    if not expected:
+        return []
+    subsets = ("query", "gallery") if getattr(dataset, "test_only", False) else ("train", "query", "gallery")
+    found = []
+    for subset in subsets:
+        have = dataset.get_imagedata_info(getattr(dataset, subset))[:3]
+        found += [f"{subset}: {got} {what}, published {want}"
+                  for what, want, got in zip(("identities", "images", "cameras"), expected[subset], have)
+                  if want is not None and want != got]
+    if found:
+        where = getattr(dataset, "dataset_dir", "") or ""
+        msg = (f"{dataset.name} in {where} differs from its published statistics: {'; '.join(found)}. A missing "
+               "or half-copied part, or another version of the dataset, gives this")
+        if strict:
+            raise DatasetError(msg + " (DATASETS.STRICT_STATS True refuses it)")
+        logger.warning("%s; DATASETS.STRICT_STATS True makes this an error", msg)
+    return found
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(train={len(self.train)}, query={len(self.query)}, "

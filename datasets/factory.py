@@ -5,7 +5,7 @@ from typing import Any
 
 from config import DATASET_NAMES
 
-from .bases import BaseImageDataset
+from .bases import BaseImageDataset, check_published_statistics
 from .dukemtmcreid import DukeMTMCreID
 from .folder import FolderDataset
 from .market1501 import Market1501
@@ -30,8 +30,10 @@ if tuple(DATASETS) != DATASET_NAMES:
     raise ImportError(f"datasets.factory.DATASETS {tuple(DATASETS)} and config.DATASET_NAMES {DATASET_NAMES} differ")
 
 
-def build_dataset(name: str, root: str, **kwargs: Any) -> BaseImageDataset:
-    """Parse dataset ``name`` under ``root``.
+def build_dataset(name: str, root: str, strict_stats: bool = False, **kwargs: Any) -> BaseImageDataset:
+    """Parse dataset ``name`` under ``root`` and compare its splits with the benchmark's published
+    statistics (a warning, or with ``strict_stats`` an error; VehicleID's trial 0 only, the
+    other trials split the same list).
 
     Keyword arguments: ``need_views`` (all; VeRi errors without view labels), ``test_only``
     (all; query and gallery only, the training split need not exist),
@@ -39,4 +41,7 @@ def build_dataset(name: str, root: str, **kwargs: Any) -> BaseImageDataset:
     """
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    return DATASETS[name](root=root, **kwargs)
+    dataset = DATASETS[name](root=root, **kwargs)
+    if not kwargs.get("trial"):
+        check_published_statistics(dataset, strict_stats)
+    return dataset

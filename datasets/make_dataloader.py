@@ -40,10 +40,12 @@ def build_dataset_from_cfg(cfg: Any, trial: int = 0, test_only: bool = False) ->
     """The dataset named by ``DATASETS.NAMES`` under ``DATASETS.ROOT_DIR``.
 
     VehicleID uses ``DATASETS.VEHICLEID_TEST_SIZE`` and the split of ``trial`` drawn from
-    ``SOLVER.SEED``; VeRi requires view labels when ``MODEL.SIE_VIEW`` is on.
+    ``SOLVER.SEED``; VeRi requires view labels when ``MODEL.SIE_VIEW`` is on. Splits that differ
+    from the benchmark's published statistics are a warning, an error with ``DATASETS.STRICT_STATS``.
     ``test_only``: query and gallery only (evaluation); the training split need not exist.
     """
-    kwargs: dict[str, Any] = {"need_views": bool(cfg.MODEL.SIE_VIEW), "test_only": test_only}
+    kwargs: dict[str, Any] = {"need_views": bool(cfg.MODEL.SIE_VIEW), "test_only": test_only,
+                              "strict_stats": bool(cfg.DATASETS.STRICT_STATS)}
     if cfg.DATASETS.NAMES == "VehicleID":
         kwargs.update(test_size=cfg.DATASETS.VEHICLEID_TEST_SIZE, trial=trial,
                       seed=cfg.SOLVER.SEED)

@@ -11,4 +11,6 @@ class OccludedDuke(MarketStyleDataset):
 
     name = "Occluded-Duke"
     dataset_dir = "dukemtmcreid/Occluded_Duke"
+    # Miao et al. 2019: 702 / 519 / 1,110 identities, 15,618 / 2,210 / 17,661 images; 8 cameras (DukeMTMC's)
+    published_stats = {"train": (702, 15618, 8), "query": (519, 2210, None), "gallery": (1110, 17661, None)}
     scheme = "PPPP_cC_fFFFFFFF.jpg, e.g. 0001_c2_f0046182.jpg"

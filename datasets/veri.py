@@ -44,6 +44,9 @@ class VeRi(MarketStyleDataset):
 
     name = "VeRi-776"
     dataset_dir = "VeRi"
+    # fast-reid's docstring: 37,778 / 1,678 / 11,579 images; the paper: 576 training and 200 test vehicles,
+    # 20 cameras
+    published_stats = {"train": (576, 37778, 20), "query": (200, 1678, None), "gallery": (200, 11579, None)}
     subdirs = ("image_train", "image_query", "image_test")
     scheme = "VVVV_cCCC_FFFFFFFF_N.jpg, e.g. 0001_c001_00016450_0.jpg"
 

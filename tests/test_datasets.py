@@ -9,7 +9,7 @@ import time
 import pytest
 from PIL import Image
 
-from datasets import DatasetLayoutError, ImageDataset, build_dataset, read_image
+from datasets import DatasetError, DatasetLayoutError, ImageDataset, build_dataset, read_image
 from datasets.vehicleid import VehicleID
 
 
@@ -364,3 +364,72 @@ def test_test_only_folder_keeps_the_training_camera_ids(tmp_path):
     ds = build_dataset("folder", str(tmp_path), test_only=True)
     assert ds.query == full.query and ds.gallery == full.gallery and ds.train == []
     assert [s[2] for s in ds.query + ds.gallery] == [1, 2, 2]
+
+
+# ------------------------------------------------------------------ published split statistics
+def _stats_warnings(caplog, name, root, **kw):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="svllreid"):
+        ds = build_dataset(name, root, **kw)
+    return ds, [r.getMessage() for r in caplog.records if "published statistics" in r.getMessage()]
+
+
+def test_a_removed_image_is_reported_against_the_published_count(tmp_path, caplog, monkeypatch):
+    """Counted, not read: the tiny Market tree stands for the benchmark with its own figures as the
+    published ones (the full-size tree is the slow test below)."""
+    from datasets.market1501 import Market1501
+    monkeypatch.setattr(Market1501, "published_stats",
+                        {"train": (4, 9, 6), "query": (2, 3, 3), "gallery": (3, 5, 5)})
+    base = tmp_path / "Market-1501-v15.09.15"
+    make_market_tree(str(base))
+    assert _stats_warnings(caplog, "market1501", str(tmp_path))[1] == []
+    os.remove(base / "bounding_box_test" / market_names(MARKET_GALLERY)[0])      # a 0020 image of camera 2
+    _, found = _stats_warnings(caplog, "market1501", str(tmp_path))
+    assert len(found) == 1 and "gallery: 4 images, published 5" in found[0] and str(base) in found[0]
+    assert "DATASETS.STRICT_STATS True" in found[0] and "train:" not in found[0]
+    with pytest.raises(DatasetError) as e:
+        build_dataset("market1501", str(tmp_path), strict_stats=True)
+    assert "gallery: 4 images, published 5" in str(e.value) and "\n" not in str(e.value)
+    _, found = _stats_warnings(caplog, "market1501", str(tmp_path), test_only=True)   # evaluation: no train
+    assert len(found) == 1 and "gallery: 4 images" in found[0]
+
+
+def test_datasets_without_published_figures_never_warn(tmp_path, caplog):
+    make_market_tree(str(tmp_path))
+    assert _stats_warnings(caplog, "folder", str(tmp_path))[1] == []
+    from tests.helpers import synthetic_set
+    assert _stats_warnings(caplog, "folder", synthetic_set(tmp_path / "synthetic"))[1] == []
+
+
+def test_every_benchmark_has_its_published_statistics():
+    from datasets.factory import DATASETS
+    tables = {name: cls.published_stats for name, cls in DATASETS.items() if name not in ("folder", "VehicleID")}
+    assert tables["market1501"]["gallery"] == (None, 15913, 6) and tables["msmt17"]["train"] == (1041, 32621, 15)
+    for name, table in tables.items():
+        assert set(table) == {"train", "query", "gallery"} and all(table[s][1] for s in table), name
+    vid = VehicleID.__new__(VehicleID)
+    vid.test_size = 1600
+    assert vid.published_statistics() == {"train": (13164, 113346, None), "query": (1600, 11777, None),
+                                          "gallery": (1600, 1600, None)}
+
+
+def _full_market_tree(base):
+    """The published Market-1501 split sizes in zero-byte files (names are all the parser reads)."""
+    def touch(sub, items):
+        os.makedirs(base / sub)
+        for i, (pid, cam) in enumerate(items):
+            open(base / sub / f"{pid:04d}_c{cam}s1_{i:06d}_00.jpg", "wb").close()
+    touch("bounding_box_train", [(2 + i % 751, 1 + i % 6) for i in range(12936)])
+    touch("query", [(1000 + i % 750, 1 + i % 6) for i in range(3368)])
+    touch("bounding_box_test", [((1000 + i % 751) if i % 751 < 750 else 0, 1 + (i + 1) % 6) for i in range(15913)])
+
+
+@pytest.mark.slow
+def test_a_full_size_market_tree_missing_one_gallery_image(tmp_path, caplog):
+    base = tmp_path / "Market-1501-v15.09.15"
+    _full_market_tree(base)
+    ds, found = _stats_warnings(caplog, "market1501", str(tmp_path))
+    assert found == [] and ds.num_gallery_imgs == 15913 and ds.num_train_pids == 751
+    os.remove(base / "bounding_box_test" / sorted(os.listdir(base / "bounding_box_test"))[-1])
+    _, found = _stats_warnings(caplog, "market1501", str(tmp_path))
+    assert len(found) == 1 and "Market-1501 in" in found[0] and "gallery: 15912 images, published 15913" in found[0]
