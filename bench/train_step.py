@@ -4,11 +4,12 @@ Not a test. One process measures, with the training code itself (random weights,
 
 * **stage-1 step**: a batch of cached image features (random, on the device; new labels every
   step, as the shuffled epoch gives) through ``processor_stage1.stage1_forward_loss`` and
-  ``processor.amp.optimizer_step``, with the stage-1 optimiser and modes and the loop's loss reads;
+  ``processor.amp.optimizer_step``, with the stage-1 optimiser and modes and the loop's loss meters
+  (``processor.meters.EpochMeters``, read from the device once per LOG_PERIOD steps);
 * **stage-2 step**: one real loader batch (uint8, pinned) per step, moved and finished by
   ``processor.batches.to_device`` with the loader's device transform (normalising, erasing),
   ``stage2_forward_loss`` under ``processor.amp.autocast`` (fp16 on CUDA), ``optimizer_step``
-  with the GradScaler, the loop's loss and accuracy reads;
+  with the GradScaler, the loop's loss and accuracy meters (read once per LOG_PERIOD steps);
 * **inference**: one real evaluation batch per call, ``to_device`` + ``processor.inference.encode_retrieval``
   in eval mode under no_grad and autocast;
 
@@ -74,11 +75,12 @@ from processor.amp import autocast, make_scaler, optimizer_step
 from processor.batches import device_transform_of, eval_mode, set_loader_epoch, to_device
 from processor.compiled import compile_model
 from processor.inference import encode_retrieval, extract_features
-from processor.position import check_finite_loss
+from processor.meters import EpochMeters
 from processor.processor_stage1 import set_stage1_modes, stage1_forward_loss
 from processor.processor_stage2 import Stage2Criteria, compute_text_features, do_train_stage2, stage2_forward_loss
 from solver import create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
 from utils.misc import set_cpu_threads
+from utils.record import NULL_RECORD
 
 from _measure import PeakMemory  # bench/, the script's folder
 
@@ -388,15 +390,18 @@ class ModelBench:
         supcon, simclr = SupConLoss(), SimCLRLoss(temperature=cfg.MODEL.SSL_TEMPERATURE, gather=False)
         ssl_weight = cfg.SOLVER.STAGE1.SSL_LOSS_WEIGHT if cfg.MODEL.USE_SSL_STAGE1 else 0.0
         count = iter(range(1 << 30))
+        meters = EpochMeters(1, ("loss", "i2t", "t2i", "ssl"), NULL_RECORD, dev)   # as the training loop
+        meters.start(1)
 
         def step() -> None:
             i = next(count)
             f, y = self.feats[i % len(self.feats)], self.labels[i % len(self.labels)]
             opt.zero_grad(set_to_none=True)
             loss, parts = stage1_forward_loss(model, f, y, supcon, simclr, ssl_weight, dev)
-            values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
-            check_finite_loss(values, 1, 1, i + 1)
             optimizer_step(scaler, loss, opt)
+            meters.update({"loss": loss, **parts}, len(y))     # read once per log period, as in training
+            if (i + 1) % cfg.SOLVER.STAGE1.LOG_PERIOD == 0:
+                meters.read()
         return step, len(self.labels[0])
 
     def stage2(self) -> tuple[Callable[[], None], int]:
@@ -406,16 +411,20 @@ class ModelBench:
         opt, _ = make_optimizer_2stage(cfg, model, self.center)
         scaler = make_scaler(dev)
         prepare = device_transform_of(self.data.train_stage2)
+        count = iter(range(1 << 30))
+        meters = EpochMeters(2, ("loss", "id", "tri", "i2t", "ssl", "acc"), NULL_RECORD, dev)   # as the training loop
+        meters.start(1)
 
         def step() -> None:
             batch = to_device(self.cpu_batch, dev, prepare)
             opt.zero_grad(set_to_none=True)
             with autocast(dev):
                 loss, parts, out = stage2_forward_loss(cfg, model, batch, self.text, self.loss_fn, self.ssl_loss)
-            values = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
-            check_finite_loss(values, 2, 1, 1)
             optimizer_step(scaler, loss, opt)
-            (out["scores"][0].argmax(dim=1) == batch["pid"]).float().mean().item()
+            acc = (out["scores"][0].argmax(dim=1) == batch["pid"]).float().mean()
+            meters.update({"loss": loss, **parts, "acc": acc}, len(batch["pid"]))   # read once per log period
+            if (next(count) + 1) % cfg.SOLVER.STAGE2.LOG_PERIOD == 0:
+                meters.read()
         return step, len(self.cpu_batch["pid"])
 
     def inference(self) -> tuple[Callable[[], None], int]:
