@@ -322,7 +322,8 @@ def test_damaged_plans_and_nested_grid_files_are_one_line(tmp_path, capsys):
     nested.write_text("variants:\n  a: {MODEL: {USE_SSL: False}}\n  b: {}\n")
     assert ablate.main(["--config_file", DEMO, "--grid_file", str(nested), "--out", str(tmp_path / "x")]) == 2
     one_line_error(capsys, str(nested), "'a'", "MODEL", "MODEL.KEY")
-    for content, names in (("[]", ["found a list"]), ('{"variants": {"a": {}}}', ["no config_file"]),
+    for content, names in (("[]", ["found a list"]), ("null", ["found null"]),
+                           ('{"variants": {"a": {}}}', ["no config_file"]),
                            ('{"config_file": "", "opts": [], "variants": {"a": {}}, "baseline": "a", "seeds": "x"}',
                             ["seeds"])):
         out = tmp_path / f"abl{len(content)}"
@@ -330,6 +331,19 @@ def test_damaged_plans_and_nested_grid_files_are_one_line(tmp_path, capsys):
         (out / "ablation.json").write_text(content)
         assert ablate.main(["--report", str(out)]) == 2
         one_line_error(capsys, out / "ablation.json", "not an ablation plan", *names)
+    # a status.json that is not the tool's, a file as --out or --report, a missing grid file
+    out = tmp_path / "abl"
+    ablate.claim_out(str(out), _plan("--grid", "MODEL.USE_SSL=True,False", "--out", str(out)))
+    (out / "status.json").write_text("[1]")
+    assert ablate.main(["--report", str(out)]) == 2
+    one_line_error(capsys, out / "status.json", "not this tool's record")
+    assert ablate.main(["--report", str(out / "status.json")]) == 2
+    one_line_error(capsys, out / "status.json", "is a file")
+    assert ablate.main(["--config_file", DEMO, "--grid", "MODEL.USE_SSL=True,False", "--out",
+                        str(out / "status.json")]) == 2
+    one_line_error(capsys, "--out", "is a file")
+    assert ablate.main(["--config_file", DEMO, "--grid_file", str(tmp_path / "none.yml"), "--out", "x"]) == 2
+    one_line_error(capsys, "none.yml", "not found")
 
 
 def test_the_baseline_and_the_order_of_values_do_not_make_another_grid(tmp_path, capsys):
@@ -359,6 +373,14 @@ def test_the_baseline_and_the_order_of_values_do_not_make_another_grid(tmp_path,
     capsys.readouterr()
     assert ablate.main(["--report", str(out), "--baseline", "nope"]) == 2
     one_line_error(capsys, "--baseline 'nope'", "not a variant")
+
+    # two variants of the same overrides (an A/A check) stay two on a re-run
+    same = tmp_path / "aa.yml"
+    same.write_text("variants:\n  a: {}\n  b: {}\n")
+    args = ["--config_file", DEMO, "--grid_file", str(same), "--out", str(tmp_path / "aa")]
+    ablate.claim_out(str(tmp_path / "aa"), ablate.make_plan(ablate.parse_args(args)))
+    plan, _ = ablate.claim_out(str(tmp_path / "aa"), ablate.make_plan(ablate.parse_args(args)))
+    assert list(plan["variants"]) == ["a", "b"]
 
 
 def test_changed_settings_apply_while_no_run_has_finished(tmp_path, capsys):

@@ -23,6 +23,7 @@ import csv
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -124,6 +125,8 @@ def grid_from_file(path: str) -> tuple[dict[str, dict[str, str]], str | None]:
             doc = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"grid file {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"grid file {path} not found (or a folder): give the YAML file of the variants") from None
     variants = (doc or {}).get("variants") if isinstance(doc, dict) else None
     if not isinstance(variants, dict) or not all(isinstance(v, dict) or v is None for v in variants.values()):
         raise ConfigError(f"grid file {path}: expected 'variants:' mapping each name to KEY: VALUE overrides")
@@ -248,7 +251,7 @@ PLAN_KEYS: dict[str, type] = {"config_file": str, "opts": list, "variants": dict
 def _plan_problem(plan: Any) -> str:
     """What makes ``plan`` (a loaded ablation.json) not a plan of this tool; empty when it is one."""
     if not isinstance(plan, dict):
-        return f"expected a JSON object, found a {type(plan).__name__}"
+        return f"expected a JSON object, found {'null' if plan is None else 'a ' + type(plan).__name__}"
     missing = [k for k in PLAN_KEYS if k not in plan]
     if missing:
         return f"no {', '.join(missing)}"
@@ -268,15 +271,29 @@ def _plan_problem(plan: Any) -> str:
 
 def read_plan(out: str) -> dict[str, Any] | None:
     """The plan in ``out`` (None: there is none); a file that is not a plan is a one-line error."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"{out} is a file, not the folder of an ablation")
     path = os.path.join(out, PLAN_FILE)
     plan = _read_json(path)
-    if plan is None:
+    if plan is None and not os.path.isfile(path):
         return None
     problem = _plan_problem(plan)
     if problem:
         raise RunError(f"{path} is not an ablation plan of this tool ({problem}); move it away, "
                        "or give the folder of an ablation")
     return plan
+
+
+def read_status(out: str) -> dict[str, Any]:
+    """``out``/status.json: how each run ended and what it ran ({} when there is none yet)."""
+    path = os.path.join(out, STATUS_FILE)
+    status = _read_json(path)
+    if status is None and not os.path.isfile(path):
+        return {}
+    if not isinstance(status, dict) or not all(isinstance(v, dict) for v in status.values()):
+        raise RunError(f"{path} is not this tool's record of the runs (expected a JSON object of runs); move it "
+                       "away to rebuild it (finished runs are found again from their folders)")
+    return status
 
 
 def grid_config(out: str, plan: dict[str, Any]) -> str:
@@ -297,9 +314,12 @@ def grid_config(out: str, plan: dict[str, Any]) -> str:
 def _same_variants(old: dict[str, dict[str, str]], new: dict[str, dict[str, str]]) -> dict[str, str] | None:
     """New variant name -> old name when both grids hold the same variants (the same overrides, in
     any order: values or --grid flags listed otherwise); None when they do not."""
+    if old == new:
+        return {name: name for name in new}
     by_overrides = {frozenset(kv.items()): name for name, kv in old.items()}
-    if len(old) != len(new) or any(frozenset(kv.items()) not in by_overrides for kv in new.values()):
-        return None
+    if len(by_overrides) != len(old) or len(old) != len(new) \
+            or any(frozenset(kv.items()) not in by_overrides for kv in new.values()):
+        return None     # (two variants of the same overrides, an A/A check, match by name only)
     return {name: by_overrides[frozenset(kv.items())] for name, kv in new.items()}
 
 
@@ -475,10 +495,15 @@ def data_identity(plan: dict[str, Any], out: str, run: Run) -> dict[str, Any] | 
     from datasets.bases import dataset_identity
     from datasets.make_dataloader import build_dataset_from_cfg
     cfg = load_config(grid_config(out, plan), [*run_overrides(plan, run), "OUTPUT_DIR", run.folder])
+    log = logging.getLogger("svllreid")
+    level = log.level
+    log.setLevel(logging.ERROR)    # what loading the data warns about (split statistics) is the run's to log
     try:
         return dataset_identity(build_dataset_from_cfg(cfg))
     except cli.USER_ERRORS:
         return None
+    finally:
+        log.setLevel(level)
 
 
 def data_change(plan: dict[str, Any], out: str, run: Run, status: dict[str, Any]) -> str:
@@ -521,7 +546,7 @@ def execute(plan: dict[str, Any], out: str, jobs: int, slots: list[tuple[str, di
     When the first run to end fails and no run of the grid has finished before, the runs not
     yet started are not started (their cause is most likely shared)."""
     status_path = os.path.join(out, STATUS_FILE)
-    status: dict[str, Any] = _read_json(status_path) or {}
+    status = read_status(out)
     runs = runs_of(plan, out)
     states = {r.key: run_state(r, status) for r in runs}
     if retry_failed:
@@ -659,7 +684,7 @@ def build_report(out: str, baseline: str = "") -> list[dict[str, Any]]:
     """One row per variant, rebuilt from the run folders (and status.json for failures); a finished
     run whose config.yaml is not its variant's (:func:`run_mismatch`) is left out and named."""
     plan = load_plan(out, baseline)
-    status = _read_json(os.path.join(out, STATUS_FILE)) or {}
+    status = read_status(out)
     runs = runs_of(plan, out)
     per_variant: dict[str, dict[str, Any]] = {}
     for v in plan["variants"]:
@@ -827,6 +852,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = make_plan(args)
         slots = check_devices([d.strip() for d in args.devices.split(",") if d.strip()], args.config_file, args.opts)
         out = os.path.abspath(args.out)    # the runs work in the user's folder too, whatever their own cwd
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ConfigError(f"--out {args.out} is a file; give the folder for the ablation's runs")
         with RunLock(out, "--out"):
             plan, changed = claim_out(out, plan)
             execute(plan, out, args.jobs, slots, args.retry_failed or changed)
