@@ -299,14 +299,14 @@ def test_the_first_seed_may_be_an_override():
 
 def test_devices_are_checked_before_any_run(tmp_path, capsys, monkeypatch):
     import torch
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ablate, "cuda_problem", lambda: "no NVIDIA driver was found")     # this machine, or one like it
     out = tmp_path / "abl"
     assert ablate.main(["--config_file", DEMO, "--grid", "MODEL.USE_SSL=True,False", "--devices", "cuda:0,cuda:1",
                         "--out", str(out)]) == 2
-    one_line_error(capsys, "--devices cuda:0,cuda:1", "CUDA is not available")
+    one_line_error(capsys, "--devices cuda:0,cuda:1", "CUDA cannot be used", "no NVIDIA driver")
     assert not out.exists()
     # two GPUs: each slot sees its own one, whatever MODEL.DEVICE_ID says; a third does not exist
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ablate, "cuda_problem", lambda: None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert ablate.check_devices(["cuda:0", "cuda:1", "cpu"], DEMO, []) == [

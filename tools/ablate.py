@@ -49,7 +49,7 @@ from utils.checkpoint import file_sha256  # noqa: E402
 from utils.entry import Terminated  # noqa: E402
 from utils.errors import import_extra  # noqa: E402
 from utils.fileio import atomic_write, save_figure  # noqa: E402
-from utils.misc import write_json_atomic  # noqa: E402
+from utils.misc import cuda_problem, write_json_atomic  # noqa: E402
 from utils.record import METRICS_FILE, read_metrics  # noqa: E402
 from utils.run_dir import CONFIG_FILE, LAST_CHECKPOINT, RunError, RunLock, existing_run_files  # noqa: E402
 from utils.stats import summarize, welch_interval  # noqa: E402
@@ -205,9 +205,10 @@ def check_devices(devices: list[str], config_file: str, opts: list[str]) -> list
             slots.append((dev, {}))
             continue
         import torch
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--devices {','.join(devices)}: CUDA is not available on this machine (torch "
-                              f"{torch.__version__} finds no usable GPU); give --devices cpu or leave --devices out")
+        problem = cuda_problem()
+        if problem:
+            raise ConfigError(f"--devices {','.join(devices)}: CUDA cannot be used here ({problem}); give "
+                              "--devices cpu or leave --devices out")
         visible = [v.strip() for v in os.environ["CUDA_VISIBLE_DEVICES"].split(",")] \
             if "CUDA_VISIBLE_DEVICES" in os.environ else [str(i) for i in range(torch.cuda.device_count())]
         if dev == "cuda":
