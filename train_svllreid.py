@@ -38,7 +38,7 @@ from processor import Stage2Criteria, do_inference, do_train_stage1, do_train_st
 from processor.compiled import compile_model
 from processor.meters import hms
 from processor.position import POSITION
-from processor.train_state import load_train_state
+from processor.train_state import check_same_data, load_train_state
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
 from utils import cli
 from utils.dist import broadcast_object, cleanup, get_world_size, init_distributed, is_dist, is_main_process
@@ -162,7 +162,7 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
         logger.info("%s", note)
     # the state to continue is checked against the run before anything is written or loaded
     state = load_train_state(cfg.OUTPUT_DIR, cfg) if resume else None
-    if is_main_process():
+    if is_main_process() and state is None:     # a resumed run's, once its data is checked (below)
         save_run_config(cfg.OUTPUT_DIR, cfg)
     for line in settings_summary(cfg, os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE)):
         logger.info("%s", line)
@@ -177,10 +177,15 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
                         resolve_num_workers(cfg.DATALOADER.NUM_WORKERS))
 
     dataset = build_dataset_from_cfg(cfg)
+    identity = dataset_identity(dataset, content=True)
+    if state is not None:    # data regenerated or replaced since the run began is not this run's
+        check_same_data(state, identity, cfg.OUTPUT_DIR)
+        if is_main_process():
+            save_run_config(cfg.OUTPUT_DIR, cfg)
     data = make_dataloader(cfg, dataset=dataset)
     model = make_model(cfg, num_class=data.num_classes, camera_num=data.camera_num,
                        view_num=data.view_num).to(device)
-    model.data_identity = dataset_identity(dataset)     # into every checkpoint's metadata
+    model.data_identity = identity      # into every checkpoint's metadata and last.pth
     if cfg.MODEL.SSL_SYNC_BN and is_dist():
         if device.type == "cuda":
             model.sync_ssl_batchnorm()

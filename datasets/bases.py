@@ -177,20 +177,41 @@ def check_published_statistics(dataset: BaseImageDataset, strict: bool = False) 
                 f"gallery={len(self.gallery)}, ids={self.num_train_pids})")
 
 
-def dataset_identity(dataset: BaseImageDataset) -> dict[str, Any]:
+def dataset_identity(dataset: BaseImageDataset, content: bool = False) -> dict[str, Any]:
     """What identifies a dataset wherever it lies: its name, a fingerprint of its query and gallery
     files (paths relative to the dataset folder, identities and cameras; not where the folder is),
-    its camera numbering and its training identities. Stored in checkpoint metadata."""
+    its camera numbering and its training identities. Stored in checkpoint metadata.
+
+    ``content``: also ``'content'``, a digest of every image of the training, query and gallery
+    lists (relative path, labels and bytes), which changes when the data is regenerated or an
+    image replaced under the same name. It reads every file once (about 1 s for 36,000 small
+    files from the page cache on a 2-core machine); training stores it to check ``--resume``.
+    """
     base = getattr(dataset, "dataset_dir", "") or ""
     number_of = {i: n for n, i in dataset.camera_numbers.items()}   # the camera as written, not its id
+
+    def lines(subsets: tuple[str, ...]) -> Iterable[tuple[str, str]]:
+        for subset in subsets:
+            for path, pid, cam, view in sorted(getattr(dataset, subset)):
+                rel = os.path.relpath(path, base) if base else os.path.basename(path)
+                yield path, f"{subset}\t{rel}\t{pid}\t{number_of.get(cam, cam)}\t{view}\n"
     h = hashlib.sha1()
-    for subset in ("query", "gallery"):
-        for path, pid, cam, view in sorted(getattr(dataset, subset)):
-            rel = os.path.relpath(path, base) if base else os.path.basename(path)
-            h.update(f"{subset}\t{rel}\t{pid}\t{number_of.get(cam, cam)}\t{view}\n".encode())
-    return {"name": dataset.name, "fingerprint": h.hexdigest(),
-            "camera_numbers": {str(n): int(i) for n, i in sorted(dataset.camera_numbers.items())},
-            "num_cameras": int(getattr(dataset, "num_train_cams", 0)), "train_pids": list(dataset.train_pids)}
+    for _, line in lines(("query", "gallery")):
+        h.update(line.encode())
+    out = {"name": dataset.name, "fingerprint": h.hexdigest(),
+           "camera_numbers": {str(n): int(i) for n, i in sorted(dataset.camera_numbers.items())},
+           "num_cameras": int(getattr(dataset, "num_train_cams", 0)), "train_pids": list(dataset.train_pids)}
+    if content:
+        h = hashlib.sha1()
+        for path, line in lines(("train", "query", "gallery")):
+            h.update(line.encode())
+            try:
+                with open(path, "rb") as f:
+                    h.update(hashlib.file_digest(f, "sha1").digest())
+            except OSError as e:
+                raise DatasetError(f"{path} cannot be read ({e.strerror or e})") from None
+        out["content"] = h.hexdigest()
+    return out
 
 
 def dataset_change(saved: dict[str, Any] | None, current: dict[str, Any]) -> str:
@@ -209,6 +230,8 @@ def dataset_change(saved: dict[str, Any] | None, current: dict[str, Any]) -> str
                      f"{len(current.get('train_pids', []))})")
     if "camera_numbers" in saved and saved["camera_numbers"] != current.get("camera_numbers"):
         parts.append("other cameras")
+    if saved.get("content") and current.get("content") and saved["content"] != current["content"]:
+        parts.append("other image files or contents")
     return ", ".join(parts)
 
 

@@ -1,6 +1,7 @@
 """Training state and weights on disk: ``last.pth`` (resume), the weights files and their metadata."""
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from typing import Any
@@ -9,12 +10,15 @@ import torch
 import torch.nn as nn
 
 from config.resume import check_train_state
+from datasets.bases import dataset_change
 from model.loading import checkpoint_metadata
 from utils.checkpoint import (
     WEIGHTS_HASH_KEY,
+    CheckpointError,
     load_file,
     load_model_weights,
     model_state,
+    read_metadata,
     save_atomic,
     unwrap,
     write_metadata,
@@ -27,7 +31,8 @@ from utils.run_dir import LAST_CHECKPOINT, RunError
 from .amp import load_scaler_state
 from .position import POSITION
 
-__all__ = ["save_train_state", "restore_rng", "load_train_state", "restore_train_state", "save_weights",
+__all__ = ["save_train_state", "restore_rng", "load_train_state", "check_same_data", "restore_train_state",
+           "save_weights",
            "resume_stage", "is_due", "save_epoch_weights"]
 
 logger = logging.getLogger("svllreid")
@@ -48,7 +53,9 @@ def save_train_state(output_dir: str, stage: int, epoch: int, model: nn.Module,
     weights = model_state(model)
     state = {"stage": stage, "epoch": epoch, "model": weights, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-             "config": config, "extra": extra or {}}
+             "config": config, "extra": extra or {},
+             # what the run trains on (datasets.bases.dataset_identity): --resume checks it (check_same_data)
+             "data_identity": getattr(unwrap(model), "data_identity", None)}
     with ctrl_c_deferred():   # a Ctrl-C here stops the run after the save, with POSITION telling so
         save_atomic(state, os.path.join(output_dir, LAST_CHECKPOINT), check_finite=weights)
         POSITION.saved = (stage, epoch)
@@ -77,6 +84,35 @@ def load_train_state(output_dir: str, cfg: Any = None) -> dict[str, Any] | None:
         check_train_state(state, cfg, path)
     state["source"] = path
     return state
+
+
+def check_same_data(state: dict[str, Any], identity: dict[str, Any], output_dir: str) -> None:
+    """Refuse to resume a run on other data than it began on (regenerated or replaced at the same
+    path): ``identity`` (:func:`datasets.bases.dataset_identity` of the data now) against the one
+    saved in ``last.pth``, or, for a ``last.pth`` of an older version, in the metadata beside the
+    run's weights files. The one-line :class:`RunError` says what differs
+    (:func:`datasets.bases.dataset_change`). Nothing saved: nothing to check."""
+    saved = state.get("data_identity") or _metadata_identity(output_dir)
+    change = dataset_change(saved, identity)
+    if change:
+        raise RunError(f"{state.get('source', LAST_CHECKPOINT)} was written on other data than the data now at "
+                       f"DATASETS.ROOT_DIR ({change}): --resume continues a run only on the data it began on; put "
+                       "that data back (DATASETS.ROOT_DIR may point to where it is now), or start over with "
+                       "--overwrite")
+
+
+def _metadata_identity(output_dir: str) -> dict[str, Any] | None:
+    """The dataset identity in the metadata beside a weights file of the run in ``output_dir``, if any."""
+    for weights in sorted(glob.glob(os.path.join(glob.escape(output_dir), "*.pth"))):
+        if os.path.basename(weights) == LAST_CHECKPOINT:
+            continue
+        try:
+            meta = read_metadata(weights)
+        except CheckpointError:
+            continue
+        if meta and meta.get("dataset_identity"):
+            return meta["dataset_identity"]
+    return None
 
 
 def restore_train_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,

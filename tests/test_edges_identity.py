@@ -59,6 +59,50 @@ def test_resume_refuses_a_hand_edited_config_yaml(run_copy, key, old, new, capsy
     assert snapshot(run_copy) == before
 
 
+def test_the_content_identity_changes_with_an_image_under_the_same_name(tmp_path):
+    from datasets import build_dataset
+    from datasets.bases import dataset_change, dataset_identity
+    root = synthetic_set(tmp_path / "data")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root, moved)
+    before = dataset_identity(build_dataset("folder", root), content=True)
+    assert before == dataset_identity(build_dataset("folder", str(moved)), content=True)   # where: not identity
+    assert "content" not in dataset_identity(build_dataset("folder", root))
+    first = sorted(os.listdir(moved / "bounding_box_train"))[0]
+    shutil.copy(moved / "bounding_box_train" / sorted(os.listdir(moved / "bounding_box_train"))[-1],
+                moved / "bounding_box_train" / first)      # another picture under the same name
+    after = dataset_identity(build_dataset("folder", str(moved)), content=True)
+    assert after["fingerprint"] == before["fingerprint"] and after["train_pids"] == before["train_pids"]
+    assert dataset_change(before, after) == "other image files or contents"
+
+
+@pytest.mark.slow
+def test_resume_on_regenerated_data_is_refused(run_copy, tiny_root, tmp_path, capsys):
+    """Data regenerated at the same path before --resume: the run carried on with the new data."""
+    same = tmp_path / "same"
+    shutil.copytree(tiny_root, same)
+    assert train_svllreid.main(["--resume", "OUTPUT_DIR", str(run_copy), "DATASETS.ROOT_DIR", str(same)]) == 0
+    regenerated = tmp_path / "regenerated"
+    synthetic_set(regenerated, seed=4)            # the same spec, other pictures (and other file names)
+    replaced = tmp_path / "replaced"
+    shutil.copytree(tiny_root, replaced)
+    names = sorted(os.listdir(replaced / "bounding_box_train"))
+    shutil.copy(replaced / "bounding_box_train" / names[-1], replaced / "bounding_box_train" / names[0])
+    state = load_file(str(run_copy / "last.pth"))
+    assert state["data_identity"]["content"]
+    for data, said in ((regenerated, "other query/gallery files"), (replaced, "other image files or contents")):
+        before = snapshot(run_copy)
+        assert train_svllreid.main(["--resume", "OUTPUT_DIR", str(run_copy), "DATASETS.ROOT_DIR", str(data)]) == 2
+        one_line_error(capsys, run_copy / "last.pth", said, "--overwrite")
+        assert {k: v for k, v in snapshot(run_copy).items() if k != "train_log.txt"} == \
+            {k: v for k, v in before.items() if k != "train_log.txt"}
+    # a last.pth of an older version (no identity in it): the identity in the weights' metadata is used
+    del state["data_identity"]
+    torch.save(state, run_copy / "last.pth")
+    assert train_svllreid.main(["--resume", "OUTPUT_DIR", str(run_copy), "DATASETS.ROOT_DIR", str(replaced)]) == 2
+    one_line_error(capsys, run_copy / "last.pth", "other image files or contents")
+
+
 def test_resume_of_a_missing_folder_fails_at_once(tmp_path, capsys):
     missing = tmp_path / "nope"
     assert train_svllreid.main(["--resume", "OUTPUT_DIR", str(missing)]) == 2
