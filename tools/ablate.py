@@ -700,7 +700,7 @@ def build_report(out: str, baseline: str = "") -> list[dict[str, Any]]:
                    and status.get(r.key, {}).get("state") != "failed"]
         values = {m: [g[m] for g in got.values() if g is not None] for m in METRICS}
         per_variant[v] = {"runs": mine, "values": values, "failed": failed, "missing": missing,
-                          "mismatched": mismatched,
+                          "mismatched": mismatched, "left_out": [s for s, why in foreign.items() if why],
                           "seconds": [_wall_seconds(r, status) for r in mine if got[r.seed] is not None]}
     base = per_variant[plan["baseline"]]["values"]
     rows = []
@@ -708,7 +708,7 @@ def build_report(out: str, baseline: str = "") -> list[dict[str, Any]]:
         row: dict[str, Any] = {"variant": v, "baseline": v == plan["baseline"],
                                "overrides": plan["variants"][v], "n": len(d["values"]["mAP"]),
                                "runs": len(d["runs"]), "failed": d["failed"], "missing": d["missing"],
-                               "mismatched": d["mismatched"],
+                               "mismatched": d["mismatched"], "left_out": d["left_out"],
                                "per_seed": {m: d["values"][m] for m in METRICS},
                                "wall_s": summarize(d["seconds"]).mean}
         for m in METRICS:
@@ -799,7 +799,7 @@ def _plot(out: str, plan: dict[str, Any], rows: list[dict[str, Any]], path: str)
     ax = axes[2]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(rows):
-        for run in (x for x in runs_of(plan, out) if x.variant == r["variant"]):
+        for run in (x for x in runs_of(plan, out) if x.variant == r["variant"] and x.seed not in r["left_out"]):
             p = os.path.join(run.folder, METRICS_FILE)
             recs = [e for e in (read_metrics(p) if os.path.isfile(p) else [])
                     if e.get("kind") == "eval" and e.get("stage") == 2 and "mAP" in e]
@@ -866,10 +866,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed, missing = sum(len(r["failed"]) for r in rows), sum(len(r["missing"]) for r in rows)
         foreign = sum(len(r["mismatched"]) for r in rows)
         if failed or missing or foreign:
-            left = f" and {foreign} not of their variant were left out" if foreign else ""
-            raise RunError(f"{failed} run(s) failed and {missing} did not run{left} (see {paths[0]} and the "
-                           f"runs' logs); fix the cause and run the same command again "
-                           f"({'--retry_failed repeats the failed ones' if failed else 'it continues'})")
+            what = " and ".join([f"{failed} run(s) failed and {missing} did not run"] if failed or missing else []
+                                + ([f"{foreign} run(s) not of their variant were left out"] if foreign else []))
+            how = [h for h, n in (("--retry_failed repeats the failed ones", failed), ("it continues", missing),
+                                  ("move the runs left out away to run them", foreign)) if n]
+            raise RunError(f"{what} (see {paths[0]} and the runs' logs); fix the cause and run the same command "
+                           f"again ({'; '.join(how)})")
 
     def interrupted() -> str:
         return (f"the finished runs are kept and interrupted ones keep their last.pth; "
