@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYNTH  := data/synthetic
 
-.PHONY: all venv demo test test-all lint bench data clean
+.PHONY: all venv demo test test-all gpu-check lint bench data clean
 
 all: test
 
@@ -35,6 +35,14 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The CUDA acceptance suite (tests/gpu, about 5 minutes on one GPU): the environment in its header,
+# what it measures at the end and in output/gpu_check.md; without a GPU every test skips with one line.
+# GPU_PYTHON=python3: an interpreter that already has a CUDA PyTorch (no .venv needed; docs/speed.md).
+GPU_PYTHON ?= $(PY)
+gpu-check: $(if $(filter $(PY),$(GPU_PYTHON)),$(STAMP))
+	@PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m pytest -rs -p no:cacheprovider tests/gpu; rc=$$?; \
+		if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi   # 5: nothing ran (no GPU): a clean skip
 
 # ruff, and the order of the rooms: the import-linter contracts in pyproject.toml
 lint: $(STAMP)

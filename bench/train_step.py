@@ -79,6 +79,7 @@ from processor.meters import EpochMeters
 from processor.processor_stage1 import set_stage1_modes, stage1_forward_loss
 from processor.processor_stage2 import Stage2Criteria, compute_text_features, do_train_stage2, stage2_forward_loss
 from solver import create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
+from utils.device_info import device_peak
 from utils.misc import set_cpu_threads
 from utils.record import NULL_RECORD
 
@@ -86,20 +87,6 @@ from _measure import PeakMemory  # bench/, the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
-
-# Dense (no sparsity) FP16/BF16 tensor-core peaks, TFLOP/s, from the vendor's datasheets (which
-# print the sparse figure, twice these), with the whole GPU's streaming multiprocessors: name
-# fragment -> (device, peak, SMs, source). Checked in order. A MIG slice has the name of the whole
-# GPU and fewer SMs; its peak is scaled by its share of them.
-PEAK_TFLOPS: list[tuple[tuple[str, ...], tuple[str, ...], str, float, int, str]] = [
-    # (all of these in the name, none of these in the name, device, peak, SMs, source)
-    (("H200",), ("NVL", "GH200"), "H200 SXM", 989.4, 132,
-     "NVIDIA H200 Tensor Core GPU datasheet (1,979 TFLOPS sparse)"),
-    (("H100",), ("NVL", "PCIe", "GH200"), "H100 SXM", 989.4, 132,
-     "NVIDIA H100 Tensor Core GPU datasheet, SXM (1,979 TFLOPS sparse)"),
-    (("A100",), (), "A100", 312.0, 108, "NVIDIA A100 Tensor Core GPU datasheet (624 TFLOPS sparse)"),
-]
-
 
 @dataclasses.dataclass
 class Sizes:
@@ -194,27 +181,6 @@ def count_flops(fn: Callable[[], None]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
-
-
-def device_peak(device: torch.device) -> tuple[str, float | None, str]:
-    """(device name, dense fp16 peak in TFLOP/s or None, source); a device with fewer SMs than the
-    whole GPU (a MIG slice) gets the peak of its share."""
-    if device.type != "cuda":
-        return "CPU", None, ""
-    name = torch.cuda.get_device_name(device)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return match_peak(name, sms)
-
-
-def match_peak(name: str, sms: int) -> tuple[str, float | None, str]:
-    """:func:`device_peak` for a device ``name`` with ``sms`` streaming multiprocessors."""
-    for need, avoid, label, peak, full, source in PEAK_TFLOPS:
-        if all(n in name for n in need) and not any(a in name for a in avoid):
-            if sms < full:
-                return (f"{name} ({label}, {sms} of its {full} SMs: a MIG slice)", peak * sms / full,
-                        f"{source}, times {sms}/{full} SMs")
-            return f"{name} ({label})", peak, source
-    return name, None, ""
 
 
 # ----------------------------------------------------------------------------- the rows

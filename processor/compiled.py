@@ -30,6 +30,12 @@ the graph):
   training loop (``model.make_model.unique_labels`` when it is not given): the prompt graph has
   a dynamic size, compiled once for every number of identities.
 
+Random numbers: inductor would draw them with its own random-number code, not torch's eager
+ops, so stage 1's random prompt masks, and with them every later step, would differ from
+the eager run's. The model is compiled with ``fallback_random``: the graph calls the eager
+random ops, in the eager order, so a compiled run draws what an eager run draws and follows it
+up to float rounding. Its cost is small: measured in docs/usage.md (Compiled training).
+
 Dynamo allows :data:`RECOMPILE_LIMIT` compilations per function (its default of 8 is about
 what ``SVLLReID.forward`` legitimately meets in one run). Past the limit Dynamo would run the
 function eagerly without a word; here that is an error instead (one line, exit 2), and the
@@ -41,7 +47,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sysconfig
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -51,6 +56,7 @@ import torch
 import torch.nn as nn
 
 from utils.checkpoint import unwrap
+from utils.device_info import c_compiler, c_compilers, python_header
 from utils.errors import UserError
 
 __all__ = ["RECOMPILE_LIMIT", "check_compile_support", "compile_model", "compile_counts", "is_compiled",
@@ -78,11 +84,11 @@ def check_compile_support(device: torch.device) -> None:
             raise UserError(f"{key} on CUDA needs Triton (pip install triton, usually installed with torch); "
                             "set SOLVER.COMPILE False to train without it") from None
         # Triton builds each kernel's launcher as a Python C extension: a C compiler and Python.h
-        names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
-        if not any(shutil.which(n) for n in names):
-            raise UserError(f"{key} on CUDA needs a C compiler for Triton's kernel launchers ({' / '.join(names)} "
-                            "not found): install one (e.g. apt install gcc) or set SOLVER.COMPILE False")
-        header = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+        if c_compiler() is None:
+            raise UserError(f"{key} on CUDA needs a C compiler for Triton's kernel launchers "
+                            f"({' / '.join(c_compilers())} not found): install one (e.g. apt install gcc) or set "
+                            "SOLVER.COMPILE False")
+        header = python_header()
         if not os.path.isfile(header):
             raise UserError(f"{key} on CUDA needs the Python headers for Triton's kernel launchers ({header} not "
                             "found): install them (e.g. apt install python3-dev) or set SOLVER.COMPILE False")
@@ -101,7 +107,9 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     check_compile_support(device)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    model.compile(dynamic=False)
+    # random ops (stage 1's prompt masks) drawn by the eager ops from torch's generator, not by inductor's
+    # own: the compiled run then draws what the eager run draws (docstring above: Random numbers)
+    model.compile(dynamic=False, options={"fallback_random": True})
     model._compiled_call_impl = _refuse_eager_fallback(model._compiled_call_impl)
     logger.info("SOLVER.COMPILE: the model is compiled with torch.compile (inductor, in place: checkpoint keys "
                 "unchanged). Each kind of step compiles when first used (minutes for ViT-B-16 on a GPU); "

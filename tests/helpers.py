@@ -256,10 +256,12 @@ def adam_grads(model: torch.nn.Module, optimizer: torch.optim.Optimizer, before:
             if id(p) in decay and p.grad is not None}
 
 
-def one_step_each_stage(cfg: Any, compiled: bool, device: Any = "cpu") -> tuple[dict, torch.Tensor, Any, Any, dict]:
+def one_step_each_stage(cfg: Any, compiled: bool, device: Any = "cpu", deterministic: bool = False
+                        ) -> tuple[dict, torch.Tensor, Any, Any, dict]:
     """(losses, stage-2 text features, model, initial prompts, gradients) after one stage-1 and one
     stage-2 step on ``device`` with the real losses, optimisers, autocast and optimiser step (as
-    the training loops run them; the model built for 8 identities and 2 cameras)."""
+    the training loops run them; the model built for 8 identities and 2 cameras). ``deterministic``:
+    seeded as SOLVER.DETERMINISTIC seeds (left on afterwards)."""
     from loss import SimCLRLoss, SupConLoss, make_loss, make_ssl_loss
     from model import make_model, move_model
     from processor.amp import autocast, make_scaler, optimizer_step
@@ -270,7 +272,7 @@ def one_step_each_stage(cfg: Any, compiled: bool, device: Any = "cpu") -> tuple[
     from utils.misc import set_seed
 
     device = torch.device(device)
-    set_seed(0)
+    set_seed(0, deterministic)
     model = move_model(make_model(cfg, num_class=8, camera_num=2, view_num=1), device)
     start = model.prompt_learner.cls_ctx.detach().clone()
     if compiled:
@@ -285,7 +287,8 @@ def one_step_each_stage(cfg: Any, compiled: bool, device: Any = "cpu") -> tuple[
     torch.manual_seed(1)                     # the same prompt masks in both runs
     loss, parts = stage1_forward_loss(model, feats, labels, SupConLoss(),
                                       SimCLRLoss(temperature=cfg.MODEL.SSL_TEMPERATURE, gather=False),
-                                      cfg.SOLVER.STAGE1.SSL_LOSS_WEIGHT, device)
+                                      cfg.SOLVER.STAGE1.SSL_LOSS_WEIGHT, device,
+                                      torch.unique(labels.cpu()).to(device))     # as the training loop passes them
     out["stage1"] = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer_step(scaler, loss, opt1)

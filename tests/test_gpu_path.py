@@ -20,6 +20,7 @@ from datasets.device_transforms import DeviceTransform
 from model import augment_prompts, make_model
 from processor.compiled import check_compile_support, compile_model
 from tests.helpers import DEMO, tiny_cfg
+from utils import device_info
 from utils.errors import UserError
 from utils.misc import CUBLAS_WORKSPACE, set_seed
 
@@ -34,7 +35,7 @@ def test_compile_on_cuda_needs_a_c_compiler_and_the_python_headers(monkeypatch, 
     with pytest.raises(UserError, match="C compiler for Triton"):
         check_compile_support(cuda)
     monkeypatch.delenv("CC")
-    monkeypatch.setattr(compiled_mod.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    monkeypatch.setattr(device_info.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
     with pytest.raises(UserError, match="Python headers") as e:
         check_compile_support(cuda)
     assert "\n" not in str(e.value) and str(tmp_path / "Python.h") in str(e.value)
