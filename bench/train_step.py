@@ -114,7 +114,8 @@ SIZES = {
                   compile_estimate={"stage-1 step": 45, "stage-2 step": 80, "inference": 30, "stage-2 epoch": 40}),
     "cpu": Sizes(configs={"vit": "configs/demo/vit_svllreid_demo.yml", "rn50": "configs/demo/cnn_svllreid_demo.yml"},
                  stage1_batch=16, stage2_batch=16, test_batch=32, warmup=1, steps=3,
-                 spec=SyntheticSpec(num_train_ids=16, num_test_ids=32, num_cams=4, images_per_cam=4),
+                 # 12 identities: the models take the set's count (a fixed 16 here once hid a mismatch)
+                 spec=SyntheticSpec(num_train_ids=12, num_test_ids=32, num_cams=4, images_per_cam=4),
                  loader_images=64, loader_repeats=1, budget=0.0,
                  compile_estimate={"stage-1 step": 60, "stage-2 step": 90, "inference": 30, "stage-2 epoch": 30},
                  overrides=["SOLVER.STAGE2.WARMUP_ITERS", "2"]),

@@ -21,6 +21,7 @@ from model import augment_prompts, make_model
 from processor.compiled import check_compile_support, compile_model
 from tests.helpers import DEMO, tiny_cfg
 from utils import device_info
+from utils.device_info import match_peak
 from utils.errors import UserError
 from utils.misc import CUBLAS_WORKSPACE, set_seed
 
@@ -190,3 +191,12 @@ def test_a_deterministic_run_trains_on_the_cpu(tiny_root, tmp_path, restore_dete
                    "SOLVER.STAGE2.MAX_EPOCHS", "1", "SOLVER.STAGE2.EVAL_PERIOD", "1", "SOLVER.STAGE2.STEPS", "[1]")
     out = train_svllreid.train(cfg)
     assert torch.are_deterministic_algorithms_enabled() and 0 <= out["trained"]["mAP"] <= 1
+
+
+# ----------------------------------------------------------------------------- the bench's device peak
+def test_a_mig_slice_gets_its_share_of_the_peak():
+    name, peak, source = match_peak("NVIDIA H100 80GB HBM3", 132)
+    assert peak == 989.4 and "MIG" not in name
+    name, peak, source = match_peak("NVIDIA H100 80GB HBM3", 16)       # a 1g slice: 16 of 132 SMs
+    assert peak == pytest.approx(989.4 * 16 / 132) and "MIG slice" in name and "16/132" in source
+    assert match_peak("NVIDIA H100 PCIe", 114)[1] is None                 # not the SXM part: peak unknown
