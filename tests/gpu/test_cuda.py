@@ -178,6 +178,8 @@ def test_fp16_forward_under_flash_attention_equals_the_math_backend(key, device,
     cfg = load_config(os.path.join(ROOT, PUBLISHED[key]), ["MODEL.CLIP_INIT", "random", "MODEL.DEVICE", "cuda"])
     torch.manual_seed(0)
     model = move_model(make_model(cfg, 751, 6, 1), device).eval()
+    if key == "rn50":      # move_model puts the convolutions in cuDNN's tensor-core layout
+        assert model.image_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     h, w = cfg.INPUT.SIZE_TEST
     x = torch.randn(16, 3, h, w, device=device)
     cams = torch.arange(16, device=device) % 6
