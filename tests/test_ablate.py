@@ -454,6 +454,11 @@ def test_regenerated_data_is_told_from_the_data_a_run_began_on(tmp_path):
     began = ablate.data_identity(plan, str(out), run)
     status = {run.key: {"ran": {"data": began}}}
     assert ablate.data_change(plan, str(out), run, status) == ""
+    image = sorted((tmp_path / "data" / "bounding_box_train").iterdir())[0]
+    kept = image.read_bytes()
+    image.write_bytes(kept + b"\0")          # one image replaced under its name
+    assert "other image files or contents" in ablate.data_change(plan, str(out), run, status)
+    image.write_bytes(kept)
     shutil.rmtree(data)
     synthetic_set(tmp_path / "data", seed=4)      # the same path, other images
     change = ablate.data_change(plan, str(out), run, status)

@@ -491,8 +491,9 @@ def _checked_state(plan: dict[str, Any], out: str, run: Run, state: str, status:
 
 def data_identity(plan: dict[str, Any], out: str, run: Run) -> dict[str, Any] | None:
     """The identity of the data ``run`` trains on, as it is now (:func:`datasets.bases.dataset_identity`:
-    name, query/gallery files, cameras, training identities); None when the data cannot be read
-    (the training then says why)."""
+    name, query/gallery files, cameras, training identities and a digest of every image, as a
+    training's last.pth keeps it for ``--resume``); None when the data cannot be read (the
+    training then says why)."""
     from datasets.bases import dataset_identity
     from datasets.make_dataloader import build_dataset_from_cfg
     cfg = load_config(grid_config(out, plan), [*run_overrides(plan, run), "OUTPUT_DIR", run.folder])
@@ -500,7 +501,7 @@ def data_identity(plan: dict[str, Any], out: str, run: Run) -> dict[str, Any] | 
     level = log.level
     log.setLevel(logging.ERROR)    # what loading the data warns about (split statistics) is the run's to log
     try:
-        return dataset_identity(build_dataset_from_cfg(cfg))
+        return dataset_identity(build_dataset_from_cfg(cfg), content=True)
     except cli.USER_ERRORS:
         return None
     finally:
