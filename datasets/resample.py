@@ -19,6 +19,7 @@ and the first pass's result is rounded to 8 bits.
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import lru_cache
 
@@ -37,11 +38,43 @@ PILLOW_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
 COMPILED_MAX_PIXELS = 1 << 19
 
 
+_damage_reported = False      # one warning per process, however many kernels' cache files are damaged
+
+
+def _recompile_when_damaged(dispatcher):
+    """Make a damaged cache file (truncated, random bytes, written by something else) cost a
+    compilation and one warning, instead of numba's traceback on the first call: the kernel's
+    cache index is emptied (so the fresh compilation is saved over it) and it compiles again."""
+    cache = getattr(dispatcher, "_cache", None)
+    load = getattr(cache, "load_overload", None)
+    if load is None:
+        return dispatcher
+
+    def load_overload(sig, target_context):
+        global _damage_reported
+        try:
+            return load(sig, target_context)
+        except Exception as e:          # numba unpickles the files: any error means an unusable cache
+            if not _damage_reported:
+                _damage_reported = True
+                logging.getLogger("svllreid").warning(
+                    "numba's cache of datasets/resample.py in %s cannot be read (%s: %s): compiled again and "
+                    "the cache rewritten", cache.cache_path, type(e).__name__, " ".join(str(e).split())[:120])
+            try:
+                cache.flush()           # an empty index: the new compilation is saved afresh
+            except OSError:
+                cache.disable()
+            return None
+    cache.load_overload = load_overload
+    return dispatcher
+
+
 def _compiled(fn):
     """``fn`` compiled by numba, kept in numba's on-disk cache (next to this file, else in the
-    user's cache folder); where neither is writable, compiled afresh in each process instead."""
+    user's cache folder); where neither is writable, compiled afresh in each process instead. A
+    damaged cache is compiled again, with one warning (:func:`_recompile_when_damaged`)."""
     try:
-        return numba.njit(cache=True)(fn)
+        return _recompile_when_damaged(numba.njit(cache=True)(fn))
     except RuntimeError:            # numba: "cannot cache function ...: no locator available"
         return numba.njit(fn)
 

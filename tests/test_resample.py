@@ -101,19 +101,51 @@ def test_bad_arguments_are_refused():
         resize_rgb(a, (0, 2), "bilinear")
 
 
+# A new process resizes with the module and checks Pillow's pixels ("same pixels" on stdout).
+_RESIZE_IN_A_PROCESS = (
+    "import numpy as np\n"
+    "from PIL import Image\n"
+    "from datasets.resample import resize_rgb\n"
+    "a = np.random.default_rng(0).integers(0, 256, (30, 17, 3), dtype=np.uint8)\n"
+    "want = np.asarray(Image.fromarray(a).resize((9, 41), Image.Resampling.BICUBIC)).transpose(2, 0, 1)\n"
+    "assert np.array_equal(resize_rgb(a, (41, 9), 'bicubic'), want)\n"
+    "print('same pixels')\n")
+
+
 @pytest.mark.slow
 def test_without_a_writable_cache_folder_it_compiles_in_the_process():
     """Where numba finds no writable cache folder (a read-only install, no home), importing the
     module still works: the kernels are compiled in the process, with the same pixels."""
     import subprocess
     import sys
-    code = ("import numba.core.caching as c; c.CacheImpl._locator_classes = []\n"
-            "import numpy as np\n"
-            "from PIL import Image\n"
-            "from datasets.resample import resize_rgb\n"
-            "a = np.random.default_rng(0).integers(0, 256, (30, 17, 3), dtype=np.uint8)\n"
-            "want = np.asarray(Image.fromarray(a).resize((9, 41), Image.Resampling.BICUBIC)).transpose(2, 0, 1)\n"
-            "assert np.array_equal(resize_rgb(a, (41, 9), 'bicubic'), want)\n"
-            "print('same pixels')\n")
+    code = "import numba.core.caching as c; c.CacheImpl._locator_classes = []\n" + _RESIZE_IN_A_PROCESS
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "same pixels" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_damaged_cache_is_compiled_again_with_one_warning(tmp_path):
+    """numba's cache files cut short, overwritten with random bytes or emptied: the next process
+    compiles again with one warning line (not numba's traceback), gives the same pixels, and
+    rewrites the cache, so the process after it starts quietly."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+
+    def run() -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-c", _RESIZE_IN_A_PROCESS], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0 and "same pixels" in proc.stdout, proc.stderr[-2000:]
+        return proc
+    assert run().stderr == ""                                       # compiled, cache written
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith((".nbi", ".nbc")))
+    assert len(files) >= 8
+    rng = np.random.default_rng(1)
+    for i, path in enumerate(files):            # each kernel's index and data damaged one way or another
+        data = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write([data[:20], rng.integers(0, 256, len(data), dtype=np.uint8).tobytes(), b""][i % 3])
+    lines = run().stderr.strip().splitlines()
+    assert len(lines) == 1 and "cache of datasets/resample.py" in lines[0] and "compiled again" in lines[0], lines
+    assert run().stderr == ""                                       # the rewritten cache loads
