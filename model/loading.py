@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from .make_model import SVLLReID, SVLLReIDOptions, feature_grid, model_options_f
 
 logger = logging.getLogger("svllreid")
 
-__all__ = ["load_for_inference", "load_state_for_inference", "checkpoint_metadata", "decide_use_sie",
+__all__ = ["load_for_inference", "load_state_for_inference", "input_grid", "checkpoint_metadata", "decide_use_sie",
            "check_metadata", "camera_numbers",
            "RETRIEVAL_PREFIXES", "TRAINING_ONLY_PARTS"]
 
@@ -238,6 +238,17 @@ def _inference_cfg(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dict | None, 
 
 
 # ----------------------------------------------------------------------------- building, loading
+def input_grid(model: SVLLReID, size_hw: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(the token grid an input of ``size_hw`` (h, w) gives, the grid ``model`` was built for): they
+    must be equal, since the positional embedding has one entry per grid cell."""
+    enc = model.image_encoder
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if hasattr(enc, "attnpool"):         # ResNet: a stride-2 stem convolution (padding 1), then three halvings
+        return (((h + 1) // 2) // 8, ((w + 1) // 2) // 8), tuple(enc.attnpool.grid_size)
+    (kh, kw), (sh, sw) = enc.conv1.kernel_size, enc.conv1.stride
+    return ((h - kh) // sh + 1, (w - kw) // sw + 1), tuple(enc.grid_size)
+
+
 def _materialise(model: nn.Module) -> None:
     """Give every meta-device parameter/buffer uninitialised CPU storage (filled by the load)."""
     for m in model.modules():
@@ -458,6 +469,12 @@ def load_state_for_inference(cfg: Any, sd: Mapping[str, torch.Tensor], meta: dic
             f"{list(cfg.MODEL.STRIDE_SIZE)}: give the values the checkpoint was trained with)")
     left_out = _load(model, dict(sd), path, hint)
     model.eval()
+    got, built = input_grid(model, icfg.INPUT.SIZE_TEST)
+    if got != built:
+        raise ConfigError(f"INPUT.SIZE_TEST {list(icfg.INPUT.SIZE_TEST)} gives a {got[0]}x{got[1]} "
+                          f"{'patch' if model.is_vit else 'feature-map'} grid, but {path} was built for "
+                          f"{built[0]}x{built[1]} (INPUT.SIZE_TRAIN {list(icfg.INPUT.SIZE_TRAIN)}); give "
+                          f"INPUT.SIZE_TEST {list(icfg.INPUT.SIZE_TRAIN)}, the size it was trained at")
     for note in notes:
         logger.info("%s", note)
     if left_out:

@@ -22,13 +22,13 @@ from .folder_inference import FeatureSet
 
 __all__ = ["PART_RE", "SHARD_KEY", "part_name", "parse_part_name", "scan_parts", "part_paths", "model_meta",
            "meta_difference", "concat", "read_feature_sets", "load_features", "shard_bounds", "list_digest",
-           "shard_meta", "part_problem", "merge_parts"]
+           "files_stat", "shard_meta", "part_problem", "merge_parts"]
 
 PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.npz$")
 # The meta key of a part that says which share of the image list it holds; not part of the model's meta.
 SHARD_KEY = "shard"
 # Per-part entries of the shard meta (the rest is the same in every part of one extraction).
-_PER_PART = ("rank", "start", "stop")
+_PER_PART = ("rank", "start", "stop", "files_stat")
 
 
 def part_name(rank: int, world: int) -> str:
@@ -153,8 +153,9 @@ def _check_parts(directory: str, paths: Sequence[str], sets: Sequence[FeatureSet
 def read_feature_sets(paths: Sequence[str], mmap: bool = False) -> tuple[list[FeatureSet], list[str]]:
     """The feature sets of ``paths`` (``.npz`` files and folders of parts, in the order given, the
     parts of a folder in rank order) with the file each came from, checked: complete part folders,
-    the same feature width and model meta everywhere (:func:`meta_difference`); refusals are one
-    line naming the two files. ``mmap``: the features stay on disk (memory-mapped)."""
+    no file given twice (also as a part of a folder given), the same feature width and model meta
+    everywhere (:func:`meta_difference`); refusals are one line naming the two files. ``mmap``: the
+    features stay on disk (memory-mapped)."""
     if not paths:
         raise UserError("no feature files given")
     sets: list[FeatureSet] = []
@@ -169,6 +170,13 @@ def read_feature_sets(paths: Sequence[str], mmap: bool = False) -> tuple[list[Fe
         else:
             sets.append(FeatureSet.load(p, allow_empty=True, mmap=mmap))
             names.append(p)
+    first: dict[str, str] = {}
+    for name in names:
+        real = os.path.realpath(name)
+        if real in first:
+            raise UserError(f"{first[real]} and {name} are the same feature file, given twice: its images would be "
+                            "in twice; give each file or folder of parts once")
+        first[real] = name
     ref, ref_name = sets[0], names[0]
     for fs, name in zip(sets[1:], names[1:]):
         if fs.features.shape[1] != ref.features.shape[1]:
@@ -211,34 +219,59 @@ def list_digest(files: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def shard_meta(files: Sequence[str], rank: int, world: int, digest: str | None = None) -> dict[str, Any]:
-    """The place of rank ``rank``'s part in the sorted image list ``files`` (:data:`SHARD_KEY` of its meta)."""
+def files_stat(root: str, files: Sequence[str]) -> str:
+    """A hash of the size and modification time (ns) of each of ``files`` (relative to ``root``): an
+    image replaced or re-cropped under the same name changes it. A file gone counts as changed."""
+    h = hashlib.sha1()
+    for f in files:
+        try:
+            st = os.stat(os.path.join(root, f))
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode("utf-8", "surrogateescape"))
+        except OSError:
+            h.update(f"{f}\0gone\0".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def shard_meta(files: Sequence[str], rank: int, world: int, digest: str | None = None,
+               root: str | None = None) -> dict[str, Any]:
+    """The place of rank ``rank``'s part in the sorted image list ``files`` (:data:`SHARD_KEY` of its
+    meta); with the images' folder ``root``, also what its images were when it was extracted
+    (:func:`files_stat` of its share), so that a part whose images changed is extracted again."""
     start, stop = shard_bounds(len(files), rank, world)
-    return {"rank": rank, "world": world, "start": start, "stop": stop, "total": len(files),
-            "list_sha1": digest or list_digest(files)}
+    out: dict[str, Any] = {"rank": rank, "world": world, "start": start, "stop": stop, "total": len(files),
+                           "list_sha1": digest or list_digest(files)}
+    if root is not None:
+        out["files_stat"] = files_stat(root, files[start:stop])
+    return out
 
 
-def part_problem(path: str, meta: dict[str, Any], files: Sequence[str]) -> str | None:
-    """Why the finished part ``path`` is not the part that ``meta`` (model meta with
-    :data:`SHARD_KEY`) and this shard's ``files`` would give now, or None when it is."""
+def part_problem(path: str, meta: dict[str, Any], files: Sequence[str],
+                 partial: bool = False) -> tuple[str | None, bool]:
+    """(why the finished part ``path`` is not the part that ``meta`` (model meta with
+    :data:`SHARD_KEY`) and this shard's ``files`` would give now, or None when it is; whether its
+    images changed since it was extracted, under the same names: then it is extracted again).
+
+    ``partial``: ``meta`` holds only some model keys (what is known before the model is loaded);
+    only those are compared.
+    """
     fs = FeatureSet.load(path, allow_empty=True)
     want, have = meta[SHARD_KEY], fs.meta.get(SHARD_KEY)
     if not isinstance(have, dict):
-        return "it does not say which images it holds"
+        return "it does not say which images it holds", False
     if have.get("total") != want["total"] or have.get("list_sha1") != want["list_sha1"]:
         return (f"it was extracted from another image list ({have.get('total')} files then, {want['total']} "
-                "now)")
+                "now)"), False
     if (have.get("rank"), have.get("world"), have.get("start"), have.get("stop")) != \
             (want["rank"], want["world"], want["start"], want["stop"]):
-        return f"it holds files {have.get('start')}..{have.get('stop')}, not {want['start']}..{want['stop']}"
+        return f"it holds files {have.get('start')}..{have.get('stop')}, not {want['start']}..{want['stop']}", False
     if fs.features.ndim != 2 or fs.features.shape[1] != meta.get("feat_dim", fs.features.shape[1]):
-        return f"its features are {fs.features.shape[1]} wide, the model's {meta.get('feat_dim')}"
-    diff = meta_difference(fs.meta, meta)
+        return f"its features are {fs.features.shape[1]} wide, the model's {meta.get('feat_dim')}", False
+    diff = meta_difference({k: v for k, v in fs.meta.items() if k in meta} if partial else fs.meta, meta)
     if diff is not None:
-        return f"it was extracted differently ({diff})"
+        return f"it was extracted differently ({diff})", False
     if sorted(fs.paths + [p for p, _ in fs.failed]) != sorted(files):
-        return "its images are not this shard's"
-    return None
+        return "its images are not this shard's", False
+    return None, have.get("files_stat") != want.get("files_stat")
 
 
 def merge_parts(directory: str, out: str) -> FeatureSet:

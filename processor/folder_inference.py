@@ -30,10 +30,11 @@ from model import load_for_inference
 from model.loading import camera_numbers
 from utils.checkpoint import file_sha256
 from utils.fileio import atomic_write, open_npz_array
-from utils.images import INPUT_EXTENSIONS, list_images, read_image
+from utils.images import INPUT_EXTENSIONS, read_image, scan_images
 from utils.metrics import distance_blocks, pairwise_distance
 from utils.misc import resolve_num_workers
 from utils.reranking import re_ranking
+from utils.run_dir import LOCK_FILE
 
 from .amp import autocast
 from .batches import to_device
@@ -92,13 +93,36 @@ def parse_name(name: str, numbers: dict[int, int] | None = None) -> tuple[int, i
     return parsed[0], camera_row(parsed[1], numbers)
 
 
-def list_image_files(root: str) -> list[str]:
-    """Paths relative to ``root`` of every image file under it, recursively, sorted."""
+def tool_output(folder: str) -> str | None:
+    """Why ``folder`` is this project's output rather than images (it holds a run's lock file: a
+    search's --out with its ranked/ pictures, a training run, an evaluation folder), else None."""
+    if os.path.isfile(os.path.join(folder, LOCK_FILE)):
+        return f"the output of this project's tools (it holds {LOCK_FILE})"
+    return None
+
+
+def list_image_files(root: str, exclude: Sequence[str] = ()) -> list[str]:
+    """Paths relative to ``root`` of every image file under it, recursively, sorted.
+
+    Linked sub-folders are followed (loops and repeats are passed over); entries that are not
+    regular files (a named pipe would hang the reading), the folders ``exclude`` (e.g. the
+    output folder of the tool that lists) and folders the tools wrote (:func:`tool_output`) are
+    left out, with one log line saying what was left out.
+    """
     if not os.path.exists(root):
         raise FileNotFoundError(f"no such folder: {root}")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"not a folder: {root}")
-    out = list_images(root, recursive=True, extensions=INPUT_EXTENSIONS)
+    excluded = {os.path.realpath(p) for p in exclude}
+
+    def skip(folder: str) -> str | None:
+        return "this command's output folder" if os.path.realpath(folder) in excluded else tool_output(folder)
+    out, skipped = scan_images(root, INPUT_EXTENSIONS, skip)
+    ours = [(p, why) for p, why in skipped if why == skip(os.path.join(root, p))]
+    for entries, log in ((ours, logger.info), ([x for x in skipped if x not in ours], logger.warning)):
+        if entries:
+            shown = "; ".join(f"{p} ({why})" for p, why in entries[:5]) + (" ..." if len(entries) > 5 else "")
+            log("%s: %d entr%s left out: %s", root, len(entries), "y" if len(entries) == 1 else "ies", shown)
     if not out:
         raise FileNotFoundError(f"no images ({', '.join(INPUT_EXTENSIONS)}) under {root}")
     return out
@@ -228,15 +252,22 @@ def encode_batch(model: nn.Module, info: dict[str, Any], imgs: torch.Tensor, cam
     return out
 
 
+def input_meta(cfg: Any) -> dict[str, Any]:
+    """The part of :func:`feature_meta` known from the config and the checkpoint file alone, before
+    the model is loaded: the checkpoint (path, sha256), TEST.FEAT_NORM, TEST.NECK_FEAT, INPUT.SIZE_TEST."""
+    return {"weight": os.path.abspath(cfg.TEST.WEIGHT), "sha256": file_sha256(cfg.TEST.WEIGHT),
+            "feat_norm": str(cfg.TEST.FEAT_NORM), "neck_feat": str(cfg.TEST.NECK_FEAT),
+            "size_test": list(cfg.INPUT.SIZE_TEST)}
+
+
 def feature_meta(cfg: Any, info: dict[str, Any], camera: int | None) -> dict[str, Any]:
     """What the features of :func:`extract_folder` depend on besides the images (the file's
-    ``meta``): known before any image is encoded, so that a finished part can be checked."""
+    ``meta``): known before any image is encoded, so that a finished part can be checked. ``info``
+    is that of :func:`load_model` for the config's TEST.WEIGHT."""
     numbers = info.get("camera_numbers") or {}
-    return {"weight": os.path.abspath(info["weight"]), "sha256": file_sha256(info["weight"]),
-            "model_name": str(info.get("model_name") or cfg.MODEL.NAME), "feat_dim": int(info["feat_dim"]),
-            "feat_norm": str(cfg.TEST.FEAT_NORM), "neck_feat": str(cfg.TEST.NECK_FEAT),
-            "size_test": list(cfg.INPUT.SIZE_TEST), "sie_camera": info["sie_camera"],
-            "camera": camera, "camera_numbers": {str(n): i for n, i in sorted(numbers.items())}}
+    return {**input_meta(cfg), "model_name": str(info.get("model_name") or cfg.MODEL.NAME),
+            "feat_dim": int(info["feat_dim"]), "sie_camera": info["sie_camera"], "camera": camera,
+            "camera_numbers": {str(n): i for n, i in sorted(numbers.items())}}
 
 
 def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, device: torch.device,
@@ -247,7 +278,9 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
     ``camera`` (0-based id) is the label of images whose name does not give one. Unreadable
     files are skipped and listed in ``failed``. Batched (TEST.IMS_PER_BATCH) with a progress bar;
     ``report(done, total)`` is called after every batch. No readable image is an error unless
-    ``allow_empty`` (a shard of a sharded extraction: it gives 0 rows).
+    ``allow_empty`` (a shard of a sharded extraction: it gives 0 rows). On a GPU each batch's
+    features go to pinned host memory without a wait (one synchronisation at the end), so the
+    device never idles while a batch is copied.
     """
     rel = list(files) if files is not None else list_image_files(root)
     numbers = info.get("camera_numbers") or {}
@@ -285,11 +318,15 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
         if batch["img"] is not None:
             idx = batch["i"]
             imgs = to_device({"img": batch["img"]}, device, prepare)["img"]
-            feats.append(encode_batch(model, info, imgs, torch.from_numpy(cams[idx.numpy()])).cpu())
+            out = encode_batch(model, info, imgs, torch.from_numpy(cams[idx.numpy()]))
+            # to the host without waiting (pinned memory): the next batch is not held up by this copy
+            feats.append(out.to("cpu", non_blocking=True) if out.is_cuda else out)
             kept += idx.tolist()
             done += len(idx)
         if report is not None:
             report(done, len(rel))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)          # every copy to the host has landed
     if not kept and not allow_empty:
         raise OSError(f"none of the {len(rel)} images under {root} could be read; first: {failed[0][1]}")
     feat = (torch.cat(feats).numpy() if feats else np.zeros((0, int(info["feat_dim"])))).astype(np.float32)

@@ -31,7 +31,9 @@ naming the extra to install.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import json
 import logging
 import math
@@ -374,23 +376,26 @@ def build_index(features: np.ndarray | Sequence[np.ndarray], metric: Metric, par
         index.train(prepare(x, metric))
         del x
     vectors: np.ndarray | None = None
+    writer: _NpyWriter | None = None
     if _stores_vectors(params):
         if vectors_path:
-            vectors = np.lib.format.open_memmap(vectors_path, mode="w+", dtype=np.float16, shape=(rows.n, d))
+            writer = _NpyWriter(vectors_path, (rows.n, d), np.float16)
         else:
             vectors = np.empty((rows.n, d), dtype=np.float16)
     batch = int(params.get("add_batch") or max(1, BLOCK_ELEMS // d))
     total = sum(-(-p.shape[0] // batch) for p in rows.parts)
-    for start, chunk in progress(rows.chunks(batch), total, f"adding {rows.n} vectors ({params['kind']})"):
-        _check_finite(chunk, start)
-        x = prepare(chunk, metric)
-        index.add(x)
-        if on_chunk is not None:
-            on_chunk(start, x)
-        if vectors is not None:
-            vectors[start:start + len(x)] = x.astype(np.float16)
-    if isinstance(vectors, np.memmap):
-        vectors.flush()
+    with writer or _nothing():
+        for start, chunk in progress(rows.chunks(batch), total, f"adding {rows.n} vectors ({params['kind']})"):
+            _check_finite(chunk, start)
+            x = prepare(chunk, metric)
+            index.add(x)
+            if on_chunk is not None:
+                on_chunk(start, x)
+            if writer is not None:
+                writer.write(x)
+            elif vectors is not None:
+                vectors[start:start + len(x)] = x.astype(np.float16)
+    if writer is not None:
         vectors = np.load(vectors_path, mmap_mode="r")
     return GalleryIndex(index, metric, dict(params), vectors)
 
@@ -690,18 +695,21 @@ def _write_files(folder: str, gi: GalleryIndex, extra: dict[str, Any]) -> None:
     items = gi.items or Items(np.array([""] * gi.n), np.full(gi.n, -1, np.int64), np.full(gi.n, -1, np.int64))
     if len(items) != gi.n or len(items.paths) != gi.n or len(items.camids) != gi.n:
         raise ValueError(f"items ({len(items.paths)} paths, {len(items)} pids) do not match the index's {gi.n}")
-    faiss.write_index(gi.index, os.path.join(folder, INDEX_FILE))
+    try:
+        faiss.write_index(gi.index, os.path.join(folder, INDEX_FILE))
+    except RuntimeError as e:           # faiss reports a failed write (a full disk) as a RuntimeError
+        text = " ".join(str(e).split())
+        why = text[text.find("write error"):] if "write error" in text else text[:200]
+        raise _WriteFailed(f"{INDEX_FILE}: {why}") from None
     with open(os.path.join(folder, ITEMS_FILE), "wb") as f:
         np.savez(f, paths=np.asarray(items.paths, dtype=str), pids=np.asarray(items.pids, dtype=np.int64),
                  camids=np.asarray(items.camids, dtype=np.int64), root=np.array(items.root))
     vec = os.path.join(folder, VECTORS_FILE)
     if gi.vectors is not None and not os.path.exists(vec):
-        out = np.lib.format.open_memmap(vec, mode="w+", dtype=np.float16, shape=gi.vectors.shape)
         step = max(1, BLOCK_ELEMS // max(1, gi.d))
-        for s in range(0, gi.n, step):
-            out[s:s + step] = gi.vectors[s:s + step]
-        out.flush()
-        del out
+        with _NpyWriter(vec, gi.vectors.shape, np.float16) as out:
+            for s in range(0, gi.n, step):
+                out.write(gi.vectors[s:s + step])
     info = {"format": FORMAT, "version": VERSION, "kind": gi.kind, "params": gi.params,
             "metric": gi.metric.as_dict(), "n": gi.n, "d": gi.d, "model": gi.model,
             "junk_left_out": int(gi.junk_left_out), "vectors": VECTORS_FILE if gi.vectors is not None else None,
@@ -712,6 +720,81 @@ def _write_files(folder: str, gi: GalleryIndex, extra: dict[str, Any]) -> None:
     for name in os.listdir(folder):
         follow_umask(os.path.join(folder, name))
         _fsync(os.path.join(folder, name))
+
+
+class _WriteFailed(OSError):
+    """A file of the index could not be written (faiss's own writer failed)."""
+
+
+class _NpyWriter:
+    """A ``.npy`` file written front to back (its header, then rows in order). A full disk is then
+    an ``OSError`` at the write, where a write through a memory map would kill the process (SIGBUS)."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: Any) -> None:
+        self.path, self.shape, self.dtype = path, tuple(int(v) for v in shape), np.dtype(dtype)
+        self.rows = 0
+        self.f = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": self.shape})
+
+    def write(self, rows: np.ndarray) -> None:
+        """The next rows (converted to the file's dtype)."""
+        self.f.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.rows += len(rows)
+
+    def __enter__(self) -> _NpyWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+        if exc[0] is None and self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} expected")
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _written_or_unchanged(out_dir: str) -> Iterator[None]:
+    """A full disk (or a failed write) while an index is written: one line; the staging folder is
+    gone by then and ``out_dir`` is as it was (an earlier index in it untouched)."""
+    try:
+        yield
+    except OSError as e:
+        if not isinstance(e, _WriteFailed) and e.errno not in _FULL:
+            raise
+        why = str(e) if isinstance(e, _WriteFailed) else f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+        raise UserError(f"the index could not be written ({why}; is the disk full?); nothing was replaced: "
+                        f"{out_dir} is as it was; free some space, or give --out on another disk, and build "
+                        "again") from None
+
+
+def _check_free_space(out_dir: str, need: int) -> None:
+    """Refuse, before any building, an index that cannot fit on the disk of ``out_dir``."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if need > free:
+        raise UserError(f"the index needs about {_size(need)} and the disk of {parent} has {_size(free)} free: free "
+                        "some space or give --out on another disk; nothing was written")
+
+
+def expected_size(n: int, d: int, params: dict[str, Any], path_chars: int = 64) -> int:
+    """About the bytes an index folder of ``n`` vectors of width ``d`` takes (a lower bound used to
+    refuse a build that cannot fit): the faiss index, the float16 vectors, the items."""
+    if params["kind"] == "flat":
+        index = 4 * n * d
+    else:
+        index = n * (int(params["m"]) * int(params["nbits"]) // 8 + 8) + 4 * int(params["nlist"]) * d
+    vectors = 2 * n * d if _stores_vectors(params) else 0
+    return index + vectors + n * (16 + 4 * path_chars)
 
 
 class _Staging:
@@ -749,8 +832,14 @@ def write_index(out_dir: str, features: np.ndarray | Sequence[np.ndarray], metri
                 on_chunk: Callable[[int, np.ndarray], None] | None = None) -> GalleryIndex:
     """Build (:func:`build_index`) straight into a hidden sibling of ``out_dir`` (the float16 vectors
     are written there as they are added), write the folder's files, then rename it to ``out_dir``.
-    ``measure(index)``, run before the rename, returns entries stored in index.json (recall)."""
-    with _Staging(out_dir) as st:
+    ``measure(index)``, run before the rename, returns entries stored in index.json (recall).
+    An index that cannot fit on the disk is refused before the build (:func:`expected_size`); a
+    disk that fills up during it is one line, ``out_dir`` left as it was."""
+    rows = _Rows(features)
+    paths = np.asarray(items.paths)
+    chars = paths.dtype.itemsize // 4 if paths.dtype.kind == "U" else 64
+    _check_free_space(out_dir, expected_size(rows.n, rows.d, params, chars))
+    with _written_or_unchanged(out_dir), _Staging(out_dir) as st:
         gi = build_index(features, metric, params, on_chunk=on_chunk,
                          vectors_path=os.path.join(st.path, VECTORS_FILE) if _stores_vectors(params) else None)
         gi.items, gi.model, gi.junk_left_out = items, dict(model), int(junk_left_out)
@@ -763,7 +852,7 @@ def write_index(out_dir: str, features: np.ndarray | Sequence[np.ndarray], metri
 
 def save_index(out_dir: str, gi: GalleryIndex, extra: dict[str, Any] | None = None) -> None:
     """Write an index built in memory to ``out_dir`` atomically (a hidden sibling, then a rename)."""
-    with _Staging(out_dir) as st:
+    with _written_or_unchanged(out_dir), _Staging(out_dir) as st:
         _write_files(st.path, gi, dict(extra or {}))
         st.commit()
 

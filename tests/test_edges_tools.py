@@ -1,7 +1,9 @@
 """Edges of the tools (search, evaluation folder, ONNX export, curves): each case is refused with one
 line naming the culprit, or gives the right result; nothing stale or mixed is left behind."""
 import json
+import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -153,6 +155,106 @@ def test_search_on_a_feature_file_whose_images_are_gone(tiny_root, weight, tmp_p
     assert _search(tiny_root, weight, q, npz, tmp_path / "out", "--no_pictures") == 0   # results alone: a warning
     logged = capsys.readouterr().out
     assert logged.count("no longer exists") == 1 and str(gal) in logged
+
+
+@pytest.mark.slow
+def test_search_out_inside_the_gallery_is_never_searched(tiny_root, weight, tmp_path):
+    """--out inside the gallery folder, searched twice, then another --out beside it: the gallery
+    stays the same images, and no result points into a search's own output."""
+    gal = tmp_path / "gallery"
+    shutil.copytree(os.path.join(tiny_root, "bounding_box_test"), gal)
+    q = os.path.join(tiny_root, "query")
+    sizes = []
+    for out in (gal / "search", gal / "search", gal / "other"):
+        assert _search(tiny_root, weight, q, gal, out, "--topk", "100") == 0
+        res = json.loads((out / "results.json").read_text())
+        sizes.append(res["num_gallery"])
+        for hit in (h for query in res["queries"] for h in query["results"]):
+            assert os.path.dirname(hit["path"]) == str(gal), hit["path"]
+    assert os.listdir(gal / "search" / "ranked") and sizes[0] == sizes[1] == sizes[2]
+
+
+def _tree_with_links(tmp_path, tiny_root):
+    """An image folder with a linked sub-folder (its images real elsewhere), a second link to the
+    same folder, a link back to the top (a loop), a named pipe, a broken link and a text file."""
+    src = os.path.join(tiny_root, "bounding_box_test")
+    names = sorted(n for n in os.listdir(src) if not n.startswith("-1"))[:3]
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    (elsewhere / "sub").mkdir(parents=True)
+    shutil.copy(os.path.join(src, names[0]), root / "a" / names[0])
+    shutil.copy(os.path.join(src, names[1]), elsewhere / names[1])
+    shutil.copy(os.path.join(src, names[2]), elsewhere / "sub" / names[2])
+    os.symlink(elsewhere, root / "b_linked")
+    os.symlink(elsewhere, root / "c_again")
+    os.symlink(root, root / "a" / "loop")
+    os.mkfifo(root / "pipe.jpg")
+    os.symlink(tmp_path / "missing.jpg", root / "broken.jpg")
+    (root / "notes.txt").write_text("not an image")
+    return root, names
+
+
+def test_linked_folders_are_followed_and_loops_and_pipes_left_out(tiny_root, tmp_path, caplog):
+    from processor.folder_inference import list_image_files
+    root, names = _tree_with_links(tmp_path, tiny_root)
+    with caplog.at_level(logging.INFO, logger="svllreid"):
+        files = list_image_files(str(root))
+    assert files == [os.path.join("a", names[0]), os.path.join("b_linked", names[1]),
+                     os.path.join("b_linked", "sub", names[2])]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "4 entries left out" in warned[0], warned
+    for needle in ("pipe.jpg (a named pipe (FIFO)", "broken.jpg (a broken link)", "c_again/ (the same folder as "
+                   "b_linked", "a/loop/ (a link back to . (a loop))"):
+        assert needle in warned[0], (needle, warned[0])
+
+
+def test_extraction_reads_linked_folders_and_never_waits_on_a_pipe(tiny_root, weight, tmp_path, capsys):
+    root, names = _tree_with_links(tmp_path, tiny_root)
+    out = tmp_path / "f.npz"
+    assert extract_tool.main(["--config_file", DEMO, "--images", str(root), "--out", str(out),
+                              *tool_opts(tiny_root, weight)]) == 0          # would wait forever on the pipe
+    z = np.load(out)
+    assert sorted(os.path.basename(p) for p in z["paths"]) == sorted(names) and len(z["failed"]) == 0
+    assert "4 entries left out" in capsys.readouterr().out
+
+
+class _Watched(torch.Tensor):
+    """Features that note every blocking copy to the host made of them (``.cpu()``, ``.numpy()``
+    of a device tensor, ``.to('cpu')`` that waits): on a GPU each one stalls the device."""
+
+    copies: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        blocking = func is torch.Tensor.cpu or (func is torch.Tensor.to and not kwargs.get("non_blocking"))
+        if blocking and isinstance(args[0], cls):
+            cls.copies.append(func.__name__)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_extraction_copies_no_batch_to_the_host_while_it_runs(tiny_root, weight, gallery_npz, tmp_path, monkeypatch):
+    """Each batch's features stay where they were computed (on a GPU: copied to pinned memory
+    without a wait) and reach the host once, at the end: the same features as before."""
+    from processor import folder_inference
+    real = folder_inference.encode_batch
+    _Watched.copies = []
+    monkeypatch.setattr(folder_inference, "encode_batch", lambda *a, **k: real(*a, **k).as_subclass(_Watched))
+    out = tmp_path / "g.npz"
+    assert extract_tool.main(["--config_file", DEMO, "--images", os.path.join(tiny_root, "bounding_box_test"),
+                              "--out", str(out), *tool_opts(tiny_root, weight, "TEST.IMS_PER_BATCH", "4")]) == 0
+    assert _Watched.copies == []
+    assert np.array_equal(np.load(out)["features"], np.load(gallery_npz)["features"])
+
+
+def test_an_input_size_the_checkpoint_was_not_built_for_is_one_line(tiny_root, weight, tmp_path, capsys):
+    """INPUT.SIZE_TEST that gives another patch grid than the model's: one line before any image is read."""
+    bad = ["INPUT.SIZE_TEST", "[336, 160]"]
+    assert extract_tool.main(["--config_file", DEMO, "--images", os.path.join(tiny_root, "query"), "--out",
+                              str(tmp_path / "f.npz"), *tool_opts(tiny_root, weight), *bad]) == 2
+    one_line_error(capsys, "INPUT.SIZE_TEST [336, 160]", "27x13 patch grid", "5x2", weight)
+    assert test_svllreid.main(["--config_file", DEMO, *tool_opts(tiny_root, weight), *bad]) == 2
+    one_line_error(capsys, "INPUT.SIZE_TEST [336, 160]", "27x13 patch grid", "5x2", "INPUT.SIZE_TEST [64, 32]")
 
 
 # ----------------------------------------------------------------------------- evaluating twice

@@ -4,6 +4,7 @@ again redoes only the missing parts; bad part folders and mixes of feature files
 in one line."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from processor.feature_parts import load_features, parse_part_name, part_name, s
 from processor.folder_inference import FeatureSet
 from tests.helpers import DEMO, ROOT, one_line_error
 from tools import extract_features as extract_tool
+from tools import launch
 from utils.errors import UserError
 from utils.fileio import TMP_PREFIX, TMP_SUFFIX
 
@@ -167,6 +169,33 @@ def test_a_deleted_part_is_redone_and_the_others_untouched(tiny_root, weight, im
     assert [os.stat(p).st_mtime_ns for p in (p0, p1)] == now
 
 
+def test_a_part_whose_images_changed_is_extracted_again(tiny_root, weight, images, tmp_path, monkeypatch, capsys):
+    """An image replaced under the same name (another size or modification time): its part is
+    extracted again, the other kept, and the merged file equals a fresh extraction of the folder."""
+    folder = tmp_path / "gallery"
+    shutil.copytree(images, folder)
+    parts, merged = tmp_path / "parts", tmp_path / "m.npz"
+    argv = _argv(tiny_root, weight, folder, parts, "--merge", merged)
+    assert _run_ranks(monkeypatch, argv, 2) == [0, 0]
+    p0, p1 = parts / part_name(0, 2), parts / part_name(1, 2)
+    kept = (os.stat(p0).st_mtime_ns, p0.read_bytes())
+    second = FeatureSet.load(str(p1), allow_empty=True).paths
+    changed, donor = folder / second[0], folder / second[-1]     # rank 1's first image gets another's pixels
+    shutil.copy(donor, changed)
+    os.utime(changed, ns=(os.stat(changed).st_atime_ns, os.stat(changed).st_mtime_ns + 10 ** 9))
+    capsys.readouterr()
+    assert _run_ranks(monkeypatch, argv, 2) == [0, 0]
+    out = capsys.readouterr().out
+    assert "images changed since it was extracted" in out and "1 extracted now" in out
+    assert (os.stat(p0).st_mtime_ns, p0.read_bytes()) == kept
+    fresh = tmp_path / "fresh.npz"
+    assert extract_tool.main(_argv(tiny_root, weight, folder, fresh)) == 0
+    _assert_same_file(merged, fresh)
+    ref = FeatureSet.load(str(fresh))
+    i, j = ref.paths.index(second[0]), ref.paths.index(second[-1])
+    assert np.abs(ref.features[i] - ref.features[j]).max() <= 1e-6        # the replaced image's new features
+
+
 def _save_bytes(path, data):
     path.write_bytes(data)
     return path
@@ -223,8 +252,8 @@ def test_a_part_of_another_run_is_refused(tiny_root, weight, images, tmp_path, m
     shutil.copytree(images, more)
     shutil.copy(os.path.join(images, "day0", sorted(os.listdir(os.path.join(images, "day0")))[0]),
                 more / "day0" / "0003_c2s1_000001_01.jpg")
-    assert _run_ranks(monkeypatch, _argv(tiny_root, weight, more, parts), 2, ranks=[1]) == [2]
-    one_line_error(capsys, part_name(1, 2), "another image list")
+    assert _run_ranks(monkeypatch, _argv(tiny_root, weight, more, parts), 2) == [2, 2]
+    one_line_error(capsys, part_name(0, 2), "another image list")      # said once, by rank 0
     # a single .npz as the output of several processes
     assert _run_ranks(monkeypatch, _argv(tiny_root, weight, images, tmp_path / "f.npz"), 2, ranks=[0]) == [2]
     one_line_error(capsys, "f.npz", "folder", "--merge")
@@ -318,3 +347,75 @@ def test_torchrun_two_processes_equal_one(tiny_root, weight, images, one_process
     for r in (0, 1):
         assert f"rank {r}/2: " in proc.stdout and "images/s" in proc.stdout
     _assert_same_file(merged, one_process)
+
+
+# ----------------------------------------------------------------------------- the launcher
+def test_the_launcher_refuses_before_any_process_starts(tiny_root, weight, images, tmp_path, monkeypatch, capsys):
+    """tools/launch.py runs extract_features.check_launch once: what the command line and the
+    finished parts show (a file as --out, another number of processes, another checkpoint,
+    TEST.NECK_FEAT or image list) is one line, and no process is started."""
+    parts = tmp_path / "parts"
+    assert _run_ranks(monkeypatch, _argv(tiny_root, weight, images, parts), 2) == [0, 0]
+    started = []
+    monkeypatch.setattr(launch.torchrun, "run", started.append)
+
+    def launched(w, imgs, out, *opts, world=2):
+        return launch.main(["--standalone", "--nproc_per_node", str(world),
+                            os.path.join(ROOT, "tools", "extract_features.py"), *_argv(tiny_root, w, imgs, out), *opts])
+    sd = torch.load(weight)
+    key = next(k for k in sd if sd[k].is_floating_point())
+    sd[key] = sd[key] + 1
+    torch.save(sd, tmp_path / "other.pth")
+    more = tmp_path / "more"
+    shutil.copytree(images, more)
+    shutil.copy(os.path.join(images, "day0", sorted(os.listdir(os.path.join(images, "day0")))[0]),
+                more / "day0" / "0003_c2s1_000001_01.jpg")
+    capsys.readouterr()
+    for args, kw, needles in [((weight, images, tmp_path / "f.npz"), {}, ["f.npz", "folder", "--merge"]),
+                              ((weight, images, parts), {"world": 3}, [parts, "2 processes", "runs 3"]),
+                              ((tmp_path / "other.pth", images, parts), {}, [part_name(0, 2), "sha256"]),
+                              ((weight, images, parts, "TEST.NECK_FEAT", "after"), {}, ["neck_feat"]),
+                              ((weight, more, parts), {}, [part_name(0, 2), "another image list"])]:
+        assert launched(*args, **kw) == 2
+        one_line_error(capsys, *needles)
+    assert started == []
+    assert launched(weight, images, parts) == 0 and len(started) == 1        # all is well: torchrun starts them
+
+
+def test_the_launcher_exits_with_the_processes_code_and_adds_nothing(monkeypatch, capsys):
+    """A process that said why (2, 130, 143) ends the job with its code and no torchrun report; a
+    crash or a signal gets one line naming the rank; Ctrl-C to the launcher gives 130."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failing(exc):
+        def run(args):
+            raise exc
+        return run
+    argv = ["--nproc_per_node", "2", "-m", "not_a_project_module"]
+    for code, expected, line in [(2, 2, None), (130, 130, None), (143, 143, None), (1, 1, "rank 1 (pid 7) exited "
+                                 "with code 1"), (-9, 137, "rank 1 (pid 7) was stopped by SIGKILL")]:
+        failure = ProcessFailure(local_rank=1, pid=7, exitcode=code, error_file="<N/A>")
+        monkeypatch.setattr(launch.torchrun, "run", failing(ChildFailedError("x.py", {1: failure})))
+        assert launch.main(argv) == expected
+        err = capsys.readouterr().err
+        assert err.strip() == ("" if line is None else f"error: {line}; its output above says why"
+                               if code > 0 else f"error: {line}")
+    monkeypatch.setattr(launch.torchrun, "run", failing(SignalException("got signal", signal.SIGINT)))
+    assert launch.main(argv) == 130 and capsys.readouterr().err == ""
+    monkeypatch.setattr(launch.torchrun, "run", failing(SignalException("got signal", signal.SIGTERM)))
+    assert launch.main(argv) == 143
+
+
+@pytest.mark.slow
+def test_the_launcher_under_two_processes_says_a_refusal_once(tiny_root, images, tmp_path):
+    """Two gloo processes that both refuse (a checkpoint that is not there): rank 0's one line,
+    exit code 2, and nothing of torchrun's (plain torchrun adds its ChildFailedError report)."""
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "launch.py"), "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tools", "extract_features.py"),
+           *_argv(tiny_root, tmp_path / "gone.pth", images, tmp_path / "parts")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'gone.pth'}"
+    assert "ChildFailedError" not in proc.stdout + proc.stderr and "Traceback" not in proc.stdout

@@ -318,6 +318,70 @@ def test_interrupted_build_leaves_no_index_and_keeps_the_old_one(tmp_path, monke
     assert os.listdir(tmp_path) == ["index"] and gx.load_index(str(out)).model["sha256"] == "old"
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf-pq"])
+def test_a_full_disk_is_one_line_and_leaves_the_old_index(tmp_path, monkeypatch, kind):
+    """The disk fills up while an index is written (faiss's write error for index.faiss; ENOSPC for
+    the float16 vectors, written front to back, never through a memory map, which would end the
+    process with SIGBUS): one line, the earlier index untouched, no half folder left."""
+    import errno
+    g = _clustered(500, 16, 20, seed=8)
+    metric = gx.Metric(True, "euclidean")
+    params = gx.choose_params(500, 16, kind, threads=1, **({"nlist": 4} if kind == "ivf-pq" else {}))
+    out = tmp_path / "index"
+    gx.write_index(str(out), g, metric, params, _items(500), {"sha256": "old"})
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+
+    if kind == "flat":
+        def full(index, path):
+            raise RuntimeError(f"Error in faiss::FileIOWriter::operator() at faiss/impl/io.cpp:102: Error: 'ret == n' "
+                               f"failed: write error in {path}: 0 != 1 (No space left on device)")
+        monkeypatch.setattr(faiss, "write_index", full)
+    else:
+        def no_memory_map(*a, **k):
+            raise AssertionError("a memory-mapped write: on a full disk the process would die of SIGBUS")
+        monkeypatch.setattr(np.lib.format, "open_memmap", no_memory_map)
+        real_open = open
+
+        class FullDisk:
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device", self.f.name)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+        def opened(path, mode="r", *a, **k):
+            f = real_open(path, mode, *a, **k)
+            return FullDisk(f) if "w" in mode and os.path.basename(path) == gx.VECTORS_FILE else f
+        monkeypatch.setattr(gx, "open", opened, raising=False)
+    with pytest.raises(UserError) as e:
+        gx.write_index(str(out), g[:300], metric, params, _items(300), {"sha256": "new"})
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "disk full" in msg and str(out) in msg, msg
+    assert ("write error in" if kind == "flat" else "No space left on device") in msg
+    assert os.listdir(tmp_path) == ["index"]                          # no staging folder left
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_an_index_that_cannot_fit_is_refused_before_the_build(tmp_path, monkeypatch):
+    import collections
+    g = _clustered(500, 16, 20, seed=8)
+    params = gx.choose_params(500, 16, "flat")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(gx.shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 1000, 1000))
+    with pytest.raises(UserError, match=r"needs about 87\.9 KB .* has 1000 B free"):
+        gx.write_index(str(tmp_path / "index"), g, gx.Metric(True, "cosine"), params, _items(500), {})
+    assert os.listdir(tmp_path) == []
+
+
 def test_out_that_is_not_an_index_is_refused(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep me")
@@ -433,6 +497,20 @@ def test_build_index_refusals_are_one_line(tiny_root, weight, gallery_npz, tmp_p
         assert not os.path.exists(tmp_path / "index")
     assert _build(tiny_root, weight, [gallery_npz], tmp_path / "afile") == 2
     one_line_error(capsys, "afile", "is a file")
+    # the same file twice (also under another name), a merged file and its parts: each image once
+    os.symlink(gallery_npz, tmp_path / "alias.npz")
+    merged = tmp_path / "merged.npz"
+    _rewrite(gallery_npz, merged)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    _rewrite(gallery_npz, whole / "part-00000-of-00001.npz")
+    for features, needles in [([gallery_npz, gallery_npz], ["given twice", str(gallery_npz)]),
+                              ([gallery_npz, tmp_path / "alias.npz"], ["given twice", "alias.npz"]),
+                              ([whole, whole / "part-00000-of-00001.npz"], ["given twice"]),
+                              ([merged, whole], ["is in two of the feature files", "indexed once"])]:
+        assert _build(tiny_root, weight, features, tmp_path / "index") == 2, needles
+        one_line_error(capsys, *needles)
+        assert not os.path.exists(tmp_path / "index")
     # a file written before the sha256 was recorded: computed from its checkpoint when that still exists
     np.savez(tmp_path / "old.npz", **{**dict(z), "meta": np.array(json.dumps(no_sha))})
     assert _build(tiny_root, weight, [tmp_path / "old.npz"], tmp_path / "index") == 0

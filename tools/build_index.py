@@ -111,6 +111,13 @@ def gallery_of(sets: Sequence[FeatureSet], paths: Sequence[str]) -> tuple[list[n
         what = f"all {junk} images are junk (-1_* names), which are left out as in the evaluation" if junk else \
             "no features (0 images)"
         raise UserError(f"{', '.join(paths[:4])}{' ...' if len(paths) > 4 else ''}: {what}; nothing to index")
+    seen: set[str] = set()
+    for p in rel:
+        if p in seen:
+            raise UserError(f"{os.path.join(root, p)} is in two of the feature files given ({', '.join(paths[:4])}"
+                            f"{' ...' if len(paths) > 4 else ''}): each image must be indexed once (a merged file "
+                            "and its folder of parts hold the same images); give each once")
+        seen.add(p)
     return parts, gx.Items(np.array(rel, dtype=str), np.concatenate(pids), np.concatenate(camids), root), junk
 
 

@@ -11,12 +11,15 @@ DIR), ``pids`` / ``camids`` from names such as ``0002_c1s1_000451_03.jpg`` (else
 A model trained with camera side information (MODEL.SIE_CAMERA) uses the camera of the name,
 else ``--camera N``, else none (with a warning: such features are less comparable).
 
-Several processes (``torchrun --nproc_per_node N``, several machines as for training; one GPU
-per process from MODEL.DEVICE_ID) share the work: ``--out`` is then a folder, and rank r of W
-writes ``part-RRRRR-of-WWWWW.npz`` for its contiguous share of the sorted image list. Run again,
-the finished parts are checked (same image list, same model) and kept; only missing parts are
+Several processes (``python tools/launch.py --nproc_per_node N`` or ``torchrun``, several
+machines as for training; one GPU per process from MODEL.DEVICE_ID) share the work: ``--out`` is
+then a folder, and rank r of W writes ``part-RRRRR-of-WWWWW.npz`` for its contiguous share of
+the sorted image list. Run again, the finished parts are checked (same image list, same model)
+and kept; a part whose images changed since (size or modification time) and missing parts are
 extracted. ``--merge feats.npz`` writes the parts as the one file a single process writes
 (after the last part, on rank 0; alone, without ``--images``, it merges the parts of ``--out``).
+Under tools/launch.py, what can be refused before the processes start is (:func:`check_launch`),
+and a refusal of every process is one line (rank 0's), with no report of torchrun's.
 """
 from __future__ import annotations
 
@@ -44,11 +47,11 @@ from processor.feature_parts import (
     shard_bounds,
     shard_meta,
 )
-from processor.folder_inference import extract_folder, feature_meta, list_image_files
-from tools._common import camera_id, load_model, setup
+from processor.folder_inference import extract_folder, feature_meta, input_meta, list_image_files
+from tools._common import camera_id, load_model, load_tool_config, setup
 from utils import cli
 from utils.dist import all_gather_object, cleanup, get_rank, get_world_size
-from utils.errors import UserError
+from utils.errors import ReportedElsewhere, UserError
 from utils.fileio import remove_stale_temporaries
 from utils.logger import setup_logger
 from utils.misc import world_processes
@@ -81,16 +84,17 @@ def writes_parts(out: str, world: int) -> bool:
     return world > 1 or os.path.isdir(out) or out.endswith(("/", os.sep))
 
 
-def run(args: argparse.Namespace) -> None:
-    world = world_processes()
+def _check_args(args: argparse.Namespace, world: int) -> list[str] | None:
+    """The refusals of the command line alone, for ``world`` processes; the image list (None for
+    a merge alone). Shared by :func:`run` and the launcher's :func:`check_launch`."""
+    if args.merge and os.path.isdir(args.merge):
+        raise UserError(f"--merge {args.merge} is a folder: give the .npz file to write")
     if args.images is None:
         if not args.merge:
             raise UserError("--images is required (or --merge FILE without --images, to join the parts in --out)")
         if world > 1:
             raise UserError("--merge without --images joins finished parts: run it as one process, not under torchrun")
-        setup_logger("svllreid", None, if_train=False)
-        _merge(args.out, args.merge)
-        return
+        return None
     parts = writes_parts(args.out, world)
     if parts and (args.out.endswith(".npz") or os.path.isfile(args.out)):
         raise UserError(f"--out {args.out}: {world} processes write one part each into a folder; give a folder "
@@ -98,8 +102,41 @@ def run(args: argparse.Namespace) -> None:
     if args.merge and not parts:
         raise UserError(f"--merge joins the parts of a folder, and --out {args.out} is one file already")
     camera_id(args.camera)                         # a bad number fails before the model is built
-    files = list_image_files(args.images)          # so does a bad folder
-    if parts:
+    return list_image_files(args.images)           # so does a bad folder
+
+
+def check_launch(argv: Sequence[str], world: int | None) -> None:
+    """What ``tools/launch.py`` checks once, before it starts ``world`` processes (None: not known
+    before they meet): the command line, the image folder, and the finished parts of ``--out``
+    against what is known without the model (another number of processes, another image list,
+    another checkpoint, TEST.NECK_FEAT, TEST.FEAT_NORM or input size). The processes check the
+    rest. Raises the refusal as a :class:`UserError`."""
+    args = parse_args(argv)
+    files = _check_args(args, world or 2)
+    if files is None or world is None or not os.path.isdir(args.out):
+        return
+    cfg = load_tool_config(args.config_file, args.opts)
+    if not cfg.TEST.WEIGHT or not os.path.isfile(cfg.TEST.WEIGHT):
+        return                                     # the processes say it, as one process would
+    meta = input_meta(cfg)
+    digest = list_digest(files)
+    for rank in range(world):
+        meta[SHARD_KEY] = shard_meta(files, rank, world, digest, root=args.images)
+        start, stop = shard_bounds(len(files), rank, world)
+        problem, _ = _part_refusal(args.out, os.path.join(args.out, part_name(rank, world)), world, meta,
+                                   files[start:stop], partial=True)
+        if problem:
+            raise UserError(problem)
+
+
+def run(args: argparse.Namespace) -> None:
+    world = world_processes()
+    setup_logger("svllreid", None, if_train=False)    # what the listing leaves out is logged
+    files = _check_args(args, world)
+    if files is None:
+        _merge(args.out, args.merge)
+        return
+    if writes_parts(args.out, world):
         run_sharded(args, files)
         return
     cfg, device = setup(args.config_file, args.opts)
@@ -120,6 +157,9 @@ def _warn_failed(failed: Sequence[tuple[str, str]], who: str = "") -> None:
 
 
 def _merge(folder: str, out: str) -> None:
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {folder}: no such folder of parts (part-RRRRR-of-WWWWW.npz, written by an extraction "
+                        "with several processes); give the folder the extraction wrote")
     fs = merge_parts(folder, out)
     logger.info("%d images from the parts in %s -> %s: features %s", len(fs.paths), folder, out,
                 "x".join(map(str, fs.features.shape)))
@@ -145,26 +185,44 @@ class _Progress:
                         extra={"every_rank": True})
 
 
+def _part_refusal(out: str, path: str, world: int, meta: dict, shard: Sequence[str],
+                  partial: bool = False) -> tuple[str | None, bool]:
+    """(why the finished parts in ``out`` forbid writing the part ``path``, or None; whether that
+    part is still to be extracted: absent, or its images changed since). ``partial``: ``meta``
+    holds only what is known before the model is loaded (:func:`check_launch`)."""
+    others = {w: len(r) for w, r in scan_parts(out).items() if w != world}
+    if others:
+        w, n = sorted(others.items())[0]
+        return (f"{out} holds {n} part(s) of an extraction by {w} processes, and this one runs {world}: "
+                f"run it with {w} processes to finish those, or give another --out folder"), False
+    if not os.path.isfile(path):
+        return None, True
+    problem, outdated = part_problem(path, meta, shard, partial=partial)
+    if problem is not None:
+        return (f"{path} is not this extraction's part: {problem}; remove it (or the folder) to extract "
+                "it again, or give another --out folder"), False
+    return None, outdated
+
+
 def _check_start(out: str, path: str, world: int, meta: dict, shard: Sequence[str]) -> tuple[str | None, bool]:
     """(why this rank cannot start, whether its part is still to be extracted)."""
     try:
         os.makedirs(out, exist_ok=True)
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             remove_stale_temporaries(out)          # what a killed write left: never a part
-        others = {w: len(r) for w, r in scan_parts(out).items() if w != world}
-        if others:
-            w, n = sorted(others.items())[0]
-            return (f"{out} holds {n} part(s) of an extraction by {w} processes, and this one runs {world}: "
-                    f"run it with {w} processes to finish those, or give another --out folder"), False
-        if os.path.isfile(path):
-            problem = part_problem(path, meta, shard)
-            if problem is not None:
-                return (f"{path} is not this extraction's part: {problem}; remove it (or the folder) to extract "
-                        "it again, or give another --out folder"), False
-            return None, False
-        return None, True
+        problem, todo = _part_refusal(out, path, world, meta, shard)
+        if todo and os.path.isfile(path):
+            logger.info("%s: its images changed since it was extracted (another size or modification time under "
+                        "the same names): extracting it again", path, extra={"every_rank": True})
+        return problem, todo
     except (UserError, OSError) as e:
         return f"{cli.one_line(e)}", False
+
+
+def _refuse(rank: int, message: str) -> None:
+    """Every process refuses with ``message``, which they all know: rank 0 prints it, the others
+    exit with the same code without repeating it."""
+    raise (UserError if rank == 0 else ReportedElsewhere)(message)
 
 
 def run_sharded(args: argparse.Namespace, files: list[str]) -> None:
@@ -183,15 +241,23 @@ def run_sharded(args: argparse.Namespace, files: list[str]) -> None:
 def _run_rank(args: argparse.Namespace, files: list[str], cfg: Any, device: torch.device, rank: int,
               world: int) -> None:
     digest = list_digest(files)
-    seen = all_gather_object((len(files), digest))
-    if len(set(seen)) > 1:
-        counts = ", ".join(f"rank {r}: {n}" for r, (n, _) in enumerate(seen))
-        raise UserError(f"the processes see different image lists under {args.images} ({counts} files): every "
-                        "machine needs the same folder")
-    model, info = load_model(cfg)
-    cam = camera_id(args.camera, info)
+    try:
+        model, info = load_model(cfg)
+        cam = camera_id(args.camera, info)
+        failed = ""
+    except cli.USER_ERRORS as e:             # said once, by rank 0, when every process fails alike
+        failed = cli.one_line(e)
+    seen = all_gather_object((len(files), digest, failed))
+    if any(f for _, _, f in seen):
+        said = [(r, f) for r, (_, _, f) in enumerate(seen) if f]
+        r, first = said[0]
+        _refuse(rank, first if len(said) == world and len({f for _, f in said}) == 1 else f"rank {r}: {first}")
+    if len({(n, d) for n, d, _ in seen}) > 1:
+        counts = ", ".join(f"rank {r}: {n}" for r, (n, _, _) in enumerate(seen))
+        _refuse(rank, f"the processes see different image lists under {args.images} ({counts} files): every "
+                "machine needs the same folder")
     meta = feature_meta(cfg, info, cam)
-    meta[SHARD_KEY] = shard_meta(files, rank, world, digest)
+    meta[SHARD_KEY] = shard_meta(files, rank, world, digest, root=args.images)
     start, stop = shard_bounds(len(files), rank, world)
     shard = files[start:stop]
     path = os.path.join(args.out, part_name(rank, world))
@@ -199,7 +265,7 @@ def _run_rank(args: argparse.Namespace, files: list[str], cfg: Any, device: torc
     error, todo = _check_start(args.out, path, world, meta, shard)
     errors = [e for e in all_gather_object(error) if e]
     if errors:
-        raise UserError(errors[0])
+        _refuse(rank, errors[0])
     t0 = time.monotonic()
     n_done = 0
     if todo:

@@ -7,8 +7,10 @@
 
 The gallery is a folder (its features are extracted and cached in DIR/gallery_features.npz,
 reused while the checkpoint, the test input settings and the files are unchanged) or a
-file written by tools/extract_features.py. Distances are the evaluation's: TEST.FEAT_NORM,
-TEST.DIST_METRIC, and k-reciprocal re-ranking with TEST.RE_RANKING True.
+file written by tools/extract_features.py. A folder's sub-folders that hold this project's
+output (DIR itself, other searches' folders, training runs: a .lock file) are left out.
+Distances are the evaluation's: TEST.FEAT_NORM, TEST.DIST_METRIC, and k-reciprocal re-ranking
+with TEST.RE_RANKING True.
 
 --index INDEX_DIR searches an index of tools/build_index.py instead (no re-ranking): the same
 results.json and pictures. It is refused in one line when the config's checkpoint (sha256),
@@ -87,9 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return cli.parse_with_overrides(p, argv)
 
 
-def _query_set(cfg: Any, model: Any, info: dict, path: str, device: Any, cam: int | None) -> FeatureSet:
+def _query_set(cfg: Any, model: Any, info: dict, path: str, device: Any, cam: int | None, out_dir: str) -> FeatureSet:
     if os.path.isdir(path):
-        return extract_folder(cfg, model, info, path, device, camera=cam)
+        return extract_folder(cfg, model, info, path, device, camera=cam, files=list_image_files(path, [out_dir]))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such query image or folder: {path}")
     root, name = os.path.split(os.path.abspath(path))
@@ -122,7 +124,7 @@ def _gallery_set(cfg: Any, model: Any, info: dict, path: str, out_dir: str, devi
         return gs
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such gallery folder or feature file: {path}")
-    files = list_image_files(path)
+    files = list_image_files(path, [out_dir])        # never this search's own pictures
     sig = feature_signature(cfg, path, files, cam)
     cache = os.path.join(out_dir, CACHE_NAME)
     if os.path.isfile(cache):
@@ -234,7 +236,7 @@ def _search(args: argparse.Namespace, cfg: Any, device: Any, cam: int | None, mo
         gallery, gs, n_junk, gallery_failed = args.index, index.items, index.junk_left_out, []
         logger.info("Gallery: the %s index %s of %d images", index.kind, args.index, index.n)
         _check_gallery_root(gs, gallery, not args.no_pictures)
-        qs = _query_set(cfg, model, info, args.query, device, cam)
+        qs = _query_set(cfg, model, info, args.query, device, cam, args.out)
         check_finite_features(qs.features, f"query {args.query}", outcome="nothing searched")
         k = args.topk
         d, order = gx.search(index, qs.features, k)           # (nq, k), ranked
@@ -246,7 +248,7 @@ def _search(args: argparse.Namespace, cfg: Any, device: Any, cam: int | None, mo
         fs, n_junk = _without_junk(fs, gallery)
         gs, gallery_failed = fs, fs.failed
         _check_gallery_root(gs, gallery, not args.no_pictures)
-        qs = _query_set(cfg, model, info, args.query, device, cam)
+        qs = _query_set(cfg, model, info, args.query, device, cam, args.out)
         check_finite_features(qs.features, f"query {args.query}", outcome="nothing searched")
         k = min(args.topk, len(gs.paths))
         if k < args.topk:

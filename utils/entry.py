@@ -52,7 +52,8 @@ def run_command(fn: Callable[[], object], user_errors: tuple[type[BaseException]
                 on_interrupt: Callable[[], str] | None = None) -> int:
     """Call ``fn`` with :func:`work_signals`; return its exit code.
 
-    One of ``user_errors`` is printed as ``error: ...`` on stderr (exit code 2); Ctrl-C or
+    One of ``user_errors`` is printed as ``error: ...`` on stderr (exit code 2), unless it is
+    marked ``silent`` (utils.errors.ReportedElsewhere: another process prints it); Ctrl-C or
     SIGTERM print one line (``on_interrupt()`` says where the work stopped and how to go on)
     and give 130 or 143.
     """
@@ -60,7 +61,8 @@ def run_command(fn: Callable[[], object], user_errors: tuple[type[BaseException]
         with work_signals():
             fn()
     except user_errors as e:
-        say(f"error: {one_line(e)}")
+        if not getattr(e, "silent", False):      # another process of the job prints this one
+            say(f"error: {one_line(e)}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:
         where = on_interrupt() if on_interrupt is not None else ""

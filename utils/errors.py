@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["UserError", "ConfigError", "import_extra"]
+__all__ = ["UserError", "ConfigError", "ReportedElsewhere", "import_extra"]
 
 
 class UserError(Exception):
@@ -19,6 +19,13 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration value is not allowed."""
+
+
+class ReportedElsewhere(UserError):
+    """A user error that another process of the same job reports: every process of a distributed
+    run refuses, rank 0 prints the one line, and the others exit with the same code silently."""
+
+    silent = True
 
 
 # The optional parts of the package and what they bring (pyproject.toml, optional-dependencies).

@@ -6,12 +6,14 @@ ONNX check and the evaluation pictures.
 from __future__ import annotations
 
 import os
+import stat
 import time
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_EXTENSIONS", "INPUT_EXTENSIONS", "list_images", "to_rgb", "read_image"]
+__all__ = ["IMAGE_EXTENSIONS", "INPUT_EXTENSIONS", "list_images", "scan_images", "to_rgb", "read_image"]
 
 # The extensions of the benchmark datasets' images.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -24,11 +26,82 @@ def list_images(root: str, recursive: bool = False, extensions: tuple[str, ...] 
     (any case); with ``recursive``, of every such file under it. Empty when there is none."""
     if not recursive:
         return sorted(f for f in os.listdir(root) if f.lower().endswith(extensions))
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs.sort()
-        out += [os.path.relpath(os.path.join(d, f), root) for f in files if f.lower().endswith(extensions)]
-    return sorted(out)
+    return scan_images(root, extensions)[0]
+
+
+def _not_regular(path: str) -> str:
+    """What the entry at ``path`` is, when it is not a regular file (why it is not read)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken link" if os.path.islink(path) else "cannot be read"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not a regular file"
+    return "not a regular file"
+
+
+def scan_images(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+                skip_folder: Callable[[str], str | None] | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """(sorted paths relative to ``root`` of every image file under it; what was passed over and why).
+
+    Linked sub-folders are followed, each real folder once: a link back to a folder above it (a
+    loop) or to a folder already listed is passed over, so no image is listed twice and the walk
+    ends. Only regular files are images: a named pipe, socket, device or broken link with an
+    image's name is passed over (reading a pipe would wait forever). ``skip_folder(path)`` gives a
+    reason to leave a sub-folder out, or None. A sub-folder that cannot be read is passed over too.
+    Passed-over entries are (relative path, reason); folders end with the path separator.
+    """
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}              # real folder -> the relative path it was listed under
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        path = os.path.join(root, rel) if rel else root
+        real = os.path.realpath(path)
+        if real in seen:
+            first = seen[real] or "."
+            loop = not seen[real] or rel.startswith(seen[real] + os.sep)
+            skipped.append((rel + os.sep, f"a link back to {first} (a loop)" if loop else
+                            f"the same folder as {first}, listed once"))
+            continue
+        seen[real] = rel
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            if not rel:
+                raise
+            skipped.append((rel + os.sep, f"cannot be read ({e.strerror or e})"))
+            continue
+        below = []
+        for e in entries:
+            sub = os.path.join(rel, e.name) if rel else e.name
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                why = skip_folder(e.path) if skip_folder is not None else None
+                if why:
+                    skipped.append((sub + os.sep, why))
+                else:
+                    below.append(sub)
+            elif e.name.lower().endswith(extensions):
+                try:
+                    regular = e.is_file()
+                except OSError:
+                    regular = False
+                if regular:
+                    files.append(sub)
+                else:
+                    skipped.append((sub, _not_regular(e.path)))
+        stack += reversed(below)
+    return sorted(files), skipped
 
 
 def to_rgb(img: Image.Image, path: str = "image") -> Image.Image:
