@@ -259,6 +259,14 @@ def test_a_part_of_another_run_is_refused(tiny_root, weight, images, tmp_path, m
     one_line_error(capsys, "f.npz", "folder", "--merge")
 
 
+def test_a_merge_of_no_folder_or_into_a_folder_is_one_clear_line(tmp_path, capsys):
+    assert extract_tool.main(["--out", str(tmp_path / "gone"), "--merge", str(tmp_path / "m.npz")]) == 2
+    one_line_error(capsys, "--out", tmp_path / "gone", "no such folder of parts")
+    (tmp_path / "m").mkdir()
+    assert extract_tool.main(["--out", str(tmp_path), "--merge", str(tmp_path / "m")]) == 2
+    one_line_error(capsys, "--merge", tmp_path / "m", "is a folder")
+
+
 # ----------------------------------------------------------------------------- load_features
 def _fs(n, width=4, root="/data", offset=0, **meta):
     feats = np.arange(n * width, dtype=np.float32).reshape(n, width) + offset
