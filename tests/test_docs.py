@@ -58,3 +58,8 @@ def test_no_comment_points_outside_the_repository():
                 if re.search(r"\bSPEC\b|§", line):
                     offenders.append(f"{os.path.relpath(path, ROOT)}:{n}")
     assert not offenders, f"references to a document outside the repository: {offenders}"
+
+
+def test_the_readme_stays_under_10_kb():
+    """The README is the front page: details go to docs/ (it had grown to 10.8 KB once)."""
+    assert os.path.getsize(os.path.join(ROOT, "README.md")) <= 10_000
