@@ -308,3 +308,24 @@ def one_step_each_stage(cfg: Any, compiled: bool, device: Any = "cpu", determini
     optimizer_step(scaler, loss, opt2)
     grads.update(adam_grads(model, opt2, before))
     return out, text, model, start, grads
+
+
+# ----------------------------------------------------------------------------- interrupted runs
+class Interrupt(Exception):
+    """Raised by :func:`interrupt_after`: a run killed right after it saved ``last.pth``."""
+
+
+def interrupt_after(monkeypatch: Any, stage: int, epoch: int) -> None:
+    """Make the save of ``last.pth`` at (``stage``, ``epoch``) end the run with :class:`Interrupt`
+    right after writing it (use inside ``monkeypatch.context()`` to interrupt one run only)."""
+    import processor.processor_stage1 as stage1_mod
+    import processor.processor_stage2 as stage2_mod
+    module = stage1_mod if stage == 1 else stage2_mod
+    original = module.save_train_state
+
+    def save_then_die(output_dir: str, st: int, ep: int, *args: Any, **kwargs: Any) -> None:
+        original(output_dir, st, ep, *args, **kwargs)
+        if (st, ep) == (stage, epoch):
+            raise Interrupt()
+
+    monkeypatch.setattr(module, "save_train_state", save_then_die)

@@ -37,8 +37,10 @@ from processor.processor_stage2 import stage2_forward_loss
 from tests.helpers import (
     DEMO,
     TINY,
+    Interrupt,
     final_weights,
     fixed_stage_inputs,
+    interrupt_after,
     one_step_each_stage,
     opts_of,
     run_gloo,
@@ -217,25 +219,13 @@ def test_a_compiled_run_is_the_eager_run(compiled_run, tiny_root, tmp_path):
     assert result["trained"]["mAP"] == pytest.approx(eager["trained"]["mAP"], abs=1e-6)
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_compiled_resume_is_exact(compiled_run, tiny_root, tmp_path, monkeypatch):
     """A compiled run interrupted after stage-2 epoch 1 and resumed (compiled) ends where the straight
     compiled run ends."""
-    import processor.processor_stage2 as stage2_mod
     cfg = tiny_cfg(tiny_root, tmp_path, "SOLVER.COMPILE", "True")
-    original = stage2_mod.save_train_state
-
-    def save_then_die(output_dir, stage, epoch, *args, **kwargs):
-        original(output_dir, stage, epoch, *args, **kwargs)
-        if (stage, epoch) == (2, 1):
-            raise Interrupt()
-
     with monkeypatch.context() as m:
-        m.setattr(stage2_mod, "save_train_state", save_then_die)
+        interrupt_after(m, 2, 1)
         with pytest.raises(Interrupt):
             train_svllreid.train(cfg)
     resumed = train_svllreid.train(cfg, resume=True)

@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-import processor.processor_stage1 as stage1_mod
 import processor.processor_stage2 as stage2_mod
 import test_svllreid
 import train_svllreid
@@ -17,7 +16,16 @@ from loss import make_loss, make_ssl_loss
 from model import make_model
 from processor import Stage2Criteria, do_train_stage1, do_train_stage2
 from solver import create_scheduler, create_warmup_multistep, make_optimizer_1stage, make_optimizer_2stage
-from tests.helpers import DEMO, fake_vehicleid, final_weights, opts_of, synthetic_set, tiny_cfg
+from tests.helpers import (
+    DEMO,
+    Interrupt,
+    fake_vehicleid,
+    final_weights,
+    interrupt_after,
+    opts_of,
+    synthetic_set,
+    tiny_cfg,
+)
 from utils.checkpoint import CheckpointMismatchError, load_model_weights
 from utils.misc import set_seed
 
@@ -69,22 +77,6 @@ def test_stage2_freezes_text_side_and_trains_image_encoder(tiny_root, tmp_path):
     assert changed(before, model, "image_mlp") and changed(before, model, "classifier")
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_after(monkeypatch, module, stage, epoch):
-    """Make the first save of ``last.pth`` at (stage, epoch) kill the run right after writing it."""
-    original = module.save_train_state
-
-    def save_then_die(output_dir, st, ep, *args, **kwargs):
-        original(output_dir, st, ep, *args, **kwargs)
-        if (st, ep) == (stage, epoch):
-            raise Interrupt()
-
-    monkeypatch.setattr(module, "save_train_state", save_then_die)
-
-
 @pytest.fixture(scope="module")
 def straight_run(tiny_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
@@ -94,12 +86,12 @@ def straight_run(tiny_root, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,module", [(1, stage1_mod), (2, stage2_mod)])
-def test_resume_is_exact(tiny_root, tmp_path, monkeypatch, straight_run, stage, module):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_is_exact(tiny_root, tmp_path, monkeypatch, straight_run, stage):
     """Straight 2+2 epochs == interrupted after epoch 1 of ``stage`` + --resume."""
     cfg = tiny_cfg(tiny_root, tmp_path)
     with monkeypatch.context() as m:
-        _interrupt_after(m, module, stage, 1)
+        interrupt_after(m, stage, 1)
         with pytest.raises(Interrupt):
             train_svllreid.train(cfg)
     resumed = train_svllreid.train(cfg, resume=True)
@@ -251,7 +243,7 @@ def test_a_cpu_run_resumes_with_an_enabled_scaler(tiny_root, tmp_path, monkeypat
     enabled CPU GradScaler), trains to the end."""
     cfg = tiny_cfg(tiny_root, tmp_path)
     with monkeypatch.context() as m:
-        _interrupt_after(m, stage2_mod, 2, 1)
+        interrupt_after(m, 2, 1)
         with pytest.raises(Interrupt):
             train_svllreid.train(cfg)
     monkeypatch.setattr(stage2_mod, "make_scaler", lambda device: torch.amp.GradScaler("cpu", enabled=True))

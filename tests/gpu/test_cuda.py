@@ -30,7 +30,15 @@ from processor.compiled import compile_counts, compile_model
 from processor.processor_stage2 import stage2_forward_loss
 from solver import make_optimizer_2stage
 from tests.gpu.conftest import check_device
-from tests.helpers import ROOT, fixed_stage_inputs, one_step_each_stage, synthetic_set, tiny_cfg
+from tests.helpers import (
+    ROOT,
+    Interrupt,
+    fixed_stage_inputs,
+    interrupt_after,
+    one_step_each_stage,
+    synthetic_set,
+    tiny_cfg,
+)
 from utils.checkpoint import load_model_weights
 
 if check_device() is None:
@@ -253,23 +261,12 @@ def test_deterministic_mode_repeats_bit_for_bit_and_its_cost(root, tmp_path, dev
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
-class _Stop(Exception):
-    pass
-
-
 def _interrupted_then_resumed(cfg_first, cfg_resume, monkeypatch):
     """Train ``cfg_first`` until stage-2 epoch 1 is saved, then resume with ``cfg_resume``."""
-    import processor.processor_stage2 as stage2_mod
     import train_svllreid
-    original = stage2_mod.save_train_state
-
-    def save_then_stop(output_dir, stage, epoch, *args, **kwargs):
-        original(output_dir, stage, epoch, *args, **kwargs)
-        if (stage, epoch) == (2, 1):
-            raise _Stop()
     with monkeypatch.context() as m:
-        m.setattr(stage2_mod, "save_train_state", save_then_stop)
-        with pytest.raises(_Stop):
+        interrupt_after(m, 2, 1)
+        with pytest.raises(Interrupt):
             train_svllreid.train(cfg_first)
     return train_svllreid.train(cfg_resume, resume=True)
 
