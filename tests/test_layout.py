@@ -150,8 +150,8 @@ def test_user_errors_are_one_family_caught_by_the_command_line():
 
 def test_one_yes_no_parser():
     import config
-    from utils import metrics, yesno
-    assert config.is_yes is yesno.is_yes and metrics.is_yes is yesno.is_yes
+    from utils import distance, metrics, yesno
+    assert config.is_yes is yesno.is_yes and distance.is_yes is yesno.is_yes     # the distance settings' reader
     assert not hasattr(metrics, "_is_yes")
     words = (True, "yes", "ON", "true", False, "no", "off", "False")
     assert [yesno.is_yes(v) for v in words] == [True] * 4 + [False] * 4

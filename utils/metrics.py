@@ -1,12 +1,13 @@
-"""ReID evaluation: distances, CMC / mAP / mINP (Market-1501 protocol) and the evaluator.
+"""ReID evaluation: CMC / mAP / mINP (Market-1501 protocol), per-query AP and the evaluator.
 
+The distances come from ``utils.distance`` (the project's one distance rule, re-exported here).
 Everything runs in torch on the device of the inputs and works on blocks of queries, so
 memory stays bounded by ``block_size`` rows of the (query x gallery) problem.
 
 Protocol (as in the published CLIP-ReID / TransReID ``eval_func``):
 
 * gallery entries are ranked by ascending distance; ties keep gallery order (a stable
-  sort by gallery index);
+  sort by gallery index, ``utils.distance.ranking``);
 * for each query, gallery entries with the same pid *and* the same camera are removed;
 * a query with no remaining true match is skipped; if no query is left it is an error;
 * CMC[r] = fraction of valid queries whose first true match is at rank <= r + 1. The curve
@@ -26,15 +27,23 @@ full (query x gallery) matrix is never formed nor read twice.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .yesno import is_yes
+from .distance import (
+    DistanceSpec,
+    _distance_block_into,
+    _prepare_features,
+    _rows_per_block,
+    cosine_distance,
+    distance_blocks,
+    euclidean_distance,
+    pairwise_distance,
+)
 
 __all__ = [
     "euclidean_distance",
@@ -42,15 +51,12 @@ __all__ = [
     "pairwise_distance",
     "distance_blocks",
     "eval_func",
+    "per_query_ap",
     "evaluate",
     "QueryCounts",
     "R1_mAP_eval",
 ]
 
-# Number of (query x gallery) elements handled per block; 64 MB of float32. Fewer, larger
-# blocks mean fewer GEMM calls and fewer small ops (measured faster than 16 or 32 MB on the
-# shared 2-core machine).
-DEFAULT_BLOCK_ELEMS = 1 << 24
 # Float scratch of the selection pass (elements): 4 MB of float32, the L2 of the two cores.
 SELECT_SCRATCH_ELEMS = 1 << 20
 # Float scratch of the counting path (elements): 16 MB of float32, half the L3. Each comparison
@@ -60,103 +66,8 @@ COUNT_SCRATCH_ELEMS = 1 << 22
 # Above this fraction of in-band entries a block sorts whole rows (parallel over rows)
 # instead of a flat list of band entries.
 DENSE_BAND_FRACTION = 1 / 16
-_METRICS = ("euclidean", "cosine")
 
 
-# ----------------------------------------------------------------------------- distances
-def _rows_per_block(num_cols: int, block_size: int | None) -> int:
-    """Rows per block: ``block_size`` if given, else as many as fit DEFAULT_BLOCK_ELEMS."""
-    if block_size is not None:
-        if block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size}")
-        return int(block_size)
-    return max(1, DEFAULT_BLOCK_ELEMS // max(1, num_cols))
-
-
-def _check_metric(metric: str) -> None:
-    if metric not in _METRICS:
-        raise ValueError(f"metric = {metric!r} is not allowed; choose one of: {', '.join(map(repr, _METRICS))}")
-
-
-def _sq_norms(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
-    """``x.pow(2).sum(dim=1)`` (bit for bit) in row chunks: no full-size temporary."""
-    out = x.new_empty(x.shape[0])
-    for s in range(0, x.shape[0], rows):
-        torch.sum(x[s:s + rows].pow(2), dim=1, out=out[s:s + rows])
-    return out
-
-
-def _distance_block_into(x: torch.Tensor, y: torch.Tensor, y_sq: torch.Tensor | None, out: torch.Tensor
-                         ) -> torch.Tensor:
-    """Distances of the rows ``x`` to all of ``y``, written into ``out`` (a reused buffer).
-
-    ``y_sq`` given: squared Euclidean ||x||^2 + ||y||^2 - 2 x.y, computed like the published
-    code (the norms summed first, then one GEMM with beta=1, alpha=-2). Not clamped at 0:
-    tiny negative values can occur for near-identical vectors; clamping would create
-    artificial ties and change the ranking relative to the published code.
-    ``y_sq`` None: 1 - x.y (cosine distance of rows already L2-normalised).
-    Writing into a reused buffer matters: a fresh block of this size is a fresh mmap, and
-    its page faults cost about as much as the GEMM that fills it.
-    """
-    if y_sq is None:
-        torch.mm(x, y.t(), out=out)
-        return out.neg_().add_(1.0)  # -p + 1 is exactly 1 - p
-    torch.add(_sq_norms(x).unsqueeze(1), y_sq, out=out)
-    return out.addmm_(x, y.t(), beta=1, alpha=-2)
-
-
-def _prepare_features(x: torch.Tensor, y: torch.Tensor, metric: str
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x, y, ||y||^2 or None) ready for ``_distance_block_into`` (cosine: rows normalised)."""
-    _check_metric(metric)
-    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"expected 2-D features of equal width, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not x.is_floating_point():
-        x = x.float()
-    y = y.to(device=x.device, dtype=x.dtype)
-    if metric == "cosine":
-        return F.normalize(x, dim=1), F.normalize(y, dim=1), None
-    return x, y, _sq_norms(y)
-
-
-def distance_blocks(
-    x: torch.Tensor, y: torch.Tensor, metric: str = "euclidean", block_size: int | None = None
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, end, dist[start:end])`` row blocks of the x-vs-y distance matrix.
-
-    metric: 'euclidean' = squared Euclidean; 'cosine' = 1 - cosine similarity (the rows are
-    L2-normalised here, so for L2-normalised features euclidean = 2 * cosine).
-    Each block is a fresh tensor; ``evaluate`` uses one reused buffer instead.
-    """
-    x, y, y_sq = _prepare_features(x, y, metric)
-    rows = _rows_per_block(y.shape[0], block_size)
-    for start in range(0, x.shape[0], rows):
-        end = min(start + rows, x.shape[0])
-        out = x.new_empty((end - start, y.shape[0]))
-        yield start, end, _distance_block_into(x[start:end], y, y_sq, out)
-
-
-def pairwise_distance(
-    x: torch.Tensor, y: torch.Tensor, metric: str = "euclidean", block_size: int | None = None
-) -> torch.Tensor:
-    """Full (len(x), len(y)) distance matrix, filled block by block (bounded temporaries)."""
-    x, y, y_sq = _prepare_features(x, y, metric)
-    out = x.new_empty((x.shape[0], y.shape[0]))
-    rows = _rows_per_block(y.shape[0], block_size)
-    for start in range(0, x.shape[0], rows):
-        end = min(start + rows, x.shape[0])
-        _distance_block_into(x[start:end], y, y_sq, out[start:end])
-    return out
-
-
-def euclidean_distance(x: torch.Tensor, y: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
-    """Squared Euclidean distance matrix ||x_i - y_j||^2."""
-    return pairwise_distance(x, y, "euclidean", block_size)
-
-
-def cosine_distance(x: torch.Tensor, y: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
-    """Cosine distance matrix 1 - cos(x_i, y_j)."""
-    return pairwise_distance(x, y, "cosine", block_size)
 
 
 # ----------------------------------------------------------------------------- CMC / mAP / mINP
@@ -217,10 +128,12 @@ class QueryCounts:
 class _Accumulator:
     """Running sums of the per-query statistics over blocks of queries."""
 
-    def __init__(self, max_rank: int) -> None:
+    def __init__(self, max_rank: int, num_query: int | None = None) -> None:
         if max_rank < 1:
             raise ValueError(f"max_rank must be a positive integer, got {max_rank}")
         self.max_rank = int(max_rank)
+        # each query's AP (NaN: not evaluated), kept when the number of queries is given
+        self.query_ap = None if num_query is None else np.full(int(num_query), np.nan)
         self.cmc_hits = np.zeros(self.max_rank, dtype=np.int64)
         self.ap_sum = 0.0
         self.inp_sum = 0.0
@@ -229,9 +142,11 @@ class _Accumulator:
         self.dropped = np.zeros(3, dtype=np.int64)  # not_in_gallery, same_camera_only, distractor_or_junk
 
     def add(self, first_rank: torch.Tensor, ap: torch.Tensor, inp: torch.Tensor, num_given: int,
-            dropped: torch.Tensor) -> None:
-        """Add the statistics of the valid queries of one block of ``num_given`` queries and
-        the counts of its dropped ones by reason (see ``_dropped_reasons``)."""
+            dropped: torch.Tensor, valid: torch.Tensor) -> None:
+        """Add the statistics of the valid queries (``valid``) of one block of ``num_given`` queries
+        and the counts of its dropped ones by reason (see ``_dropped_reasons``)."""
+        if self.query_ap is not None:
+            self.query_ap[self.num_given + np.flatnonzero(valid.cpu().numpy())] = ap.cpu().numpy()
         self.num_valid += int(first_rank.numel())
         self.num_given += int(num_given)
         self.dropped += dropped.cpu().numpy()
@@ -269,7 +184,7 @@ def _dropped_reasons(q_pids: torch.Tensor, valid: torch.Tensor, same_pid_rows: t
     return torch.stack([(rest & ~has_pid).sum(), (rest & has_pid).sum(), junk_id.sum()])
 
 
-class _GalleryIndex:
+class _PidGroups:
     """Gallery entries grouped by pid, so each query's same-pid entries are found sparsely."""
 
     def __init__(self, g_pids: torch.Tensor, g_camids: torch.Tensor) -> None:
@@ -495,11 +410,11 @@ def _block_stats(
     dist: torch.Tensor,
     q_pids: torch.Tensor,
     q_camids: torch.Tensor,
-    gallery: _GalleryIndex,
+    gallery: _PidGroups,
     buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """Per-query first-match rank, AP and INP for one block of queries (valid queries only),
-    the block's number of queries and the counts of its dropped ones by reason.
+    the block's number of queries, the counts of its dropped ones by reason and which are valid.
 
     The rank of a true match j among the kept gallery entries is 1 + the number of kept
     entries k ordered before it, (d_k, k) < (d_j, j). Only entries not farther than the
@@ -539,7 +454,7 @@ def _block_stats(
     first = torch.zeros(B, dtype=torch.long, device=dev).scatter_reduce_(0, g_rows, rank, "amin", include_self=False)
     last = torch.zeros(B, dtype=torch.long, device=dev).scatter_reduce_(0, g_rows, rank, "amax", include_self=False)
     return (first[valid], ap[valid] / n[valid], n[valid] / last[valid].double(), B,
-            _dropped_reasons(q_pids, valid, pr))
+            _dropped_reasons(q_pids, valid, pr), valid)
 
 
 def _prepare_labels(q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any, device: torch.device,
@@ -568,6 +483,22 @@ def eval_func(
     with ``return_counts`` a 4th item, the ``QueryCounts`` (queries evaluated, dropped and why).
     Raises ValueError when no query has a true match after the same-camera removal.
     """
+    acc = _accumulate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, block_size)
+    return (*acc.result(), acc.counts()) if return_counts else acc.result()
+
+
+def per_query_ap(distmat: torch.Tensor | np.ndarray, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
+                 block_size: int | None = None) -> np.ndarray:
+    """The AP of every query row of ``distmat`` as :func:`eval_func` computes it (its mAP is their
+    mean over the evaluated queries); NaN for a query it leaves out (no true match left)."""
+    acc = _accumulate(distmat, q_pids, g_pids, q_camids, g_camids, 1, block_size, keep_ap=True)
+    assert acc.query_ap is not None
+    return acc.query_ap
+
+
+def _accumulate(distmat: torch.Tensor | np.ndarray, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
+                max_rank: int, block_size: int | None, keep_ap: bool = False) -> _Accumulator:
+    """The statistics of a distance matrix, block by block (each query's AP too with ``keep_ap``)."""
     dist = _as_tensor(distmat)
     if dist.dim() != 2:
         raise ValueError(f"distmat must be 2-D, got shape {tuple(dist.shape)}")
@@ -576,13 +507,13 @@ def eval_func(
     dist = dist.contiguous()
     num_q, num_g = dist.shape
     qp, gp, qc, gc = _prepare_labels(q_pids, g_pids, q_camids, g_camids, dist.device, num_q, num_g)
-    acc, gallery = _Accumulator(max_rank), _GalleryIndex(gp, gc)
+    acc, gallery = _Accumulator(max_rank, num_q if keep_ap else None), _PidGroups(gp, gc)
     rows = _rows_per_block(num_g, block_size)
     buffers = _select_buffers(min(rows, num_q), num_g, dist.dtype, dist.device)
     for s in range(0, num_q, rows):
         e = min(s + rows, num_q)
         acc.add(*_block_stats(dist[s:e], qp[s:e], qc[s:e], gallery, buffers))
-    return (*acc.result(), acc.counts()) if return_counts else acc.result()
+    return acc
 
 
 def evaluate(
@@ -605,7 +536,7 @@ def evaluate(
     x, y, y_sq = _prepare_features(qf, gf, metric)
     num_q, num_g = x.shape[0], y.shape[0]
     qp, gp, qc, gc = _prepare_labels(q_pids, g_pids, q_camids, g_camids, x.device, num_q, num_g)
-    acc, gallery = _Accumulator(max_rank), _GalleryIndex(gp, gc)
+    acc, gallery = _Accumulator(max_rank), _PidGroups(gp, gc)
     rows = _rows_per_block(num_g, block_size)
     buf = x.new_empty((min(rows, num_q), num_g))
     buffers = _select_buffers(buf.shape[0], num_g, x.dtype, x.device)
@@ -620,29 +551,55 @@ def evaluate(
 class R1_mAP_eval:
     """Accumulates (feature, pid, camid) batches; the first ``num_query`` rows are queries.
 
-    ``compute()`` returns ``(cmc, mAP, mINP)``. Features are L2-normalised only when
-    ``feat_norm`` is true; k-reciprocal re-ranking (always on squared Euclidean distances,
-    as published) is used only when ``reranking`` is true, otherwise ``metric`` applies.
+    ``compute()`` returns ``(cmc, mAP, mINP)``. The features are compared by ``spec``, a
+    ``utils.distance.DistanceSpec``: L2-normalised only when ``feat_norm`` is true; k-reciprocal
+    re-ranking (always on squared Euclidean distances, as published) only when ``reranking`` is
+    true, otherwise ``metric`` applies.
     """
 
     def __init__(self, num_query: int, max_rank: int = 50, feat_norm: bool = True, reranking: bool = False,
                  k1: int = 20, k2: int = 6, lambda_value: float = 0.3, metric: str = "euclidean") -> None:
-        _check_metric(metric)
+        self.spec = DistanceSpec(bool(feat_norm), metric, bool(reranking), int(k1), int(k2), float(lambda_value))
         self.num_query = int(num_query)
         self.max_rank = int(max_rank)
-        self.feat_norm = bool(feat_norm)
-        self.reranking = bool(reranking)
-        self.k1, self.k2, self.lambda_value = int(k1), int(k2), float(lambda_value)
-        self.metric = metric
         self.reset()
 
     @classmethod
     def from_cfg(cls, cfg: Any, num_query: int) -> R1_mAP_eval:
-        """Build from the TEST section of a config (FEAT_NORM, RE_RANKING*, DIST_METRIC, MAX_RANK)."""
-        t = cfg.TEST
-        return cls(num_query, max_rank=int(t.MAX_RANK), feat_norm=is_yes(t.FEAT_NORM),
-                   reranking=is_yes(t.RE_RANKING), k1=int(t.RE_RANKING_K1), k2=int(t.RE_RANKING_K2),
-                   lambda_value=float(t.RE_RANKING_LAMBDA), metric=str(t.DIST_METRIC))
+        """Build from a config: its distance rule (``DistanceSpec.from_cfg``) and TEST.MAX_RANK."""
+        evaluator = cls(num_query, max_rank=int(cfg.TEST.MAX_RANK))
+        evaluator.spec = DistanceSpec.from_cfg(cfg)
+        return evaluator
+
+    @property
+    def feat_norm(self) -> bool:
+        """TEST.FEAT_NORM of ``spec``."""
+        return self.spec.feat_norm
+
+    @property
+    def reranking(self) -> bool:
+        """TEST.RE_RANKING of ``spec``."""
+        return self.spec.re_ranking
+
+    @property
+    def k1(self) -> int:
+        """TEST.RE_RANKING_K1 of ``spec``."""
+        return self.spec.k1
+
+    @property
+    def k2(self) -> int:
+        """TEST.RE_RANKING_K2 of ``spec``."""
+        return self.spec.k2
+
+    @property
+    def lambda_value(self) -> float:
+        """TEST.RE_RANKING_LAMBDA of ``spec``."""
+        return self.spec.lambda_value
+
+    @property
+    def metric(self) -> str:
+        """TEST.DIST_METRIC of ``spec``."""
+        return self.spec.dist_metric
 
     def reset(self) -> None:
         """Forget all accumulated batches."""
@@ -662,9 +619,7 @@ class R1_mAP_eval:
         """(query features, gallery features) as used for the distances (normalised if asked)."""
         if not self.feats:
             raise ValueError("R1_mAP_eval.compute() called before any update()")
-        feats = torch.cat(self.feats, dim=0).float()
-        if self.feat_norm:
-            feats = F.normalize(feats, dim=1, p=2)
+        feats = self.spec.features(torch.cat(self.feats, dim=0))
         if not 0 < self.num_query < feats.shape[0]:
             raise ValueError(f"num_query = {self.num_query} must lie in (0, {feats.shape[0]}) (rows seen)")
         return feats[: self.num_query], feats[self.num_query:]
@@ -678,8 +633,6 @@ class R1_mAP_eval:
         nq = self.num_query
         labels = (pids[:nq], pids[nq:], camids[:nq], camids[nq:])
         if self.reranking:
-            from .reranking import re_ranking
-
-            distmat = re_ranking(qf, gf, k1=self.k1, k2=self.k2, lambda_value=self.lambda_value)
+            distmat = self.spec.re_rank(qf, gf)
             return eval_func(distmat, *labels, max_rank=self.max_rank, return_counts=return_counts)
         return evaluate(qf, gf, *labels, max_rank=self.max_rank, metric=self.metric, return_counts=return_counts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +18,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .distance import ranked_indices, ranking, row_blocks
 from .errors import import_extra
 from .fileio import atomic_write, save_figure
 from .images import read_image
+from .metrics import per_query_ap
+
+# ranked_indices, row_blocks (utils.distance) and per_query_ap (utils.metrics) are offered here to the
+# callers of the pictures: one ranking rule, one AP.
+__all__ = ["Ranked", "match_status", "draw_ranked_list", "plot_cmc", "ranked_indices", "row_blocks", "per_query_ap",
+           "rank_queries", "evaluation_pictures"]
 
 MATCH, WRONG, IGNORED, UNKNOWN = "match", "wrong", "ignored", "unknown"
 COLOURS = {MATCH: "#1a9850", WRONG: "#d73027", IGNORED: "#8c8c8c", UNKNOWN: "#bdbdbd", "query": "#2166ac"}
@@ -181,23 +188,18 @@ def plot_cmc(cmc: Sequence[float], mAP: float, out_png: str, title: str = "CMC",
 
 
 # ----------------------------------------------------------------------------- per-query AP
-def ranked_indices(distmat: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Gallery indices of each query row by ascending distance (ties keep gallery order)."""
-    d = torch.as_tensor(distmat)
-    return torch.sort(d, dim=1, stable=True).indices.cpu().numpy()
-
-
 def rank_queries(blocks: Iterable[tuple[int, int, torch.Tensor]], q_pids: Any, g_pids: Any, q_camids: Any,
                  g_camids: Any, topk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(AP per query, top-k gallery indices, their distances) from row blocks of the distance matrix.
 
-    AP follows the evaluation protocol (gallery entries of the same identity and camera are
-    removed; NaN when no true match is left); the top-k lists keep every entry (the pictures
-    mark the removed ones). ``blocks`` yields ``(start, end, dist[start:end])``; memory stays
-    at one block plus (num_query x topk).
+    AP is the evaluation's own (``utils.metrics.per_query_ap``: gallery entries of the same
+    identity and camera removed; NaN when no true match is left); the top-k lists follow the
+    project's ranking (``utils.distance.ranking``) and keep every entry (the pictures mark the
+    removed ones). ``blocks`` yields ``(start, end, dist[start:end])``; memory stays at one block
+    plus (num_query x topk).
     """
-    qp, qc = torch.as_tensor(np.asarray(q_pids)), torch.as_tensor(np.asarray(q_camids))
-    gp, gc = torch.as_tensor(np.asarray(g_pids)), torch.as_tensor(np.asarray(g_camids))
+    qp, qc = np.asarray(q_pids), np.asarray(q_camids)
+    gp, gc = np.asarray(g_pids), np.asarray(g_camids)
     nq = len(qp)
     k = min(int(topk), len(gp))
     ap = np.full(nq, np.nan)
@@ -205,32 +207,11 @@ def rank_queries(blocks: Iterable[tuple[int, int, torch.Tensor]], q_pids: Any, g
     top_dist = np.zeros((nq, k), dtype=np.float64)
     for s, e, d in blocks:
         d = d.float().cpu()
-        order = torch.sort(d, dim=1, stable=True).indices
-        top_idx[s:e] = order[:, :k].numpy()
-        top_dist[s:e] = torch.gather(d, 1, order[:, :k]).double().numpy()
-        same = gp[order] == qp[s:e, None]
-        keep = ~(same & (gc[order] == qc[s:e, None]))
-        hits = (same & keep).double()
-        rank = keep.double().cumsum(1)              # 1-based rank among the kept entries
-        prec = hits.cumsum(1) / rank.clamp(min=1)
-        n_hits = hits.sum(1)
-        block_ap = (prec * hits).sum(1) / n_hits.clamp(min=1)
-        block_ap[n_hits == 0] = float("nan")
-        ap[s:e] = block_ap.numpy()
+        order = ranking(d)[:, :k]
+        top_idx[s:e] = order.numpy()
+        top_dist[s:e] = torch.gather(d, 1, order).double().numpy()
+        ap[s:e] = per_query_ap(d, qp[s:e], gp, qc[s:e], gc)
     return ap, top_idx, top_dist
-
-
-def row_blocks(distmat: torch.Tensor | np.ndarray, rows: int = 256) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(start, end, block)`` slices of a full distance matrix."""
-    d = torch.as_tensor(distmat)
-    for s in range(0, d.shape[0], rows):
-        yield s, min(s + rows, d.shape[0]), d[s:s + rows]
-
-
-def per_query_ap(distmat: torch.Tensor | np.ndarray, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any
-                 ) -> np.ndarray:
-    """AP of every query with the evaluation protocol (same id + same camera removed); NaN without a match."""
-    return rank_queries(row_blocks(distmat), q_pids, g_pids, q_camids, g_camids, topk=1)[0]
 
 
 def evaluation_pictures(blocks: Iterable[tuple[int, int, torch.Tensor]], q_samples: Sequence[tuple],
