@@ -33,7 +33,7 @@ import yaml
 
 from config import ConfigError, load_config
 from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
-from model import load_for_inference
+from model import load_for_inference, move_model
 from processor import evaluate_loader
 from processor.compiled import compile_model
 from processor.folder_inference import visualize_evaluation
@@ -101,7 +101,7 @@ def _evaluate(cfg: Any, out: str, moved: str | None, device_choice: tuple[Any, s
     logger = setup_logger("svllreid", out, if_train=False)
     if moved:
         logger.info(moved)
-    set_seed(cfg.SOLVER.SEED)
+    set_seed(cfg.SOLVER.SEED, cfg.SOLVER.DETERMINISTIC)
     device, device_note = device_choice
     logger.info("%s", device_note)
     if device.type == "cpu":
@@ -109,7 +109,7 @@ def _evaluate(cfg: Any, out: str, moved: str | None, device_choice: tuple[Any, s
 
     dataset = build_dataset_from_cfg(cfg, trial=0, test_only=True)
     model, info = load_for_inference(cfg, dataset)
-    model.to(device)
+    model = move_model(model, device)
     if cfg.SOLVER.COMPILE:
         compile_model(model, device)
 

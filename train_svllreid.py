@@ -33,7 +33,7 @@ from datasets import make_dataloader
 from datasets.bases import dataset_identity
 from datasets.make_dataloader import build_dataset_from_cfg
 from loss import make_loss, make_ssl_loss
-from model import make_model
+from model import make_model, move_model
 from processor import Stage2Criteria, do_inference, do_train_stage1, do_train_stage2
 from processor.compiled import compile_model
 from processor.meters import hms
@@ -169,7 +169,7 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     if is_dist():
         logger.info("Distributed: %d processes (%s), %d images per process in stage 2",
                     get_world_size(), dist.get_backend(), cfg.SOLVER.STAGE2.IMS_PER_BATCH // get_world_size())
-    set_seed(cfg.SOLVER.SEED)
+    set_seed(cfg.SOLVER.SEED, cfg.SOLVER.DETERMINISTIC)
     if device.type == "cpu":
         n = set_cpu_threads(cfg.DATALOADER.NUM_WORKERS, local_processes())
         if n is not None:
@@ -184,7 +184,8 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
             save_run_config(cfg.OUTPUT_DIR, cfg)
     data = make_dataloader(cfg, dataset=dataset)
     model = make_model(cfg, num_class=data.num_classes, camera_num=data.camera_num,
-                       view_num=data.view_num).to(device)
+                       view_num=data.view_num)
+    model = move_model(model, device)
     model.data_identity = identity      # into every checkpoint's metadata and last.pth
     if cfg.MODEL.SSL_SYNC_BN and is_dist():
         if device.type == "cuda":

@@ -50,16 +50,20 @@ def set_stage1_modes(model: nn.Module) -> None:
 
 
 def stage1_forward_loss(model: nn.Module, image_features: torch.Tensor, target: torch.Tensor, supcon: nn.Module,
-                        simclr: nn.Module, ssl_weight: float, device: torch.device
-                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        simclr: nn.Module, ssl_weight: float, device: torch.device,
+                        unique_target: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One stage-1 forward: (total loss, unweighted parts).
 
     SupCon(i->t) + SupCon(t->i) between the cached ``image_features`` and the text features of
     the ``target`` prompts (the model under autocast, the losses in float32), plus
     ``ssl_weight`` x SimCLR of the augmented prompts when the model gives them.
+    ``unique_target``: ``torch.unique(target)`` when the caller has it (computed on the host, it
+    spares the device a synchronisation per step).
     """
+    if unique_target is not None:   # its size varies per batch: one compiled graph for every size
+        torch._dynamo.maybe_mark_dynamic(unique_target, 0)
     with autocast(device):
-        out = model(label=target, mode="stage1")
+        out = model(label=target, mode="stage1", unique_label=unique_target)
     text_f = out["text_features"].float()
     parts = {"i2t": supcon(image_features, text_f, target, target),
              "t2i": supcon(text_f, image_features, target, target)}
@@ -68,6 +72,13 @@ def stage1_forward_loss(model: nn.Module, image_features: torch.Tensor, target: 
         parts["ssl"] = simclr(out["ssl"])
         loss = loss + ssl_weight * parts["ssl"]
     return loss, parts
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a stream synchronisation (pinned, then non-blocking)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
@@ -89,6 +100,7 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
     num_batches = (num_image + batch_size - 1) // batch_size
     logger.info("Stage 1: %d cached image features, %d batches of <= %d per epoch, %d epochs",
                 num_image, num_batches, batch_size, c1.MAX_EPOCHS)
+    host_labels = labels.cpu()
     if resume_state is not None:
         restore_rng(resume_state)
 
@@ -101,12 +113,16 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
         set_stage1_modes(model)
         # the epoch's order from (seed, epoch): identical on every rank and on resume
         gen = torch.Generator().manual_seed(epoch_seed(cfg.SOLVER.SEED, epoch))
-        order = torch.randperm(num_image, generator=gen).to(device)
+        order = torch.randperm(num_image, generator=gen)
         bar = progress(order.split(batch_size), num_batches, f"stage1 epoch {epoch}/{c1.MAX_EPOCHS}")
         for it, idx in enumerate(log_first_step(bar, model, "stage-1 step", device), start=1):
+            # indices and unique labels from the host copies: no device sync (torch.unique on the device has one)
+            unique_target = _to(torch.unique(host_labels[idx]), device)
+            idx = _to(idx, device)
             target, img_f = labels[idx], image_features[idx]
             optimizer.zero_grad(set_to_none=True)
-            loss, parts = stage1_forward_loss(model, img_f, target, supcon, simclr, ssl_weight, device)
+            loss, parts = stage1_forward_loss(model, img_f, target, supcon, simclr, ssl_weight, device,
+                                              unique_target)
             optimizer_step(scaler, loss, optimizer)
             meters.update({"loss": loss, **parts}, target.shape[0])   # read (and checked) once per log period
 
