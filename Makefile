@@ -54,7 +54,7 @@ bench: $(STAMP)
 	$(PY) bench/backbone.py
 	$(PY) bench/onnx_runtime.py
 	$(PY) bench/loader.py
-	$(PY) bench/retrieval.py
+	$(PY) bench/gallery_index.py
 	$(PY) bench/train_step.py
 
 # Only what `make demo`, `make data` and `make test` create: training runs of your own under

@@ -36,7 +36,7 @@ from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
 from model import load_for_inference, move_model
 from processor import evaluate_loader
 from processor.compiled import compile_model
-from processor.folder_inference import visualize_evaluation
+from processor.inference import visualize_evaluation
 from utils import cli
 from utils.logger import setup_logger
 from utils.misc import choose_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic

@@ -25,7 +25,7 @@ import torch
 
 from config import load_config  # noqa: E402
 from model import make_model  # noqa: E402
-from processor.onnx_export import IMAGE_INPUT, OUTPUT_NAME, export_graph, side_inputs  # noqa: E402
+from retrieval.export import IMAGE_INPUT, OUTPUT_NAME, export_graph, side_inputs  # noqa: E402
 
 from _measure import timed_round_robin  # noqa: E402  (bench/, the script's folder)
 

@@ -1,19 +1,19 @@
-"""Feature extraction and evaluation (mAP / CMC / mINP, optional re-ranking)."""
+"""The benchmark evaluation: feature extraction, mAP / CMC / mINP (optional re-ranking), its pictures."""
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from utils.dist import broadcast_object, is_main_process
+from utils.distance import DistanceSpec, check_finite_features
 from utils.metrics import QueryCounts, R1_mAP_eval
-from utils.run_dir import RunError
 
 from .batches import encode_loader
 from .compiled import fixed_batch_encode
@@ -38,16 +38,6 @@ def encode_retrieval(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The retrieval features of a batch (eval mode): ``net.retrieval_features`` with the batch's
     camera and view labels, called through ``forward`` so that a compiled model runs compiled."""
     return net(batch["img"], cam_label=batch["camid"], view_label=batch["viewid"])
-
-
-def check_finite_features(feats: torch.Tensor | np.ndarray, what: str,
-                          cause: str = "the model's weights are not finite (a diverged run or a damaged checkpoint)",
-                          outcome: str = "no metrics computed") -> None:
-    """Refuse (N, D) features holding NaN/Inf: they would give a meaningless ranking that looks like
-    a result. ``what`` names the features in the one-line error (evaluation, a feature file, ...)."""
-    bad = int((~torch.isfinite(torch.as_tensor(feats)).all(dim=1)).sum())
-    if bad:
-        raise RunError(f"{what}: {bad} of {len(feats)} features hold NaN/Inf — {cause}; {outcome}")
 
 
 def evaluate_features(cfg: Any, feats: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor,
@@ -109,3 +99,18 @@ def do_inference(cfg: Any, model: nn.Module, val_loader: DataLoader, num_query: 
     """Evaluate on query + gallery; returns {'mAP', 'cmc' (top-MAX_RANK), 'mINP', ...} on every rank
     (:func:`evaluate_loader` without the features)."""
     return evaluate_loader(cfg, model, val_loader, num_query, device).results
+
+
+def visualize_evaluation(cfg: Any, feats: torch.Tensor, samples: Sequence[tuple], num_query: int,
+                         results: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """TEST.VISUALIZE: CMC curve + ranked lists of the TEST.VISUALIZE_N worst and best queries in ``out_dir``,
+    ranked by the evaluation's distance rule (row blocks in bounded memory, unless re-ranked)."""
+    from utils.visualize import evaluation_pictures
+    spec = DistanceSpec.from_cfg(cfg)
+    blocks = spec.blocks(feats[:num_query], feats[num_query:])
+    out = evaluation_pictures(blocks, samples[:num_query], samples[num_query:], results, out_dir,
+                              n=int(cfg.TEST.VISUALIZE_N), topk=int(cfg.TEST.VISUALIZE_TOPK),
+                              size_hw=cfg.INPUT.SIZE_TEST, dataset=str(cfg.DATASETS.NAMES), distance=spec.name)
+    logger.info("Evaluation pictures: %s and %d ranked lists (worst_*.png, best_*.png) in %s", out["cmc"],
+                len(out["worst"]) + len(out["best"]), out_dir)
+    return out

@@ -18,7 +18,7 @@ import numpy as np
 
 from utils.errors import UserError
 
-from .folder_inference import FeatureSet
+from .features import FeatureSet
 
 __all__ = ["PART_RE", "SHARD_KEY", "part_name", "parse_part_name", "scan_parts", "part_paths", "model_meta",
            "meta_difference", "concat", "read_feature_sets", "load_features", "shard_bounds", "list_digest",

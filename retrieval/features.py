@@ -1,7 +1,8 @@
-"""Using a trained model outside the benchmark: load it, encode any folder, compare, save.
+"""Using a trained model outside the benchmark: load it, encode any folder, save the features.
 
-Shared by ``tools/extract_features.py``, ``tools/search.py`` and the evaluation pictures
-of ``test_svllreid.py``. Features are computed exactly as the evaluation computes them:
+Shared by ``tools/extract_features.py``, ``tools/search.py`` and ``tools/build_index.py``; they
+compare features by the project's one distance rule (``utils.distance.DistanceSpec``). Features
+are computed exactly as the evaluation computes them:
 the test transform (``datasets.transforms.build_loader_transform(cfg, is_train=False)`` in the
 workers, ``DeviceTransform`` on the device), eval mode, the same autocast, the camera label
 for side information when it is known.
@@ -19,26 +20,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from config import ConfigError, is_yes
+from config import ConfigError
 from datasets.device_transforms import DeviceTransform
 from datasets.market1501 import parse_market_name
 from datasets.transforms import build_loader_transform
-from model import load_for_inference
+from model import load_for_inference, move_model
 from model.loading import camera_numbers
+from processor.amp import autocast
+from processor.batches import to_device
+from processor.progress import progress
 from utils.checkpoint import file_sha256
 from utils.fileio import atomic_write, open_npz_array
 from utils.images import INPUT_EXTENSIONS, read_image, scan_images
-from utils.metrics import distance_blocks, pairwise_distance
 from utils.misc import resolve_num_workers
-from utils.reranking import re_ranking
 from utils.run_dir import LOCK_FILE
-
-from .amp import autocast
-from .batches import to_device
-from .progress import progress
 
 logger = logging.getLogger("svllreid")
 
@@ -309,7 +306,7 @@ def extract_folder(cfg: Any, model: nn.Module, info: dict[str, Any], root: str, 
     loader = DataLoader(ds, batch_size=int(cfg.TEST.IMS_PER_BATCH), shuffle=False, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    model = model.to(device).eval()
+    model = move_model(model, device).eval()
     feats, kept, failed = [], [], []
     done = 0
     for batch in progress(loader, len(loader), f"extracting features ({len(rel)} images)"):
@@ -348,42 +345,3 @@ def feature_signature(cfg: Any, root: str, files: Sequence[str], camera: int | N
         s = os.stat(os.path.join(root, p))
         parts.append((p, s.st_size, s.st_mtime_ns))
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- distances
-def distance_matrix(cfg: Any, qf: torch.Tensor | np.ndarray, gf: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Query x gallery distances as the evaluation computes them (FEAT_NORM, DIST_METRIC, RE_RANKING)."""
-    q, g = torch.as_tensor(qf).float(), torch.as_tensor(gf).float()
-    if is_yes(cfg.TEST.FEAT_NORM):
-        q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
-    if is_yes(cfg.TEST.RE_RANKING):
-        return re_ranking(q, g, k1=int(cfg.TEST.RE_RANKING_K1), k2=int(cfg.TEST.RE_RANKING_K2),
-                          lambda_value=float(cfg.TEST.RE_RANKING_LAMBDA))
-    return pairwise_distance(q, g, str(cfg.TEST.DIST_METRIC))
-
-
-def distance_name(cfg: Any) -> str:
-    """How the distances were computed, for captions and JSON."""
-    if is_yes(cfg.TEST.RE_RANKING):
-        return "re-ranked (k-reciprocal)"
-    return "squared euclidean" if cfg.TEST.DIST_METRIC == "euclidean" else "cosine distance"
-
-
-def visualize_evaluation(cfg: Any, feats: torch.Tensor, samples: Sequence[tuple], num_query: int,
-                         results: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    """TEST.VISUALIZE: CMC curve + ranked lists of the TEST.VISUALIZE_N worst and best queries in ``out_dir``."""
-    from utils.visualize import evaluation_pictures, row_blocks
-    q, g = feats[:num_query].float(), feats[num_query:].float()
-    if is_yes(cfg.TEST.RE_RANKING):    # a full matrix, as the evaluation makes it
-        blocks = row_blocks(distance_matrix(cfg, q, g))
-    else:                               # bounded memory: row blocks
-        if is_yes(cfg.TEST.FEAT_NORM):
-            q, g = F.normalize(q, dim=1), F.normalize(g, dim=1)
-        blocks = distance_blocks(q, g, str(cfg.TEST.DIST_METRIC))
-    out = evaluation_pictures(blocks, samples[:num_query], samples[num_query:], results, out_dir,
-                              n=int(cfg.TEST.VISUALIZE_N), topk=int(cfg.TEST.VISUALIZE_TOPK),
-                              size_hw=cfg.INPUT.SIZE_TEST, dataset=str(cfg.DATASETS.NAMES),
-                              distance=distance_name(cfg))
-    logger.info("Evaluation pictures: %s and %d ranked lists (worst_*.png, best_*.png) in %s", out["cmc"],
-                len(out["worst"]) + len(out["best"]), out_dir)
-    return out

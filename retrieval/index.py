@@ -1,6 +1,6 @@
-"""A gallery index built once and searched many times (faiss): build, save, load, search, recall.
+"""A gallery index built once and searched many times (faiss): parameters, build, search, recall.
 
-Distances are the project's (``processor.folder_inference.distance_matrix`` without re-ranking):
+Distances are the project's one rule (``utils.distance.DistanceSpec``, without re-ranking):
 
 * ``TEST.DIST_METRIC cosine``: 1 - cos of L2-normalised features;
 * ``TEST.DIST_METRIC euclidean``: the SQUARED euclidean distance, of L2-normalised features when
@@ -18,12 +18,10 @@ Kinds:
 
 Every kind reports distances computed by the project's formula from the stored vectors (flat:
 float32, exact; ivf-pq with refine: float16-rounded; ivf-pq without refine: the PQ estimate),
-sorted ascending with ties in gallery order, as ``utils.visualize.ranked_indices`` orders them.
+sorted ascending with ties in gallery order, the project's ranking (``utils.distance``).
 Re-ranking (``TEST.RE_RANKING``) needs the whole query x gallery matrix and is refused.
 
-An index folder holds ``index.faiss``, ``vectors.f16.npy`` (ivf-pq with refine), ``items.npz``
-(root, paths relative to it, pids, camids) and ``index.json`` (kind, params, metric, n, d, the
-model's metadata). It is written into a hidden sibling folder and renamed into place once complete.
+The index on disk (a folder written crash-safely, read back) is ``retrieval.index_store``.
 
 faiss is the package's ``index`` extra: it is imported where an index is built, searched or read, so
 this module (its parameters, its exact search) loads without it, and a missing faiss is one line
@@ -32,96 +30,55 @@ naming the extra to install.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import errno
-import json
 import logging
 import math
 import os
-import shutil
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from config import ConfigError, is_yes
+from config import ConfigError
+from processor.progress import progress
 from utils.checkpoint import file_sha256
-from utils.entry import signals_deferred
+from utils.distance import DistanceSpec, ranking, top_k_of_candidates
 from utils.errors import UserError, import_extra
-from utils.fileio import follow_umask, open_npz_array
-
-from .progress import progress
 
 logger = logging.getLogger("svllreid")
 
-__all__ = ["KINDS", "Metric", "metric_from_config", "choose_params", "default_kind", "Items", "GalleryIndex",
-           "prepare", "build_index", "write_index", "save_index", "load_index", "search", "exact_search",
-           "ExactTopK", "gather_rows", "recall_at_k", "recall_against", "measure_recall", "check_index_target",
-           "check_compatible", "INDEX_FILE", "VECTORS_FILE", "ITEMS_FILE", "INFO_FILE"]
+__all__ = ["KINDS", "metric_from_config", "choose_params", "default_kind", "Items", "GalleryIndex", "prepare",
+           "build_index", "search", "exact_search", "ExactTopK", "gather_rows", "recall_at_k", "recall_against",
+           "measure_recall", "check_compatible"]
 
 KINDS = ("flat", "ivf-pq")
-INDEX_FILE, VECTORS_FILE, ITEMS_FILE, INFO_FILE = "index.faiss", "vectors.f16.npy", "items.npz", "index.json"
-FORMAT, VERSION = "svllreid-gallery-index", 1
-STAGING_PREFIX, OLD_PREFIX = ".svllreid-partial-index-", ".svllreid-old-index-"
 
 TRAIN_CAP = 1_000_000      # training vectors at most (float32: 4 GB at 1024-d)
 MIN_POINTS = 39            # faiss's k-means wants at least 39 training points per centroid
 MAX_NLIST = 65536
 SUB_DIM = 40               # target dimensions per PQ sub-quantiser (1280 -> m 32)
 BLOCK_ELEMS = 1 << 24      # float32 elements per working block (64 MB)
-REBUILD = "build it again with tools/build_index.py"
 
 
 # ----------------------------------------------------------------------------- metric
-@dataclass(frozen=True)
-class Metric:
-    """How distances are computed: TEST.FEAT_NORM and TEST.DIST_METRIC ('cosine' or 'euclidean')."""
-
-    feat_norm: bool
-    dist_metric: str
-
-    def __post_init__(self) -> None:
-        if self.dist_metric not in ("cosine", "euclidean"):
-            raise ConfigError(f"TEST.DIST_METRIC {self.dist_metric!r}: expected 'cosine' or 'euclidean'")
-
-    @property
-    def normalise(self) -> bool:
-        """Whether vectors are L2-normalised before indexing (cosine always, euclidean with FEAT_NORM)."""
-        return self.feat_norm or self.dist_metric == "cosine"
-
-    @property
-    def name(self) -> str:
-        """The distance as ``distance_name`` calls it (captions, results.json)."""
-        return "cosine distance" if self.dist_metric == "cosine" else "squared euclidean"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"feat_norm": self.feat_norm, "dist_metric": self.dist_metric, "distance": self.name}
-
-
-def metric_from_config(cfg: Any) -> Metric:
-    """The index metric of a config; TEST.RE_RANKING is refused (it needs the full distance matrix)."""
-    if is_yes(cfg.TEST.RE_RANKING):
+def metric_from_config(cfg: Any) -> DistanceSpec:
+    """The distance rule of a config for an index (``DistanceSpec.from_cfg``); TEST.RE_RANKING is
+    refused (it needs the full distance matrix)."""
+    spec = DistanceSpec.from_cfg(cfg)
+    if spec.re_ranking:
         raise ConfigError("TEST.RE_RANKING True: k-reciprocal re-ranking needs the whole query x gallery distance "
                           "matrix, which an index does not compute; set TEST.RE_RANKING False, or search the "
                           "features with --gallery")
-    return Metric(is_yes(cfg.TEST.FEAT_NORM), str(cfg.TEST.DIST_METRIC))
+    return spec
 
 
-def prepare(x: np.ndarray | torch.Tensor, metric: Metric) -> np.ndarray:
-    """Float32 C-contiguous vectors as the project compares them: normalised as ``distance_matrix``
-    normalises (FEAT_NORM, then cosine's own normalisation), so the index holds the same numbers."""
+def prepare(x: np.ndarray | torch.Tensor, metric: DistanceSpec) -> np.ndarray:
+    """Float32 C-contiguous vectors as the project compares them (``DistanceSpec.prepare``), so the
+    index holds the numbers the evaluation's formula sees."""
     if isinstance(x, np.ndarray):    # a read-only (memory-mapped) array is copied: torch wants writable memory
         x = np.ascontiguousarray(x, dtype=np.float32) if x.flags.writeable else np.array(x, dtype=np.float32)
-    t = torch.as_tensor(x).float()
-    if metric.feat_norm:
-        t = F.normalize(t, dim=1)
-    if metric.dist_metric == "cosine":
-        t = F.normalize(t, dim=1)
-    return np.ascontiguousarray(t.cpu().numpy(), dtype=np.float32)
+    return np.ascontiguousarray(metric.prepare(x).cpu().numpy(), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -154,7 +111,7 @@ def choose_params(n: int, d: int, kind: str, *, nlist: int | None = None, m: int
     train_size 64 x nlist (at least 9984 for the 256-centroid PQ codebooks, at most n and 1M);
     m: the divisor of d nearest d / 40, at least 8 (1280 -> 32); nbits 8 (fewer when the training sample
     cannot fill 256 centroids); nprobe ~ nlist / 8 (at least 16); refine 10 (re-rank 10 x k
-    candidates exactly; 0: none). bench/retrieval.py measures these at 100k and 1M (recall@10
+    candidates exactly; 0: none). bench/gallery_index.py measures these at 100k and 1M (recall@10
     0.99 at 1M); the denser 4 sqrt(n) lists and 64 codes cost minutes more k-means and encoding
     on a small machine for no recall the re-ranking does not already give.
     threads (of the build; a search uses its machine's): OMP_NUM_THREADS,
@@ -302,7 +259,7 @@ class GalleryIndex:
     """A built or loaded index: the faiss index, how it compares, what it holds."""
 
     index: Any                                   # faiss.Index
-    metric: Metric
+    metric: DistanceSpec
     params: dict[str, Any]
     vectors: np.ndarray | None = None            # (n, d) float16 prepared vectors (ivf-pq with refine)
     items: Items | None = None
@@ -324,7 +281,7 @@ class GalleryIndex:
         return int(self.index.d)
 
 
-def _new_index(d: int, metric: Metric, params: dict[str, Any]) -> Any:
+def _new_index(d: int, metric: DistanceSpec, params: dict[str, Any]) -> Any:
     faiss = import_extra("faiss", "index")
     if params["kind"] == "flat":
         return faiss.IndexFlatIP(d) if metric.dist_metric == "cosine" else faiss.IndexFlatL2(d)
@@ -342,7 +299,7 @@ def _stores_vectors(params: dict[str, Any]) -> bool:
     return params["kind"] == "ivf-pq" and int(params.get("refine", 0)) > 0
 
 
-def build_index(features: np.ndarray | Sequence[np.ndarray], metric: Metric, params: dict[str, Any], *,
+def build_index(features: np.ndarray | Sequence[np.ndarray], metric: DistanceSpec, params: dict[str, Any], *,
                 vectors_path: str | None = None,
                 on_chunk: Callable[[int, np.ndarray], None] | None = None) -> GalleryIndex:
     """Build an index of ``features`` (raw features, as extracted: one (n, d) array or parts of one,
@@ -401,24 +358,6 @@ def build_index(features: np.ndarray | Sequence[np.ndarray], metric: Metric, par
 
 
 # ----------------------------------------------------------------------------- search
-def _scores(q: np.ndarray, g: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """Distances (b, c) of prepared queries ``q`` (b, d) to their candidates ``g`` (b, c, d), by the
-    formula of ``utils.metrics.pairwise_distance``: 1 - q.g, or |q|^2 + |g|^2 - 2 q.g (not clamped)."""
-    qt = torch.from_numpy(q)
-    dot = torch.bmm(g, qt.unsqueeze(2)).squeeze(2)
-    if metric.dist_metric == "cosine":
-        return dot.neg_().add_(1.0)
-    return (qt.pow(2).sum(dim=1).unsqueeze(1) + g.pow(2).sum(dim=2)).add_(dot, alpha=-2)
-
-
-def _top_k_sorted(dist: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` smallest per row, ascending, ties by gallery index (ids < 0 are absent entries)."""
-    dist = np.where(ids < 0, np.inf, dist)
-    big = np.where(ids < 0, np.iinfo(np.int64).max, ids)
-    order = np.lexsort((big, dist), axis=1)[:, :k]
-    return np.take_along_axis(dist, order, 1).astype(np.float32), np.take_along_axis(ids, order, 1)
-
-
 def _flat_vectors(gi: GalleryIndex) -> np.ndarray:
     """The float32 vectors an IndexFlat holds (a view, no copy)."""
     faiss = import_extra("faiss", "index")
@@ -438,8 +377,8 @@ def _rescore(gi: GalleryIndex, q: np.ndarray, cand: np.ndarray, k: int) -> tuple
         valid = np.where(cb < 0, 0, cb)
         uniq, inv = np.unique(valid, return_inverse=True)
         g = torch.from_numpy(np.asarray(source[uniq], dtype=np.float32))[torch.from_numpy(inv.reshape(-1))]
-        dist = _scores(q[s:s + step], g.view(len(cb), c, gi.d), gi.metric).numpy()
-        d_k, i_k = _top_k_sorted(dist, cb, k)
+        dist = gi.metric.candidate_distances(torch.from_numpy(q[s:s + step]), g.view(len(cb), c, gi.d)).numpy()
+        d_k, i_k = top_k_of_candidates(dist, cb, k)
         dists.append(d_k)
         ids.append(i_k)
     return np.concatenate(dists), np.concatenate(ids)
@@ -483,9 +422,7 @@ def search(gi: GalleryIndex, queries: np.ndarray | torch.Tensor, k: int, *, npro
         dist[short], cand[short] = d2, c2
     if factor > 0:
         return _rescore(gi, q, cand, k)
-    if gi.metric.dist_metric == "cosine":    # unit vectors: |q - g|^2 = 2 - 2 cos
-        dist = dist / 2
-    return _top_k_sorted(dist, cand, k)
+    return top_k_of_candidates(gi.metric.from_squared_l2(dist), cand, k)
 
 
 def _candidates(dist: torch.Tensor, start: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -515,9 +452,8 @@ class ExactTopK:
     """The exact top-``k`` of prepared ``queries`` over gallery rows given chunk by chunk, in order
     (:meth:`add`), in bounded memory; ties keep gallery order."""
 
-    def __init__(self, queries: np.ndarray, metric: Metric, k: int) -> None:
+    def __init__(self, queries: np.ndarray, metric: DistanceSpec, k: int) -> None:
         self.q, self.metric, self.k = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)), metric, k
-        self.q_sq = self.q.pow(2).sum(1).unsqueeze(1)
         self.best_d = torch.full((len(self.q), 0), float("inf"))
         self.best_i = torch.zeros((len(self.q), 0), dtype=torch.int64)
 
@@ -526,13 +462,10 @@ class ExactTopK:
         step = max(self.k, BLOCK_ELEMS // max(1, len(self.q)))
         for s in range(0, len(chunk), step):
             g = torch.from_numpy(np.ascontiguousarray(chunk[s:s + step], dtype=np.float32))
-            if self.metric.dist_metric == "cosine":
-                dist = (self.q @ g.t()).neg_().add_(1.0)
-            else:
-                dist = torch.add(self.q_sq, g.pow(2).sum(1)).addmm_(self.q, g.t(), beta=1, alpha=-2)
+            dist = self.metric.prepared_distances(self.q, g)
             cand_d, cand_i = _candidates(dist, start + s, self.k)
             all_d, all_i = torch.cat([self.best_d, cand_d], 1), torch.cat([self.best_i, cand_i], 1)
-            order = torch.sort(all_d, dim=1, stable=True).indices[:, :self.k]   # ties keep gallery order
+            order = ranking(all_d)[:, :self.k]       # ties keep gallery order
             self.best_d, self.best_i = all_d.gather(1, order), all_i.gather(1, order)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
@@ -545,7 +478,7 @@ def gather_rows(features: np.ndarray | Sequence[np.ndarray], ids: np.ndarray) ->
     return _Rows(features).take(np.asarray(ids, dtype=np.int64))
 
 
-def exact_search(features: np.ndarray | Sequence[np.ndarray], metric: Metric, queries: np.ndarray | torch.Tensor,
+def exact_search(features: np.ndarray | Sequence[np.ndarray], metric: DistanceSpec, queries: np.ndarray | torch.Tensor,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-``k`` of raw ``queries`` over raw ``features`` (an array or parts; memory-mapped
     welcome), block by block in bounded memory: the reference an approximate index is measured against."""
@@ -633,99 +566,7 @@ def check_compatible(gi: GalleryIndex, cfg: Any, info: dict[str, Any] | None = N
                           "give the index's checkpoint or build another index")
 
 
-# ----------------------------------------------------------------------------- files
-def _fsync(path: str) -> None:
-    """Flush a file's data, or a folder's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _siblings(out_dir: str, prefix: str) -> list[tuple[str, int]]:
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    found = []
-    if not os.path.isdir(parent):
-        return found
-    for entry in os.listdir(parent):
-        head = f"{prefix}{name}-"
-        if entry.startswith(head) and entry[len(head):].isdigit():
-            found.append((os.path.join(parent, entry), int(entry[len(head):])))
-    return found
-
-
-def _recover(out_dir: str) -> None:
-    """Tidy after a killed build: its staging folder goes; an old index moved aside but not replaced
-    comes back."""
-    for path, pid in _siblings(out_dir, STAGING_PREFIX):
-        if not _pid_alive(pid) or pid == os.getpid():
-            shutil.rmtree(path, ignore_errors=True)
-    for path, pid in _siblings(out_dir, OLD_PREFIX):
-        if not _pid_alive(pid) or pid == os.getpid():
-            if not os.path.exists(out_dir):
-                os.replace(path, out_dir)
-                logger.warning("%s: restored the previous index that an interrupted build had moved aside", out_dir)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def check_index_target(out_dir: str) -> None:
-    """Refuse an ``--out`` that exists and is not an index folder (it would be replaced)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out {out_dir} is a file, not an index folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, INFO_FILE)):
-        raise UserError(f"--out {out_dir} exists and is not an index folder (no {INFO_FILE}): choose another "
-                        "folder or remove it")
-
-
-def _write_files(folder: str, gi: GalleryIndex, extra: dict[str, Any]) -> None:
-    """index.faiss, items.npz, vectors (unless already in ``folder``) and index.json into ``folder``."""
-    faiss = import_extra("faiss", "index")
-    items = gi.items or Items(np.array([""] * gi.n), np.full(gi.n, -1, np.int64), np.full(gi.n, -1, np.int64))
-    if len(items) != gi.n or len(items.paths) != gi.n or len(items.camids) != gi.n:
-        raise ValueError(f"items ({len(items.paths)} paths, {len(items)} pids) do not match the index's {gi.n}")
-    try:
-        faiss.write_index(gi.index, os.path.join(folder, INDEX_FILE))
-    except RuntimeError as e:           # faiss reports a failed write (a full disk) as a RuntimeError
-        text = " ".join(str(e).split())
-        why = text[text.find("write error"):] if "write error" in text else text[:200]
-        raise _WriteFailed(f"{INDEX_FILE}: {why}") from None
-    with open(os.path.join(folder, ITEMS_FILE), "wb") as f:
-        np.savez(f, paths=np.asarray(items.paths, dtype=str), pids=np.asarray(items.pids, dtype=np.int64),
-                 camids=np.asarray(items.camids, dtype=np.int64), root=np.array(items.root))
-    vec = os.path.join(folder, VECTORS_FILE)
-    if gi.vectors is not None and not os.path.exists(vec):
-        step = max(1, BLOCK_ELEMS // max(1, gi.d))
-        with _NpyWriter(vec, gi.vectors.shape, np.float16) as out:
-            for s in range(0, gi.n, step):
-                out.write(gi.vectors[s:s + step])
-    info = {"format": FORMAT, "version": VERSION, "kind": gi.kind, "params": gi.params,
-            "metric": gi.metric.as_dict(), "n": gi.n, "d": gi.d, "model": gi.model,
-            "junk_left_out": int(gi.junk_left_out), "vectors": VECTORS_FILE if gi.vectors is not None else None,
-            "faiss": faiss.__version__, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            **extra}
-    with open(os.path.join(folder, INFO_FILE), "w") as f:
-        json.dump(info, f, indent=2)
-    for name in os.listdir(folder):
-        follow_umask(os.path.join(folder, name))
-        _fsync(os.path.join(folder, name))
-
-
-class _WriteFailed(OSError):
-    """A file of the index could not be written (faiss's own writer failed)."""
-
-
+# ----------------------------------------------------------------------------- writing vectors
 class _NpyWriter:
     """A ``.npy`` file written front to back (its header, then rows in order). A full disk is then
     an ``OSError`` at the write, where a write through a memory map would kill the process (SIGBUS)."""
@@ -754,176 +595,3 @@ class _NpyWriter:
 @contextlib.contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-@contextlib.contextmanager
-def _written_or_unchanged(out_dir: str) -> Iterator[None]:
-    """A full disk (or a failed write) while an index is written: one line; the staging folder is
-    gone by then and ``out_dir`` is as it was (an earlier index in it untouched)."""
-    try:
-        yield
-    except OSError as e:
-        if not isinstance(e, _WriteFailed) and e.errno not in _FULL:
-            raise
-        why = str(e) if isinstance(e, _WriteFailed) else f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
-        raise UserError(f"the index could not be written ({why}; is the disk full?); nothing was replaced: "
-                        f"{out_dir} is as it was; free some space, or give --out on another disk, and build "
-                        "again") from None
-
-
-def _check_free_space(out_dir: str, need: int) -> None:
-    """Refuse, before any building, an index that cannot fit on the disk of ``out_dir``."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    try:
-        free = shutil.disk_usage(parent).free
-    except OSError:
-        return
-    if need > free:
-        raise UserError(f"the index needs about {_size(need)} and the disk of {parent} has {_size(free)} free: free "
-                        "some space or give --out on another disk; nothing was written")
-
-
-def expected_size(n: int, d: int, params: dict[str, Any], path_chars: int = 64) -> int:
-    """About the bytes an index folder of ``n`` vectors of width ``d`` takes (a lower bound used to
-    refuse a build that cannot fit): the faiss index, the float16 vectors, the items."""
-    if params["kind"] == "flat":
-        index = 4 * n * d
-    else:
-        index = n * (int(params["m"]) * int(params["nbits"]) // 8 + 8) + 4 * int(params["nlist"]) * d
-    vectors = 2 * n * d if _stores_vectors(params) else 0
-    return index + vectors + n * (16 + 4 * path_chars)
-
-
-class _Staging:
-    """A hidden sibling folder of ``out_dir`` to build in; :meth:`commit` renames it into place (the old
-    index is replaced only then); a failure or interruption removes it."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out = os.path.abspath(out_dir)
-        parent, name = os.path.split(self.out)
-        self.path = os.path.join(parent, f"{STAGING_PREFIX}{name}-{os.getpid()}")
-
-    def __enter__(self) -> _Staging:
-        check_index_target(self.out)
-        _recover(self.out)
-        os.makedirs(self.path)
-        return self
-
-    def commit(self) -> None:
-        parent, name = os.path.split(self.out)
-        old = os.path.join(parent, f"{OLD_PREFIX}{name}-{os.getpid()}")
-        with signals_deferred():
-            if os.path.exists(self.out):
-                os.replace(self.out, old)
-            os.replace(self.path, self.out)
-            _fsync(parent)              # the renames themselves reach the disk
-        shutil.rmtree(old, ignore_errors=True)
-
-    def __exit__(self, *exc: Any) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def write_index(out_dir: str, features: np.ndarray | Sequence[np.ndarray], metric: Metric, params: dict[str, Any],
-                items: Items, model: dict[str, Any], junk_left_out: int = 0,
-                measure: Callable[[GalleryIndex], dict[str, Any]] | None = None,
-                on_chunk: Callable[[int, np.ndarray], None] | None = None) -> GalleryIndex:
-    """Build (:func:`build_index`) straight into a hidden sibling of ``out_dir`` (the float16 vectors
-    are written there as they are added), write the folder's files, then rename it to ``out_dir``.
-    ``measure(index)``, run before the rename, returns entries stored in index.json (recall).
-    An index that cannot fit on the disk is refused before the build (:func:`expected_size`); a
-    disk that fills up during it is one line, ``out_dir`` left as it was."""
-    rows = _Rows(features)
-    paths = np.asarray(items.paths)
-    chars = paths.dtype.itemsize // 4 if paths.dtype.kind == "U" else 64
-    _check_free_space(out_dir, expected_size(rows.n, rows.d, params, chars))
-    with _written_or_unchanged(out_dir), _Staging(out_dir) as st:
-        gi = build_index(features, metric, params, on_chunk=on_chunk,
-                         vectors_path=os.path.join(st.path, VECTORS_FILE) if _stores_vectors(params) else None)
-        gi.items, gi.model, gi.junk_left_out = items, dict(model), int(junk_left_out)
-        extra = measure(gi) if measure is not None else {}
-        _write_files(st.path, gi, extra)
-        st.commit()
-    del gi                       # freed before the folder is read back: never two indexes in memory
-    return load_index(out_dir)
-
-
-def save_index(out_dir: str, gi: GalleryIndex, extra: dict[str, Any] | None = None) -> None:
-    """Write an index built in memory to ``out_dir`` atomically (a hidden sibling, then a rename)."""
-    with _written_or_unchanged(out_dir), _Staging(out_dir) as st:
-        _write_files(st.path, gi, dict(extra or {}))
-        st.commit()
-
-
-def _damaged(folder: str, name: str, why: str) -> UserError:
-    return UserError(f"{os.path.join(folder, name)} is damaged ({' '.join(why.split())[:200]}); {REBUILD}")
-
-
-def load_index(folder: str) -> GalleryIndex:
-    """Read an index folder; a missing or damaged part is refused in one line naming the file (and
-    without faiss, the extra to install)."""
-    faiss = import_extra("faiss", "index")
-    if not os.path.isdir(folder):
-        raise UserError(f"no such index folder: {folder} ({REBUILD.replace('build it again', 'build it')})")
-    info_path = os.path.join(folder, INFO_FILE)
-    if not os.path.isfile(info_path):
-        raise UserError(f"{folder} is not an index folder (no {INFO_FILE}); {REBUILD}")
-    try:
-        with open(info_path) as f:
-            info = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _damaged(folder, INFO_FILE, f"not JSON: {e}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise _damaged(folder, INFO_FILE, f"not a {FORMAT} description")
-    if info.get("version") != VERSION:
-        raise UserError(f"{info_path}: index format version {info.get('version')}, this code reads {VERSION}; "
-                        f"{REBUILD}")
-    try:
-        kind, params, n, d = info["kind"], dict(info["params"]), int(info["n"]), int(info["d"])
-        m = info["metric"]
-        metric = Metric(bool(m["feat_norm"]), str(m["dist_metric"]))
-        model = dict(info.get("model") or {})
-        if kind not in KINDS or params.get("kind") != kind:
-            raise ValueError(f"kind {kind!r}")
-    except (KeyError, TypeError, ValueError, ConfigError) as e:
-        raise _damaged(folder, INFO_FILE, f"bad or missing entry: {e}") from None
-    index_path = os.path.join(folder, INDEX_FILE)
-    if not os.path.isfile(index_path):
-        raise UserError(f"{index_path} is missing; {REBUILD}")
-    try:
-        index = faiss.read_index(index_path)
-    except RuntimeError as e:
-        raise _damaged(folder, INDEX_FILE, str(e).splitlines()[0] if str(e) else "unreadable") from None
-    expected = faiss.IndexFlat if kind == "flat" else faiss.IndexIVFPQ
-    if not isinstance(faiss.downcast_index(index), expected) or index.ntotal != n or index.d != d:
-        raise _damaged(folder, INDEX_FILE, f"a {type(faiss.downcast_index(index)).__name__} of {index.ntotal} x "
-                       f"{index.d}-d vectors where {INFO_FILE} says {kind} of {n} x {d}")
-    items_path = os.path.join(folder, ITEMS_FILE)
-    try:
-        z = np.load(items_path, allow_pickle=False)
-        paths = open_npz_array(items_path, "paths")
-        items = Items(paths, np.asarray(z["pids"], np.int64), np.asarray(z["camids"], np.int64), str(z["root"]))
-    except FileNotFoundError:
-        raise UserError(f"{items_path} is missing; {REBUILD}") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise _damaged(folder, ITEMS_FILE, str(e)) from None
-    if not (len(items.paths) == len(items.pids) == len(items.camids) == n):
-        raise _damaged(folder, ITEMS_FILE, f"{len(items.paths)} paths, {len(items.pids)} pids, "
-                       f"{len(items.camids)} camids for {n} vectors")
-    vectors = None
-    if info.get("vectors"):
-        vec_path = os.path.join(folder, VECTORS_FILE)
-        try:
-            vectors = np.load(vec_path, mmap_mode="r", allow_pickle=False)
-        except FileNotFoundError:
-            raise UserError(f"{vec_path} is missing; {REBUILD}") from None
-        except (OSError, ValueError) as e:
-            raise _damaged(folder, VECTORS_FILE, str(e)) from None
-        if vectors.shape != (n, d) or vectors.dtype != np.float16:
-            raise _damaged(folder, VECTORS_FILE, f"{vectors.dtype} {vectors.shape}, expected float16 ({n}, {d})")
-    if kind == "ivf-pq":
-        faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", 1))
-    return GalleryIndex(index, metric, params, vectors, items, model, int(info.get("junk_left_out", 0)), info,
-                        os.path.abspath(folder))

@@ -23,7 +23,7 @@ def test_make_bench_runs_every_benchmark():
 
 @pytest.mark.slow
 def test_retrieval_bench_small_size_prints_its_table():
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "retrieval.py"), "--sizes", "3000", "--queries", "40",
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "gallery_index.py"), "--sizes", "3000", "--queries", "40",
            "--single", "5", "--single-budget", "1"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -33,9 +33,9 @@ def test_retrieval_bench_small_size_prints_its_table():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| 3,000 |") and len(cells) == 11:
             rows[cells[1].split(" (")[0]] = cells
-    assert set(rows) == {"floor: q @ g.T", "search.py: distance_matrix + sort", "flat", "ivf-pq + refine"}, rows
+    assert set(rows) == {"floor: q @ g.T", "search.py: full matrix + sort", "flat", "ivf-pq + refine"}, rows
     # the exact contenders find the exact top-10 (computed independently, by the floor's products)
-    assert rows["flat"][7] == "1.000 / 1.000" and rows["search.py: distance_matrix + sort"][7] == "1.000 / 1.000"
+    assert rows["flat"][7] == "1.000 / 1.000" and rows["search.py: full matrix + sort"][7] == "1.000 / 1.000"
     for name in ("flat", "ivf-pq + refine"):
         assert float(rows[name][3]) > 0 and float(rows[name][4]) > 0      # index size on disk, latency
     r1, r10 = (float(x) for x in rows["ivf-pq + refine"][7].split(" / "))

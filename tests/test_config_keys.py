@@ -83,8 +83,8 @@ def _read_conditional_keys(tiny_root, tmp_path):
 # Read on a path too costly for this test (ten VehicleID trials); checked by name in the code.
 READ_ELSEWHERE = {"DATASETS.VEHICLEID_TRIALS": "test_svllreid.py",
                   # evaluation pictures (exercised by tests/test_usage.py)
-                  "TEST.VISUALIZE": "test_svllreid.py", "TEST.VISUALIZE_N": "processor/folder_inference.py",
-                  "TEST.VISUALIZE_TOPK": "processor/folder_inference.py"}
+                  "TEST.VISUALIZE": "test_svllreid.py", "TEST.VISUALIZE_N": "processor/inference.py",
+                  "TEST.VISUALIZE_TOPK": "processor/inference.py"}
 
 
 @pytest.mark.slow

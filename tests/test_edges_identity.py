@@ -352,7 +352,7 @@ def test_metadata_of_an_older_version_gets_a_logged_decision(finished_run, own_e
 @pytest.mark.slow
 def test_tools_and_evaluation_take_the_same_decision(finished_run, tiny_root):
     """One function decides: a config naming another dataset turns SIE off in the tools too."""
-    from processor.folder_inference import load_model
+    from retrieval.features import load_model
     weight = str(finished_run / "ViT-B-16_2.pth")
     _, info = load_model(load_config(DEMO, [*TINY, "TEST.WEIGHT", weight]))
     assert info["use_sie"] is True and info["sie_camera"] is True
@@ -393,8 +393,8 @@ def test_checkpoint_metadata_holds_the_camera_numbering(gapped_run):
 def test_tools_number_cameras_as_the_training_set(gapped_run, tmp_path, capsys):
     """The tools gave c3 -> row 2 and c7 -> unknown where the datasets give 0 and 1."""
     from datasets.make_dataloader import build_dataset_from_cfg, make_val_loader
-    from processor.folder_inference import FeatureSet, load_model
     from processor.inference import extract_features
+    from retrieval.features import FeatureSet, load_model
     from tools import extract_features as extract_tool
     data, out = gapped_run
     weight = str(out / "ViT-B-16_2.pth")
@@ -499,7 +499,7 @@ def _extract(images, out, *opts):
 @pytest.mark.slow
 def test_tools_take_the_input_size_from_the_checkpoint(finished_run, tiny_root, tmp_path, capsys):
     """DEMO says 128x64; the run was trained at 64x32 (TINY): the tools need not be told."""
-    from processor.folder_inference import FeatureSet
+    from retrieval.features import FeatureSet
     weight = str(finished_run / "ViT-B-16_2.pth")
     assert _extract(os.path.join(tiny_root, "query"), tmp_path / "a.npz", *TINY, "TEST.WEIGHT", weight) == 0
     assert _extract(os.path.join(tiny_root, "query"), tmp_path / "b.npz", "DATALOADER.NUM_WORKERS", "0",
@@ -551,7 +551,7 @@ def test_train_identities_in_the_test_split_are_warned(finished_run, tiny_root, 
 @pytest.mark.slow
 def test_onnx_metadata_carries_the_camera_numbering(gapped_run):
     from model import load_for_inference
-    from processor.onnx_export import metadata
+    from retrieval.export import metadata
     data, out = gapped_run
     cfg = load_config(DEMO, [*TINY, "DATASETS.ROOT_DIR", str(data), "TEST.WEIGHT", str(out / "ViT-B-16_2.pth")])
     model, info = load_for_inference(cfg)

@@ -195,7 +195,7 @@ def _tree_with_links(tmp_path, tiny_root):
 
 
 def test_linked_folders_are_followed_and_loops_and_pipes_left_out(tiny_root, tmp_path, caplog):
-    from processor.folder_inference import list_image_files
+    from retrieval.features import list_image_files
     root, names = _tree_with_links(tmp_path, tiny_root)
     with caplog.at_level(logging.INFO, logger="svllreid"):
         files = list_image_files(str(root))
@@ -236,10 +236,10 @@ class _Watched(torch.Tensor):
 def test_extraction_copies_no_batch_to_the_host_while_it_runs(tiny_root, weight, gallery_npz, tmp_path, monkeypatch):
     """Each batch's features stay where they were computed (on a GPU: copied to pinned memory
     without a wait) and reach the host once, at the end: the same features as before."""
-    from processor import folder_inference
-    real = folder_inference.encode_batch
+    from retrieval import features as folder_features
+    real = folder_features.encode_batch
     _Watched.copies = []
-    monkeypatch.setattr(folder_inference, "encode_batch", lambda *a, **k: real(*a, **k).as_subclass(_Watched))
+    monkeypatch.setattr(folder_features, "encode_batch", lambda *a, **k: real(*a, **k).as_subclass(_Watched))
     out = tmp_path / "g.npz"
     assert extract_tool.main(["--config_file", DEMO, "--images", os.path.join(tiny_root, "bounding_box_test"),
                               "--out", str(out), *tool_opts(tiny_root, weight, "TEST.IMS_PER_BATCH", "4")]) == 0
@@ -291,7 +291,7 @@ def test_onnx_opset_is_the_true_one_and_the_file_follows_the_umask(tiny_root, we
 
     import onnx
 
-    from processor.onnx_export import opset_of, read_onnx_metadata
+    from retrieval.export import opset_of, read_onnx_metadata
     from tools import export_onnx
     from utils.logger import setup_logger
     setup_logger("svllreid", None, if_train=False)   # log to this test's stdout (the tool sets up no logger)

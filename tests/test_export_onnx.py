@@ -11,8 +11,8 @@ import torch
 
 from config import load_config
 from model import make_model
-from processor import onnx_export
-from processor.onnx_export import export, read_onnx_metadata
+from retrieval import export as onnx_export
+from retrieval.export import export, read_onnx_metadata
 from utils.checkpoint import load_model_weights
 
 DEMO = "configs/demo/vit_svllreid_demo.yml"
@@ -229,7 +229,7 @@ def test_readme_snippet_preprocesses_like_the_test_transform_and_matches_pytorch
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "docs", "deploy.md")) as f:
         snippet = re.search(r"<!-- deploy-snippet -->\n```python\n(.*?)```", f.read(), re.S).group(1)
-    from processor.folder_inference import parse_name
+    from retrieval.features import parse_name
     cfg, report, classes, cams, views = exported["vit_s12_sie_cam"]
     query = os.path.join(cfg.DATASETS.ROOT_DIR, "query")
     images = sorted(os.listdir(query))[:2]

@@ -1,5 +1,5 @@
 """Sharded feature extraction (tools/extract_features.py under torchrun) and reading parts back
-(processor.feature_parts): the parts concatenated in rank order are the one-process file; a run
+(retrieval.feature_parts): the parts concatenated in rank order are the one-process file; a run
 again redoes only the missing parts; bad part folders and mixes of feature files are refused
 in one line."""
 import os
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from processor import folder_inference
-from processor.feature_parts import load_features, parse_part_name, part_name, shard_bounds
-from processor.folder_inference import FeatureSet
+from retrieval import features as folder_features
+from retrieval.feature_parts import load_features, parse_part_name, part_name, shard_bounds
+from retrieval.features import FeatureSet
 from tests.helpers import DEMO, ROOT, one_line_error
 from tools import extract_features as extract_tool
 from tools import launch
@@ -208,7 +208,7 @@ def test_an_interrupted_run_leaves_no_half_written_part(tiny_root, weight, image
     def stop_while_encoding(*a, **k):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(folder_inference, "encode_batch", stop_while_encoding)
+        m.setattr(folder_features, "encode_batch", stop_while_encoding)
         assert _run_ranks(monkeypatch, argv, 2, ranks=[0]) == [130]
     assert "finished parts" in capsys.readouterr().err
     assert os.listdir(parts) == []

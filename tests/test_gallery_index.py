@@ -1,4 +1,4 @@
-"""The gallery index (processor/gallery_index.py): the flat index ranks as the brute-force search does,
+"""The gallery index (retrieval/index.py): the flat index ranks as the brute-force search does,
 ivf-pq with exact re-ranking finds the exact neighbours, the folder is written atomically and read
 back whole, and every bad input is one line."""
 import json
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from config import ConfigError, load_config
-from processor import gallery_index as gx
-from processor.folder_inference import distance_matrix
+from retrieval import index as gx
+from retrieval import index_store as store
 from tests.helpers import tool_opts
+from utils.distance import DistanceSpec
 from utils.errors import UserError
 from utils.fileio import open_npz_array
 from utils.visualize import ranked_indices
@@ -33,7 +34,7 @@ def _clustered(n, d, ids, seed, spread=0.15):
 
 def _brute(cfg, q, g, k):
     """Today's search: the evaluation's distance matrix, ranked by ``ranked_indices``."""
-    dist = distance_matrix(cfg, q, g)
+    dist = DistanceSpec.from_cfg(cfg).matrix(q, g)
     order = ranked_indices(dist)[:, :k]
     return np.take_along_axis(dist.numpy(), order, 1), order
 
@@ -77,7 +78,7 @@ def test_exact_top_k_keeps_every_tie_in_gallery_order_across_blocks(monkeypatch)
     rng = np.random.default_rng(3)
     g = rng.integers(0, 3, size=(700, 4)).astype(np.float32)
     q = rng.integers(0, 3, size=(9, 4)).astype(np.float32)
-    metric = gx.Metric(False, "euclidean")
+    metric = DistanceSpec(False, "euclidean")
     full = ((q[:, None, :] - g[None]) ** 2).sum(-1)
     monkeypatch.setattr(gx, "BLOCK_ELEMS", 9 * 50)        # blocks of 50 rows, chunks of 112
     for k in (1, 5, 37, 50, 51, 700):
@@ -112,7 +113,7 @@ def test_ivf_pq_with_refine_finds_the_exact_neighbours():
     random among themselves (recall@1 about 0.1): the re-ranking does the work."""
     g = _clustered(4000, 64, 300, seed=3)
     q = _clustered(200, 64, 300, seed=4)
-    metric = gx.Metric(True, "cosine")
+    metric = DistanceSpec(True, "cosine")
     params = gx.choose_params(len(g), 64, "ivf-pq", threads=1)
     gi = gx.build_index(g, metric, params)
     assert gi.vectors is not None and gi.vectors.dtype == np.float16
@@ -137,12 +138,13 @@ def test_lists_too_short_for_k_are_completed_by_scanning_every_list():
     vectors the index keeps."""
     g = _clustered(200, 16, 50, seed=8)
     q = _clustered(10, 16, 50, seed=9)
-    metric = gx.Metric(True, "euclidean")
+    metric = DistanceSpec(True, "euclidean")
     gi = gx.build_index(g, metric, gx.choose_params(200, 16, "ivf-pq", nlist=50, nprobe=1, threads=1))
     d, i = gx.search(gi, q, 20)
     assert (i >= 0).all() and all(len(set(row)) == 20 for row in i.tolist())
     g16 = gx.prepare(g, metric).astype(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(i, gx.exact_search(g16, gx.Metric(False, "euclidean"), gx.prepare(q, metric), 20)[1])
+    np.testing.assert_array_equal(i, gx.exact_search(g16, DistanceSpec(False, "euclidean"), gx.prepare(q, metric),
+                                                     20)[1])
 
 
 def test_chosen_parameters_follow_the_size():
@@ -187,18 +189,18 @@ def test_refusals_are_one_line():
     with pytest.raises(ConfigError, match="TEST.RE_RANKING"):
         gx.metric_from_config(_cfg("yes", "euclidean", "TEST.RE_RANKING", "True"))
     with pytest.raises(UserError, match="empty"):
-        gx.build_index(np.zeros((0, 8), np.float32), gx.Metric(True, "cosine"), {"kind": "flat"})
+        gx.build_index(np.zeros((0, 8), np.float32), DistanceSpec(True, "cosine"), {"kind": "flat"})
     with pytest.raises(UserError, match="empty"):
         gx.choose_params(0, 8, "flat")
     with pytest.raises(ConfigError, match="ivf-pq needs at least 2 gallery images"):
         gx.choose_params(1, 8, "ivf-pq")
     g = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
-    gi = gx.build_index(g, gx.Metric(True, "cosine"), gx.choose_params(5, 8, "flat"))
+    gi = gx.build_index(g, DistanceSpec(True, "cosine"), gx.choose_params(5, 8, "flat"))
     with pytest.raises(ConfigError, match=r"--topk 6 is more than the 5 images"):
         gx.search(gi, g, 6)
     g[3, 2] = np.inf
     with pytest.raises(UserError, match="gallery feature 3 .*NaN/Inf"):
-        gx.build_index([g[:2], g[2:]], gx.Metric(True, "cosine"), gx.choose_params(5, 8, "flat"))
+        gx.build_index([g[:2], g[2:]], DistanceSpec(True, "cosine"), gx.choose_params(5, 8, "flat"))
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -212,7 +214,7 @@ def ivf_dir(tmp_path_factory):
     g = _clustered(2000, 32, 150, seed=5)
     out = str(tmp_path_factory.mktemp("idx") / "index")
     params = gx.choose_params(len(g), 32, "ivf-pq", threads=1)
-    gi = gx.write_index(out, g, gx.Metric(True, "euclidean"), params, _items(len(g)),
+    gi = store.write_index(out, g, DistanceSpec(True, "euclidean"), params, _items(len(g)),
                         {"sha256": "ab" * 32, "model_name": "ViT-B-16", "feat_dim": 32},
                         measure=lambda built: {"recall": gx.measure_recall(built, g, 50)})
     return out, g, gi
@@ -220,13 +222,13 @@ def ivf_dir(tmp_path_factory):
 
 def test_written_folder_reads_back_and_searches_the_same(ivf_dir, tmp_path):
     out, g, gi = ivf_dir
-    assert sorted(os.listdir(out)) == sorted([gx.INDEX_FILE, gx.VECTORS_FILE, gx.ITEMS_FILE, gx.INFO_FILE])
-    with open(os.path.join(out, gx.INFO_FILE)) as f:
+    assert sorted(os.listdir(out)) == sorted([store.INDEX_FILE, store.VECTORS_FILE, store.ITEMS_FILE, store.INFO_FILE])
+    with open(os.path.join(out, store.INFO_FILE)) as f:
         info = json.load(f)
     assert (info["kind"], info["n"], info["d"], info["model"]["sha256"]) == ("ivf-pq", 2000, 32, "ab" * 32)
     assert info["metric"] == {"feat_norm": True, "dist_metric": "euclidean", "distance": "squared euclidean"}
     assert info["params"]["nlist"] == gi.params["nlist"] and info["recall"]["queries"] == 50
-    loaded = gx.load_index(out)
+    loaded = store.load_index(out)
     assert isinstance(loaded.vectors, np.memmap) and loaded.vectors.dtype == np.float16
     assert loaded.items.path(3) == "/data/gallery/d/0003_c1s1_000003_00.jpg" and loaded.items.pids[9] == 2
     q = _clustered(40, 32, 150, seed=6)
@@ -235,11 +237,12 @@ def test_written_folder_reads_back_and_searches_the_same(ivf_dir, tmp_path):
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(d1, d2)
     # an in-memory flat index saved, loaded and searched: the same ranking
-    flat = gx.build_index(g, gx.Metric(False, "euclidean"), gx.choose_params(len(g), 32, "flat"))
+    flat = gx.build_index(g, DistanceSpec(False, "euclidean"), gx.choose_params(len(g), 32, "flat"))
     flat.items = _items(len(g))
-    gx.save_index(str(tmp_path / "flat"), flat)
-    np.testing.assert_array_equal(gx.search(gx.load_index(str(tmp_path / "flat")), q, 5)[1], gx.search(flat, q, 5)[1])
-    assert not os.path.exists(tmp_path / "flat" / gx.VECTORS_FILE)
+    store.save_index(str(tmp_path / "flat"), flat)
+    np.testing.assert_array_equal(gx.search(store.load_index(str(tmp_path / "flat")), q, 5)[1],
+                                  gx.search(flat, q, 5)[1])
+    assert not os.path.exists(tmp_path / "flat" / store.VECTORS_FILE)
 
 
 def _damage(src, dst, name, data):
@@ -254,37 +257,37 @@ def _damage(src, dst, name, data):
 
 
 @pytest.mark.parametrize("name,data,needles", [
-    (gx.INFO_FILE, b"{\"format\": ", ["index.json is damaged", "not JSON"]),
-    (gx.INFO_FILE, b"[1, 2]", ["index.json is damaged"]),
-    (gx.INFO_FILE, b"{\"format\": \"svllreid-gallery-index\", \"version\": 1, \"kind\": \"flat\"}",
+    (store.INFO_FILE, b"{\"format\": ", ["index.json is damaged", "not JSON"]),
+    (store.INFO_FILE, b"[1, 2]", ["index.json is damaged"]),
+    (store.INFO_FILE, b"{\"format\": \"svllreid-gallery-index\", \"version\": 1, \"kind\": \"flat\"}",
      ["index.json is damaged", "missing entry"]),
-    (gx.INFO_FILE, None, ["not an index folder"]),
-    (gx.INDEX_FILE, b"not a faiss index at all", ["index.faiss is damaged"]),
-    (gx.INDEX_FILE, None, ["index.faiss is missing"]),
-    (gx.ITEMS_FILE, b"PK\x03\x04junk", ["items.npz is damaged"]),
-    (gx.VECTORS_FILE, None, ["vectors.f16.npy is missing"]),
+    (store.INFO_FILE, None, ["not an index folder"]),
+    (store.INDEX_FILE, b"not a faiss index at all", ["index.faiss is damaged"]),
+    (store.INDEX_FILE, None, ["index.faiss is missing"]),
+    (store.ITEMS_FILE, b"PK\x03\x04junk", ["items.npz is damaged"]),
+    (store.VECTORS_FILE, None, ["vectors.f16.npy is missing"]),
 ])
 def test_damaged_index_folder_is_one_line(ivf_dir, tmp_path, name, data, needles):
     folder = _damage(ivf_dir[0], tmp_path / "bad", name, data)
     with pytest.raises(UserError) as e:
-        gx.load_index(folder)
+        store.load_index(folder)
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and all(n in msg for n in needles), msg
     assert "tools/build_index.py" in msg
 
 
 def test_truncated_index_faiss_is_one_line(ivf_dir, tmp_path):
-    with open(os.path.join(ivf_dir[0], gx.INDEX_FILE), "rb") as f:
+    with open(os.path.join(ivf_dir[0], store.INDEX_FILE), "rb") as f:
         head = f.read(5000)
-    folder = _damage(ivf_dir[0], tmp_path / "cut", gx.INDEX_FILE, head)
+    folder = _damage(ivf_dir[0], tmp_path / "cut", store.INDEX_FILE, head)
     with pytest.raises(UserError) as e:
-        gx.load_index(folder)
+        store.load_index(folder)
     assert "index.faiss is damaged" in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
 def test_interrupted_build_leaves_no_index_and_keeps_the_old_one(tmp_path, monkeypatch):
     g = _clustered(300, 16, 20, seed=7)
-    metric, params = gx.Metric(True, "cosine"), gx.choose_params(300, 16, "flat")
+    metric, params = DistanceSpec(True, "cosine"), gx.choose_params(300, 16, "flat")
     params["add_batch"] = 100
     calls = []
     original = gx.prepare
@@ -297,25 +300,25 @@ def test_interrupted_build_leaves_no_index_and_keeps_the_old_one(tmp_path, monke
     monkeypatch.setattr(gx, "prepare", interrupted)
     out = tmp_path / "index"
     with pytest.raises(KeyboardInterrupt):
-        gx.write_index(str(out), g, metric, params, _items(300), {})
+        store.write_index(str(out), g, metric, params, _items(300), {})
     assert os.listdir(tmp_path) == []                  # no INDEX_DIR, no staging folder left
     monkeypatch.setattr(gx, "prepare", original)
-    gx.write_index(str(out), g, metric, params, _items(300), {"sha256": "old"})
+    store.write_index(str(out), g, metric, params, _items(300), {"sha256": "old"})
     monkeypatch.setattr(gx, "prepare", interrupted)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        gx.write_index(str(out), g[:200], metric, params, _items(200), {"sha256": "new"})
-    assert os.listdir(tmp_path) == ["index"] and gx.load_index(str(out)).model["sha256"] == "old"
+        store.write_index(str(out), g[:200], metric, params, _items(200), {"sha256": "new"})
+    assert os.listdir(tmp_path) == ["index"] and store.load_index(str(out)).model["sha256"] == "old"
     # a build killed outright: its staging folder goes at the next build; an old index it had moved
     # aside (killed between the two renames) comes back
     monkeypatch.setattr(gx, "prepare", original)
     dead = 2 ** 22 + 12345
-    while gx._pid_alive(dead):
+    while store._pid_alive(dead):
         dead += 1
-    os.makedirs(tmp_path / f"{gx.STAGING_PREFIX}index-{dead}")
-    os.replace(out, tmp_path / f"{gx.OLD_PREFIX}index-{dead}")
-    gx._recover(str(out))
-    assert os.listdir(tmp_path) == ["index"] and gx.load_index(str(out)).model["sha256"] == "old"
+    os.makedirs(tmp_path / f"{store.STAGING_PREFIX}index-{dead}")
+    os.replace(out, tmp_path / f"{store.OLD_PREFIX}index-{dead}")
+    store._recover(str(out))
+    assert os.listdir(tmp_path) == ["index"] and store.load_index(str(out)).model["sha256"] == "old"
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf-pq"])
@@ -325,10 +328,10 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_index(tmp_path, monkeypatch,
     process with SIGBUS): one line, the earlier index untouched, no half folder left."""
     import errno
     g = _clustered(500, 16, 20, seed=8)
-    metric = gx.Metric(True, "euclidean")
+    metric = DistanceSpec(True, "euclidean")
     params = gx.choose_params(500, 16, kind, threads=1, **({"nlist": 4} if kind == "ivf-pq" else {}))
     out = tmp_path / "index"
-    gx.write_index(str(out), g, metric, params, _items(500), {"sha256": "old"})
+    store.write_index(str(out), g, metric, params, _items(500), {"sha256": "old"})
     before = {n: (out / n).read_bytes() for n in os.listdir(out)}
 
     if kind == "flat":
@@ -360,10 +363,10 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_index(tmp_path, monkeypatch,
 
         def opened(path, mode="r", *a, **k):
             f = real_open(path, mode, *a, **k)
-            return FullDisk(f) if "w" in mode and os.path.basename(path) == gx.VECTORS_FILE else f
+            return FullDisk(f) if "w" in mode and os.path.basename(path) == store.VECTORS_FILE else f
         monkeypatch.setattr(gx, "open", opened, raising=False)
     with pytest.raises(UserError) as e:
-        gx.write_index(str(out), g[:300], metric, params, _items(300), {"sha256": "new"})
+        store.write_index(str(out), g[:300], metric, params, _items(300), {"sha256": "new"})
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and "disk full" in msg and str(out) in msg, msg
     assert ("write error in" if kind == "flat" else "No space left on device") in msg
@@ -376,9 +379,9 @@ def test_an_index_that_cannot_fit_is_refused_before_the_build(tmp_path, monkeypa
     g = _clustered(500, 16, 20, seed=8)
     params = gx.choose_params(500, 16, "flat")
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(gx.shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 1000, 1000))
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 1000, 1000))
     with pytest.raises(UserError, match=r"needs about 87\.9 KB .* has 1000 B free"):
-        gx.write_index(str(tmp_path / "index"), g, gx.Metric(True, "cosine"), params, _items(500), {})
+        store.write_index(str(tmp_path / "index"), g, DistanceSpec(True, "cosine"), params, _items(500), {})
     assert os.listdir(tmp_path) == []
 
 
@@ -387,7 +390,7 @@ def test_out_that_is_not_an_index_is_refused(tmp_path):
     (tmp_path / "notes" / "a.txt").write_text("keep me")
     g = np.ones((3, 4), np.float32)
     with pytest.raises(UserError, match="not an index folder"):
-        gx.write_index(str(tmp_path / "notes"), g, gx.Metric(True, "cosine"), gx.choose_params(3, 4, "flat"),
+        store.write_index(str(tmp_path / "notes"), g, DistanceSpec(True, "cosine"), gx.choose_params(3, 4, "flat"),
                        _items(3), {})
     assert (tmp_path / "notes" / "a.txt").read_text() == "keep me"
 
@@ -514,7 +517,7 @@ def test_build_index_refusals_are_one_line(tiny_root, weight, gallery_npz, tmp_p
     # a file written before the sha256 was recorded: computed from its checkpoint when that still exists
     np.savez(tmp_path / "old.npz", **{**dict(z), "meta": np.array(json.dumps(no_sha))})
     assert _build(tiny_root, weight, [tmp_path / "old.npz"], tmp_path / "index") == 0
-    assert gx.load_index(str(tmp_path / "index")).model["sha256"] == json.loads(str(z["meta"]))["sha256"]
+    assert store.load_index(str(tmp_path / "index")).model["sha256"] == json.loads(str(z["meta"]))["sha256"]
 
 
 def test_search_index_refusals_are_one_line(tiny_root, weight, gallery_npz, tmp_path, capsys):
@@ -534,7 +537,7 @@ def test_search_index_refusals_are_one_line(tiny_root, weight, gallery_npz, tmp_
     broken = tmp_path / "broken"
     import shutil
     shutil.copytree(index, broken)
-    (broken / gx.INFO_FILE).write_text("{ not json")
+    (broken / store.INFO_FILE).write_text("{ not json")
     capsys.readouterr()
     cases = [(other, [], ["model.pth", "is not the checkpoint of", str(other), "ffffffffffff"]),
              (index, ["TEST.DIST_METRIC", "cosine"], ["TEST.DIST_METRIC cosine", "built for euclidean"]),
@@ -544,7 +547,7 @@ def test_search_index_refusals_are_one_line(tiny_root, weight, gallery_npz, tmp_
              (index, ["--topk", "15"], ["--topk 15 is more than the 14 images", str(index)]),
              (narrow, [], ["128-d features", "holds 64-d"]),
              (rn50, [], ["ViT-B-16", "is not the RN50"]),
-             (broken, [], [f"{broken / gx.INFO_FILE} is damaged", "build_index.py"]),
+             (broken, [], [f"{broken / store.INFO_FILE} is damaged", "build_index.py"]),
              (tmp_path / "none", [], ["no such index folder"])]
     for where, flags, needles in cases:
         assert _search(tiny_root, weight, "--index", where, tmp_path / "out", "--no_pictures", *flags) == 2, needles

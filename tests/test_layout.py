@@ -21,7 +21,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_DIRS = {".venv", ".git", "__pycache__", ".ruff_cache", ".pytest_cache", "output", "outputs", "data", "logs"}
-SCRIPTS = ("train_svllreid", "test_svllreid")      # the entry scripts: between processor and tools
+SCRIPTS = ("train_svllreid", "test_svllreid")      # the entry scripts: right below tools
 # The top-level modules (import-linter reads packages only) and the layer right above the rooms each may import.
 MODULES = {"train_svllreid": "tools", "test_svllreid": "tools", "setup": None}     # setup: nothing of the project
 
@@ -171,8 +171,8 @@ def test_config_names_match_what_the_lower_rooms_implement():
 def test_one_image_lister_behind_the_three_callers(tmp_path):
     """The dataset folders, the folders of the tools and the ONNX check list images the same way."""
     from datasets.bases import DatasetError, dataset_image_names
-    from processor.folder_inference import list_image_files
-    from processor.onnx_export import image_paths
+    from retrieval.export import image_paths
+    from retrieval.features import list_image_files
     from utils.images import INPUT_EXTENSIONS, list_images
     (tmp_path / "sub").mkdir()
     for name in ("b.JPG", "a.png", "notes.txt", "c.tif", "sub/d.jpg"):
@@ -191,12 +191,13 @@ def test_one_image_lister_behind_the_three_callers(tmp_path):
 
 def test_merged_and_renamed_names():
     """One load_model (folder inference); distinct names for the JSON beside weights and ONNX metadata."""
-    from processor import folder_inference, onnx_export
+    from retrieval import export as onnx_export
+    from retrieval import features as folder_features
     from utils import checkpoint
     for gone in ("load_model", "read_metadata", "test_dataset", "_state_dict_of", "list_images"):
         obj = getattr(onnx_export, gone, None)      # gone, or only the shared one imported
         assert obj is None or obj.__module__ != onnx_export.__name__, gone
-    assert callable(folder_inference.load_model) and callable(onnx_export.eval_dataset)
+    assert callable(folder_features.load_model) and callable(onnx_export.eval_dataset)
     assert callable(onnx_export.read_onnx_metadata) and callable(checkpoint.read_metadata)
 
 

@@ -212,7 +212,7 @@ def test_extract_features_camera_option_and_sie_warning(trained, image_dir, tmp_
 
 @pytest.mark.slow
 def test_names_and_cameras_beyond_the_model(trained, image_dir, tmp_path, capsys):
-    from processor.folder_inference import parse_name
+    from retrieval.features import parse_name
     assert parse_name("0002_c1s1_000451_03.jpg") == (2, 0) and parse_name("0001_c001_00016450_0.jpg") == (1, 0)
     assert parse_name("-1_c3s2_1.jpg") == (-1, 2) and parse_name("a/b/0007_c0_x.png") == (-1, -1)
     assert parse_name("photo.jpg") == (-1, -1)

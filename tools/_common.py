@@ -9,7 +9,7 @@ from typing import Any
 import torch  # noqa: E402
 
 from config import ConfigError, get_key, load_config  # noqa: E402
-from processor.folder_inference import camera_row, load_model  # noqa: E402
+from retrieval.features import camera_row, load_model  # noqa: E402
 from utils.checkpoint import read_metadata  # noqa: E402
 from utils.dist import init_distributed  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402

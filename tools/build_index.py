@@ -38,9 +38,10 @@ import numpy as np
 
 from config import ConfigError, load_config
 from datasets.market1501 import is_junk_name
-from processor import gallery_index as gx
-from processor.feature_parts import model_meta, read_feature_sets
-from processor.folder_inference import FeatureSet
+from retrieval import index as gx
+from retrieval.feature_parts import model_meta, read_feature_sets
+from retrieval.features import FeatureSet
+from retrieval.index_store import check_index_target, write_index
 from utils import cli
 from utils.checkpoint import file_sha256, read_metadata
 from utils.errors import UserError, import_extra
@@ -77,7 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- the features
 def read_sets(paths: Sequence[str]) -> tuple[list[FeatureSet], list[str]]:
     """The feature sets of ``paths`` (files, folders of parts), their features memory-mapped, checked
-    as ``processor.feature_parts.load_features`` checks them; a set without a root gets its file's folder."""
+    as ``retrieval.feature_parts.load_features`` checks them; a set without a root gets its file's folder."""
     sets, names = read_feature_sets(paths, mmap=True)
     for fs, name in zip(sets, names):
         if not fs.root:
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_logger("svllreid", None, if_train=False)
     cfg = load_config(args.config_file, list(args.opts))
     metric = gx.metric_from_config(cfg)             # TEST.RE_RANKING refused before any reading
-    gx.check_index_target(args.out)
+    check_index_target(args.out)
     sets, names = read_sets(args.features)
     parts, items, junk = gallery_of(sets, args.features)
     n, d = len(items), int(sets[0].features.shape[1])
@@ -205,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"recall": {**rec, "measured_on": "random gallery images as queries, their own entry left out",
                            "nprobe": params["nprobe"], "refine": params["refine"]}}
 
-    gi = gx.write_index(args.out, parts, metric, params, items, model, junk, measure=measure,
+    gi = write_index(args.out, parts, metric, params, items, model, junk, measure=measure,
                         on_chunk=exact.add if exact is not None else None)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     logger.info("Index of %d images (%s, %s) -> %s (%.1f MB on disk)", gi.n, kind, metric.name, args.out,

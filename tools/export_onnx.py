@@ -21,7 +21,7 @@ from utils.entry import guard_startup  # noqa: E402  (stdlib only: before the sl
 
 guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no traceback
 
-from processor.onnx_export import DEFAULT_ATOL, DEFAULT_OPSET, ExportReport, ExportVerificationError, export  # noqa: E402
+from retrieval.export import DEFAULT_ATOL, DEFAULT_OPSET, ExportReport, ExportVerificationError, export  # noqa: E402
 from tools._common import load_tool_config  # noqa: E402
 from utils import cli  # noqa: E402
 

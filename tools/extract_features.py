@@ -37,7 +37,7 @@ guard_startup(__name__)   # Ctrl-C / SIGTERM during the imports: one line, no tr
 
 import torch
 
-from processor.feature_parts import (
+from retrieval.feature_parts import (
     SHARD_KEY,
     list_digest,
     merge_parts,
@@ -47,7 +47,7 @@ from processor.feature_parts import (
     shard_bounds,
     shard_meta,
 )
-from processor.folder_inference import extract_folder, feature_meta, input_meta, list_image_files
+from retrieval.features import extract_folder, feature_meta, input_meta, list_image_files
 from tools._common import camera_id, load_model, load_tool_config, setup
 from utils import cli
 from utils.dist import all_gather_object, cleanup, get_rank, get_world_size

@@ -48,22 +48,15 @@ import numpy as np
 
 from config import ConfigError
 from datasets.market1501 import is_junk_name
-from processor import gallery_index as gx
-from processor.folder_inference import (
-    FeatureSet,
-    camera_number,
-    distance_matrix,
-    distance_name,
-    extract_folder,
-    feature_signature,
-    list_image_files,
-)
-from processor.inference import check_finite_features
+from retrieval import index as gx
+from retrieval.features import FeatureSet, camera_number, extract_folder, feature_signature, list_image_files
+from retrieval.index_store import load_index
 from tools._common import camera_id, load_model, setup
 from utils import cli
+from utils.distance import DistanceSpec, check_finite_features, ranked_indices
 from utils.misc import write_json_atomic
 from utils.run_dir import RunLock
-from utils.visualize import Ranked, draw_ranked_list, match_status, ranked_indices
+from utils.visualize import Ranked, draw_ranked_list, match_status
 
 logger = logging.getLogger("svllreid")
 
@@ -196,7 +189,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f"no such query image or folder: {args.query}")
     index = loaded = None
     if args.index is not None:            # a damaged index, a --topk beyond it: refused before the model is built
-        index = gx.load_index(args.index)
+        index = load_index(args.index)
         if args.topk > index.n:
             raise ConfigError(f"--topk {args.topk} is more than the {index.n} images of the index {args.index}; "
                               f"give --topk {index.n} or less")
@@ -253,10 +246,11 @@ def _search(args: argparse.Namespace, cfg: Any, device: Any, cam: int | None, mo
         k = min(args.topk, len(gs.paths))
         if k < args.topk:
             logger.warning("--topk %d: the gallery has only %d images", args.topk, k)
-        dist = distance_matrix(cfg, qs.features, fs.features)
+        spec = DistanceSpec.from_cfg(cfg)
+        dist = spec.matrix(qs.features, fs.features)
         order = ranked_indices(dist)[:, :k]
         d = np.take_along_axis(dist.cpu().numpy(), order, 1)
-        dname = distance_name(cfg)
+        dname = spec.name
     num_gallery = len(gs.paths)
     queries = []
 

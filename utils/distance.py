@@ -25,10 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .run_dir import RunError
 from .yesno import is_yes
 
 __all__ = [
     "DistanceSpec",
+    "check_finite_features",
     "euclidean_distance",
     "cosine_distance",
     "pairwise_distance",
@@ -168,6 +170,17 @@ def top_k_of_candidates(dist: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.n
     big = np.where(ids < 0, np.iinfo(np.int64).max, ids)
     order = np.lexsort((big, dist), axis=1)[:, :k]
     return np.take_along_axis(dist, order, 1).astype(np.float32), np.take_along_axis(ids, order, 1)
+
+
+# ----------------------------------------------------------------------------- what can be compared
+def check_finite_features(feats: torch.Tensor | np.ndarray, what: str,
+                          cause: str = "the model's weights are not finite (a diverged run or a damaged checkpoint)",
+                          outcome: str = "no metrics computed") -> None:
+    """Refuse (N, D) features holding NaN/Inf: they would give a meaningless ranking that looks like
+    a result. ``what`` names the features in the one-line error (evaluation, a feature file, ...)."""
+    bad = int((~torch.isfinite(torch.as_tensor(feats)).all(dim=1)).sum())
+    if bad:
+        raise RunError(f"{what}: {bad} of {len(feats)} features hold NaN/Inf — {cause}; {outcome}")
 
 
 # ----------------------------------------------------------------------------- the settings

@@ -1,4 +1,4 @@
-"""Bench: gallery retrieval at archive scale, a faiss index (processor.gallery_index) vs brute force.
+"""Bench: gallery retrieval at archive scale, a faiss index (retrieval.index) vs brute force.
 
 Synthetic ReID-like features: identity clusters (a centre in a 64-d latent space, about 20
 members each, member noise, projected to ``--dim`` = 1280 with isotropic noise, L2-normalised),
@@ -15,9 +15,9 @@ sampled every 50 ms from /proc):
 * ``floor``: the bare matrix product of the queries with the gallery (float32, normalised,
   chunk by chunk; only the products are timed), for single queries and the batch. The same
   pass gives the exact top-10 (``torch.topk`` of the products), the reference for recall.
-* ``search.py``: today's brute force, ``distance_matrix`` + ``ranked_indices`` (a full sort)
+* ``search.py``: today's brute force, ``DistanceSpec.matrix`` + ``ranked_indices`` (a full sort)
   + top-k, as ``tools/search.py`` ranks a ``--gallery``; run where it fits in memory.
-* ``flat``: ``gallery_index`` kind flat (exact), built in memory, written with ``save_index``.
+* ``flat``: ``retrieval.index`` kind flat (exact), built in memory, written with ``save_index``.
 * ``ivf-pq``: kind ivf-pq with exact float16 re-ranking (refine), built and written with
   ``write_index`` (the vectors go straight to the index folder). The parameters are
   ``choose_params``' defaults for the size, as tools/build_index.py chooses them (``--nlist``
@@ -29,8 +29,8 @@ peak memory. Then an nprobe sweep of the ivf-pq index (batch recall@10 and ms pe
 whether the goal is reached: at the largest size recall@10 >= 0.95 at <= 20 ms per single
 query with peak memory below the float32 gallery.
 
-    .venv/bin/python bench/retrieval.py                  # 100k and 1M (about 10 min on 2 cores)
-    .venv/bin/python bench/retrieval.py --sizes 2000     # seconds
+    .venv/bin/python bench/gallery_index.py                  # 100k and 1M (about 10 min on 2 cores)
+    .venv/bin/python bench/gallery_index.py --sizes 2000     # seconds
 """
 from __future__ import annotations
 
@@ -136,19 +136,18 @@ def work_floor(paths: dict[str, str], opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def work_search(paths: dict[str, str], opts: dict[str, Any]) -> dict[str, Any]:
-    """Today's brute force: the float32 gallery in memory, distance_matrix + ranked_indices + top-k."""
+    """Today's brute force: the float32 gallery in memory, DistanceSpec.matrix + ranked_indices + top-k."""
     from config import get_default_config
-    from processor.folder_inference import distance_matrix
-    from utils.visualize import ranked_indices
+    from utils.distance import DistanceSpec, ranked_indices
 
     g16, q = _load(paths)
     t = time.perf_counter()
     g = np.asarray(g16, dtype=np.float32)
     load_s = time.perf_counter() - t
-    cfg = get_default_config()
+    spec = DistanceSpec.from_cfg(get_default_config())
 
     def run(qs: np.ndarray) -> np.ndarray:
-        return ranked_indices(distance_matrix(cfg, qs, g))[:, :K]
+        return ranked_indices(spec.matrix(qs, g))[:, :K]
     single = _single_times(run, q, int(opts["single"]), float(opts["single_budget"]))
     t = time.perf_counter()
     ids = run(q)
@@ -160,7 +159,7 @@ def _folder_bytes(folder: str) -> int:
 
 
 def _measure_index(gi: Any, q: np.ndarray, opts: dict[str, Any], sweep: bool) -> dict[str, Any]:
-    from processor import gallery_index as gx
+    from retrieval import index as gx
 
     single = _single_times(lambda qs: gx.search(gi, qs, K), q, int(opts["single"]), float(opts["single_budget"]))
     t = time.perf_counter()
@@ -180,21 +179,23 @@ def _measure_index(gi: Any, q: np.ndarray, opts: dict[str, Any], sweep: bool) ->
 
 
 def work_index(paths: dict[str, str], opts: dict[str, Any]) -> dict[str, Any]:
-    """Build, write and search a gallery_index of the kind and parameters in ``opts``."""
-    from processor import gallery_index as gx
+    """Build, write and search a gallery index of the kind and parameters in ``opts``."""
+    from retrieval import index as gx
+    from retrieval.index_store import save_index, write_index
+    from utils.distance import DistanceSpec
 
     g, q = _load(paths)
     n, d = g.shape
-    metric = gx.Metric(True, "euclidean")
+    metric = DistanceSpec(True, "euclidean")
     folder = paths["index"]
     params = gx.choose_params(n, d, opts["kind"], **(opts.get("params") or {}))
     t = time.perf_counter()
     if opts["kind"] == "flat":                     # held in memory; written as it is (no second copy)
         gi = gx.build_index(g, metric, params)
-        gx.save_index(folder, gi)
+        save_index(folder, gi)
     else:                                          # the float16 vectors go straight into the folder
         items = gx.Items(np.array([f"{i}.jpg" for i in range(n)]), np.zeros(n, np.int64), np.zeros(n, np.int64))
-        gi = gx.write_index(folder, g, metric, params, items, {})
+        gi = write_index(folder, g, metric, params, items, {})
     build_s = time.perf_counter() - t
     out = {"build_s": build_s, "disk_bytes": _folder_bytes(folder), "params": {k: v for k, v in params.items()
                                                                                 if k not in ("add_batch",)}}
@@ -250,7 +251,7 @@ def _ms(s: float) -> str:
 
 
 def _recall(ids: Any, exact: np.ndarray, k: int) -> float:
-    from processor.gallery_index import recall_at_k
+    from retrieval.index import recall_at_k
     return recall_at_k(np.asarray(ids), exact, k)
 
 
@@ -320,13 +321,13 @@ def main() -> None:
             need = 4 * n * args.dim + 16 * n * args.queries
             if need <= search_cap:
                 rec = spawn("search", paths, opts, workdir)
-                rows.append(_row("search.py: distance_matrix + sort", n, rec, exact, args.queries))
+                rows.append(_row("search.py: full matrix + sort", n, rec, exact, args.queries))
             else:
-                rows.append(_row("search.py: distance_matrix + sort", n, None, exact, args.queries,
+                rows.append(_row("search.py: full matrix + sort", n, None, exact, args.queries,
                                  f"not run: needs ~{need / GB:.0f} GB (> {search_cap / GB:.0f} GB)"))
             print(f"  floor and exact top-10: done ({time.perf_counter() - t:.0f} s so far)", flush=True)
             configs = [("flat", "flat (exact)", {})]
-            from processor.gallery_index import choose_params
+            from retrieval.index import choose_params
             given = ivf_overrides(args)
             label = "ivf-pq + refine " + _params_label(choose_params(n, args.dim, "ivf-pq", **given))
             configs.append(("ivf-pq", label, given))
