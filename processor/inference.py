@@ -55,7 +55,7 @@ def evaluate_features(cfg: Any, feats: torch.Tensor, pids: torch.Tensor, camids:
     evaluator.update((feats, pids.cpu(), camids.cpu()))
     cmc, mAP, mINP, counts = evaluator.compute(return_counts=True)
     return {"mAP": float(mAP), "cmc": [float(x) for x in cmc], "mINP": float(mINP),
-            "dataset": cfg.DATASETS.NAMES, "re_ranking": bool(cfg.TEST.RE_RANKING),
+            "dataset": cfg.DATASETS.NAMES, "re_ranking": evaluator.reranking,
             **counts.as_results(), "num_gallery": int(feats.shape[0] - num_query)}
 
 
@@ -84,7 +84,7 @@ def evaluate_loader(cfg: Any, model: nn.Module, val_loader: DataLoader, num_quer
     results = broadcast_object(results)
     cmc = results["cmc"]
     logger.info("Validation results (%s%s): mAP %.1f%%  mINP %.1f%%  %s  [features %.1fs, %.0f img/s]",
-                cfg.DATASETS.NAMES, ", re-ranked" if cfg.TEST.RE_RANKING else "", 100 * results["mAP"],
+                cfg.DATASETS.NAMES, ", re-ranked" if results["re_ranking"] else "", 100 * results["mAP"],
                 100 * results["mINP"],
                 "  ".join(f"R{r} {100 * cmc[r - 1]:.1f}%" for r in (1, 5, 10) if r <= len(cmc)),
                 t_feat, feats.shape[0] / max(t_feat, 1e-9))

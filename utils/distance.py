@@ -34,6 +34,7 @@ __all__ = [
     "euclidean_distance",
     "cosine_distance",
     "pairwise_distance",
+    "squared_euclidean_pairs",
     "distance_blocks",
     "row_blocks",
     "ranking",
@@ -142,6 +143,13 @@ def euclidean_distance(x: torch.Tensor, y: torch.Tensor, block_size: int | None 
 def cosine_distance(x: torch.Tensor, y: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
     """Cosine distance matrix 1 - cos(x_i, y_j)."""
     return pairwise_distance(x, y, "cosine", block_size)
+
+
+def squared_euclidean_pairs(x: torch.Tensor, y: torch.Tensor, x_sq: torch.Tensor, y_sq: torch.Tensor
+                            ) -> torch.Tensor:
+    """Squared euclidean distances of the row pairs (x[i], y[i]) given their squared norms:
+    ||x||^2 + ||y||^2 - 2 x.y, this module's formula for pairs (re-ranking's distances off its lists)."""
+    return x_sq + y_sq - 2 * (x * y).sum(dim=1)
 
 
 def row_blocks(distmat: torch.Tensor | np.ndarray, rows: int = 256) -> Iterator[tuple[int, int, torch.Tensor]]:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .distance import _distance_block_into, squared_euclidean_pairs
+
 __all__ = ["re_ranking"]
 
 # Work budgets (elements) for the chunked steps; they bound the temporaries' memory.
@@ -131,7 +133,7 @@ def _neighbours_and_rowmax(
     pairs = [(i, i) for i in range(len(span))] + [(i, j) for i in range(len(span)) for j in range(i + 1, len(span))]
     for bi, bj in pairs:
         (a, ae), (b, be) = span[bi], span[bj]
-        d = torch.addmm(sq[a:ae, None] + sq[None, b:be], feat[a:ae], feat[b:be].t(), beta=1, alpha=-2)
+        d = _distance_block_into(feat[a:ae], feat[b:be], sq[b:be], feat.new_empty((ae - a, be - b)))
         rowmax[a:ae] = torch.maximum(rowmax[a:ae], d.amax(dim=1))
         top[bi] = _update_topk(top[bi], d, b, k, along_rows=True)
         if bj != bi:
@@ -210,7 +212,7 @@ def _pair_distances(feat: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, co
     miss = (~hit).nonzero().squeeze(1)
     for s, e in _row_chunks(miss.numel(), feat.shape[1]):
         r, c = rows[miss[s:e]], cols[miss[s:e]]
-        out[miss[s:e]] = sq[r] + sq[c] - 2 * (feat[r] * feat[c]).sum(dim=1)
+        out[miss[s:e]] = squared_euclidean_pairs(feat[r], feat[c], sq[r], sq[c])
     return out
 
 
