@@ -128,6 +128,37 @@ def test_the_contract_sees_lazy_imports(tmp_path):
     assert "model is not allowed to import train_svllreid" in out.stdout
 
 
+def test_processor_is_training_and_benchmark_evaluation_and_retrieval_its_own_room():
+    """The model in use outside the benchmark (folder features, feature parts, the gallery index and its
+    folder store, ONNX export) lives in retrieval/, above processor/, which keeps none of it."""
+    processor = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT, "processor")) if f.endswith(".py")}
+    retrieval = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT, "retrieval")) if f.endswith(".py")}
+    assert {"features", "feature_parts", "index", "index_store", "export"} <= retrieval
+    assert not processor & {"folder_inference", "feature_parts", "gallery_index", "onnx_export", "features",
+                            "index", "index_store", "export"}
+    assert _below("retrieval") >= {"processor", "model", "datasets", "utils"} and "retrieval" in _below("tools")
+    from retrieval import index, index_store
+    for name in ("load_index", "save_index", "write_index", "_Staging", "_recover", "_pid_alive", "_fsync"):
+        assert hasattr(index_store, name) and not hasattr(index, name), name
+
+
+# The telltales of a distance formula: the squared euclidean GEMM (alpha=-2), 1 - x.y in place, 2 x.y
+# subtracted, the squared L2 of unit vectors halved, torch.cdist.
+FORMULA = re.compile(r"alpha\s*=\s*-2|\.neg_\(\)\.add_\(1|-\s*2\s*\*\s*\(|2 - 2 cos|\bcdist\(")
+
+
+def test_one_place_computes_distances():
+    """utils/distance.py holds the distance formula; no other file of the product writes one (the published
+    code in reference/ and the tests' own references are the yardsticks, not the product)."""
+    product = [f for f in _python_files() if _room(f) not in ("reference", "tests", "bench")]
+    found = [f"{f}:{n}" for f in product if f != os.path.join("utils", "distance.py")
+             for n, line in enumerate(open(os.path.join(ROOT, f), encoding="utf-8"), 1)
+             if FORMULA.search(line.split("#")[0])]
+    assert not found, found
+    with open(os.path.join(ROOT, "utils", "distance.py"), encoding="utf-8") as fh:
+        assert FORMULA.search(fh.read())
+
+
 # ----------------------------------------------------------------------------- one name, one meaning
 def test_user_errors_are_one_family_caught_by_the_command_line():
     """utils.cli knows only the UserError base; every room's user error derives from it."""

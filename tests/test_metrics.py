@@ -121,6 +121,27 @@ def test_hand_computed_example(band_path):
     assert m_inp == pytest.approx(2 / 4)
 
 
+def test_per_query_ap_is_eval_funcs_own_and_the_pictures_reuse_it(band_path):
+    """One AP: ``metrics.per_query_ap`` (eval_func's statistics, query by query) is the plain loop's AP,
+    NaN exactly for the queries eval_func leaves out, averages to its mAP, and the pictures' ranking
+    (``visualize.rank_queries`` over row blocks of any height) returns it bit for bit."""
+    from utils.visualize import rank_queries, row_blocks
+    rng = np.random.default_rng(11)
+    dist = rng.integers(0, 6, size=(40, 90)).astype(np.float32)       # ties, kept in gallery order
+    qp, gp = rng.integers(0, 12, 40), rng.integers(1, 12, 90)
+    qc, gc = rng.integers(0, 3, 40), rng.integers(0, 3, 90)
+    ap = metrics.per_query_ap(dist, qp, gp, qc, gc)
+    _, mAP, _, counts = eval_func(dist, qp, gp, qc, gc, return_counts=True)
+    assert int(np.isnan(ap).sum()) == counts.dropped > 0
+    assert np.nanmean(ap) == pytest.approx(mAP, abs=1e-12)
+    for i in np.flatnonzero(~np.isnan(ap)):                            # each query alone, by the plain loop
+        assert ap[i] == pytest.approx(loop_eval(dist[i:i + 1], qp[i:i + 1], gp, qc[i:i + 1], gc)[1], abs=1e-12)
+    for rows in (1, 7, 40):
+        got, top, _ = rank_queries(row_blocks(dist, rows=rows), qp, gp, qc, gc, topk=5)
+        np.testing.assert_array_equal(got, ap)
+        np.testing.assert_array_equal(top, np.argsort(dist, axis=1, kind="stable")[:, :5])
+
+
 def test_no_valid_query_is_a_clear_error():
     dist = np.zeros((2, 3), dtype=np.float32)
     with pytest.raises(ValueError, match="no valid query"):
