@@ -548,6 +548,11 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- evaluator
+def _spec_field(name: str, key: str) -> property:
+    """A read-only attribute of the evaluator that is the field ``name`` of its ``spec``."""
+    return property(lambda self: getattr(self.spec, name), doc=f"{key} of ``spec``.")
+
+
 class R1_mAP_eval:
     """Accumulates (feature, pid, camid) batches; the first ``num_query`` rows are queries.
 
@@ -556,6 +561,14 @@ class R1_mAP_eval:
     re-ranking (always on squared Euclidean distances, as published) only when ``reranking`` is
     true, otherwise ``metric`` applies.
     """
+
+    # the distance settings, read from ``spec`` (the one place that holds them)
+    feat_norm = _spec_field("feat_norm", "TEST.FEAT_NORM")
+    reranking = _spec_field("re_ranking", "TEST.RE_RANKING")
+    k1 = _spec_field("k1", "TEST.RE_RANKING_K1")
+    k2 = _spec_field("k2", "TEST.RE_RANKING_K2")
+    lambda_value = _spec_field("lambda_value", "TEST.RE_RANKING_LAMBDA")
+    metric = _spec_field("dist_metric", "TEST.DIST_METRIC")
 
     def __init__(self, num_query: int, max_rank: int = 50, feat_norm: bool = True, reranking: bool = False,
                  k1: int = 20, k2: int = 6, lambda_value: float = 0.3, metric: str = "euclidean") -> None:
@@ -570,36 +583,6 @@ class R1_mAP_eval:
         evaluator = cls(num_query, max_rank=int(cfg.TEST.MAX_RANK))
         evaluator.spec = DistanceSpec.from_cfg(cfg)
         return evaluator
-
-    @property
-    def feat_norm(self) -> bool:
-        """TEST.FEAT_NORM of ``spec``."""
-        return self.spec.feat_norm
-
-    @property
-    def reranking(self) -> bool:
-        """TEST.RE_RANKING of ``spec``."""
-        return self.spec.re_ranking
-
-    @property
-    def k1(self) -> int:
-        """TEST.RE_RANKING_K1 of ``spec``."""
-        return self.spec.k1
-
-    @property
-    def k2(self) -> int:
-        """TEST.RE_RANKING_K2 of ``spec``."""
-        return self.spec.k2
-
-    @property
-    def lambda_value(self) -> float:
-        """TEST.RE_RANKING_LAMBDA of ``spec``."""
-        return self.spec.lambda_value
-
-    @property
-    def metric(self) -> str:
-        """TEST.DIST_METRIC of ``spec``."""
-        return self.spec.dist_metric
 
     def reset(self) -> None:
         """Forget all accumulated batches."""
