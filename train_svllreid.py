@@ -158,10 +158,11 @@ def _train(cfg: Any, device: torch.device, resume: bool, evaluate_untrained: boo
     time of each part (untrained evaluation, stage 1, stage 2 with its evaluations)."""
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     logger = setup_logger("svllreid", cfg.OUTPUT_DIR, if_train=True, is_main=is_main_process())
+    # the state to continue is checked against the run before anything is written or loaded
+    # (a refused --resume leaves the folder as it was, its train_log.txt included)
+    state = load_train_state(cfg.OUTPUT_DIR, cfg) if resume else None
     for note in notes:
         logger.info("%s", note)
-    # the state to continue is checked against the run before anything is written or loaded
-    state = load_train_state(cfg.OUTPUT_DIR, cfg) if resume else None
     if is_main_process() and state is None:     # a resumed run's, once its data is checked (below)
         save_run_config(cfg.OUTPUT_DIR, cfg)
     for line in settings_summary(cfg, os.path.join(cfg.OUTPUT_DIR, CONFIG_FILE)):
