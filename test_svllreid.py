@@ -38,6 +38,7 @@ from processor import evaluate_loader
 from processor.compiled import compile_model
 from processor.inference import visualize_evaluation
 from utils import cli
+from utils.checkpoint import require_checkpoint_file
 from utils.logger import setup_logger
 from utils.misc import choose_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
 from utils.run_dir import TRAINING_FILES, RunLock, previous_evaluation_aside
@@ -84,8 +85,7 @@ def evaluate(cfg: Any, output_dir: str | None = None) -> dict[str, Any]:
     """
     if not cfg.TEST.WEIGHT:
         raise ConfigError("TEST.WEIGHT is empty: give the checkpoint to evaluate, e.g. TEST.WEIGHT out/ViT-B-16_60.pth")
-    if not os.path.isfile(cfg.TEST.WEIGHT):
-        raise FileNotFoundError(f"checkpoint not found: {cfg.TEST.WEIGHT}")
+    require_checkpoint_file(cfg.TEST.WEIGHT)
     out = output_dir or default_output_dir(cfg)
     _check_output_dir(out)
     select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))

@@ -400,6 +400,41 @@ def test_damaged_last_pth(run_copy, kind, capsys):
     one_line_error(capsys, run_copy / "last.pth")
 
 
+def test_a_cut_off_checkpoint_gives_torch_s_reason_in_whole_words(tmp_path):
+    """The reason in the one line is torch's own words, its first sentence, never cut in the middle of a
+    word (it ended "... This is an internal miniz error. If yo)")."""
+    path = tmp_path / "cut.pth"
+    torch.save({"w": torch.ones(5000)}, path)
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(RuntimeError) as torch_error:
+        torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointError) as e:
+        load_file(str(path))
+    msg = str(e.value)
+    reason = msg[msg.index("(") + 1:msg.rindex(")")]
+    torch_words = set(" ".join(str(torch_error.value).split()).replace(".", " ").split())
+    assert reason and set(reason.removesuffix(" ...").split()) <= torch_words, (reason, torch_error.value)
+    assert "\n" not in msg and str(path) in msg
+
+
+def test_a_folder_as_checkpoint_or_a_file_as_output_dir_is_said_so(tmp_path, capsys):
+    """TEST.WEIGHT naming a run folder was "checkpoint not found" (the folder exists); OUTPUT_DIR naming a
+    file, or a folder below a file, was "[Errno 17] File exists" / "[Errno 20] Not a directory"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        load_file(str(run))
+    assert test_svllreid.main(["--config_file", DEMO, "TEST.WEIGHT", str(run), "MODEL.DEVICE", "cpu",
+                               "OUTPUT_DIR", str(tmp_path / "eval")]) == 2
+    one_line_error(capsys, run, "is a folder, not a checkpoint file")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out in (afile, afile / "below"):
+        assert train_svllreid.main(["--config_file", DEMO, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out)]) == 2
+        one_line_error(capsys, f"OUTPUT_DIR {out} cannot be a folder: {afile} is a file")
+    assert afile.read_text() == "keep me"
+
+
 # ----------------------------------------------------------------------------- a full disk
 @pytest.fixture
 def small_disk(tmp_path):

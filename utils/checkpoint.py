@@ -14,7 +14,7 @@ from typing import IO, Any
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from .errors import UserError, brief
 from .fileio import atomic_write
 
 
@@ -96,10 +96,19 @@ def save_atomic(obj: Any, path: str, check_finite: Mapping[str, Any] | None = No
     atomic_write(path, write)
 
 
-def load_file(path: str, weights_only: bool = True) -> Any:
-    """torch.load on the CPU; a missing, empty, damaged or unsafe file is one clear error naming it."""
+def require_checkpoint_file(path: str) -> None:
+    """Refuse a checkpoint path that is not a file: a missing one, or a folder (a run folder given
+    for its weights), each in one line naming it."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: give the weights file in it "
+                              "(e.g. its <MODEL.NAME>_<epoch>.pth)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+def load_file(path: str, weights_only: bool = True) -> Any:
+    """torch.load on the CPU; a missing, empty, damaged or unsafe file is one clear error naming it."""
+    require_checkpoint_file(path)
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
     try:
@@ -112,8 +121,7 @@ def load_file(path: str, weights_only: bool = True) -> Any:
             raise CheckpointError(f"{path} holds objects other than tensors and plain containers; refused "
                                   "(loading them could run arbitrary code): not a checkpoint this code writes "
                                   "or reads") from None
-        what = "not a pickle" if isinstance(e, pickle.UnpicklingError) else \
-            " ".join(str(e).split())[:120] or type(e).__name__
+        what = "not a pickle" if isinstance(e, pickle.UnpicklingError) else brief(e)
         if isinstance(e, OSError):
             what = f"cannot be read to the end: {what}"
         raise CheckpointError(f"{path} is not a PyTorch checkpoint or is damaged/truncated ({what})") from None

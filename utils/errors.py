@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["UserError", "ConfigError", "ReportedElsewhere", "import_extra"]
+__all__ = ["UserError", "ConfigError", "ReportedElsewhere", "import_extra", "brief"]
 
 
 class UserError(Exception):
@@ -26,6 +26,17 @@ class ReportedElsewhere(UserError):
     run refuses, rank 0 prints the one line, and the others exit with the same code silently."""
 
     silent = True
+
+
+def brief(e: BaseException | str, limit: int = 120) -> str:
+    """A library's error message as a short reason inside our one-line errors: on one line, its
+    first sentence only (torch's archive errors go on with advice meant for torch's developers),
+    cut at a word with "..." past ``limit`` characters, never in the middle of a word."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    first = text.split(". ", 1)[0].rstrip(".")
+    if len(first) <= limit:
+        return first
+    return first[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
 
 
 # The optional parts of the package and what they bring (pyproject.toml, optional-dependencies).

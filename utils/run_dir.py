@@ -47,7 +47,13 @@ class RunLock:
         self._f: IO[str] | None = None
 
     def __enter__(self) -> RunLock:
-        os.makedirs(self.output_dir, exist_ok=True)
+        try:
+            os.makedirs(self.output_dir, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):     # the folder, or a folder above it, is a file
+            blocking = next((p for p in _self_and_parents(self.output_dir) if os.path.lexists(p)
+                             and not os.path.isdir(p)), self.output_dir)
+            raise RunError(f"{self.name} {self.output_dir} cannot be a folder: {blocking} is a file; give "
+                           f"another {self.name}") from None
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -68,6 +74,14 @@ class RunLock:
         if self._f is not None:
             self._f.close()   # closing releases the lock
             self._f = None
+
+
+def _self_and_parents(path: str) -> list[str]:
+    """``path`` and the folders above it, from the top down."""
+    parts = [os.path.abspath(path)]
+    while os.path.dirname(parts[-1]) != parts[-1]:
+        parts.append(os.path.dirname(parts[-1]))
+    return parts[::-1]
 
 
 def existing_run_files(output_dir: str) -> list[str]:
