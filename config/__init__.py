@@ -160,6 +160,9 @@ class CfgNode(_YacsNode):
             raise ConfigError(f"config file not found: {cfg_filename}") from None
         except IsADirectoryError:
             raise ConfigError(f"config file {cfg_filename} is a folder, not a YAML file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{cfg_filename} is not a text (YAML) file: byte {e.start} is not UTF-8 text; "
+                              "give the YAML config file") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

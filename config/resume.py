@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import yaml
+
 from utils.run_dir import CONFIG_FILE, LAST_CHECKPOINT, RunError
 
 from . import ConfigError, get_key, load_config
@@ -37,6 +39,13 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _written_keys(path: str) -> set[str]:
+    """The dotted keys the YAML file at ``path`` itself holds (not the defaults merged under them)."""
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    return set(_flatten(doc)) if isinstance(doc, dict) else set()
 
 
 def config_differences(saved_yaml: str, cfg: Any) -> list[tuple[str, Any, Any]]:
@@ -118,9 +127,16 @@ def resume_config(config_file: str, opts: list[str]) -> Any:
     for key in keys:
         if key in RESUME_SAFE_KEYS or flat_given[key] == flat_saved.get(key):
             continue
-        raise ConfigError(f"--resume: {key} = {flat_given[key]!r} conflicts with the run's saved value "
-                          f"{flat_saved.get(key)!r} ({saved_path}); a resumed run keeps its settings — only "
-                          f"these may change: {', '.join(sorted(RESUME_SAFE_KEYS))}")
+        written = _written_keys(saved_path)
+        if key in written:
+            saved_value = f"the run's saved value {flat_saved.get(key)!r} ({saved_path})"
+        else:     # the value is the default standing in for a key the file lacks: say so, not "saved"
+            lacking = len(set(flat_saved) - written)
+            saved_value = (f"the run's value {flat_saved.get(key)!r}, the default: {saved_path} does not have "
+                           f"{key} ({lacking} of {len(flat_saved)} keys missing: written by an older version, or "
+                           "cut off; then put the run's own config.yaml back)")
+        raise ConfigError(f"--resume: {key} = {flat_given[key]!r} conflicts with {saved_value}; a resumed run "
+                          f"keeps its settings — only these may change: {', '.join(sorted(RESUME_SAFE_KEYS))}")
     for key in keys:
         if key in RESUME_SAFE_KEYS:
             parent, _, leaf = key.rpartition(".")

@@ -262,6 +262,30 @@ def test_yaml_syntax_error_keeps_line_and_column(tmp_path, capsys):
     assert "column" in err
 
 
+def test_a_config_file_of_random_bytes_is_one_line(tmp_path, capsys):
+    binary = tmp_path / "binary.yml"
+    binary.write_bytes(bytes(range(128, 256)) * 3)
+    assert train_svllreid.main(["--config_file", str(binary), "OUTPUT_DIR", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, binary, "is not a text (YAML) file")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_resume_with_a_cut_off_config_yaml_does_not_call_defaults_saved(tmp_path):
+    """A config.yaml cut short still parses; the keys it lost take their defaults. A conflict on such
+    a key was reported as "the run's saved value 'pretrained'", a value the file never held."""
+    from config import load_config
+    run = tmp_path / "run"
+    run.mkdir()
+    dump = load_config(DEMO, ["OUTPUT_DIR", str(run)]).dump()
+    (run / "config.yaml").write_text(dump[:300])
+    with pytest.raises(ConfigError) as e:
+        resume_config(DEMO, ["OUTPUT_DIR", str(run)])
+    msg = str(e.value)
+    key = msg.split("--resume: ", 1)[1].split(" = ", 1)[0]
+    assert "saved value" not in msg, msg
+    assert f"{run / 'config.yaml'} does not have {key}" in msg and "keys missing" in msg, msg
+
+
 # ----------------------------------------------------------------------------- data
 def _break_subset(root, subset):
     for f in glob.glob(os.path.join(root, subset, "*")):
