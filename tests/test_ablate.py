@@ -344,6 +344,10 @@ def test_damaged_plans_and_nested_grid_files_are_one_line(tmp_path, capsys):
     one_line_error(capsys, "--out", "is a file")
     assert ablate.main(["--config_file", DEMO, "--grid_file", str(tmp_path / "none.yml"), "--out", "x"]) == 2
     one_line_error(capsys, "none.yml", "not found")
+    binary = tmp_path / "binary.yml"          # was a UnicodeDecodeError traceback
+    binary.write_bytes(bytes(range(128, 256)))
+    assert ablate.main(["--config_file", DEMO, "--grid_file", str(binary), "--out", str(tmp_path / "y")]) == 2
+    one_line_error(capsys, binary, "not a text (YAML) file")
 
 
 def test_the_baseline_and_the_order_of_values_do_not_make_another_grid(tmp_path, capsys):

@@ -125,6 +125,8 @@ def grid_from_file(path: str) -> tuple[dict[str, dict[str, str]], str | None]:
             doc = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"grid file {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"grid file {path}: not a text (YAML) file, byte {e.start} is not UTF-8 text") from None
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"grid file {path} not found (or a folder): give the YAML file of the variants") from None
     variants = (doc or {}).get("variants") if isinstance(doc, dict) else None
