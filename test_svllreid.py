@@ -40,7 +40,15 @@ from processor.inference import visualize_evaluation
 from utils import cli
 from utils.checkpoint import require_checkpoint_file
 from utils.logger import setup_logger
-from utils.misc import choose_device, select_gpus, set_cpu_threads, set_seed, write_json_atomic
+from utils.misc import (
+    choose_device,
+    refuse_on_every_rank,
+    select_gpus,
+    set_cpu_threads,
+    set_seed,
+    world_processes,
+    write_json_atomic,
+)
 from utils.run_dir import TRAINING_FILES, RunLock, previous_evaluation_aside
 
 
@@ -76,6 +84,22 @@ def _check_output_dir(out: str) -> None:
                           "Give another OUTPUT_DIR, or none to write beside the checkpoint")
 
 
+def processes_problem(world: int) -> str | None:
+    """Why ``world`` processes cannot run an evaluation (None when they can): it runs in one process,
+    and several would each evaluate alone into the same folder."""
+    if world > 1:
+        return (f"test_svllreid.py evaluates in one process, and {world} were started (torchrun's WORLD_SIZE): each "
+                "would evaluate alone into the same folder; run it without torchrun or tools/launch.py")
+    return None
+
+
+def check_launch(argv: Sequence[str], world: int | None) -> None:
+    """What ``tools/launch.py`` checks once, before it starts ``world`` processes: one process."""
+    problem = processes_problem(world or 1)
+    if problem:
+        raise ConfigError(problem)
+
+
 def evaluate(cfg: Any, output_dir: str | None = None) -> dict[str, Any]:
     """Evaluate TEST.WEIGHT on the configured test set; returns the results dict.
 
@@ -83,6 +107,9 @@ def evaluate(cfg: Any, output_dir: str | None = None) -> dict[str, Any]:
     gallery folders are read and no CLIP weights file is needed. Results (``results.json``)
     and the log go to ``output_dir`` (default: :func:`default_output_dir`).
     """
+    problem = processes_problem(world_processes())
+    if problem:
+        refuse_on_every_rank(problem)
     if not cfg.TEST.WEIGHT:
         raise ConfigError("TEST.WEIGHT is empty: give the checkpoint to evaluate, e.g. TEST.WEIGHT out/ViT-B-16_60.pth")
     require_checkpoint_file(cfg.TEST.WEIGHT)

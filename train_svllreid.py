@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from config import load_config, settings_summary
+from config import ConfigError, load_config, settings_summary
 from config.resume import resume_config
 from datasets import make_dataloader
 from datasets.bases import dataset_identity
@@ -46,10 +46,12 @@ from utils.logger import setup_logger
 from utils.misc import (
     choose_device,
     local_processes,
+    refuse_on_every_rank,
     resolve_num_workers,
     select_gpus,
     set_cpu_threads,
     set_seed,
+    world_processes,
     write_json_atomic,
 )
 from utils.record import METRICS_FILE, TrainingRecord, read_metrics, write_curves
@@ -81,6 +83,27 @@ def _wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def processes_problem(cfg: Any, world: int) -> str | None:
+    """Why ``world`` processes cannot run the training of ``cfg`` (None when they can): without
+    MODEL.DIST_TRAIN each one would train the whole run alone into the same OUTPUT_DIR."""
+    if world > 1 and not cfg.MODEL.DIST_TRAIN:
+        return (f"{world} processes were started (torchrun's WORLD_SIZE) and MODEL.DIST_TRAIN is False: each would "
+                "train the whole run alone into the same OUTPUT_DIR; add MODEL.DIST_TRAIN True to share one run "
+                "among them, or start one process")
+    return None
+
+
+def check_launch(argv: Sequence[str], world: int | None) -> None:
+    """What ``tools/launch.py`` checks once, before it starts ``world`` processes (None: not known
+    before they meet): the config, and that the processes can share the training. Raises the refusal."""
+    args = parse_args(argv)
+    cfg = resume_config(args.config_file, args.opts) if args.resume else None
+    cfg = cfg or load_config(args.config_file, args.opts)
+    problem = processes_problem(cfg, world or 1)
+    if problem:
+        raise ConfigError(problem)
+
+
 def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False,
           overwrite: bool = False) -> dict[str, Any]:
     """Run the configured training; returns {'trained': metrics[, 'untrained': metrics]}.
@@ -89,6 +112,9 @@ def train(cfg: Any, resume: bool = False, evaluate_untrained: bool = False,
     OUTPUT_DIR is locked for the run; one that holds a run needs ``resume`` or ``overwrite``.
     """
     t0 = time.time()
+    problem = processes_problem(cfg, world_processes())
+    if problem:
+        refuse_on_every_rank(problem)
     select_gpus(cfg.MODEL.DEVICE_ID, cuda_wanted=cfg.MODEL.DEVICE.startswith("cuda"))
     device, device_note = choose_device(cfg.MODEL.DEVICE)   # refused here, before any process group
     if cfg.MODEL.DIST_TRAIN:

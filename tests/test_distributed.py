@@ -24,6 +24,24 @@ TINY = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PA
 
 
 @pytest.mark.slow
+def test_several_processes_without_dist_train_refuse_once(monkeypatch, tmp_path, capsys):
+    """Under torchrun without MODEL.DIST_TRAIN, every process trained (or evaluated) alone into the same
+    folder; now each refuses at once, rank 0 with the one line and the others silently."""
+    import train_svllreid
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        assert train_svllreid.main(["--config_file", DEMO, "MODEL.DEVICE", "cpu", "OUTPUT_DIR",
+                                    str(tmp_path / "run")]) == 2
+        assert test_svllreid.main(["--config_file", DEMO, "MODEL.DEVICE", "cpu", "TEST.WEIGHT", str(tmp_path / "w"),
+                                   "OUTPUT_DIR", str(tmp_path / "eval")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 * lines, err
+        assert all(line.startswith("error: ") for line in err), err
+        assert not lines or "MODEL.DIST_TRAIN True" in err[0] and "evaluates in one process" in err[1], err
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "eval")
+
+
 def test_torchrun_two_processes_train_and_write_results(tiny_root, tmp_path):
     """1 epoch of each stage on 2 gloo processes; the gathered evaluation equals a 1-process one."""
     out = tmp_path / "ddp"

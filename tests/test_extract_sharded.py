@@ -390,6 +390,32 @@ def test_the_launcher_refuses_before_any_process_starts(tiny_root, weight, image
     assert launched(weight, images, parts) == 0 and len(started) == 1        # all is well: torchrun starts them
 
 
+def test_the_launcher_refuses_sizes_and_scripts_torchrun_cannot_start(monkeypatch, capsys, tmp_path):
+    """A process count or machine count torchrun cannot use was an AssertionError or ValueError
+    traceback from inside torchrun; a missing script was Python's "can't open file" once per process;
+    train_svllreid.py without MODEL.DIST_TRAIN started N trainings into one OUTPUT_DIR (the second
+    one "in use by another run", its sibling), and test_svllreid.py N evaluations. Each is one line
+    now, and nothing starts."""
+    started = []
+    monkeypatch.setattr(launch.torchrun, "run", started.append)
+    script = os.path.join(ROOT, "tools", "plot_curves.py")
+    for argv, needles in [(["--nproc_per_node", "0", script], ["--nproc_per_node 0", "1 or more"]),
+                          (["--nproc_per_node", "-1", script], ["--nproc_per_node -1", "1 or more"]),
+                          (["--nproc_per_node", "banana", script], ["--nproc_per_node banana", "not a process count"]),
+                          (["--nnodes", "0", script], ["--nnodes 0", "MIN:MAX"]),
+                          (["--nnodes", "2:1", script], ["--nnodes 2:1", "MIN:MAX"]),
+                          (["--nproc_per_node", "2", str(tmp_path / "nope.py")], ["no such script", "nope.py"]),
+                          (["--nproc_per_node", "2", os.path.join(ROOT, "train_svllreid.py"), "--config_file", DEMO,
+                            "OUTPUT_DIR", str(tmp_path / "run")], ["2 processes", "MODEL.DIST_TRAIN True"]),
+                          (["--nproc_per_node", "2", os.path.join(ROOT, "test_svllreid.py"), "--config_file", DEMO,
+                            "TEST.WEIGHT", str(tmp_path / "w.pth")], ["evaluates in one process", "2 were started"])]:
+        assert launch.main(argv) == 2, argv
+        one_line_error(capsys, *needles)
+    assert started == [] and not os.path.exists(tmp_path / "run")
+    assert launch.main(["--nproc_per_node", "2", os.path.join(ROOT, "train_svllreid.py"), "--config_file", DEMO,
+                        "MODEL.DIST_TRAIN", "True", "OUTPUT_DIR", str(tmp_path / "run")]) == 0 and len(started) == 1
+
+
 def test_the_launcher_exits_with_the_processes_code_and_adds_nothing(monkeypatch, capsys):
     """A process that said why (2, 130, 143) ends the job with its code and no torchrun report; a
     crash or a signal gets one line naming the rank; Ctrl-C to the launcher gives 130."""

@@ -7,9 +7,10 @@ It takes torchrun's command line (``torchrun`` / ``python -m torch.distributed.r
 --nproc_per_node, --standalone, the rendezvous options, ...) and starts the processes as torchrun
 does. What differs:
 
-* Before any process starts, a script of this project that defines ``check_launch(argv, world)``
-  (tools/extract_features.py) checks its command line once: a refusal is one ``error:`` line and
-  nothing starts.
+* Before any process starts, the sizes and the script are checked (a count torchrun cannot use, a
+  script that is not there), and a script of this project that defines ``check_launch(argv, world)``
+  (tools/extract_features.py, train_svllreid.py, test_svllreid.py) checks its command line once: a
+  refusal is one ``error:`` line and nothing starts.
 * A process that refuses prints its one ``error:`` line (rank 0 alone when they all refuse the
   same), and the launcher adds nothing: it exits with that code (2 a refusal, 130 Ctrl-C, 143
   SIGTERM), where torchrun prints its ChildFailedError report after the line and exits 1.
@@ -38,6 +39,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from utils import cli
 from utils.entry import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USER_ERROR
+from utils.errors import UserError, brief
 from utils.logger import setup_logger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,13 +61,38 @@ def script_module(args: Any) -> str | None:
     return rel[:-3].replace(os.sep, ".")
 
 
-def world_size(args: Any) -> int | None:
-    """The number of processes, when it is fixed before they meet (not an elastic MIN:MAX range)."""
+def sizes(args: Any) -> tuple[int, int, int]:
+    """(fewest machines, most machines, processes per machine) of the command line, each refused in
+    one line when torchrun could not start with it (it asserted or raised deep inside instead)."""
     try:
         low, high = torchrun.parse_min_max_nnodes(args.nnodes)
-        local = torchrun.determine_local_world_size(args.nproc_per_node)
     except (ValueError, RuntimeError):
-        return None
+        low = high = 0
+    if not 0 < low <= high:
+        raise UserError(f"--nnodes {args.nnodes}: give the number of machines, 1 or more, or a range MIN:MAX "
+                        "with 1 <= MIN <= MAX")
+    try:
+        local = torchrun.determine_local_world_size(args.nproc_per_node)
+    except ValueError as e:      # a word torchrun does not know, or gpu where CUDA is not available
+        why = "not a process count" if str(e).startswith("Unsupported") else brief(e)
+        raise UserError(f"--nproc_per_node {args.nproc_per_node}: {why}; give 1 or more processes per machine, "
+                        "or auto, cpu or gpu") from None
+    if local < 1:
+        raise UserError(f"--nproc_per_node {args.nproc_per_node}: give 1 or more processes per machine "
+                        "(or auto, cpu or gpu)")
+    return low, high, local
+
+
+def check_script(args: Any) -> None:
+    """A Python script that is not there is one line here, not the interpreter's line once per process."""
+    if args.module or args.no_python or os.path.isfile(args.training_script):
+        return
+    raise UserError(f"no such script: {args.training_script} (a path from {os.getcwd()})")
+
+
+def world_size(args: Any) -> int | None:
+    """The number of processes, when it is fixed before they meet (not an elastic MIN:MAX range)."""
+    low, high, local = sizes(args)
     return low * local if low == high else None
 
 
@@ -110,6 +137,8 @@ def failure_code(e: ChildFailedError) -> int:
 
 def launch(args: Any) -> int:
     """Check, start the processes as torchrun does, and return the job's exit code."""
+    world_size(args)
+    check_script(args)
     check_before_start(args)
     if "LOGLEVEL" not in os.environ:
         for name in ("torch", "torch.distributed"):

@@ -8,12 +8,12 @@ import random
 import re
 import shutil
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, ReportedElsewhere
 from .fileio import atomic_write
 
 logger = logging.getLogger("svllreid")
@@ -154,6 +154,12 @@ def local_processes() -> int:
 def world_processes() -> int:
     """Processes of this run on all machines (torchrun's WORLD_SIZE; 1 without it)."""
     return max(1, int(os.environ.get("WORLD_SIZE") or 1))
+
+
+def refuse_on_every_rank(message: str) -> NoReturn:
+    """Every process of a job refuses with ``message``: rank 0 (torchrun's RANK; 0 without it) prints
+    it, the others exit with the same code silently, so a job of N processes says it once."""
+    raise (ConfigError if int(os.environ.get("RANK") or 0) == 0 else ReportedElsewhere)(message)
 
 
 _capped_warned: set[tuple[int, int]] = set()
