@@ -36,7 +36,7 @@ def _not_regular(path: str) -> str:
     except OSError:
         return "a broken link" if os.path.islink(path) else "cannot be read"
     if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO), not a regular file"
+        return "a named pipe, not a regular file"
     if stat.S_ISSOCK(mode):
         return "a socket, not a regular file"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -66,7 +66,7 @@ def scan_images(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
         if real in seen:
             first = seen[real] or "."
             loop = not seen[real] or rel.startswith(seen[real] + os.sep)
-            skipped.append((rel + os.sep, f"a link back to {first} (a loop)" if loop else
+            skipped.append((rel + os.sep, f"a loop, a link back to {first}" if loop else
                             f"the same folder as {first}, listed once"))
             continue
         seen[real] = rel
@@ -76,7 +76,7 @@ def scan_images(root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
         except OSError as e:
             if not rel:
                 raise
-            skipped.append((rel + os.sep, f"cannot be read ({e.strerror or e})"))
+            skipped.append((rel + os.sep, f"cannot be read: {e.strerror or e}"))
             continue
         below = []
         for e in entries:
