@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,17 +182,21 @@ class FeatureSet:
         galleries larger than memory; ``np.savez`` stores them uncompressed), not read as float32."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such feature file: {path}")
+        not_ours = f"{path} is not a feature file (.npz written by tools/extract_features.py), or it was cut short"
         try:
             z = np.load(path, allow_pickle=False)
             if not hasattr(z, "files"):
                 raise ValueError("a single array")
-        except (ValueError, OSError, EOFError):
-            raise ConfigError(f"{path} is not a feature file (.npz written by tools/extract_features.py)") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            raise ConfigError(not_ours) from None
         missing = [k for k in ("features", "paths") if k not in z.files]
         if missing:
             raise ConfigError(f"{path} has no {' / '.join(missing)}: write it with tools/extract_features.py")
         again = "write it again with tools/extract_features.py"
-        feats, paths = open_npz_array(path, "features") if mmap else z["features"], z["paths"]
+        try:
+            feats, paths = open_npz_array(path, "features") if mmap else z["features"], z["paths"]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
+            raise ConfigError(not_ours) from None
         if feats.ndim != 2 or paths.ndim != 1 or feats.shape[0] != len(paths):
             raise ConfigError(f"{path}: features {feats.shape} do not match {len(paths)} paths")
         if not np.issubdtype(feats.dtype, np.number):

@@ -188,10 +188,10 @@ def default_kind(n: int, d: int, memory_bytes: int | None = None) -> tuple[str, 
     mem = _memory_bytes() if memory_bytes is None else int(memory_bytes)
     need = 4 * n * d
     if mem and need > mem // 4:
-        return "ivf-pq", (f"the float32 gallery ({_size(need)}) is more than a quarter of this machine's memory "
-                          f"({_size(mem)}): approximate ivf-pq")
-    return "flat", (f"the float32 gallery ({_size(need)}) fits comfortably in this machine's memory "
-                    f"({_size(mem) if mem else 'unknown'}): exact flat")
+        return "ivf-pq", (f"the float32 gallery of {_size(need)} is more than a quarter of this machine's memory "
+                          f"of {_size(mem)}: approximate ivf-pq")
+    return "flat", (f"the float32 gallery of {_size(need)} fits comfortably in this machine's memory "
+                    f"of {_size(mem) if mem else 'unknown size'}: exact flat")
 
 
 # ----------------------------------------------------------------------------- vectors in parts
@@ -326,10 +326,13 @@ def build_index(features: np.ndarray | Sequence[np.ndarray], metric: DistanceSpe
         _check_finite(x, 0)
         logger.info("Training ivf-pq (%d lists, %d x %d-bit codes) on %d random gallery vectors", params["nlist"],
                     params["m"], params["nbits"], size)
-        few = max(int(params["nlist"]), 2 ** int(params["nbits"]))
-        if size < MIN_POINTS * few:
+        nlist, codes = int(params["nlist"]), 2 ** int(params["nbits"])
+        if size < MIN_POINTS * max(nlist, codes):
+            helps = ("a smaller --nlist helps" if nlist >= codes else
+                     f"the {codes} centroids are those of each {params['nbits']}-bit code book: this gallery is too "
+                     "small for ivf-pq, use --kind flat")
             logger.warning("%d training vectors for %d centroids: fewer than the %d per centroid k-means wants; the "
-                           "lists and codes are coarse (a smaller --nlist helps)", size, few, MIN_POINTS)
+                           "lists and codes are coarse (%s)", size, max(nlist, codes), MIN_POINTS, helps)
         index.train(prepare(x, metric))
         del x
     vectors: np.ndarray | None = None

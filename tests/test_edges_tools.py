@@ -360,3 +360,20 @@ def test_interrupted_search_keeps_the_previous_results_whole(tiny_root, weight, 
     assert (out / "results.json").read_bytes() == results
     assert {n: (out / "ranked" / n).read_bytes() for n in os.listdir(out / "ranked")} == before
     assert not [n for n in os.listdir(out) if n.startswith(".svllreid-partial")]
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.95])
+def test_a_feature_file_cut_short_is_one_line(tmp_path, keep):
+    """A copy cut off part-way (a full disk, an interrupted transfer): the file is named in one line
+    (was zipfile.BadZipFile's traceback, from --merge, search --gallery and the launcher alike)."""
+    from config import ConfigError
+    from retrieval.features import FeatureSet
+    path = str(tmp_path / "feats.npz")
+    FeatureSet(np.random.default_rng(0).random((40, 16), dtype=np.float32), [f"{i}.jpg" for i in range(40)],
+               np.arange(40), np.zeros(40, dtype=np.int64)).save(path)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * keep)])
+    with pytest.raises(ConfigError) as e:
+        FeatureSet.load(path)
+    assert "\n" not in str(e.value) and path in str(e.value) and "cut short" in str(e.value)

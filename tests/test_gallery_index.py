@@ -11,7 +11,7 @@ import pytest
 from config import ConfigError, load_config
 from retrieval import index as gx
 from retrieval import index_store as store
-from tests.helpers import tool_opts
+from tests.helpers import paren_depth, tool_opts
 from utils.distance import DistanceSpec
 from utils.errors import UserError
 from utils.fileio import open_npz_array
@@ -561,3 +561,22 @@ def test_interrupted_build_index_leaves_no_index(tiny_root, weight, gallery_npz,
     monkeypatch.setattr(faiss.IndexFlatL2, "add", interrupted)
     assert _build(tiny_root, weight, [gallery_npz], tmp_path / "index", "--kind", "flat") == 130
     assert os.listdir(tmp_path) == []
+
+
+def test_too_few_vectors_for_the_code_books_advise_flat_not_a_smaller_nlist(caplog):
+    """The k-means warning names what is too large: with one list, the code books' centroids are the
+    many ones, and a smaller --nlist cannot help (it did say so); the tiny gallery wants --kind flat."""
+    g = _clustered(60, 16, 10, seed=3)
+    params = gx.choose_params(60, 16, "ivf-pq", nlist=1, threads=1)
+    assert 2 ** params["nbits"] > params["nlist"]
+    with caplog.at_level("WARNING", logger="svllreid"):
+        gx.build_index(g, DistanceSpec(True, "euclidean"), params)
+    warned = " ".join(r.getMessage() for r in caplog.records if "training vectors" in r.getMessage())
+    assert "--kind flat" in warned and "smaller --nlist" not in warned
+    assert paren_depth(warned) <= 1
+
+
+def test_the_chosen_kind_reason_nests_no_parentheses():
+    for n in (1000, 100_000_000):
+        reason = gx.default_kind(n, 1280, memory_bytes=16 << 30)[1]
+        assert paren_depth(reason) == 0, reason

@@ -44,6 +44,7 @@ import yaml  # noqa: E402
 from config import CfgNode, ConfigError, get_key, load_config  # noqa: E402
 from config.resume import RESUME_SAFE_KEYS, config_differences  # noqa: E402
 from datasets.bases import dataset_change  # noqa: E402
+from processor.meters import hms  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.checkpoint import file_sha256  # noqa: E402
 from utils.entry import Terminated  # noqa: E402
@@ -625,7 +626,7 @@ def execute(plan: dict[str, Any], out: str, jobs: int, slots: list[tuple[str, di
                     n_done += 1
                     run_seconds += seconds
                     left = len(pending) + len(active)   # estimated from the mean finished run
-                    eta = f"; about {run_seconds / n_done * math.ceil(left / jobs) / 60:.0f} min left" if left else ""
+                    eta = f"; about {hms(run_seconds / n_done * math.ceil(left / jobs))} left" if left else ""
                     print(f"  done   {run.key} in {seconds:.0f} s{eta}", flush=True)
                 elif rc in (130, 143, -signal.SIGINT, -signal.SIGTERM):   # stopped by a signal of its own
                     raise KeyboardInterrupt
