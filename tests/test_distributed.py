@@ -23,7 +23,6 @@ TINY = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.PA
         "DATALOADER.NUM_INSTANCE", "2", "TEST.IMS_PER_BATCH", "16"]
 
 
-@pytest.mark.slow
 def test_several_processes_without_dist_train_refuse_once(monkeypatch, tmp_path, capsys):
     """Under torchrun without MODEL.DIST_TRAIN, every process trained (or evaluated) alone into the same
     folder; now each refuses at once, rank 0 with the one line and the others silently."""
@@ -42,6 +41,7 @@ def test_several_processes_without_dist_train_refuse_once(monkeypatch, tmp_path,
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "eval")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_write_results(tiny_root, tmp_path):
     """1 epoch of each stage on 2 gloo processes; the gathered evaluation equals a 1-process one."""
     out = tmp_path / "ddp"
