@@ -36,7 +36,7 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The CUDA acceptance suite (tests/gpu, about 5 minutes on one GPU): the environment in its header,
+# The CUDA acceptance suite (tests/gpu, sized for under 5 minutes on one GPU): the environment in its header,
 # what it measures at the end and in output/gpu_check.md; without a GPU every test skips with one line.
 # GPU_PYTHON=python3: an interpreter that already has a CUDA PyTorch (no .venv needed; docs/speed.md).
 GPU_PYTHON ?= $(PY)

@@ -1,4 +1,4 @@
-"""The CUDA acceptance checks of ``make gpu-check`` (about 5 minutes on one GPU).
+"""The CUDA acceptance checks of ``make gpu-check`` (sized for under 5 minutes on one GPU; not yet timed on one).
 
 Each test names the property it holds on the GPU. Tolerances: where fp16 autocast runs (the
 training steps, as training runs them), compiled and eager differ by fp16 rounding, so losses
