@@ -57,9 +57,9 @@ bench: $(STAMP)
 	$(PY) bench/gallery_index.py
 	$(PY) bench/train_step.py
 
-# Only what `make demo`, `make data` and `make test` create: training runs of your own under
-# output/ (e.g. output/market) are never touched.
-DEMO_OUT := output/demo output/demo_cnn
+# Only what `make demo`, `make data`, `make test` and `make gpu-check` create: training runs of your
+# own under output/ (e.g. output/market) are never touched.
+DEMO_OUT := output/demo output/demo_cnn output/gpu_check.md
 
 clean:
 	rm -rf $(DEMO_OUT) $(SYNTH) .pytest_cache
