@@ -33,7 +33,7 @@ def _no_cuda(monkeypatch, driver=None, warning=""):
         return False
     monkeypatch.setattr(torch.cuda, "is_available", unavailable)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(misc, "_nvidia_driver", lambda: driver)
+    monkeypatch.setattr(misc, "nvidia_driver", lambda: driver)
 
 
 def test_cuda_without_a_gpu_is_refused_in_one_line_before_anything_is_written(monkeypatch, tmp_path, capsys):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sysconfig
 
 import torch
+
+from .misc import nvidia_driver
 
 __all__ = ["PEAK_TFLOPS", "device_peak", "match_peak", "c_compilers", "c_compiler", "python_header", "environment"]
 
@@ -46,15 +47,6 @@ def match_peak(name: str, sms: int) -> tuple[str, float | None, str]:
     return name, None, ""
 
 
-def _driver_version() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout.strip()
-        return out.splitlines()[0] if out else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no nvidia-smi)"
-
-
 def c_compilers() -> list[str]:
     """The C compilers looked for: ``$CC`` when set, else cc, gcc and clang."""
     return [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
@@ -81,6 +73,6 @@ def environment(device: torch.device) -> dict[str, str]:
     name, peak, source = device_peak(device)
     header = python_header()
     return {"torch": torch.__version__, "triton": triton_version, "cuda runtime": str(torch.version.cuda),
-            "driver": _driver_version() if device.type == "cuda" else "-", "device": name,
+            "driver": nvidia_driver() or "none found", "device": name,
             "peak": f"{peak:.1f} TFLOP/s dense fp16 ({source})" if peak else "unknown",
             "C compiler": c_compiler() or "none", "Python.h": header if os.path.isfile(header) else "missing"}

@@ -43,7 +43,7 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     torch.use_deterministic_algorithms(deterministic)
 
 
-def _nvidia_driver() -> str | None:
+def nvidia_driver() -> str | None:
     """The installed NVIDIA driver's version (``/proc/driver/nvidia/version``; "installed" when only
     ``nvidia-smi`` shows it), or None when this machine has no NVIDIA driver."""
     try:
@@ -68,7 +68,7 @@ def cuda_problem() -> str | None:
         warnings.simplefilter("always")
         if torch.cuda.is_available():
             return None
-    driver = _nvidia_driver()
+    driver = nvidia_driver()
     if driver is None:
         return "no NVIDIA driver was found, neither /proc/driver/nvidia/version nor nvidia-smi"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
