@@ -72,7 +72,7 @@ from datasets.synthetic import SyntheticSpec, generate_synthetic
 from loss import SimCLRLoss, SupConLoss, make_loss, make_ssl_loss
 from model import make_model, move_model
 from processor.amp import autocast, make_scaler, optimizer_step
-from processor.batches import device_transform_of, eval_mode, set_loader_epoch, to_device
+from processor.batches import device_transform_of, eval_mode, host_to_device, set_loader_epoch, to_device
 from processor.compiled import compile_model
 from processor.inference import encode_retrieval, extract_features
 from processor.meters import EpochMeters
@@ -331,7 +331,8 @@ class ModelBench:
         b1 = cfg.SOLVER.STAGE1.IMS_PER_BATCH
         g = torch.Generator().manual_seed(1)
         self.feats = [torch.randn(b1, model.in_planes_proj, generator=g).to(dev) for _ in range(8)]
-        self.labels = [torch.randint(0, n_cls, (b1,), generator=g).to(dev) for _ in range(8)]
+        self.host_labels = [torch.randint(0, n_cls, (b1,), generator=g) for _ in range(8)]
+        self.labels = [y.to(dev) for y in self.host_labels]
         # stage 2: one real loader batch (uint8, pinned), finished on the device at every step
         set_loader_epoch(self.data.train_stage2, cfg.SOLVER.SEED, 1)
         self.cpu_batch = next(iter(self.data.train_stage2))
@@ -363,8 +364,10 @@ class ModelBench:
         def step() -> None:
             i = next(count)
             f, y = self.feats[i % len(self.feats)], self.labels[i % len(self.labels)]
+            # the unique labels from a host copy, as the training loop takes them (no device sync)
+            unique = host_to_device(torch.unique(self.host_labels[i % len(self.labels)]), dev)
             opt.zero_grad(set_to_none=True)
-            loss, parts = stage1_forward_loss(model, f, y, supcon, simclr, ssl_weight, dev)
+            loss, parts = stage1_forward_loss(model, f, y, supcon, simclr, ssl_weight, dev, unique)
             optimizer_step(scaler, loss, opt)
             meters.update({"loss": loss, **parts}, len(y))     # read once per log period, as in training
             if (i + 1) % cfg.SOLVER.STAGE1.LOG_PERIOD == 0:

@@ -18,7 +18,15 @@ from utils.dist import gather_strided, get_rank, get_world_size, shard_indices
 from .amp import autocast
 from .progress import progress
 
-__all__ = ["to_device", "device_transform_of", "sharded_loader", "set_loader_epoch", "eval_mode", "encode_loader"]
+__all__ = ["to_device", "host_to_device", "device_transform_of", "sharded_loader", "set_loader_epoch", "eval_mode",
+           "encode_loader"]
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a stream synchronisation (pinned, then non-blocking)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def device_transform_of(loader: DataLoader | Dataset) -> DeviceTransform | None:

@@ -19,7 +19,7 @@ from utils.checkpoint import unwrap
 from utils.record import NULL_RECORD, TrainingRecord
 
 from .amp import autocast, make_scaler, optimizer_step
-from .batches import encode_loader
+from .batches import encode_loader, host_to_device
 from .compiled import fixed_batch_encode, log_first_step
 from .meters import EpochMeters
 from .progress import progress
@@ -74,13 +74,6 @@ def stage1_forward_loss(model: nn.Module, image_features: torch.Tensor, target: 
     return loss, parts
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device`` without a stream synchronisation (pinned, then non-blocking)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
                     optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
                     resume_state: dict[str, Any] | None = None, record: TrainingRecord = NULL_RECORD) -> None:
@@ -117,8 +110,8 @@ def do_train_stage1(cfg: Any, model: nn.Module, train_loader_stage1: DataLoader,
         bar = progress(order.split(batch_size), num_batches, f"stage1 epoch {epoch}/{c1.MAX_EPOCHS}")
         for it, idx in enumerate(log_first_step(bar, model, "stage-1 step", device), start=1):
             # indices and unique labels from the host copies: no device sync (torch.unique on the device has one)
-            unique_target = _to(torch.unique(host_labels[idx]), device)
-            idx = _to(idx, device)
+            unique_target = host_to_device(torch.unique(host_labels[idx]), device)
+            idx = host_to_device(idx, device)
             target, img_f = labels[idx], image_features[idx]
             optimizer.zero_grad(set_to_none=True)
             loss, parts = stage1_forward_loss(model, img_f, target, supcon, simclr, ssl_weight, device,
