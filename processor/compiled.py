@@ -126,7 +126,8 @@ def _refuse_eager_fallback(call: Callable[..., Any]) -> Callable[..., Any]:
             return call(*args, **kwargs)
         except FailOnRecompileLimitHit:
             frames, breaks = compile_counts()
-            raise UserError(f"SOLVER.COMPILE: a function of the model needed more than {RECOMPILE_LIMIT} compilations "
+            limit = torch._dynamo.config.recompile_limit      # RECOMPILE_LIMIT, or more if set higher before
+            raise UserError(f"SOLVER.COMPILE: a function of the model needed more than {limit} compilations "
                             f"({frames} in all, {breaks} graph breaks), and would have fallen back to eager code; "
                             "set SOLVER.COMPILE False, and see TORCH_LOGS=recompiles for what changes") from None
     return run
